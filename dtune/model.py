@@ -1,0 +1,124 @@
+"""Build the trainable model: a frozen base (bitsandbytes 4-bit, or plain) with PEFT LoRA adapters.
+
+The 4-bit base uses double quantization and stores its packed weights in the compute dtype
+(``bnb_4bit_quant_storage``), so ZeRO-3 and FSDP can shard them like any other tensor of that dtype.
+Adapters are ordinary PEFT LoRA layers: what we save is a standard PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dtune.assets import resolve_model
+from dtune.config import DtuneConfig
+from dtune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def model_dir(cfg: DtuneConfig) -> Path:
+    path = resolve_model(cfg.model.name_or_path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.name_or_path: {path} is not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def load_tokenizer(cfg: DtuneConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir(cfg), trust_remote_code=cfg.model.trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padded positions are masked out of attention and loss anyway
+    return tok
+
+
+def quantization_config(cfg: DtuneConfig) -> Any:
+    if cfg.quant.quant_type == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    dtype = DTYPES[cfg.train.precision]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant.quant_type,
+        bnb_4bit_use_double_quant=cfg.quant.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
+    )
+
+
+def pin_cpu_4bit_layout(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights in place on CPUs with avx512_bf16.
+
+    On such CPUs ``Linear4bit.forward`` in eval mode rewrites the packed weight into a CPU-specific layout, and a
+    later ``state_dict()`` re-quantizes the absmax: weights drift and results differ between machines.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_base(cfg: DtuneConfig, device: torch.device) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir(cfg),
+        quantization_config=quantization_config(cfg),
+        dtype=DTYPES[cfg.train.precision],
+        device_map={"": device},
+        attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    pin_cpu_4bit_layout(model)
+    model.train()  # from_pretrained returns eval mode; see pin_cpu_4bit_layout
+    return model
+
+
+def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
+    """Freeze the base, upcast its small non-quantized parameters, enable checkpointing, attach LoRA."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    base = prepare_model_for_kbit_training(
+        base,
+        use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    targets: list[str] | str = list(cfg.lora.target_modules)
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=targets,
+        bias=cfg.lora.bias,
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)  # adapter init depends on the seed only, not on what ran before
+        try:
+            model = get_peft_model(base, lora)
+        except ValueError as err:  # PEFT: "Target modules {...} not found in the base model"
+            raise ConfigError(f"lora.target_modules: {err}") from None
+    return model
+
+
+def build_model(cfg: DtuneConfig, device: torch.device) -> nn.Module:
+    """Base (4-bit or plain) + LoRA, in train mode, on ``device``."""
+    model = add_lora(cfg, load_base(cfg, device))
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info(
+        "model: %s | trainable %s of %s parameters (%.2f%%)",
+        cfg.model.name_or_path,
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+    )
+    return model

@@ -1,0 +1,135 @@
+"""Every shipped config composes and validates; typos, wrong types and impossible values fail naming the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from dtune.config import conf_dir, validate
+from dtune.errors import ConfigError
+from tests.conftest import REPO, compose_config
+
+GROUPS = ["model", "data", "lora", "quant", "engine", "optim", "logger", "launcher", "experiment", "debug"]
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def test_every_group_exists_and_has_an_option():
+    for group in GROUPS:
+        assert group_options(group), f"conf/{group}/ has no options"
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in group_options(g)])
+def test_every_shipped_option_composes_and_validates(group: str, option: str):
+    overrides = [f"{group}={option}"]
+    if group == "data" and option == "jsonl":
+        overrides.append("data.source=train.jsonl")  # the one field that option leaves for the user
+    cfg = compose_config(overrides)
+    validate(cfg)
+
+
+def test_default_job_is_the_sentiment_experiment():
+    default = compose_config()
+    spelled_out = compose_config(["experiment=sentiment_smollm2"])
+    assert default == spelled_out
+    assert default.model.name_or_path == "builtin:smollm2-135m-instruct"
+    assert default.quant.quant_type == "nf4" and default.quant.double_quant
+    assert default.model.gradient_checkpointing
+
+
+def test_command_line_overrides_reach_the_typed_config():
+    cfg = compose_config(["optim.lr=1e-3", "lora.r=4", "train.precision=fp32", "lora.target_modules=[q_proj,v_proj]"])
+    assert cfg.optim.lr == 1e-3 and cfg.lora.r == 4 and cfg.train.precision == "fp32"
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_misspelt_key_fails_naming_it():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(["optim.lrr=1e-3"])
+    assert "lrr" in str(err.value) or "lrr" in str(err.value.__cause__)
+
+
+def test_wrong_type_fails_naming_the_field():
+    with pytest.raises((ConfigCompositionException, ValidationError, ConfigKeyError)) as err:
+        compose_config(["train.max_steps=many"])
+    text = f"{err.value} {err.value.__cause__}"
+    assert "max_steps" in text
+
+
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("optim.lr=-1e-4", "optim.lr"),
+        ("lora.r=0", "lora.r"),
+        ("lora.dropout=1.5", "lora.dropout"),
+        ("train.precision=fp8", "train.precision"),
+        ("quant.quant_type=int3", "quant.quant_type"),
+        ("optim.warmup_steps=100", "optim.warmup_steps"),
+        ("data.eval_size=0", "data.eval_size"),
+        ("data.choices=[yes]", "data.choices"),
+        ("optim.betas=[0.9,1.5]", "optim.betas"),
+    ],
+)
+def test_impossible_values_are_refused_naming_the_field(override: str, field: str):
+    cfg = compose_config([override])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert field in str(err.value)
+
+
+def test_all_problems_are_reported_at_once():
+    cfg = compose_config(["optim.lr=-1", "lora.r=0"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert "optim.lr" in str(err.value) and "lora.r" in str(err.value)
+
+
+def test_installed_wheel_ships_the_configs(tmp_path: Path):
+    """A non-editable install finds conf/ inside the package (dtune/conf), and it composes."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "wheel"),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = (tmp_path / "wheel").glob("dtune-*.whl")
+    shipped = {p.relative_to(conf_dir()).as_posix() for p in conf_dir().rglob("*.yaml")}
+    with zipfile.ZipFile(wheel) as zf:
+        in_wheel = {n.removeprefix("dtune/conf/") for n in zf.namelist() if n.startswith("dtune/conf/")}
+        zf.extractall(tmp_path / "site")
+    assert shipped <= in_wheel, f"missing from the wheel: {sorted(shipped - in_wheel)}"
+    probe = (
+        "from hydra import compose, initialize_config_dir\n"
+        "from dtune.config import conf_dir, to_dataclass, validate\n"
+        "d = conf_dir()\n"
+        "with initialize_config_dir(config_dir=str(d), version_base=None):\n"
+        "    validate(to_dataclass(compose(config_name='config', overrides=['model=tiny_llama'])))\n"
+        "print(d)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path / "site"), "PATH": ""},
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert Path(out.stdout.strip()) == tmp_path / "site" / "dtune" / "conf"

@@ -1,0 +1,139 @@
+"""Reading, rendering, masking and batching prompt/completion data; every bad input names its file and line."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from dtune.config import DataConfig
+from dtune.data import IGNORE, Renderer, collate, read_jsonl, rotten_tomatoes, split_rows, train_batches
+from dtune.errors import DataError
+from tests.conftest import write_jsonl
+
+GOOD = {"prompt": "What is 2+2?", "completion": "4"}
+
+
+def test_jsonl_rows_are_read_with_their_location(tmp_path: Path):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, "", {"prompt": "Hi", "completion": "Hello"}])
+    rows = read_jsonl(str(path), "data.source")
+    assert [r.completion for r in rows] == ["4", "Hello"]
+    assert rows[1].where == f"{path}:3"  # the blank line 2 is skipped but counted
+
+
+@pytest.mark.parametrize(
+    "lines,needle",
+    [
+        ([GOOD, '{"prompt": "x", "completion": '], ":2: malformed JSON"),
+        ([GOOD, GOOD, {"prompt": "x"}], ":3: missing field 'completion'"),
+        ([{"prompt": 3, "completion": "y"}], ":1: field 'prompt' must be a string"),
+        ([["prompt", "completion"]], ":1: expected a JSON object"),
+        ([{"prompt": "x", "completion": "  "}], ":1: field 'completion' is empty"),
+    ],
+)
+def test_malformed_rows_name_file_and_line(tmp_path: Path, lines, needle):
+    path = write_jsonl(tmp_path / "bad.jsonl", lines)
+    with pytest.raises(DataError) as err:
+        read_jsonl(str(path), "data.source")
+    assert str(path) + needle in str(err.value)
+
+
+def test_missing_empty_and_undecodable_files(tmp_path: Path):
+    with pytest.raises(DataError, match=r"data.source: data file not found: .*nope.jsonl"):
+        read_jsonl(str(tmp_path / "nope.jsonl"), "data.source")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="empty.jsonl: no rows"):
+        read_jsonl(str(tmp_path / "empty.jsonl"), "data.source")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9", "completion": "x"}\n')
+    with pytest.raises(DataError, match=r"latin1.jsonl:1: not valid UTF-8"):
+        read_jsonl(str(tmp_path / "latin1.jsonl"), "data.source")
+
+
+def test_rotten_tomatoes_is_balanced_real_text():
+    rows = rotten_tomatoes()
+    assert len(rows) > 10_000
+    assert Counter(r.completion for r in rows[:200]) == {"positive": 100, "negative": 100}
+    assert all("Review: " in r.prompt and len(r.prompt) > 60 for r in rows[:50])
+
+
+def test_split_holds_out_eval_rows_disjoint_from_training():
+    train, evals = split_rows(DataConfig(eval_size=64, train_size=100))
+    assert len(train) == 100 and len(evals) == 64
+    assert not {r.where for r in train} & {r.where for r in evals}
+
+
+def test_only_the_completion_and_end_of_turn_are_labelled(tokenizer):
+    from dtune.data import Row
+
+    renderer = Renderer(tokenizer, DataConfig(choices=None))
+    ex = renderer(Row("Is this good?", "positive", "t:1"))
+    labelled = [t for t in ex.labels if t != IGNORE]
+    assert tokenizer.decode(labelled) == "positive<|im_end|>"
+    # Labels are the inputs at labelled positions, and the first one follows the prompt.
+    assert ex.labels[ex.prompt_len] != IGNORE and all(x == IGNORE for x in ex.labels[: ex.prompt_len])
+    assert tokenizer.decode(ex.input_ids[: ex.prompt_len]).endswith("<|im_start|>assistant\n")
+
+
+def test_plain_rendering_without_chat_template(tokenizer):
+    from dtune.data import Row
+
+    renderer = Renderer(tokenizer, DataConfig(chat_template=False, choices=None))
+    ex = renderer(Row("2+2=", "4", "t:1"))
+    assert tokenizer.decode([t for t in ex.labels if t != IGNORE]) == "4" + tokenizer.eos_token
+    assert tokenizer.decode(ex.input_ids[: ex.prompt_len]) == "2+2="
+
+
+def test_choices_give_gold_index_and_candidate_tokens(tokenizer):
+    from dtune.data import Row
+
+    renderer = Renderer(tokenizer, DataConfig(choices=["positive", "negative"]))
+    ex = renderer(Row("Good film?", "negative", "t:1"))
+    assert ex.gold == 1
+    assert [tokenizer.decode(ids) for ids in ex.choice_ids] == ["positive<|im_end|>", "negative<|im_end|>"]
+    with pytest.raises(DataError, match=r"t:2: completion 'meh' is not one of data.choices"):
+        renderer(Row("Good film?", "meh", "t:2"))
+
+
+def test_overlong_samples_are_truncated_dropped_or_refused(tokenizer):
+    from dtune.data import Row
+
+    long_prompt = Row("word " * 100, "yes", "f.jsonl:7")
+    short = Row("hi", "yes " * 40, "f.jsonl:8")
+    trunc = Renderer(tokenizer, DataConfig(max_seq_len=64, overlong="truncate", choices=None))
+    assert trunc(long_prompt) is None  # truncating would cut off every completion token: dropped, counted
+    ex = trunc(short)
+    assert ex is not None and len(ex.input_ids) == 64
+    assert (trunc.stats.truncated, trunc.stats.dropped) == (1, 1)
+    drop = Renderer(tokenizer, DataConfig(max_seq_len=64, overlong="drop", choices=None))
+    assert drop(short) is None and drop.stats.dropped == 1
+    strict = Renderer(tokenizer, DataConfig(max_seq_len=64, overlong="error", choices=None))
+    with pytest.raises(DataError, match=r"f.jsonl:8: \d+ tokens exceeds data.max_seq_len=64"):
+        strict(short)
+
+
+def test_collate_pads_right_and_masks(tokenizer):
+    from dtune.data import Row
+
+    renderer = Renderer(tokenizer, DataConfig(choices=None))
+    a, b = renderer(Row("a", "b", "x:1")), renderer(Row("a much longer prompt here", "b", "x:2"))
+    batch = collate([a, b], pad_id=0)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["attention_mask"][0].sum() == len(a.input_ids)
+    assert (batch["labels"][0, len(a.input_ids) :] == IGNORE).all()
+
+
+def test_batch_order_is_a_function_of_seed_and_epoch(tokenizer):
+    from dtune.data import Row
+
+    renderer = Renderer(tokenizer, DataConfig(choices=None))
+    examples = [renderer(Row(f"prompt {i}", str(i), f"x:{i}")) for i in range(10)]
+
+    def first_ids(seed: int, n: int) -> list[list[int]]:
+        it = train_batches(examples, 4, seed, 0)
+        return [next(it)["input_ids"][:, :8].tolist() for _ in range(n)]
+
+    assert first_ids(0, 5) == first_ids(0, 5)
+    assert first_ids(0, 5) != first_ids(1, 5)
+    with pytest.raises(DataError, match="train.micro_batch_size"):
+        next(train_batches(examples, 11, 0, 0))
