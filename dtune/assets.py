@@ -44,7 +44,7 @@ def package_dir(package: str, install_hint: str, field: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(f"{field}: needs the package '{package}', which is not installed. Install it with: {install_hint}")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 @contextlib.contextmanager

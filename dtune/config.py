@@ -46,7 +46,7 @@ class DataConfig:
     """JSONL file of {"prompt", "completion"} rows, or ``builtin:<name>`` (see dtune.data)."""
     eval_source: str | None = None
     """Held-out JSONL file; when null, ``eval_size`` rows are held out from ``source``."""
-    eval_size: int = 128
+    eval_size: int = 96
     """Rows held out from ``source`` for evaluation when ``eval_source`` is null."""
     train_size: int | None = None
     """Use at most this many training rows (null: all)."""
@@ -70,7 +70,7 @@ class LoraConfig:
     """Adapter rank."""
     alpha: float = 32.0
     """Scaling numerator: the adapter output is multiplied by alpha / r."""
-    dropout: float = 0.05
+    dropout: float = 0.0
     """Dropout on the adapter input."""
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -152,7 +152,7 @@ class LauncherConfig:
 class TrainConfig:
     seed: int = 0
     """Seed of model init (adapters), dropout and data order."""
-    max_steps: int = 30
+    max_steps: int = 20
     """Optimizer steps to run."""
     micro_batch_size: int = 8
     """Samples per forward/backward on one process."""

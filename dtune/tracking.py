@@ -39,7 +39,8 @@ class Tracker:
         self.output_dir = output_dir
         self.cfg = cfg.logger
         self.history: list[dict[str, Any]] = []
-        self._metrics = open(output_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: readable while running
+        # Line-buffered, so the file is readable while the run goes on.
+        self._metrics = open(output_dir / "metrics.jsonl", "w", buffering=1)  # noqa: SIM115 (closed in finish)
         self.wandb_run = None
         mode = wandb_mode(cfg.logger)
         if mode != "disabled":
@@ -79,7 +80,8 @@ class Tracker:
 class NullTracker:
     """What ranks other than 0 log to."""
 
-    history: list[dict[str, Any]] = []
+    def __init__(self) -> None:
+        self.history: list[dict[str, Any]] = []
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         pass

@@ -85,7 +85,6 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
 
     validate(cfg)
     _quiet_libraries()
-    output_dir.mkdir(parents=True, exist_ok=True)
     engine = Engine(cfg)
     torch.manual_seed(cfg.train.seed)
 
@@ -95,6 +94,9 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id
 
     model = build_model(cfg, engine.device)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if engine.is_main:  # written once the inputs proved good: a run that fails on bad input overwrites nothing
+        (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     loss_model, optimizer = engine.prepare(CompletionLoss(model), optimizer)
@@ -184,10 +186,7 @@ def main(dict_cfg: DictConfig) -> None:
     with user_errors():
         cfg = to_dataclass(dict_cfg)
         validate(cfg)
-        output_dir = job_output_dir(cfg)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-        run(cfg, output_dir)
+        run(cfg, job_output_dir(cfg))
 
 
 if __name__ == "__main__":

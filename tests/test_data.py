@@ -43,7 +43,7 @@ def test_missing_empty_and_undecodable_files(tmp_path: Path):
     with pytest.raises(DataError, match=r"data.source: data file not found: .*nope.jsonl"):
         read_jsonl(str(tmp_path / "nope.jsonl"), "data.source")
     (tmp_path / "empty.jsonl").write_text("\n\n")
-    with pytest.raises(DataError, match="empty.jsonl: no rows"):
+    with pytest.raises(DataError, match=r"empty\.jsonl: no rows"):
         read_jsonl(str(tmp_path / "empty.jsonl"), "data.source")
     (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9", "completion": "x"}\n')
     with pytest.raises(DataError, match=r"latin1.jsonl:1: not valid UTF-8"):
@@ -131,9 +131,9 @@ def test_batch_order_is_a_function_of_seed_and_epoch(tokenizer):
 
     def first_ids(seed: int, n: int) -> list[list[int]]:
         it = train_batches(examples, 4, seed, 0)
-        return [next(it)["input_ids"][:, :8].tolist() for _ in range(n)]
+        return [next(it)["input_ids"].tolist() for _ in range(n)]
 
     assert first_ids(0, 5) == first_ids(0, 5)
     assert first_ids(0, 5) != first_ids(1, 5)
-    with pytest.raises(DataError, match="train.micro_batch_size"):
+    with pytest.raises(DataError, match=r"train\.micro_batch_size"):
         next(train_batches(examples, 11, 0, 0))

@@ -1,0 +1,141 @@
+"""`dtune train` as a user runs it: the output directory it leaves, and one clear line for each bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_jsonl
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+SMOKE = ["debug=smoke", "train.precision=fp32"]
+
+
+def dtune(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "dtune", "train", *args]
+    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def rows(n: int) -> list[dict[str, str]]:
+    return [{"prompt": f"Is {i} even? Answer yes or no.", "completion": "yes" if i % 2 == 0 else "no"} for i in range(n)]
+
+
+def test_smoke_run_leaves_a_complete_output_dir(tmp_path: Path):
+    out = tmp_path / "run"
+    proc = dtune(*SMOKE, "logger=wandb", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in [
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+        "config_resolved.yaml",
+        "dtune.log",
+        "metrics.jsonl",
+        "results.json",
+        "loss_curve.png",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ]:
+        assert (out / name).is_file(), f"missing {name}"
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run inside the output dir"
+    assert "eval/accuracy" in (out / "dtune.log").read_text()  # the before/after table is logged
+    assert "max_steps: 3" in (out / "config_resolved.yaml").read_text()
+    assert json.loads((out / "results.json").read_text())["steps"] == 3
+
+
+def test_python_dash_m_dtune_train_and_own_data(tmp_path: Path):
+    train = write_jsonl(tmp_path / "train.jsonl", rows(24))
+    evals = write_jsonl(tmp_path / "eval.jsonl", rows(6))
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "dtune.train",
+        *SMOKE,
+        "data=jsonl",
+        f"data.source={train}",
+        f"data.eval_source={evals}",
+        "data.choices=[yes,no]",
+        f"hydra.run.dir={out}",
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["data"]["train_rows"] == 24 and results["data"]["eval_rows"] == 6
+
+
+def test_user_config_dir_adds_an_experiment(tmp_path: Path):
+    mine = tmp_path / "my_conf" / "experiment"
+    mine.mkdir(parents=True)
+    (mine / "short.yaml").write_text("# @package _global_\nlora:\n  r: 4\n  alpha: 8\n")
+    out = tmp_path / "run"
+    proc = dtune(*SMOKE, "experiment=short", f"hydra.run.dir={out}", "--config-dir", str(tmp_path / "my_conf"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import yaml
+
+    resolved = yaml.safe_load((out / "config_resolved.yaml").read_text())
+    assert (resolved["lora"]["r"], resolved["lora"]["alpha"]) == (4, 8)
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+
+def assert_clean_failure(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode != 0
+    text = proc.stderr + proc.stdout
+    for needle in needles:
+        assert needle in text, f"{needle!r} not in:\n{text[-2000:]}"
+    assert "Traceback" not in text, f"a traceback reached the user:\n{text[-2000:]}"
+
+
+def test_missing_data_file(tmp_path: Path):
+    proc = dtune(*SMOKE, "data=jsonl", "data.source=nowhere.jsonl", cwd=tmp_path)
+    assert_clean_failure(proc, "data.source: data file not found: nowhere.jsonl")
+    assert proc.returncode == 2
+
+
+def test_malformed_json_line(tmp_path: Path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [*rows(5), '{"prompt": "x", "completion": "y"', *rows(3)])
+    proc = dtune(*SMOKE, "data=jsonl", f"data.source={path}", cwd=tmp_path)
+    assert_clean_failure(proc, f"{path}:6: malformed JSON")
+
+
+def test_unknown_config_key(tmp_path: Path):
+    proc = dtune(*SMOKE, "optim.learning_rate=1e-4", cwd=tmp_path)
+    assert_clean_failure(proc, "learning_rate", "optim")
+
+
+def test_wrong_type(tmp_path: Path):
+    proc = dtune(*SMOKE, "lora.r=sixteen", cwd=tmp_path)
+    assert_clean_failure(proc, "lora.r")
+
+
+@pytest.mark.parametrize("override,message", [("optim.lr=-1e-4", "optim.lr: must be > 0"), ("lora.r=0", "lora.r: must be > 0")])
+def test_impossible_values(tmp_path: Path, override: str, message: str):
+    proc = dtune(*SMOKE, override, cwd=tmp_path)
+    assert_clean_failure(proc, message)
+    assert proc.returncode == 2
+
+
+def test_full_traceback_on_request(tmp_path: Path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dtune", "train", *SMOKE, "lora.r=0"],
+        cwd=tmp_path,
+        env={**ENV, "HYDRA_FULL_ERROR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "lora.r" in proc.stderr
+
+
+def test_failed_run_leaves_earlier_outputs_intact(tmp_path: Path):
+    """A run that fails on bad input, pointed at the directory of a finished run, corrupts nothing there."""
+    out = tmp_path / "run"
+    assert dtune(*SMOKE, f"hydra.run.dir={out}", cwd=tmp_path).returncode == 0
+    before = {p: p.read_bytes() for p in (out / "adapter").iterdir()}
+    proc = dtune(*SMOKE, f"hydra.run.dir={out}", "data=jsonl", "data.source=missing.jsonl", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert {p: p.read_bytes() for p in (out / "adapter").iterdir()} == before
