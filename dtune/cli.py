@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 USAGE = """usage: dtune <command> [args]
@@ -17,6 +18,12 @@ commands:
 Run 'dtune train --help' for the config groups and their options."""
 
 
+def offline_defaults() -> None:
+    """dtune never downloads at run time: models are local directories or built-ins (a user may still opt in)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -24,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = args[0], args[1:]
     if command == "train":
+        offline_defaults()
         from dtune import train
 
         sys.argv = ["dtune train", *rest]  # Hydra reads its overrides from sys.argv

@@ -94,7 +94,7 @@ class NullTracker:
 
 
 def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
-    """Training loss per step and eval loss at each evaluation, on one chart."""
+    """Training and eval loss per step; eval accuracy beside it when the run measured one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,17 +102,25 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
 
     train = [(r["step"], r["train/loss"]) for r in history if "train/loss" in r]
     evals = [(r["step"], r["eval/loss"]) for r in history if "eval/loss" in r]
+    accuracy = [(r["step"], 100 * r["eval/accuracy"]) for r in history if "eval/accuracy" in r]
     if not train and not evals:
         return
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig, axes = plt.subplots(1, 2 if accuracy else 1, figsize=(11 if accuracy else 7, 4), dpi=100, squeeze=False)
+    ax = axes[0, 0]
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue", linewidth=1.2)
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", color="tab:orange")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (completion tokens)")
+    ax.set_ylabel("loss per completion token")
     ax.grid(alpha=0.3)
     ax.legend()
+    if accuracy:
+        acc = axes[0, 1]
+        acc.plot(*zip(*accuracy, strict=True), "o-", color="tab:green")
+        acc.set_xlabel("optimizer step")
+        acc.set_ylabel("eval accuracy (%)")
+        acc.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import warnings
 from dataclasses import asdict
@@ -190,5 +189,7 @@ def main(dict_cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from dtune.cli import offline_defaults
+
+    offline_defaults()
     main()
