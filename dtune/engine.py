@@ -21,10 +21,14 @@ MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 class Engine:
     def __init__(self, cfg: DtuneConfig) -> None:
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
 
         cuda = torch.cuda.is_available()
         if cfg.train.precision == "fp16" and not cuda:
             raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        # Accelerate keeps its settings in a process-wide singleton; a second run in the same process (tests, a
+        # notebook) may ask for another precision. The process group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(cpu=not cuda, mixed_precision=MIXED_PRECISION[cfg.train.precision])
         self.strategy = cfg.engine.strategy
 

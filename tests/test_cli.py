@@ -139,3 +139,21 @@ def test_failed_run_leaves_earlier_outputs_intact(tmp_path: Path):
     proc = dtune(*SMOKE, f"hydra.run.dir={out}", "data=jsonl", "data.source=missing.jsonl", cwd=tmp_path)
     assert proc.returncode == 2
     assert {p: p.read_bytes() for p in (out / "adapter").iterdir()} == before
+
+
+def test_console_script_usage_and_unknown_command(tmp_path: Path):
+    script = Path(sys.executable).parent / "dtune"
+    assert script.is_file(), "the dtune console script is not installed"
+    usage = subprocess.run([str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 0 and "dtune train" in usage.stdout
+    bad = subprocess.run([str(script), "trian"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown command 'trian'" in bad.stderr
+
+
+def test_train_help_lists_the_config_groups(tmp_path: Path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dtune", "train", "--help"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0
+    for group in ("model:", "data:", "lora:", "quant:", "engine:", "optim:", "logger:", "launcher:", "experiment:", "debug:"):
+        assert group in proc.stdout, group
