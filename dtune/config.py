@@ -21,7 +21,7 @@ from dtune.errors import ConfigError
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 QUANT_TYPES = ("nf4", "fp4", "none")
-KERNELS = ("bnb",)
+KERNELS = ("bnb", "triton")
 ENGINES = ("ddp",)
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -87,7 +87,8 @@ class QuantConfig:
     double_quant: bool = True
     """Quantize the per-block absmax constants too (about 0.37 bits/parameter saved)."""
     kernel: str = "bnb"
-    """Matmul implementation of the 4-bit base layers."""
+    """Matmul of the 4-bit base layers: bnb (bitsandbytes dequantize + matmul) or triton (dtune's fused NF4
+    kernels; on CPU their pure-torch references run)."""
 
 
 @dataclass
@@ -242,6 +243,8 @@ def validate(cfg: DtuneConfig) -> None:
 
     _one_of(e, "quant.quant_type", cfg.quant.quant_type, QUANT_TYPES)
     _one_of(e, "quant.kernel", cfg.quant.kernel, KERNELS)
+    if cfg.quant.kernel == "triton" and cfg.quant.quant_type != "nf4":
+        e.append(f"quant.kernel: triton implements NF4 only; got quant.quant_type={cfg.quant.quant_type}")
     _one_of(e, "engine.strategy", cfg.engine.strategy, ENGINES)
 
     _positive(e, "train.max_steps", cfg.train.max_steps)

@@ -77,6 +77,10 @@ def load_base(cfg: DtuneConfig, device: torch.device) -> nn.Module:
         trust_remote_code=cfg.model.trust_remote_code,
     )
     pin_cpu_4bit_layout(model)
+    if cfg.quant.kernel == "triton":
+        from dtune.quant import use_fused_kernels
+
+        log.info("quant.kernel=triton: %d NF4 layers use dtune's fused kernels", use_fused_kernels(model))
     model.train()  # from_pretrained returns eval mode; see pin_cpu_4bit_layout
     return model
 

@@ -12,6 +12,13 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+import torch
+
+# Without a GPU, the Triton kernels run in Triton's interpreter on CPU tensors; it must be on before any
+# @triton.jit function is defined. With a GPU they run compiled, on CUDA.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import json
 from pathlib import Path
 

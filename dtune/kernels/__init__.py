@@ -1,0 +1,25 @@
+"""dtune's NF4 kernels (Triton), each beside a pure-torch reference with the same signature.
+
+- ``nf4_dequantize`` / ``nf4_dequantize_ref``: packed NF4 (bitsandbytes layout) -> dense weight, bit-exact.
+- ``nf4_matmul`` / ``nf4_matmul_ref``: fused y = x @ dequant(W).T + bias.
+- ``nf4_matmul_grad_input`` / ``nf4_matmul_grad_input_ref``: fused grad_x = grad_y @ dequant(W).
+- ``nf4_linear``: the differentiable custom op (``dtune::nf4_linear``) the 4-bit layers call.
+
+The benchmark harness and recorded GPU results live in the repository's top-level ``kernels/`` folder.
+"""
+
+from dtune.kernels.nf4 import NF4Weight
+from dtune.kernels.nf4_dequantize import nf4_dequantize, nf4_dequantize_ref
+from dtune.kernels.nf4_matmul import nf4_matmul, nf4_matmul_grad_input, nf4_matmul_grad_input_ref, nf4_matmul_ref
+from dtune.kernels.ops import nf4_linear
+
+__all__ = [
+    "NF4Weight",
+    "nf4_dequantize",
+    "nf4_dequantize_ref",
+    "nf4_linear",
+    "nf4_matmul",
+    "nf4_matmul_grad_input",
+    "nf4_matmul_grad_input_ref",
+    "nf4_matmul_ref",
+]

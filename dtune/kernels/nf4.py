@@ -1,0 +1,146 @@
+"""NF4 weights as plain tensors, and the Triton helpers every NF4 kernel shares.
+
+bitsandbytes keeps a 4-bit weight as a ``Params4bit`` (packed bytes, possibly viewed as bf16/fp16 so that
+sharding engines can split it) plus a ``QuantState``. Kernels and ``torch.library`` ops want tensors and ints
+only, so :class:`NF4Weight` unpacks the pair once:
+
+* ``packed``: uint8 [ceil(N*K/2)] -- the [N, K] weight flattened row-major; element i lives in byte i // 2, even
+  i in the high nibble.
+* ``absmax``: one scale per ``blocksize`` consecutive elements -- fp32, or with double quantization uint8 codes
+  into ``code2`` scaled by ``absmax2`` (fp32, one per ``blocksize2`` blocks) plus a scalar ``offset``:
+  ``absmax[b] = code2[absmax_u8[b]] * absmax2[b // blocksize2] + offset`` (in fp32, multiply then add).
+* ``code``: the 16 NF4 (or FP4) levels; ``w[i] = code[nibble(i)] * absmax[i // blocksize]`` in fp32.
+
+The same arithmetic, in the same order, as ``bitsandbytes.functional.dequantize_4bit``: results are bit-exact.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - platforms without triton use the references
+    HAS_TRITON = False
+
+
+def interpreting() -> bool:
+    """True under the Triton interpreter (TRITON_INTERPRET=1), which runs kernels on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Kernels run on CUDA tensors, and on CPU tensors under the interpreter; otherwise the references run."""
+    return HAS_TRITON and (t.is_cuda or interpreting())
+
+
+@dataclass(frozen=True)
+class NF4Weight:
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    absmax2: torch.Tensor
+    code2: torch.Tensor
+    offset: torch.Tensor
+    code: torch.Tensor
+    shape: tuple[int, int]
+    blocksize: int
+    blocksize2: int
+    double_quant: bool
+    dtype: torch.dtype
+    """The dtype bitsandbytes would dequantize to (the model's compute dtype)."""
+
+    @classmethod
+    def from_bnb(cls, packed: torch.Tensor, state: object) -> NF4Weight:
+        """From a Params4bit's data (uint8, or uint8 viewed as bf16/fp16/fp32) and its QuantState."""
+        n, k = (int(s) for s in state.shape)
+        data = packed.data if hasattr(packed, "data") else packed
+        raw = data.reshape(-1).view(torch.uint8)
+        if raw.numel() != (n * k + 1) // 2:
+            raise ValueError(f"packed NF4 weight holds {raw.numel()} bytes, expected {(n * k + 1) // 2} for shape {(n, k)}")
+        if n * k >= 2**31:
+            raise ValueError(f"NF4 weight of shape {(n, k)} has more than 2**31 elements (int32 indexing)")
+        dev = raw.device
+        if state.nested:
+            s2 = state.state2
+            absmax2, code2, bs2 = s2.absmax.float(), s2.code.float(), int(s2.blocksize)
+            offset = torch.as_tensor(state.offset, dtype=torch.float32, device=dev).reshape(1)
+        else:
+            absmax2 = code2 = offset = torch.zeros(1, dtype=torch.float32, device=dev)
+            bs2 = 1
+        return cls(
+            packed=raw,
+            absmax=state.absmax,
+            absmax2=absmax2,
+            code2=code2,
+            offset=offset,
+            code=state.code.float().to(dev),
+            shape=(n, k),
+            blocksize=int(state.blocksize),
+            blocksize2=bs2,
+            double_quant=bool(state.nested),
+            dtype=state.dtype,
+        )
+
+    def scales(self) -> torch.Tensor:
+        """fp32 absmax per block (undoing double quantization), as bitsandbytes computes it."""
+        if not self.double_quant:
+            return self.absmax.float()
+        blocks = torch.arange(self.absmax.numel(), device=self.absmax.device) // self.blocksize2
+        return self.code2[self.absmax.long()] * self.absmax2[blocks] + self.offset
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def nf4_values(
+        packed_ptr,
+        absmax_ptr,
+        absmax2_ptr,
+        code2_ptr,
+        offset_ptr,
+        code_ptr,
+        idx,
+        mask,
+        BLOCKSIZE: tl.constexpr,
+        BLOCKSIZE2: tl.constexpr,
+        DOUBLE_QUANT: tl.constexpr,
+    ):
+        """fp32 values of the weight elements at flat indices ``idx`` (any shape; int32)."""
+        byte = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
+        nibble = (byte >> ((1 - (idx & 1)) * 4)) & 0xF  # even index: high nibble
+        level = tl.load(code_ptr + nibble, mask=mask, other=0.0)
+        block = idx // BLOCKSIZE
+        if DOUBLE_QUANT:
+            q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+            scale = tl.load(code2_ptr + q, mask=mask, other=0.0) * tl.load(
+                absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0
+            )
+            scale = scale + tl.load(offset_ptr)
+        else:
+            scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        return level * scale
+
+    @triton.jit
+    def round_to_bf16_bits(x):
+        """fp32 -> bf16 with round-to-nearest-even, done on the bits (the interpreter's cast truncates)."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def cast_out(x, OUT_DTYPE: tl.constexpr, RNE_BF16: tl.constexpr):
+        """Cast fp32 ``x`` to the output dtype, rounding to nearest even on every backend."""
+        if RNE_BF16:
+            return round_to_bf16_bits(x)
+        return x.to(OUT_DTYPE)
+
+
+TL_DTYPES = {}
+if HAS_TRITON:
+    TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}

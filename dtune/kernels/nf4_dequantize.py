@@ -1,0 +1,85 @@
+"""NF4 dequantize: packed 4-bit weight (bitsandbytes layout) -> dense bf16/fp16/fp32 weight.
+
+What it replaces: ``bitsandbytes.functional.dequantize_4bit``, which with double quantization runs two kernels
+(absmax codes -> fp32 absmax, written to memory; then nibbles -> weight). Here one pass reads each packed byte
+once, resolves the doubly quantized scale on chip and writes the weight: the traffic is the packed bytes, the
+uint8 absmax and the output -- nothing else.
+
+Math (per element i of the row-major [N, K] weight), in fp32 and in bitsandbytes' order so results are
+bit-exact: ``scale = code2[absmax_u8[i // bs]] * absmax2[(i // bs) // bs2] + offset``; ``w = code[nibble_i] * scale``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dtune.kernels.nf4 import HAS_TRITON, TL_DTYPES, NF4Weight, interpreting, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from dtune.kernels.nf4 import cast_out, nf4_values
+
+    @triton.jit
+    def _nf4_dequantize_kernel(
+        packed_ptr,
+        absmax_ptr,
+        absmax2_ptr,
+        code2_ptr,
+        offset_ptr,
+        code_ptr,
+        out_ptr,
+        numel,
+        BLOCKSIZE: tl.constexpr,
+        BLOCKSIZE2: tl.constexpr,
+        DOUBLE_QUANT: tl.constexpr,
+        OUT_DTYPE: tl.constexpr,
+        RNE_BF16: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < numel
+        w = nf4_values(
+            packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, idx, mask, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT
+        )
+        tl.store(out_ptr + idx, cast_out(w, OUT_DTYPE, RNE_BF16), mask=mask)
+
+
+def nf4_dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense weight [N, K] in ``dtype`` (default: the dtype bitsandbytes would give, ``w.dtype``)."""
+    dtype = dtype or w.dtype
+    if not use_triton(w.packed):
+        return nf4_dequantize_ref(w, dtype)
+    n, k = w.shape
+    out = torch.empty((n, k), dtype=dtype, device=w.packed.device)
+    numel = n * k
+    block = 1024
+    _nf4_dequantize_kernel[(triton.cdiv(numel, block),)](
+        w.packed,
+        w.absmax,
+        w.absmax2,
+        w.code2,
+        w.offset,
+        w.code,
+        out,
+        numel,
+        BLOCKSIZE=w.blocksize,
+        BLOCKSIZE2=w.blocksize2,
+        DOUBLE_QUANT=w.double_quant,
+        OUT_DTYPE=TL_DTYPES[dtype],
+        RNE_BF16=interpreting() and dtype == torch.bfloat16,
+        BLOCK=block,
+        enable_fp_fusion=False,  # multiply then add, as bitsandbytes does: a fused FMA would round differently
+    )
+    return out
+
+
+def nf4_dequantize_ref(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Pure-torch reference with the same signature and the same arithmetic."""
+    dtype = dtype or w.dtype
+    n, k = w.shape
+    packed = w.packed.to(torch.int32)
+    nibbles = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[: n * k]
+    scales = w.scales().repeat_interleave(w.blocksize)[: n * k]
+    return (w.code[nibbles] * scales).to(dtype).reshape(n, k)
