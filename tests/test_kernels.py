@@ -16,6 +16,7 @@ from dtune.kernels import (
     NF4Weight,
     nf4_dequantize,
     nf4_dequantize_ref,
+    nf4_gemv,
     nf4_linear,
     nf4_matmul,
     nf4_matmul_grad_input,
@@ -113,6 +114,24 @@ def test_fused_input_gradient_no_worse_than_bitsandbytes(dtype, shape):
     err_ours, err_bnb = (ours.double() - exact).abs().max().item(), (theirs.double() - exact).abs().max().item()
     tolerance = 1e-5 if dtype == torch.float32 else 0.0
     assert err_ours <= 1.25 * err_bnb + tolerance, (err_ours, err_bnb)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,shape", [(1, (150, 200)), (16, (96, 80)), (5, (64, 300)), (3, (1000, 64))])
+def test_decode_gemv_no_worse_than_bitsandbytes(dtype, rows, shape):
+    n, k = shape
+    _, packed, state = quantize(shape, dtype)
+    w = NF4Weight.from_bnb(packed, state)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(rows, k, generator=g).to(dtype).to(DEVICE)
+    bias = torch.randn(n, generator=g).to(dtype).to(DEVICE)
+    ours = nf4_gemv(x, w, bias)
+    assert ours.shape == (rows, n) and ours.dtype == dtype
+    err_ours, err_bnb = _errors(x, nf4_dequantize_ref(w, torch.float32), bias, ours, nf4_matmul_ref(x, w, bias))
+    tolerance = 1e-5 if dtype == torch.float32 else 0.0
+    assert err_ours <= 1.25 * err_bnb + tolerance, (err_ours, err_bnb)
+    with pytest.raises(ValueError, match="at most 16"):
+        nf4_gemv(torch.zeros(17, k, dtype=dtype, device=DEVICE), w)
 
 
 def test_custom_op_autograd_matches_reference_and_passes_opcheck():

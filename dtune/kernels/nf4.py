@@ -134,6 +134,15 @@ if HAS_TRITON:
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
+    def round_like(w, X_DTYPE: tl.constexpr, RNE_BF16: tl.constexpr):
+        """Round fp32 ``w`` to the activation dtype and back: the values a dequantized weight in that dtype holds."""
+        if tl.float32 == X_DTYPE:
+            return w
+        if RNE_BF16:
+            return round_to_bf16_bits(w).to(tl.float32)
+        return w.to(X_DTYPE).to(tl.float32)
+
+    @triton.jit
     def cast_out(x, OUT_DTYPE: tl.constexpr, RNE_BF16: tl.constexpr):
         """Cast fp32 ``x`` to the output dtype, rounding to nearest even on every backend."""
         if RNE_BF16:

@@ -28,7 +28,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from dtune.kernels.nf4 import cast_out, nf4_values, round_to_bf16_bits
+    from dtune.kernels.nf4 import cast_out, nf4_values, round_like
 
     def _configs(tiles: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
         if interpreting():  # one config (autotune cannot run here); the interpreter pays per program and K-step
@@ -48,15 +48,6 @@ if HAS_TRITON:
         (16, 64, 128, 4, 4),
         (32, 128, 64, 4, 4),
     ]
-
-    @triton.jit
-    def _round_like(w, X_DTYPE: tl.constexpr, RNE_BF16: tl.constexpr):
-        """Round fp32 w to the activation dtype and back (what a dequantized weight in that dtype holds)."""
-        if tl.float32 == X_DTYPE:
-            return w
-        if RNE_BF16:
-            return round_to_bf16_bits(w).to(tl.float32)
-        return w.to(X_DTYPE).to(tl.float32)
 
     @triton.jit
     def _grouped(pid, grid_m, grid_a, GROUP_M: tl.constexpr):
@@ -129,7 +120,7 @@ if HAS_TRITON:
                 DOUBLE_QUANT,
             )
             if DOT_FP32:
-                acc += tl.dot(x.to(tl.float32), tl.trans(_round_like(w, X_DTYPE, RNE_BF16)), input_precision="ieee")
+                acc += tl.dot(x.to(tl.float32), tl.trans(round_like(w, X_DTYPE, RNE_BF16)), input_precision="ieee")
             elif tl.float32 == X_DTYPE:
                 acc += tl.dot(x, tl.trans(w), input_precision="ieee")
             else:
@@ -203,7 +194,7 @@ if HAS_TRITON:
                 DOUBLE_QUANT,
             )
             if DOT_FP32:
-                acc += tl.dot(g.to(tl.float32), _round_like(w, X_DTYPE, RNE_BF16), input_precision="ieee")
+                acc += tl.dot(g.to(tl.float32), round_like(w, X_DTYPE, RNE_BF16), input_precision="ieee")
             elif tl.float32 == X_DTYPE:
                 acc += tl.dot(g, w, input_precision="ieee")
             else:

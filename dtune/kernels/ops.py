@@ -5,7 +5,8 @@ weight before the module's forward, as for any parameter). Its backward is anoth
 ``dtune::nf4_linear_grad_input``, plus the bias gradient when the bias trains. The base weight never gets a
 gradient: it is frozen.
 
-Dispatch happens inside the ops: CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) run the Triton kernels,
+Inputs of at most 16 rows (decoding) take the split-K GEMV kernel, larger ones the tiled matmul. Dispatch to
+hardware happens inside the ops: CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) run the Triton kernels,
 other CPU tensors the pure-torch references.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from dtune.kernels.nf4 import NF4Weight
+from dtune.kernels.nf4_gemv import MAX_DECODE_TOKENS, nf4_gemv
 from dtune.kernels.nf4_matmul import nf4_matmul, nf4_matmul_grad_input
 
 
@@ -38,6 +40,8 @@ def nf4_linear_op(
     double_quant: bool,
 ) -> torch.Tensor:
     w = _weight(packed, absmax, absmax2, code2, offset, code, n, k, blocksize, blocksize2, double_quant, x.dtype)
+    if x.numel() // k <= MAX_DECODE_TOKENS:  # decode: bandwidth-bound, split-K GEMV
+        return nf4_gemv(x, w, bias)
     return nf4_matmul(x, w, bias)
 
 
