@@ -191,3 +191,29 @@ def test_training_through_fused_kernels_equals_bitsandbytes(tmp_path: Path):
         losses[kernel] = [r["train/loss"] for r in records if "train/loss" in r] + [records[-1]["eval/loss"]]
     assert losses["triton"] == pytest.approx(losses["bnb"], abs=1e-4)
     assert losses["bnb"][0] - losses["bnb"][2] > 0.05  # the steps really trained
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU run the real benchmark instead")
+def test_benchmark_harness_runs_end_to_end(tmp_path: Path):
+    """The GPU benchmark's --smoke mode: same code path on tiny shapes, JSON with every figure it promises."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "smoke.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "kernels" / "bench_nf4.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert {"torch", "triton", "bitsandbytes", "device"} <= set(result["versions"])
+    passes = {(r["in"], r["out"], r["tokens"], r["pass"]) for r in result["linear"]}
+    assert len(passes) == 2 * 3 * 2  # shapes x tokens x (forward, grad_x)
+    assert all(set(r["ms"]) == {"ours", "bnb", "bf16"} and r["rel_err"] < 2e-2 for r in result["linear"])
+    assert result["copy_GBps"] > 0 and result["dequant"][0]["GBps"]["ours"] > 0
+    assert "ours/bf16" in proc.stdout
