@@ -57,11 +57,11 @@ if HAS_TRITON:
         rows = min(grid_m - first_m, GROUP_M)
         return first_m + (pid % per_group) % rows, (pid % per_group) // rows
 
-    @triton.autotune(configs=_configs(_TILES), key=["M_BUCKET", "N", "K"])
+    @triton.autotune(configs=_configs(_TILES), key=["M_BUCKET", "N", "K", "GRAD_INPUT"])
     @triton.jit
     def _nf4_matmul_kernel(
         # pointers
-        x_ptr,
+        in_ptr,
         packed_ptr,
         absmax_ptr,
         absmax2_ptr,
@@ -69,20 +69,21 @@ if HAS_TRITON:
         offset_ptr,
         code_ptr,
         bias_ptr,
-        y_ptr,
+        out_ptr,
         # sizes and strides
         M,
         N,
         K,
         M_BUCKET,
-        stride_xm,
-        stride_xk,
-        stride_ym,
-        stride_yn,
+        stride_im,
+        stride_ib,
+        stride_om,
+        stride_oa,
         # meta-parameters
         BLOCKSIZE: tl.constexpr,
         BLOCKSIZE2: tl.constexpr,
         DOUBLE_QUANT: tl.constexpr,
+        GRAD_INPUT: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         X_DTYPE: tl.constexpr,
         DOT_FP32: tl.constexpr,
@@ -92,21 +93,24 @@ if HAS_TRITON:
         BLOCK_B: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
-        """y[M, N] = x[M, K] @ W[N, K]^T (+ bias). BLOCK_A tiles N, BLOCK_B tiles K."""
-        pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_A), GROUP_M)
+        """out[m, a] = sum_b in[m, b] * V[b, a], where V = W^T (forward: y = x @ W^T, a over N, b over K) or
+        V = W (GRAD_INPUT: grad_x = grad_y @ W, a over K, b over N). W is [N, K], dequantized tile by tile."""
+        A = K if GRAD_INPUT else N
+        B = N if GRAD_INPUT else K
+        pid_m, pid_a = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(A, BLOCK_A), GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_A + tl.arange(0, BLOCK_A)
-        offs_k = tl.arange(0, BLOCK_B)
+        offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
         acc = tl.zeros((BLOCK_M, BLOCK_A), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_B):
-            kk = k0 + offs_k
+        for b0 in range(0, B, BLOCK_B):
+            offs_b = b0 + tl.arange(0, BLOCK_B)
             x = tl.load(
-                x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
-                mask=(offs_m[:, None] < M) & (kk[None, :] < K),
+                in_ptr + offs_m[:, None] * stride_im + offs_b[None, :] * stride_ib,
+                mask=(offs_m[:, None] < M) & (offs_b[None, :] < B),
                 other=0.0,
             )
-            idx = offs_n[:, None] * K + kk[None, :]  # [BLOCK_A, BLOCK_B] flat indices into W
-            w = nf4_values(
+            # V[b, a] = W[n=b, k=a] for the input gradient, W[n=a, k=b] forward
+            idx = offs_b[:, None] * K + offs_a[None, :] if GRAD_INPUT else offs_a[None, :] * K + offs_b[:, None]
+            v = nf4_values(
                 packed_ptr,
                 absmax_ptr,
                 absmax2_ptr,
@@ -114,191 +118,86 @@ if HAS_TRITON:
                 offset_ptr,
                 code_ptr,
                 idx,
-                (offs_n[:, None] < N) & (kk[None, :] < K),
+                (offs_b[:, None] < B) & (offs_a[None, :] < A),
                 BLOCKSIZE,
                 BLOCKSIZE2,
                 DOUBLE_QUANT,
             )
             if DOT_FP32:
-                acc += tl.dot(x.to(tl.float32), tl.trans(round_like(w, X_DTYPE, RNE_BF16)), input_precision="ieee")
+                acc += tl.dot(x.to(tl.float32), round_like(v, X_DTYPE, RNE_BF16), input_precision="ieee")
             elif tl.float32 == X_DTYPE:
-                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+                acc += tl.dot(x, v, input_precision="ieee")
             else:
-                acc += tl.dot(x, tl.trans(w.to(X_DTYPE)))
+                acc += tl.dot(x, v.to(X_DTYPE))
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+            acc += tl.load(bias_ptr + offs_a, mask=offs_a < A, other=0.0).to(tl.float32)
         tl.store(
-            y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+            out_ptr + offs_m[:, None] * stride_om + offs_a[None, :] * stride_oa,
             cast_out(acc, X_DTYPE, RNE_BF16),
-            mask=(offs_m[:, None] < M) & (offs_n[None, :] < N),
-        )
-
-    @triton.autotune(configs=_configs(_TILES), key=["M_BUCKET", "N", "K"])
-    @triton.jit
-    def _nf4_matmul_grad_input_kernel(
-        # pointers
-        g_ptr,
-        packed_ptr,
-        absmax_ptr,
-        absmax2_ptr,
-        code2_ptr,
-        offset_ptr,
-        code_ptr,
-        gx_ptr,
-        # sizes and strides
-        M,
-        N,
-        K,
-        M_BUCKET,
-        stride_gm,
-        stride_gn,
-        stride_xm,
-        stride_xk,
-        # meta-parameters
-        BLOCKSIZE: tl.constexpr,
-        BLOCKSIZE2: tl.constexpr,
-        DOUBLE_QUANT: tl.constexpr,
-        X_DTYPE: tl.constexpr,
-        DOT_FP32: tl.constexpr,
-        RNE_BF16: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_A: tl.constexpr,
-        BLOCK_B: tl.constexpr,
-        GROUP_M: tl.constexpr,
-    ):
-        """grad_x[M, K] = grad_y[M, N] @ W[N, K]. BLOCK_A tiles K (the output), BLOCK_B tiles N."""
-        pid_m, pid_k = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_A), GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = pid_k * BLOCK_A + tl.arange(0, BLOCK_A)
-        offs_n = tl.arange(0, BLOCK_B)
-        acc = tl.zeros((BLOCK_M, BLOCK_A), dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_B):
-            nn = n0 + offs_n
-            g = tl.load(
-                g_ptr + offs_m[:, None] * stride_gm + nn[None, :] * stride_gn,
-                mask=(offs_m[:, None] < M) & (nn[None, :] < N),
-                other=0.0,
-            )
-            idx = nn[:, None] * K + offs_k[None, :]  # [BLOCK_B, BLOCK_A]
-            w = nf4_values(
-                packed_ptr,
-                absmax_ptr,
-                absmax2_ptr,
-                code2_ptr,
-                offset_ptr,
-                code_ptr,
-                idx,
-                (nn[:, None] < N) & (offs_k[None, :] < K),
-                BLOCKSIZE,
-                BLOCKSIZE2,
-                DOUBLE_QUANT,
-            )
-            if DOT_FP32:
-                acc += tl.dot(g.to(tl.float32), round_like(w, X_DTYPE, RNE_BF16), input_precision="ieee")
-            elif tl.float32 == X_DTYPE:
-                acc += tl.dot(g, w, input_precision="ieee")
-            else:
-                acc += tl.dot(g, w.to(X_DTYPE))
-        tl.store(
-            gx_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            cast_out(acc, X_DTYPE, RNE_BF16),
-            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
+            mask=(offs_m[:, None] < M) & (offs_a[None, :] < A),
         )
 
 
-def _check(x: torch.Tensor, w: NF4Weight, features: int, what: str) -> None:
-    if x.shape[-1] != features:
-        raise ValueError(f"{what}: last dim {x.shape[-1]} does not match the weight's {features} (weight {w.shape})")
-    if x.dtype not in TL_DTYPES:
-        raise ValueError(f"{what}: dtype {x.dtype} not supported (bf16, fp16, fp32)")
+def _launch(inp: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, grad_input: bool) -> torch.Tensor:
+    """inp: [..., B] -> out: [..., A] (forward: B=K, A=N; grad_input: B=N, A=K)."""
+    n, k = w.shape
+    width, out_width = (n, k) if grad_input else (k, n)
+    what = "nf4_matmul_grad_input" if grad_input else "nf4_matmul"
+    if inp.shape[-1] != width:
+        raise ValueError(f"{what}: last dim {inp.shape[-1]} does not match the weight's {width} (weight {w.shape})")
+    if inp.dtype not in TL_DTYPES:
+        raise ValueError(f"{what}: dtype {inp.dtype} not supported (bf16, fp16, fp32)")
+    flat = inp.reshape(-1, width)
+    m = flat.shape[0]
+    out = torch.empty((m, out_width), dtype=inp.dtype, device=inp.device)
+    if m > 0:
 
+        def grid(meta: dict) -> tuple[int]:
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(out_width, meta["BLOCK_A"]),)
 
-def _common(w: NF4Weight, x_dtype: torch.dtype, m: int) -> dict:
-    return dict(
-        BLOCKSIZE=w.blocksize,
-        BLOCKSIZE2=w.blocksize2,
-        DOUBLE_QUANT=w.double_quant,
-        X_DTYPE=TL_DTYPES[x_dtype],
-        DOT_FP32=interpreting(),
-        RNE_BF16=interpreting() and x_dtype == torch.bfloat16,
-        enable_fp_fusion=False,  # the scale is multiply-then-add, as in bitsandbytes
-    )
+        _nf4_matmul_kernel[grid](
+            flat,
+            w.packed,
+            w.absmax,
+            w.absmax2,
+            w.code2,
+            w.offset,
+            w.code,
+            bias if bias is not None else flat,
+            out,
+            m,
+            n,
+            k,
+            triton.next_power_of_2(m),
+            flat.stride(0),
+            flat.stride(1),
+            out.stride(0),
+            out.stride(1),
+            BLOCKSIZE=w.blocksize,
+            BLOCKSIZE2=w.blocksize2,
+            DOUBLE_QUANT=w.double_quant,
+            GRAD_INPUT=grad_input,
+            HAS_BIAS=bias is not None,
+            X_DTYPE=TL_DTYPES[inp.dtype],
+            DOT_FP32=interpreting(),
+            RNE_BF16=interpreting() and inp.dtype == torch.bfloat16,
+            enable_fp_fusion=False,  # the scale is multiply-then-add, as in bitsandbytes
+        )
+    return out.reshape(*inp.shape[:-1], out_width)
 
 
 def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., K] -> y: [..., N] = x @ dequant(W).T + bias, in x's dtype, fp32 accumulation."""
-    n, k = w.shape
-    _check(x, w, k, "nf4_matmul")
     if not use_triton(x):
         return nf4_matmul_ref(x, w, bias)
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0:
-        return y.reshape(*x.shape[:-1], n)
-
-    def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_A"]),)
-
-    _nf4_matmul_kernel[grid](
-        x2,
-        w.packed,
-        w.absmax,
-        w.absmax2,
-        w.code2,
-        w.offset,
-        w.code,
-        bias if bias is not None else x2,
-        y,
-        m,
-        n,
-        k,
-        triton.next_power_of_2(m),
-        x2.stride(0),
-        x2.stride(1),
-        y.stride(0),
-        y.stride(1),
-        HAS_BIAS=bias is not None,
-        **_common(w, x.dtype, m),
-    )
-    return y.reshape(*x.shape[:-1], n)
+    return _launch(x, w, bias, grad_input=False)
 
 
 def nf4_matmul_grad_input(grad_y: torch.Tensor, w: NF4Weight) -> torch.Tensor:
     """grad_y: [..., N] -> grad_x: [..., K] = grad_y @ dequant(W), in grad_y's dtype, fp32 accumulation."""
-    n, k = w.shape
-    _check(grad_y, w, n, "nf4_matmul_grad_input")
     if not use_triton(grad_y):
         return nf4_matmul_grad_input_ref(grad_y, w)
-    g2 = grad_y.reshape(-1, n)
-    m = g2.shape[0]
-    gx = torch.empty((m, k), dtype=grad_y.dtype, device=grad_y.device)
-    if m == 0:
-        return gx.reshape(*grad_y.shape[:-1], k)
-
-    def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_A"]),)
-
-    _nf4_matmul_grad_input_kernel[grid](
-        g2,
-        w.packed,
-        w.absmax,
-        w.absmax2,
-        w.code2,
-        w.offset,
-        w.code,
-        gx,
-        m,
-        n,
-        k,
-        triton.next_power_of_2(m),
-        g2.stride(0),
-        g2.stride(1),
-        gx.stride(0),
-        gx.stride(1),
-        **_common(w, grad_y.dtype, m),
-    )
-    return gx.reshape(*grad_y.shape[:-1], k)
+    return _launch(grad_y, w, None, grad_input=True)
 
 
 def nf4_matmul_ref(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
