@@ -10,6 +10,8 @@ The training code receives a plain :class:`DtuneConfig` (``to_dataclass``), neve
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,9 +199,47 @@ def conf_dir() -> Path:
     raise ConfigError(f"config: dtune's conf/ directory is missing (looked beside and inside {here})")
 
 
+def job_dir_name() -> str:
+    """One output folder name per job, the same on every rank, so that all ranks share one Hydra output directory.
+
+    DTUNE_JOB_ID if set; the Slurm job (and array task) id; torchrun's rendezvous id (``--rdzv-id``); under plain
+    torchrun, the start time of the torchrun process that all local ranks share; otherwise the current time.
+    """
+    env = os.environ
+    if env.get("DTUNE_JOB_ID"):
+        return env["DTUNE_JOB_ID"]
+    if env.get("SLURM_JOB_ID"):
+        task = env.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm-{env['SLURM_JOB_ID']}" + (f"_{task}" if task else "")
+    run_id = env.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id != "none":
+        return f"torchrun-{run_id}"
+    started = _parent_start_time() if "LOCAL_RANK" in env else None
+    return time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(started))
+
+
+def _parent_start_time() -> float | None:
+    """Wall-clock start of the parent process (Linux /proc), or None."""
+    try:
+        fields = Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # field 22, starttime, counted after the ")" that ends the command name
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def rank_suffix() -> str:
+    """'' on rank 0, '_rank<N>' elsewhere: per-rank log files in the shared output directory."""
+    rank = int(os.environ.get("RANK", "0"))
+    return "" if rank == 0 else f"_rank{rank}"
+
+
 def register_configs() -> None:
-    """Put the schema in Hydra's ConfigStore under the name that conf/config.yaml lists first."""
+    """Put the schema in Hydra's ConfigStore under the name that conf/config.yaml lists first, and the resolvers."""
     ConfigStore.instance().store(name="dtune_schema", node=DtuneConfig)
+    OmegaConf.register_new_resolver("dtune_job_dir", job_dir_name, replace=True)
+    OmegaConf.register_new_resolver("dtune_rank_suffix", rank_suffix, replace=True)
 
 
 register_configs()

@@ -266,14 +266,43 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def train_batches(examples: list[Example], batch_size: int, seed: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless micro-batches; epoch e visits every sample once in an order fixed by (seed, e)."""
-    if len(examples) < batch_size:
-        raise DataError(f"train.micro_batch_size: {batch_size} exceeds the {len(examples)} training samples")
+def step_batches(
+    examples: list[Example],
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    seed: int,
+    pad_id: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Endless optimizer steps: for each, this rank's ``grad_accum_steps`` micro-batches.
+
+    The global order of samples is a function of (seed, epoch) alone; each step takes the next
+    micro_batch_size * grad_accum_steps * world_size samples and rank r gets the r-th share. So a step sees the same
+    samples on any number of ranks (2 ranks x 1 micro-batch = 1 rank x 2 micro-batches). The ragged tail of an epoch
+    is dropped.
+    """
+    per_rank = micro_batch_size * grad_accum_steps
+    per_step = per_rank * world_size
+    if len(examples) < per_step:
+        raise DataError(
+            f"train.micro_batch_size: {micro_batch_size} x train.grad_accum_steps {grad_accum_steps} x {world_size} ranks "
+            f"needs {per_step} samples per step; there are {len(examples)} training samples"
+        )
     epoch = 0
     while True:
         order = list(range(len(examples)))
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        for start in range(0, len(order) - batch_size + 1, batch_size):  # drop the ragged tail of each epoch
-            yield collate([examples[i] for i in order[start : start + batch_size]], pad_id)
+        for start in range(0, len(order) - per_step + 1, per_step):
+            mine = order[start + rank * per_rank : start + (rank + 1) * per_rank]
+            yield [
+                collate([examples[i] for i in mine[j : j + micro_batch_size]], pad_id)
+                for j in range(0, per_rank, micro_batch_size)
+            ]
         epoch += 1
+
+
+def train_batches(examples: list[Example], batch_size: int, seed: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless single micro-batches on one rank (the order of :func:`step_batches` with no accumulation)."""
+    for (batch,) in step_batches(examples, batch_size, 1, seed, pad_id):
+        yield batch

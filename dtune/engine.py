@@ -7,6 +7,7 @@ which strategy is on.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -29,8 +30,15 @@ class Engine:
         # Accelerate keeps its settings in a process-wide singleton; a second run in the same process (tests, a
         # notebook) may ask for another precision. The process group (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
+        # cpu=True is what makes Accelerate form a gloo process group on CPU (without it, ranks train alone).
         self.accelerator = Accelerator(cpu=not cuda, mixed_precision=MIXED_PRECISION[cfg.train.precision])
         self.strategy = cfg.engine.strategy
+        expected = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.accelerator.num_processes != expected:  # Accelerate falls back silently; refuse to train alone
+            raise RuntimeError(
+                f"engine.strategy={self.strategy}: launched with WORLD_SIZE={expected} but the engine formed a group of "
+                f"{self.accelerator.num_processes} ({self.accelerator.distributed_type})"
+            )
 
     @property
     def device(self) -> torch.device:
@@ -74,3 +82,19 @@ class Engine:
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
+
+
+def shutdown_distributed() -> None:
+    """End a multi-process run without gloo's exit race ("terminate called without an active exception"): barrier,
+    destroy the process group, flush, and leave without running interpreter teardown."""
+    import sys
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

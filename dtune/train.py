@@ -74,7 +74,7 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from dtune.checkpoint import save_adapter
-    from dtune.data import load_data, train_batches
+    from dtune.data import load_data, step_batches
     from dtune.engine import Engine
     from dtune.evaluate import evaluate
     from dtune.loss import CompletionLoss
@@ -86,6 +86,10 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
     _quiet_libraries()
     engine = Engine(cfg)
     torch.manual_seed(cfg.train.seed)
+    if not engine.is_main:  # one console voice per job: other ranks only warn (their full log is in their file)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.WARNING)
 
     tokenizer = load_tokenizer(cfg)
     train_set, eval_set, stats = load_data(cfg.data, tokenizer)
@@ -106,13 +110,21 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
     tracker.log(before, step=0)
     log.info("eval before training: %s", _fmt(before))
 
-    batches = train_batches(train_set, cfg.train.micro_batch_size, cfg.train.seed, pad_id)
+    steps = step_batches(
+        train_set,
+        cfg.train.micro_batch_size,
+        cfg.train.grad_accum_steps,
+        cfg.train.seed,
+        pad_id,
+        rank=engine.rank,
+        world_size=engine.world_size,
+    )
     bar = tqdm(total=cfg.train.max_steps, desc="train", disable=not (engine.is_main and cfg.logger.progress), dynamic_ncols=True)
     tokens_seen = 0
     started = time.perf_counter()
     for step in range(1, cfg.train.max_steps + 1):
         t0 = time.perf_counter()
-        micro = [{k: v.to(engine.device) for k, v in next(batches).items()} for _ in range(cfg.train.grad_accum_steps)]
+        micro = [{k: v.to(engine.device) for k, v in mb.items()} for mb in next(steps)]
         train_loss = accumulate_gradients(loss_model, micro, engine)
         grad_norm = engine.clip_grad_norm(loss_model, cfg.optim.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
@@ -182,10 +194,13 @@ def job_output_dir(cfg: DtuneConfig) -> Path:
 
 @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
 def main(dict_cfg: DictConfig) -> None:
+    from dtune.engine import shutdown_distributed
+
     with user_errors():
         cfg = to_dataclass(dict_cfg)
         validate(cfg)
         run(cfg, job_output_dir(cfg))
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -137,3 +137,19 @@ def test_batch_order_is_a_function_of_seed_and_epoch(tokenizer):
     assert first_ids(0, 5) != first_ids(1, 5)
     with pytest.raises(DataError, match=r"train\.micro_batch_size"):
         next(train_batches(examples, 11, 0, 0))
+
+
+def test_ranks_split_each_step_like_accumulation_on_one_rank(tokenizer):
+    """2 ranks x 1 micro-batch see exactly the samples of 1 rank x 2 micro-batches, step after step."""
+    from dtune.data import Row, step_batches
+
+    renderer = Renderer(tokenizer, DataConfig(choices=None))
+    examples = [renderer(Row(f"prompt {i}", str(i), f"x:{i}")) for i in range(21)]
+
+    def ids(batches) -> list[list[int]]:
+        return [row for b in batches for row in b["input_ids"].tolist()]
+
+    one = step_batches(examples, 4, 2, seed=3, pad_id=0)
+    ranks = [step_batches(examples, 4, 1, seed=3, pad_id=0, rank=r, world_size=2) for r in range(2)]
+    for _ in range(6):  # crosses an epoch boundary (21 samples, 8 per step)
+        assert ids(next(one)) == ids(next(ranks[0])) + ids(next(ranks[1]))

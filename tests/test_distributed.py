@@ -1,0 +1,108 @@
+"""Two processes on CPU (gloo): a seeded run's losses and adapter match one process with the same global batch.
+
+Each multi-process run goes through torchrun exactly as a user launches it; every rank writes into the one
+output directory of the job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+# Global batch 4 per step: 2 ranks x 2 samples, or 1 rank x 2 micro-batches of 2.
+COMMON = ["debug=smoke", "train.precision=fp32", "optim.lr=1e-2", "train.micro_batch_size=2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], cwd: Path) -> None:
+    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+
+def losses(out: Path) -> list[float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in records if "train/loss" in r] + [records[-1]["eval/loss"]]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single")
+    run([sys.executable, "-m", "dtune.train", *COMMON, "train.grad_accum_steps=2", f"hydra.run.dir={out}"], out)
+    return out
+
+
+def assert_same_run(out: Path, single: Path) -> None:
+    assert losses(out) == pytest.approx(losses(single), abs=1e-5)
+    ours, ref = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (out, single))
+    assert ours.keys() == ref.keys()
+    for key in ref:
+        torch.testing.assert_close(ours[key], ref[key], rtol=1e-4, atol=1e-6)
+
+
+def test_ddp_two_ranks_match_one_rank(tmp_path: Path, single: Path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "dtune.train",
+        *COMMON,
+        "engine=ddp",
+        f"hydra.run.dir={out}",
+    ]
+    run(cmd, tmp_path)
+    assert_same_run(out, single)
+    assert (out / "dtune.log").is_file() and (out / "dtune_rank1.log").is_file()
+    assert "train" in (out / "dtune_rank1.log").read_text()
+
+
+def test_two_nodes_through_a_localhost_rendezvous(tmp_path: Path, single: Path):
+    """Two "nodes" of one process each, joined by torchrun's c10d rendezvous; both find the same output dir."""
+    port = free_port()
+    procs = []
+    for _ in range(2):  # node ranks are assigned by the rendezvous
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc_per_node",
+            "1",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{port}",
+            "--rdzv-id",
+            "dtune-test",
+            "-m",
+            "dtune.train",
+            *COMMON,
+        ]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-4000:]
+    out = tmp_path / "outputs" / "torchrun-dtune-test"  # the job dir named by the rendezvous id
+    assert_same_run(out, single)
