@@ -8,11 +8,13 @@ leaves the previous adapter (if any) intact.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from dtune.errors import DtuneError
@@ -21,10 +23,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def _lora_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    from peft import get_peft_model_state_dict
-
-    return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors of ``model`` under their module names, copied to CPU: what PEFT's save_pretrained
+    takes as ``state_dict``. Under ZeRO-3 call it where the parameters are gathered."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 
 
 def verify_adapter(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
@@ -37,22 +39,28 @@ def verify_adapter(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
     json.loads(config.read_text())
     with safe_open(str(weights), framework="pt") as f:
         found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    if not found:
-        raise DtuneError(f"{weights}: adapter holds no tensors")
+    if not found or any(math.prod(shape) == 0 for shape in found.values()):
+        raise DtuneError(f"{weights}: adapter holds no tensors, or empty ones (parameters saved while partitioned?)")
     if found != expected:
         missing = sorted(set(expected) - set(found))[:3]
         wrong = sorted(k for k in set(found) & set(expected) if found[k] != expected[k])[:3]
         raise DtuneError(f"{weights}: adapter does not match the model (missing {missing}, wrong shapes {wrong})")
 
 
-def save_adapter(model: nn.Module, dest: Path) -> Path:
-    """Write ``model``'s adapter (a PeftModel) to ``dest`` atomically; return ``dest``."""
+def save_adapter(model: nn.Module, dest: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter of ``model`` (a PeftModel) to ``dest`` atomically; return ``dest``.
+
+    ``state``: the adapter tensors from :func:`adapter_state` (required when parameters are sharded).
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    expected = _lora_shapes(model)
+    from peft import get_peft_model_state_dict
+
+    state = adapter_state(model) if state is None else state
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model, state_dict=state).items()}
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         verify_adapter(tmp, expected)
         old = None
         if dest.exists():

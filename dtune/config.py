@@ -24,7 +24,7 @@ from dtune.errors import ConfigError
 PRECISIONS = ("bf16", "fp16", "fp32")
 QUANT_TYPES = ("nf4", "fp4", "none")
 KERNELS = ("bnb", "triton")
-ENGINES = ("ddp",)
+ENGINES = ("ddp", "deepspeed")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 OVERLONG = ("truncate", "drop", "error")
@@ -96,7 +96,9 @@ class QuantConfig:
 @dataclass
 class EngineConfig:
     strategy: str = "ddp"
-    """Distribution strategy. One process runs plain data-parallel (no wrapper)."""
+    """ddp (data parallel; one process trains plainly) or deepspeed (ZeRO, stage below)."""
+    zero_stage: int = 0
+    """With deepspeed: 1 shards optimizer states, 2 also gradients, 3 also parameters (the 4-bit base too)."""
 
 
 @dataclass
@@ -286,6 +288,8 @@ def validate(cfg: DtuneConfig) -> None:
     if cfg.quant.kernel == "triton" and cfg.quant.quant_type != "nf4":
         e.append(f"quant.kernel: triton implements NF4 only; got quant.quant_type={cfg.quant.quant_type}")
     _one_of(e, "engine.strategy", cfg.engine.strategy, ENGINES)
+    if cfg.engine.strategy == "deepspeed" and cfg.engine.zero_stage not in (1, 2, 3):
+        e.append(f"engine.zero_stage: must be 1, 2 or 3 with engine.strategy=deepspeed; got {cfg.engine.zero_stage}")
 
     _positive(e, "train.max_steps", cfg.train.max_steps)
     _positive(e, "train.micro_batch_size", cfg.train.micro_batch_size)

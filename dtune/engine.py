@@ -1,7 +1,11 @@
-"""Where the model runs: device, precision and (in time) the distribution strategy, built through Accelerate.
+"""Where the model runs: device, precision and distribution strategy, built through Accelerate.
 
-The training loop talks to an :class:`Engine` only -- prepare, autocast, backward, clip, reduce -- and never asks
-which strategy is on.
+Strategies (``engine.strategy``): ``ddp`` -- data parallel (one process: plain training); ``deepspeed`` -- ZeRO
+stage ``engine.zero_stage`` (1: optimizer states, 2: + gradients, 3: + parameters, the packed 4-bit base included)
+through Accelerate's DeepSpeed plugin.
+
+The training loop talks to an :class:`Engine` only -- prepare, accumulate, backward, step, reduce, gather -- and
+never asks which strategy is on.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,30 +24,68 @@ from dtune.errors import ConfigError
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
 
+def deepspeed_config(cfg: DtuneConfig) -> dict[str, Any]:
+    """The DeepSpeed config dtune's engine settings stand for (clipping and accumulation are DeepSpeed's to do)."""
+    zero: dict[str, Any] = {"stage": cfg.engine.zero_stage}
+    if cfg.engine.zero_stage == 3:
+        # Save the adapter from gathered parameters, not from a consolidated 16-bit copy of the whole model.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum_steps,
+        "gradient_clipping": cfg.optim.max_grad_norm or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "fp16": {"enabled": cfg.train.precision == "fp16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
 class Engine:
     def __init__(self, cfg: DtuneConfig) -> None:
-        from accelerate import Accelerator
+        from accelerate import Accelerator, DeepSpeedPlugin
         from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
         cuda = torch.cuda.is_available()
         if cfg.train.precision == "fp16" and not cuda:
             raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        self.strategy = cfg.engine.strategy
+        self.grad_accum_steps = cfg.train.grad_accum_steps
         # Accelerate keeps its settings in a process-wide singleton; a second run in the same process (tests, a
         # notebook) may ask for another precision. The process group (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
-        # cpu=True is what makes Accelerate form a gloo process group on CPU (without it, ranks train alone).
-        self.accelerator = Accelerator(cpu=not cuda, mixed_precision=MIXED_PRECISION[cfg.train.precision])
-        self.strategy = cfg.engine.strategy
+        kwargs: dict[str, Any] = {"gradient_accumulation_steps": cfg.train.grad_accum_steps}
+        if self.strategy == "deepspeed":
+            if not cuda:
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")
+                kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+            kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg))
+            want = DistributedType.DEEPSPEED
+        else:
+            kwargs["cpu"] = not cuda  # what makes Accelerate form a gloo group on CPU (else each rank trains alone)
+            want = None
+        kwargs["mixed_precision"] = MIXED_PRECISION[cfg.train.precision]
+        self.accelerator = Accelerator(**kwargs)
         expected = int(os.environ.get("WORLD_SIZE", "1"))
-        if self.accelerator.num_processes != expected:  # Accelerate falls back silently; refuse to train alone
+        got = self.accelerator.distributed_type
+        if self.accelerator.num_processes != expected or (want is not None and got != want):
+            # Accelerate falls back silently (to one process, or to DDP); refuse to train on the wrong engine.
             raise RuntimeError(
-                f"engine.strategy={self.strategy}: launched with WORLD_SIZE={expected} but the engine formed a group of "
-                f"{self.accelerator.num_processes} ({self.accelerator.distributed_type})"
+                f"engine.strategy={self.strategy}: launched with WORLD_SIZE={expected}, but the engine formed "
+                f"{self.accelerator.num_processes} process(es) of type {got}"
             )
+        self.zero3 = self.strategy == "deepspeed" and cfg.engine.zero_stage == 3
 
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    @property
+    def load_device(self) -> torch.device | None:
+        """Where from_pretrained puts the model: None under ZeRO-3 (partitioned while loading, by zero.Init)."""
+        return None if self.zero3 else self.device
 
     @property
     def rank(self) -> int:
@@ -56,6 +99,11 @@ class Engine:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
+    @property
+    def lockstep(self) -> bool:
+        """Whether every rank must run the same number of forwards (parameters are gathered inside forward)."""
+        return self.zero3
+
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         return self.accelerator.prepare(model, optimizer)
 
@@ -64,14 +112,29 @@ class Engine:
         with self.accelerator.autocast():
             yield
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
+    @contextlib.contextmanager
+    def accumulate(self, model: nn.Module) -> Iterator[None]:
+        """Around each micro-batch: gradients are synchronised (and DeepSpeed steps) only on the step's last one."""
+        with self.accelerator.accumulate(model):
+            yield
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> float:
-        """Clip when max_norm is set; return the global gradient norm before clipping."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        norm = self.accelerator.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-        return float(norm)
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of a loss already normalised for the whole step. Accelerate and DeepSpeed divide by the
+        accumulation steps inside backward; multiplying first keeps the gradient what the loop computed."""
+        self.accelerator.backward(loss * self.grad_accum_steps)
+
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, max_norm: float | None) -> float:
+        """Clip, step the optimizer and the schedule, zero the gradients. Returns the gradient norm before clipping."""
+        if self.strategy == "deepspeed":
+            # DeepSpeed clipped and stepped inside the last backward (Accelerate's engine wrapper).
+            norm = self.accelerator.deepspeed_engine_wrapped.get_global_grad_norm()
+        else:
+            params = [p for p in model.parameters() if p.requires_grad]
+            norm = self.accelerator.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm) if norm is not None else float("nan")
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum of a tensor over all ranks."""
@@ -79,6 +142,17 @@ class Engine:
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(model)
+
+    @contextlib.contextmanager
+    def gathered(self, params: list[nn.Parameter]) -> Iterator[None]:
+        """Full values of ``params`` inside the block, on every rank (ZeRO-3 partitions them). Collective."""
+        if not self.zero3:
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()

@@ -34,31 +34,40 @@ def _score_choices(model: nn.Module, ex: Example, pad_id: int, engine: Engine) -
 def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, engine: Engine) -> dict[str, float]:
     """Returns eval/loss (mean over completion tokens), eval/ppl, and eval/accuracy when choices are set.
 
-    Each rank scores its own share of ``examples``; the sums are reduced over ranks.
+    Each rank scores its own share of ``examples``; the sums are reduced over ranks. Where the engine gathers
+    parameters inside forward (ZeRO-3), every rank must run the same forwards: shares are padded with repeats of
+    the first example, which do not count.
     """
     was_training = model.training
     model.eval()
-    examples = examples[engine.rank :: engine.world_size]
+    shard = examples[engine.rank :: engine.world_size]
+    real = len(shard)
+    if engine.lockstep:
+        shard = shard + [examples[0]] * (-(-len(examples) // engine.world_size) - real)
+    # Decided on all examples, so every rank takes the same path (and runs the same number of forwards).
+    one_forward = all(_first_tokens_distinct(ex) for ex in examples if ex.choice_ids)
     loss_sum = tokens = 0.0
     correct = scored = 0
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
+    for start in range(0, len(shard), batch_size):
+        chunk = shard[start : start + batch_size]
+        counted = max(0, min(len(chunk), real - start))  # rows past this are padding
         batch = {k: v.to(engine.device) for k, v in collate(chunk, pad_id).items()}
         gather_at = torch.tensor([ex.prompt_len - 1 for ex in chunk], device=engine.device)
         with engine.autocast():
             out = model(**batch, gather_at=gather_at)
-        loss_sum += float(out["loss_sum"].double().sum())
-        tokens += float(out["tokens"].sum())
+        loss_sum += float(out["loss_sum"][:counted].double().sum())
+        tokens += float(out["tokens"][:counted].sum())
         for i, ex in enumerate(chunk):
             if not ex.choice_ids:
                 continue
-            if _first_tokens_distinct(ex):
+            if one_forward:
                 firsts = torch.tensor([ids[0] for ids in ex.choice_ids], device=engine.device)
                 pred = int(torch.argmax(out["logits_at"][i, firsts]))
             else:
                 pred = _score_choices(model, ex, pad_id, engine)
-            correct += int(pred == ex.gold)
-            scored += 1
+            if i < counted:
+                correct += int(pred == ex.gold)
+                scored += 1
     model.train(was_training)
     totals = engine.sum(torch.tensor([loss_sum, tokens, correct, scored], dtype=torch.float64, device=engine.device))
     loss_sum, tokens, correct, scored = totals.cpu().tolist()

@@ -65,14 +65,15 @@ def pin_cpu_4bit_layout(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_base(cfg: DtuneConfig, device: torch.device) -> nn.Module:
+def load_base(cfg: DtuneConfig, device: torch.device | None) -> nn.Module:
+    """device None: let the engine place it (ZeRO-3 loads through deepspeed.zero.Init, partitioned at load)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         model_dir(cfg),
         quantization_config=quantization_config(cfg),
         dtype=DTYPES[cfg.train.precision],
-        device_map={"": device},
+        device_map=None if device is None else {"": device},
         attn_implementation=cfg.model.attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code,
     )
@@ -114,7 +115,7 @@ def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
     return model
 
 
-def build_model(cfg: DtuneConfig, device: torch.device) -> nn.Module:
+def build_model(cfg: DtuneConfig, device: torch.device | None) -> nn.Module:
     """Base (4-bit or plain) + LoRA, in train mode, on ``device``."""
     model = add_lora(cfg, load_base(cfg, device))
     trainable, total = model.get_nb_trainable_parameters()

@@ -49,11 +49,11 @@ def accumulate_gradients(loss_model: torch.nn.Module, micro: list[dict[str, torc
     step_tokens = engine.sum(sum((m["labels"][:, 1:] != IGNORE).sum() for m in micro)).clamp(min=1)
     total = torch.zeros((), device=engine.device)
     for m in micro:
-        with engine.autocast():
+        with engine.accumulate(loss_model), engine.autocast():
             out = loss_model(**m)
-        # The engine averages gradients over ranks; the world-size factor turns that average into the sum.
-        loss = out["loss_sum"].sum() * engine.world_size / step_tokens
-        engine.backward(loss)
+            # Engines average gradients over ranks; the world-size factor turns that average into the sum.
+            loss = out["loss_sum"].sum() * engine.world_size / step_tokens
+            engine.backward(loss)
         total += loss.detach() / engine.world_size
     return float(engine.sum(total))
 
@@ -73,7 +73,7 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
     """Fine-tune per ``cfg``, writing everything into ``output_dir``. Returns the results written to results.json."""
     from tqdm.auto import tqdm
 
-    from dtune.checkpoint import save_adapter
+    from dtune.checkpoint import adapter_state, save_adapter
     from dtune.data import load_data, step_batches
     from dtune.engine import Engine
     from dtune.evaluate import evaluate
@@ -96,7 +96,7 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
     log.info("data: %d training and %d held-out samples from %s", stats.train_rows, stats.eval_rows, cfg.data.source)
     pad_id = tokenizer.pad_token_id
 
-    model = build_model(cfg, engine.device)
+    model = build_model(cfg, engine.load_device)
     output_dir.mkdir(parents=True, exist_ok=True)
     if engine.is_main:  # written once the inputs proved good: a run that fails on bad input overwrites nothing
         (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
@@ -125,12 +125,9 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
     for step in range(1, cfg.train.max_steps + 1):
         t0 = time.perf_counter()
         micro = [{k: v.to(engine.device) for k, v in mb.items()} for mb in next(steps)]
-        train_loss = accumulate_gradients(loss_model, micro, engine)
-        grad_norm = engine.clip_grad_norm(loss_model, cfg.optim.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_loss = accumulate_gradients(loss_model, micro, engine)
+        grad_norm = engine.step(loss_model, optimizer, scheduler, cfg.optim.max_grad_norm)
 
         step_seen = int(engine.sum(sum(m["attention_mask"].sum() for m in micro)))
         tokens_seen += step_seen
@@ -164,8 +161,12 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
         "tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
         "data": asdict(stats),
     }
-    if cfg.train.save_adapter and engine.is_main:
-        results["adapter"] = str(save_adapter(engine.unwrap(loss_model).model, output_dir / "adapter"))
+    if cfg.train.save_adapter:
+        peft_model = engine.unwrap(loss_model).model
+        with engine.gathered([p for p in peft_model.parameters() if p.requires_grad]):  # collective under ZeRO-3
+            state = adapter_state(peft_model)
+        if engine.is_main:
+            results["adapter"] = str(save_adapter(peft_model, output_dir / "adapter", state))
     engine.barrier()
     if engine.is_main:
         log.info(
