@@ -23,10 +23,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable tensors of ``model`` under their module names, copied to CPU: what PEFT's save_pretrained
-    takes as ``state_dict``. Under ZeRO-3 call it where the parameters are gathered."""
-    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+def adapter_state(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable parameters of ``model`` under their module names: what PEFT's save_pretrained takes as
+    ``state_dict``, once the engine has made them full CPU tensors (``Engine.full_state``)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
 def verify_adapter(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
@@ -50,13 +50,13 @@ def verify_adapter(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
 def save_adapter(model: nn.Module, dest: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapter of ``model`` (a PeftModel) to ``dest`` atomically; return ``dest``.
 
-    ``state``: the adapter tensors from :func:`adapter_state` (required when parameters are sharded).
+    ``state``: full CPU tensors of :func:`adapter_state` (required when parameters are sharded).
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     from peft import get_peft_model_state_dict
 
-    state = adapter_state(model) if state is None else state
+    state = {k: v.detach().cpu() for k, v in adapter_state(model).items()} if state is None else state
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model, state_dict=state).items()}
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
     try:

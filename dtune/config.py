@@ -24,7 +24,7 @@ from dtune.errors import ConfigError
 PRECISIONS = ("bf16", "fp16", "fp32")
 QUANT_TYPES = ("nf4", "fp4", "none")
 KERNELS = ("bnb", "triton")
-ENGINES = ("ddp", "deepspeed")
+ENGINES = ("ddp", "deepspeed", "fsdp2")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 OVERLONG = ("truncate", "drop", "error")
@@ -96,7 +96,7 @@ class QuantConfig:
 @dataclass
 class EngineConfig:
     strategy: str = "ddp"
-    """ddp (data parallel; one process trains plainly) or deepspeed (ZeRO, stage below)."""
+    """ddp (data parallel; one process trains plainly), deepspeed (ZeRO, stage below) or fsdp2 (fully_shard)."""
     zero_stage: int = 0
     """With deepspeed: 1 shards optimizer states, 2 also gradients, 3 also parameters (the 4-bit base too)."""
 

@@ -2,7 +2,9 @@
 
 Strategies (``engine.strategy``): ``ddp`` -- data parallel (one process: plain training); ``deepspeed`` -- ZeRO
 stage ``engine.zero_stage`` (1: optimizer states, 2: + gradients, 3: + parameters, the packed 4-bit base included)
-through Accelerate's DeepSpeed plugin.
+through Accelerate's DeepSpeed plugin; ``fsdp2`` -- PyTorch's ``fully_shard`` on each decoder layer and the root,
+called directly: Accelerate's FSDP plugin is not applied on CPU, and this way one code path runs (and is tested)
+on CPU and GPU alike.
 
 The training loop talks to an :class:`Engine` only -- prepare, accumulate, backward, step, reduce, gather -- and
 never asks which strategy is on.
@@ -77,6 +79,7 @@ class Engine:
                 f"{self.accelerator.num_processes} process(es) of type {got}"
             )
         self.zero3 = self.strategy == "deepspeed" and cfg.engine.zero_stage == 3
+        self.compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.train.precision]
 
     @property
     def device(self) -> torch.device:
@@ -102,9 +105,11 @@ class Engine:
     @property
     def lockstep(self) -> bool:
         """Whether every rank must run the same number of forwards (parameters are gathered inside forward)."""
-        return self.zero3
+        return self.zero3 or self.strategy == "fsdp2"
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        if self.strategy == "fsdp2":  # already sharded by shard(); Accelerate would wrap it in DDP
+            return model, optimizer
         return self.accelerator.prepare(model, optimizer)
 
     @contextlib.contextmanager
@@ -130,7 +135,9 @@ class Engine:
             norm = self.accelerator.deepspeed_engine_wrapped.get_global_grad_norm()
         else:
             params = [p for p in model.parameters() if p.requires_grad]
-            norm = self.accelerator.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+            if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+                norm = norm.full_tensor()
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -143,16 +150,45 @@ class Engine:
     def unwrap(self, model: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(model)
 
-    @contextlib.contextmanager
-    def gathered(self, params: list[nn.Parameter]) -> Iterator[None]:
-        """Full values of ``params`` inside the block, on every rank (ZeRO-3 partitions them). Collective."""
-        if not self.zero3:
-            yield
-            return
-        import deepspeed
+    def full_state(self, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        """Full CPU copies of ``params``, however they are sharded. Collective: every rank must call it."""
+        if self.zero3:
+            import deepspeed
 
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield
+            with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+                return {k: p.detach().to("cpu", copy=True) for k, p in params.items()}
+        if self.strategy == "fsdp2":
+            return {k: p.full_tensor().detach().cpu() for k, p in params.items()}  # DTensor shards -> all-gather
+        return {k: p.detach().to("cpu", copy=True) for k, p in params.items()}
+
+    def local_bytes(self, model: nn.Module) -> dict[str, int]:
+        """Bytes of parameters this rank holds: frozen (the base, packed 4-bit included) and trainable."""
+        out = {"frozen": 0, "trainable": 0}
+        for p in model.parameters():
+            if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's partition
+                local = p.ds_tensor
+            elif hasattr(p, "to_local"):  # FSDP2: this rank's DTensor shard
+                local = p.to_local()
+            else:
+                local = p
+            out["trainable" if p.requires_grad else "frozen"] += local.numel() * local.element_size()
+        return out
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """FSDP2: shard each decoder layer, then the root (the loss wrapper, whose forward runs). Others: as is."""
+        if self.strategy != "fsdp2":
+            return model
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+        blocks = set(getattr(model.model.get_base_model(), "_no_split_modules", None) or [])
+        layers = [m for m in model.modules() if type(m).__name__ in blocks]
+        if not layers:
+            raise ConfigError("engine.strategy=fsdp2: the model names no decoder-layer class (_no_split_modules)")
+        for layer in layers:
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return model
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()

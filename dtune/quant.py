@@ -24,7 +24,8 @@ class FusedLinear4bit(_linear4bit_class()):  # type: ignore[misc]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        state = weight.quant_state
+        # FSDP2 replaces the Params4bit by a plain tensor: bitsandbytes keeps a copy of the state on the module.
+        state = getattr(weight, "quant_state", None) or getattr(self, "quant_state", None)
         if state is None or state.quant_type != "nf4":
             return super().forward(x)  # not quantized yet, or FP4: bitsandbytes' own path
         in_dtype = x.dtype

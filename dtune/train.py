@@ -100,9 +100,18 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     if engine.is_main:  # written once the inputs proved good: a run that fails on bad input overwrites nothing
         (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    optimizer = build_optimizer(model, cfg.optim)
+    loss_model = engine.shard(CompletionLoss(model))  # FSDP2 shards here; the optimizer must see the sharded params
+    optimizer = build_optimizer(loss_model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    loss_model, optimizer = engine.prepare(CompletionLoss(model), optimizer)
+    loss_model, optimizer = engine.prepare(loss_model, optimizer)
+    held = engine.local_bytes(loss_model)
+    log.info(
+        "rank %d holds %.1f MiB of frozen and %.2f MiB of trainable parameters (%s)",
+        engine.rank,
+        held["frozen"] / 2**20,
+        held["trainable"] / 2**20,
+        cfg.engine.strategy,
+    )
 
     tracker = Tracker(cfg, output_dir) if engine.is_main else NullTracker()
     eval_args = (eval_set, cfg.train.eval_batch_size, pad_id, engine)
@@ -160,11 +169,11 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
         "train_time_s": round(train_time, 2),
         "tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
         "data": asdict(stats),
+        "param_bytes_rank0": held,
     }
     if cfg.train.save_adapter:
         peft_model = engine.unwrap(loss_model).model
-        with engine.gathered([p for p in peft_model.parameters() if p.requires_grad]):  # collective under ZeRO-3
-            state = adapter_state(peft_model)
+        state = engine.full_state(adapter_state(peft_model))  # collective where parameters are sharded
         if engine.is_main:
             results["adapter"] = str(save_adapter(peft_model, output_dir / "adapter", state))
     engine.barrier()
