@@ -99,3 +99,29 @@ def test_two_nodes_through_a_localhost_rendezvous(tmp_path: Path, single: Path):
         assert p.returncode == 0, err[-4000:]
     out = tmp_path / "outputs" / "torchrun-dtune-test"  # the job dir named by the rendezvous id
     assert_same_run(out, single)
+
+
+def test_launch_script_runs_a_two_process_job(tmp_path: Path, single: Path):
+    """launch/torchrun.sh as a user calls it: the job's output dir is named by JOB_ID, in the caller's directory."""
+    from tests.conftest import REPO
+
+    env = {**ENV, "NPROC_PER_NODE": "2", "JOB_ID": "script-test", "MASTER_PORT": str(free_port()), "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(REPO / "launch" / "torchrun.sh"), *COMMON],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_same_run(tmp_path / "outputs" / "torchrun-script-test", single)
+    two_nodes = subprocess.run(
+        ["bash", str(REPO / "launch" / "torchrun.sh"), *COMMON],
+        cwd=tmp_path,
+        env={**env, "NNODES": "2", "JOB_ID": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert two_nodes.returncode == 2 and "set JOB_ID" in two_nodes.stderr

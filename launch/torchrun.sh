@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Launch dtune on this node under torchrun; run the same command on every node of a multi-node job.
+#
+#   launch/torchrun.sh engine=zero3 model.name_or_path=/models/llama-8b            # one node, all its GPUs
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh engine=fsdp2 ...      # on node0
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launch/torchrun.sh engine=fsdp2 ...      # on node1
+#
+# NPROC_PER_NODE: processes per node (default: visible GPUs, or 1). MASTER_PORT: default 29500. JOB_ID: the
+# rendezvous id, also the name of the job's output directory (outputs/torchrun-<JOB_ID>), the same on all nodes.
+# Arguments are dtune overrides (key=value, --multirun is not supported under torchrun).
+set -euo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
+[[ -x "$PYTHON" ]] || PYTHON=python3
+
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+if [[ -z "${NPROC_PER_NODE:-}" ]]; then
+    NPROC_PER_NODE=$("$PYTHON" -c "import torch; print(max(1, torch.cuda.device_count()))")
+fi
+[[ -n "${JOB_ID:-}" ]] && JOB_ID_SET=1
+JOB_ID="${JOB_ID:-dtune-$(date +%Y%m%d-%H%M%S)}"
+if [[ "$NNODES" -gt 1 && -z "${JOB_ID_SET:-}" && "$JOB_ID" == dtune-2* ]]; then
+    # Each node would compute its own timestamp: a multi-node job needs an id fixed by whoever starts it.
+    echo "launch/torchrun.sh: set JOB_ID to the same value on every node of a multi-node job" >&2
+    exit 2
+fi
+
+exec "$PYTHON" -m torch.distributed.run \
+    --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
+    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$JOB_ID" \
+    -m dtune.train "$@"
