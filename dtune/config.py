@@ -99,6 +99,10 @@ class EngineConfig:
     """ddp (data parallel; one process trains plainly), deepspeed (ZeRO, stage below) or fsdp2 (fully_shard)."""
     zero_stage: int = 0
     """With deepspeed: 1 shards optimizer states, 2 also gradients, 3 also parameters (the 4-bit base too)."""
+    offload_optimizer: bool = False
+    """With deepspeed: keep optimizer states (and fp32 master weights) in CPU memory."""
+    offload_params: bool = False
+    """With deepspeed ZeRO-3: keep parameters in CPU memory, fetched for each layer's forward and backward."""
 
 
 @dataclass
@@ -288,6 +292,10 @@ def validate(cfg: DtuneConfig) -> None:
     if cfg.quant.kernel == "triton" and cfg.quant.quant_type != "nf4":
         e.append(f"quant.kernel: triton implements NF4 only; got quant.quant_type={cfg.quant.quant_type}")
     _one_of(e, "engine.strategy", cfg.engine.strategy, ENGINES)
+    if cfg.engine.offload_params and not (cfg.engine.strategy == "deepspeed" and cfg.engine.zero_stage == 3):
+        e.append("engine.offload_params: needs engine.strategy=deepspeed and engine.zero_stage=3")
+    if cfg.engine.offload_optimizer and cfg.engine.strategy != "deepspeed":
+        e.append("engine.offload_optimizer: needs engine.strategy=deepspeed")
     if cfg.engine.strategy == "deepspeed" and cfg.engine.zero_stage not in (1, 2, 3):
         e.append(f"engine.zero_stage: must be 1, 2 or 3 with engine.strategy=deepspeed; got {cfg.engine.zero_stage}")
 

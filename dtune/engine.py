@@ -32,7 +32,15 @@ def deepspeed_config(cfg: DtuneConfig) -> dict[str, Any]:
     if cfg.engine.zero_stage == 3:
         # Save the adapter from gathered parameters, not from a consolidated 16-bit copy of the whole model.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
+    if cfg.engine.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.engine.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    offload = cfg.engine.offload_optimizer or cfg.engine.offload_params
     return {
+        # Offloaded states are stepped by dtune's torch AdamW on the CPU: for LoRA they are a few MB, so DeepSpeed's
+        # compiled CPU Adam would save nothing worth its build.
+        "zero_force_ds_cpu_optimizer": not offload,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum_steps,
         "gradient_clipping": cfg.optim.max_grad_norm or 0.0,

@@ -56,7 +56,7 @@ def assert_same_run(out: Path, single: Path) -> None:
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
-@pytest.mark.parametrize("engine", ["ddp", "zero1", "zero2", "zero3", "fsdp2"])
+@pytest.mark.parametrize("engine", ["ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2"])
 def test_two_ranks_match_one_rank(tmp_path: Path, single: Path, engine: str):
     """4-bit NF4 base + LoRA on 2 ranks: same losses and adapter as 1 rank (ZeRO-3 and FSDP2 shard the 4-bit base too)."""
     out = tmp_path / engine
@@ -64,7 +64,7 @@ def test_two_ranks_match_one_rank(tmp_path: Path, single: Path, engine: str):
     run([*launch, "-m", "dtune.train", *COMMON, f"engine={engine}", f"hydra.run.dir={out}"], tmp_path)
     assert_same_run(out, single)
     held, alone = (json.loads((d / "results.json").read_text())["param_bytes_rank0"] for d in (out, single))
-    sharded = engine in ("zero3", "fsdp2")  # parameters, the packed 4-bit base included, split over 2 ranks
+    sharded = engine in ("zero3", "zero3_offload", "fsdp2")  # parameters, the packed 4-bit base included, split over 2 ranks
     assert held["frozen"] == pytest.approx(alone["frozen"] / 2 if sharded else alone["frozen"], rel=0.02)
     assert (out / "dtune.log").is_file() and (out / "dtune_rank1.log").is_file()
     assert "train" in (out / "dtune_rank1.log").read_text()
