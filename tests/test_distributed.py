@@ -125,3 +125,29 @@ def test_launch_script_runs_a_two_process_job(tmp_path: Path, single: Path):
         timeout=60,
     )
     assert two_nodes.returncode == 2 and "set JOB_ID" in two_nodes.stderr
+
+
+@pytest.mark.parametrize("launcher", ["accelerate", "dtune-script"])
+def test_accelerate_launch_and_the_dtune_script_under_torchrun(tmp_path: Path, single: Path, launcher: str):
+    out = tmp_path / launcher
+    port = str(free_port())
+    if launcher == "accelerate":  # --multi_gpu: two processes even on CPU (--cpu would start only one)
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--multi_gpu",
+            "--main_process_port",
+            port,
+            "-m",
+            "dtune.train",
+        ]
+    else:
+        script = Path(sys.executable).parent / "dtune"
+        cmd = [*TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", port, str(script), "train"]
+    run([*cmd, *COMMON, f"hydra.run.dir={out}"], tmp_path)
+    assert_same_run(out, single)
