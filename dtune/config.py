@@ -56,6 +56,8 @@ class DataConfig:
     """Longest tokenized sample; longer ones are handled per ``overlong``."""
     overlong: str = "truncate"
     """What to do with samples longer than max_seq_len: truncate, drop, or error."""
+    packing: bool = False
+    """Pack training samples into rows of max_seq_len tokens; attention stays within each sample."""
     chat_template: bool = True
     """Render prompt/completion as a user/assistant turn with the tokenizer's chat template."""
     system_prompt: str | None = None

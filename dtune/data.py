@@ -49,6 +49,8 @@ class Example:
     """For closed answer sets: token ids of each choice's completion, rendered after this prompt."""
     gold: int = -1
     """Index of the row's completion in data.choices (-1 when there are no choices)."""
+    segments: list[int] | None = None
+    """Packed rows: the lengths of the samples packed into this row (see dtune.packing)."""
 
 
 @dataclass
@@ -57,6 +59,7 @@ class DataStats:
     eval_rows: int = 0
     truncated: int = 0
     dropped: int = 0
+    packed_rows: int = 0
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -238,6 +241,11 @@ def load_data(cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], list[Exam
     evals = build_examples(eval_rows, renderer, "evaluation")
     stats = renderer.stats
     stats.train_rows, stats.eval_rows = len(train), len(evals)
+    if cfg.packing:
+        from dtune.packing import pack
+
+        train = pack(train, cfg.max_seq_len)
+        stats.packed_rows = len(train)
     if stats.truncated or stats.dropped:
         log.warning(
             "data: %d samples truncated and %d dropped at data.max_seq_len=%d (data.overlong=%s)",
@@ -253,7 +261,11 @@ def load_data(cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], list[Exam
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sample. Returns input_ids, attention_mask, labels: [batch, seq]."""
+    """Right-pad to the longest sample. Returns input_ids, attention_mask, labels: [batch, seq].
+
+    With packed rows, also position_ids [batch, seq] restarting per sample, and attention_mask becomes the
+    block-diagonal causal mask [batch, 1, seq, seq].
+    """
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -263,7 +275,14 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(e.segments for e in examples):
+        from dtune.packing import block_causal_mask, position_ids, segment_ids
+
+        segments = [e.segments or [len(e.input_ids)] for e in examples]
+        batch["position_ids"] = position_ids(segments, width)
+        batch["attention_mask"] = block_causal_mask(segment_ids(segments, width))
+    return batch
 
 
 def step_batches(

@@ -27,6 +27,19 @@ class CompletionLoss(nn.Module):
         self._decoder = base.get_decoder()
         self._head = base.get_output_embeddings()
         self._softcap = getattr(base.config, "final_logit_softcapping", None)
+        self._config = base.config
+
+    def _packed_mask(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """The block-diagonal mask of packed rows, in the form the attention backend takes: bool for SDPA; None for
+        flash-attention (its variable-length kernel finds the samples from the restarting position ids); an
+        additive float mask for eager attention."""
+        impl = str(getattr(self._config, "_attn_implementation", "sdpa"))
+        if impl == "sdpa":
+            return mask
+        if impl.startswith("flash"):
+            return None
+        dtype = self._head.weight.dtype if self._head.weight.dtype.is_floating_point else torch.float32
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, d] -> fp32 logits [n, vocab]."""
@@ -41,13 +54,19 @@ class CompletionLoss(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         gather_at: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """input_ids, attention_mask, labels: [batch, seq]; gather_at: [batch] positions or None.
+        """input_ids, labels: [batch, seq]; attention_mask: [batch, seq], or [batch, 1, seq, seq] for packed rows
+        (with position_ids: [batch, seq]); gather_at: [batch] positions or None.
 
         Returns ``loss_sum`` and ``tokens``, both [batch] (summed cross-entropy and count of labelled tokens per
         row), and with ``gather_at`` the fp32 logits there, ``logits_at``: [batch, vocab].
         """
-        hidden = self._decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        if attention_mask.dim() == 4:
+            attention_mask = self._packed_mask(attention_mask)
+        hidden = self._decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE  # position t predicts token t+1
         rows = keep.nonzero()[:, 0]

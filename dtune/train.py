@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from dtune.config import DtuneConfig, conf_dir, to_dataclass, validate
 from dtune.data import IGNORE
 from dtune.errors import user_errors
+from dtune.packing import real_tokens
 
 log = logging.getLogger("dtune")
 
@@ -138,7 +139,7 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
         train_loss = accumulate_gradients(loss_model, micro, engine)
         grad_norm = engine.step(loss_model, optimizer, scheduler, cfg.optim.max_grad_norm)
 
-        step_seen = int(engine.sum(sum(m["attention_mask"].sum() for m in micro)))
+        step_seen = int(engine.sum(sum(real_tokens(m["attention_mask"]) for m in micro)))
         tokens_seen += step_seen
         elapsed = time.perf_counter() - t0
         metrics = {
