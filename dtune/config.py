@@ -45,7 +45,11 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = "builtin:rotten_tomatoes"
-    """JSONL file of {"prompt", "completion"} rows, or ``builtin:<name>`` (see dtune.data)."""
+    """JSONL file of records in ``format``, or ``builtin:<name>`` (see dtune.data)."""
+    format: str = "prompt_completion"
+    """Record format of JSONL sources: prompt_completion, alpaca, chat or text (see dtune.formats)."""
+    train_on: str = "completion"
+    """Which tokens carry loss: completion (assistant turns) or all."""
     eval_source: str | None = None
     """Held-out JSONL file; when null, ``eval_size`` rows are held out from ``source``."""
     eval_size: int = 96
@@ -59,7 +63,7 @@ class DataConfig:
     packing: bool = False
     """Pack training samples into rows of max_seq_len tokens; attention stays within each sample."""
     chat_template: bool = True
-    """Render prompt/completion as a user/assistant turn with the tokenizer's chat template."""
+    """Render rows with the tokenizer's chat template (ChatML if it has none); false: plain prompt + completion."""
     system_prompt: str | None = None
     """Optional system message placed before each prompt (with chat_template)."""
     choices: list[str] | None = None
@@ -312,6 +316,10 @@ def validate(cfg: DtuneConfig) -> None:
     _positive(e, "data.eval_size", cfg.data.eval_size, allow_zero=True)
     _positive(e, "data.train_size", cfg.data.train_size)
     _one_of(e, "data.overlong", cfg.data.overlong, OVERLONG)
+    _one_of(e, "data.format", cfg.data.format, ("prompt_completion", "alpaca", "chat", "text"))
+    _one_of(e, "data.train_on", cfg.data.train_on, ("completion", "all"))
+    if cfg.data.format == "text" and cfg.data.choices:
+        e.append("data.choices: the text format has no answers to score")
     if cfg.data.eval_source is None and cfg.data.eval_size == 0:
         e.append("data.eval_size: is 0 and data.eval_source is null, so there is nothing to evaluate on")
     if cfg.data.choices is not None and len(set(cfg.data.choices)) < 2:

@@ -25,17 +25,10 @@ import torch
 from dtune.assets import BUILTIN_PREFIX, package_dir
 from dtune.config import DataConfig
 from dtune.errors import DataError
+from dtune.formats import CHATML, Row, row_from_obj
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of a position that carries no loss
-
-
-@dataclass
-class Row:
-    prompt: str
-    completion: str
-    where: str
-    """File and line (or package and record) the row came from, for error messages."""
 
 
 @dataclass
@@ -65,7 +58,7 @@ class DataStats:
 # ----------------------------------------------------------------------------------------------- sources
 
 
-def read_jsonl(path: str, field_name: str) -> list[Row]:
+def read_jsonl(path: str, field_name: str, fmt: str = "prompt_completion") -> list[Row]:
     """Rows of a JSONL file; a malformed line raises DataError naming ``path:line``."""
     p = Path(path)
     if not p.is_file():
@@ -84,23 +77,10 @@ def read_jsonl(path: str, field_name: str) -> list[Row]:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
-            rows.append(_row_from_obj(obj, where))
+            rows.append(row_from_obj(obj, where, fmt))
     if not rows:
         raise DataError(f"{p}: no rows (the file is empty)")
     return rows
-
-
-def _row_from_obj(obj: Any, where: str) -> Row:
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object with 'prompt' and 'completion', got {type(obj).__name__}")
-    for key in ("prompt", "completion"):
-        if key not in obj:
-            raise DataError(f"{where}: missing field '{key}'")
-        if not isinstance(obj[key], str):
-            raise DataError(f"{where}: field '{key}' must be a string, got {type(obj[key]).__name__}")
-    if not obj["completion"].strip():
-        raise DataError(f"{where}: field 'completion' is empty")
-    return Row(obj["prompt"], obj["completion"], where)
 
 
 SENTIMENT_PROMPT = "Is the following movie review positive or negative? Answer with one word.\n\nReview: {text}"
@@ -119,7 +99,7 @@ def rotten_tomatoes() -> list[Row]:
         for i, rec in enumerate(csv.DictReader(handle), start=2):
             label = {"fresh": "positive", "rotten": "negative"}.get(rec["category"])
             if label is not None and rec["text"].strip():
-                row = Row(SENTIMENT_PROMPT.format(text=rec["text"].strip()), label, f"{path.name}:{i}")
+                row = Row.single(SENTIMENT_PROMPT.format(text=rec["text"].strip()), label, f"{path.name}:{i}")
                 by_label[label].append(row)
     rng = random.Random(1234)  # fixed: the split must not move when a user changes data.seed
     n = min(len(v) for v in by_label.values())
@@ -131,23 +111,23 @@ def rotten_tomatoes() -> list[Row]:
 BUILTIN_SOURCES = {"rotten_tomatoes": rotten_tomatoes}
 
 
-def load_rows(source: str, field_name: str) -> list[Row]:
+def load_rows(source: str, field_name: str, fmt: str = "prompt_completion") -> list[Row]:
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_SOURCES:
             known = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_SOURCES)
             raise DataError(f"{field_name}: unknown built-in data source '{source}' (known: {known})")
         return BUILTIN_SOURCES[name]()
-    return read_jsonl(source, field_name)
+    return read_jsonl(source, field_name, fmt)
 
 
 def split_rows(cfg: DataConfig) -> tuple[list[Row], list[Row]]:
     """(train, eval) rows: eval from ``eval_source`` or the first ``eval_size`` rows of the (shuffled) source."""
-    rows = load_rows(cfg.source, "data.source")
+    rows = load_rows(cfg.source, "data.source", cfg.format)
     if not cfg.source.startswith(BUILTIN_PREFIX):  # built-ins come in a fixed balanced order
         random.Random(cfg.seed).shuffle(rows)
     if cfg.eval_source is not None:
-        eval_rows = load_rows(cfg.eval_source, "data.eval_source")
+        eval_rows = load_rows(cfg.eval_source, "data.eval_source", cfg.format)
     else:
         if cfg.eval_size >= len(rows):
             raise DataError(
@@ -163,68 +143,94 @@ def split_rows(cfg: DataConfig) -> tuple[list[Row], list[Row]]:
 
 
 class Renderer:
-    """Turns a Row into an Example: chat template (optional), tokenization, prompt masking, truncation."""
+    """Turns a Row into an Example: template, tokenization, loss mask from character spans, truncation.
+
+    Messages are rendered with the tokenizer's chat template (ChatML when it has none); each assistant turn's span
+    is where the rendering of the conversation up to that turn extends the rendering up to its generation prompt.
+    With ``data.chat_template=false`` a single-turn row is plain ``prompt + completion + eos``. Tokens overlapping a
+    trained span are labelled; ``data.train_on=all`` trains on every token.
+    """
 
     def __init__(self, tokenizer: Any, cfg: DataConfig) -> None:
         if not getattr(tokenizer, "is_fast", False):
             raise DataError("model.name_or_path: dtune needs a fast tokenizer (tokenizer.json) for offset mapping")
-        if cfg.chat_template and not getattr(tokenizer, "chat_template", None):
-            raise DataError("data.chat_template: is true but the tokenizer has no chat template; set it false")
         self.tok = tokenizer
         self.cfg = cfg
+        self.template = getattr(tokenizer, "chat_template", None) or CHATML
         self.stats = DataStats()
 
-    def _texts(self, prompt: str, completion: str) -> tuple[str, str, int]:
-        """(full text, prompt text, end of the completion's span in full text)."""
-        if not self.cfg.chat_template:
-            eos = self.tok.eos_token or ""
-            return prompt + completion + eos, prompt, len(prompt + completion + eos)
-        msgs = [{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []
-        msgs.append({"role": "user", "content": prompt})
-        head = self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        full = self.tok.apply_chat_template([*msgs, {"role": "assistant", "content": completion}], tokenize=False)
-        if not full.startswith(head):
-            raise DataError(
-                "data.chat_template: the tokenizer's template does not render the prompt as a prefix of the conversation"
-            )
-        # Train on the answer and the end-of-turn token, not on the template's trailing newline.
-        return full, head, len(full.rstrip())
+    def _chat(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+        return self.tok.apply_chat_template(
+            messages, chat_template=self.template, add_generation_prompt=generation_prompt, tokenize=False
+        )
 
-    def _encode(self, prompt: str, completion: str) -> tuple[list[int], list[int], int]:
-        full, head, end = self._texts(prompt, completion)
-        enc = self.tok(full, add_special_tokens=not self.cfg.chat_template, return_offsets_mapping=True)
+    def _texts(self, row: Row) -> tuple[str, list[tuple[int, int]], int, bool]:
+        """(full text, trained character spans, end of the last prompt, whether the text is templated)."""
+        if row.text is not None:
+            full = row.text + (self.tok.eos_token or "")
+            return full, [(0, len(full))], 0, False
+        messages = list(row.messages)
+        if self.cfg.system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.cfg.system_prompt})
+        if not self.cfg.chat_template:
+            if [m["role"] for m in messages] != ["user", "assistant"]:
+                raise DataError(f"{row.where}: data.chat_template=false takes single-turn rows (one user, one assistant)")
+            prompt, full = messages[0]["content"], messages[0]["content"] + messages[1]["content"] + (self.tok.eos_token or "")
+            return full, [(len(prompt), len(full))], len(prompt), False
+        full = self._chat(messages)
+        spans, prompt_end = [], 0
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            head, upto = self._chat(messages[:i], generation_prompt=True), self._chat(messages[: i + 1])
+            if not (upto.startswith(head) and full.startswith(upto)):
+                raise DataError("data.chat_template: the template does not render conversations as prefixes of each other")
+            # The answer and its end-of-turn token, not the template's trailing newline.
+            spans.append((len(head), len(upto.rstrip())))
+            prompt_end = len(head)
+        return full, spans, prompt_end, True
+
+    def _encode(self, row: Row) -> tuple[list[int], list[int], int]:
+        full, spans, prompt_end, templated = self._texts(row)
+        if self.cfg.train_on == "all":
+            spans = [(0, len(full))]
+        enc = self.tok(full, add_special_tokens=not templated, return_offsets_mapping=True)
         ids: list[int] = enc["input_ids"]
         labels, prompt_len = [], 0
         for tok_id, (start, stop) in zip(ids, enc["offset_mapping"], strict=True):
-            in_completion = stop > len(head) and start < end
-            labels.append(tok_id if in_completion else IGNORE)
-            if stop <= len(head):
+            trained = stop > start and any(stop > a and start < b for a, b in spans)
+            labels.append(tok_id if trained else IGNORE)
+            if stop <= prompt_end:
                 prompt_len += 1
         return ids, labels, prompt_len
 
     def __call__(self, row: Row) -> Example | None:
-        ids, labels, prompt_len = self._encode(row.prompt, row.completion)
+        ids, labels, prompt_len = self._encode(row)
         max_len = self.cfg.max_seq_len
         if len(ids) > max_len:
             if self.cfg.overlong == "error":
                 raise DataError(f"{row.where}: {len(ids)} tokens exceeds data.max_seq_len={max_len} (data.overlong=error)")
             if self.cfg.overlong == "drop" or all(x == IGNORE for x in labels[:max_len]):
-                self.stats.dropped += 1  # dropped by config, or truncation would leave no completion token
+                self.stats.dropped += 1  # dropped by config, or truncation would leave no trained token
                 return None
             ids, labels = ids[:max_len], labels[:max_len]
             self.stats.truncated += 1
+        if all(x == IGNORE for x in labels[1:]):
+            raise DataError(f"{row.where}: nothing to train on (the answer renders to no tokens)")
         example = Example(ids, labels, prompt_len)
         if self.cfg.choices:
-            example.choice_ids = [self._choice_tokens(row.prompt, c) for c in self.cfg.choices]
             gold = row.completion.strip()
             if gold not in self.cfg.choices:
                 raise DataError(f"{row.where}: completion {gold!r} is not one of data.choices {list(self.cfg.choices)}")
+            example.choice_ids = [self._choice_tokens(row, c) for c in self.cfg.choices]
             example.gold = list(self.cfg.choices).index(gold)
         return example
 
-    def _choice_tokens(self, prompt: str, choice: str) -> list[int]:
-        ids, labels, _ = self._encode(prompt, choice)
-        return [t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE]
+    def _choice_tokens(self, row: Row, choice: str) -> list[int]:
+        """Tokens of ``choice`` as the answer to ``row``'s last prompt."""
+        alt = Row([*row.messages[:-1], {"role": "assistant", "content": choice}], row.where)
+        ids, labels, prompt_len = self._encode(alt)
+        return [t for t, lab in zip(ids[prompt_len:], labels[prompt_len:], strict=True) if lab != IGNORE]
 
 
 def build_examples(rows: list[Row], renderer: Renderer, what: str) -> list[Example]:

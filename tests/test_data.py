@@ -54,7 +54,7 @@ def test_rotten_tomatoes_is_balanced_real_text():
     rows = rotten_tomatoes()
     assert len(rows) > 10_000
     assert Counter(r.completion for r in rows[:200]) == {"positive": 100, "negative": 100}
-    assert all("Review: " in r.prompt and len(r.prompt) > 60 for r in rows[:50])
+    assert all("Review: " in r.messages[0]["content"] and len(r.messages[0]["content"]) > 60 for r in rows[:50])
 
 
 def test_split_holds_out_eval_rows_disjoint_from_training():
@@ -67,7 +67,7 @@ def test_only_the_completion_and_end_of_turn_are_labelled(tokenizer):
     from dtune.data import Row
 
     renderer = Renderer(tokenizer, DataConfig(choices=None))
-    ex = renderer(Row("Is this good?", "positive", "t:1"))
+    ex = renderer(Row.single("Is this good?", "positive", "t:1"))
     labelled = [t for t in ex.labels if t != IGNORE]
     assert tokenizer.decode(labelled) == "positive<|im_end|>"
     # Labels are the inputs at labelled positions, and the first one follows the prompt.
@@ -79,7 +79,7 @@ def test_plain_rendering_without_chat_template(tokenizer):
     from dtune.data import Row
 
     renderer = Renderer(tokenizer, DataConfig(chat_template=False, choices=None))
-    ex = renderer(Row("2+2=", "4", "t:1"))
+    ex = renderer(Row.single("2+2=", "4", "t:1"))
     assert tokenizer.decode([t for t in ex.labels if t != IGNORE]) == "4" + tokenizer.eos_token
     assert tokenizer.decode(ex.input_ids[: ex.prompt_len]) == "2+2="
 
@@ -88,18 +88,18 @@ def test_choices_give_gold_index_and_candidate_tokens(tokenizer):
     from dtune.data import Row
 
     renderer = Renderer(tokenizer, DataConfig(choices=["positive", "negative"]))
-    ex = renderer(Row("Good film?", "negative", "t:1"))
+    ex = renderer(Row.single("Good film?", "negative", "t:1"))
     assert ex.gold == 1
     assert [tokenizer.decode(ids) for ids in ex.choice_ids] == ["positive<|im_end|>", "negative<|im_end|>"]
     with pytest.raises(DataError, match=r"t:2: completion 'meh' is not one of data.choices"):
-        renderer(Row("Good film?", "meh", "t:2"))
+        renderer(Row.single("Good film?", "meh", "t:2"))
 
 
 def test_overlong_samples_are_truncated_dropped_or_refused(tokenizer):
     from dtune.data import Row
 
-    long_prompt = Row("word " * 100, "yes", "f.jsonl:7")
-    short = Row("hi", "yes " * 40, "f.jsonl:8")
+    long_prompt = Row.single("word " * 100, "yes", "f.jsonl:7")
+    short = Row.single("hi", "yes " * 40, "f.jsonl:8")
     trunc = Renderer(tokenizer, DataConfig(max_seq_len=64, overlong="truncate", choices=None))
     assert trunc(long_prompt) is None  # truncating would cut off every completion token: dropped, counted
     ex = trunc(short)
@@ -116,7 +116,7 @@ def test_collate_pads_right_and_masks(tokenizer):
     from dtune.data import Row
 
     renderer = Renderer(tokenizer, DataConfig(choices=None))
-    a, b = renderer(Row("a", "b", "x:1")), renderer(Row("a much longer prompt here", "b", "x:2"))
+    a, b = renderer(Row.single("a", "b", "x:1")), renderer(Row.single("a much longer prompt here", "b", "x:2"))
     batch = collate([a, b], pad_id=0)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert batch["attention_mask"][0].sum() == len(a.input_ids)
@@ -127,7 +127,7 @@ def test_batch_order_is_a_function_of_seed_and_epoch(tokenizer):
     from dtune.data import Row
 
     renderer = Renderer(tokenizer, DataConfig(choices=None))
-    examples = [renderer(Row(f"prompt {i}", str(i), f"x:{i}")) for i in range(10)]
+    examples = [renderer(Row.single(f"prompt {i}", str(i), f"x:{i}")) for i in range(10)]
 
     def first_ids(seed: int, n: int) -> list[list[int]]:
         it = train_batches(examples, 4, seed, 0)
@@ -144,7 +144,7 @@ def test_ranks_split_each_step_like_accumulation_on_one_rank(tokenizer):
     from dtune.data import Row, step_batches
 
     renderer = Renderer(tokenizer, DataConfig(choices=None))
-    examples = [renderer(Row(f"prompt {i}", str(i), f"x:{i}")) for i in range(21)]
+    examples = [renderer(Row.single(f"prompt {i}", str(i), f"x:{i}")) for i in range(21)]
 
     def ids(batches) -> list[list[int]]:
         return [row for b in batches for row in b["input_ids"].tolist()]

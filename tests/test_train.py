@@ -104,7 +104,10 @@ def test_eval_accuracy_matches_full_likelihood_scoring(tmp_path: Path, choices):
 
     cfg, engine, tok, _, _, model = _tiny_parts(tmp_path)
     renderer = Renderer(tok, replace(cfg.data, choices=choices))
-    rows = [Row(f"Review {i}: the film was {w}.", choices[i % 2], f"x:{i}") for i, w in enumerate(["fine", "bad", "ok", "dull"])]
+    rows = [
+        Row.single(f"Review {i}: the film was {w}.", choices[i % 2], f"x:{i}")
+        for i, w in enumerate(["fine", "bad", "ok", "dull"])
+    ]
     examples = [renderer(r) for r in rows]
     model.eval()
     with torch.no_grad():

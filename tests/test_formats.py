@@ -1,0 +1,95 @@
+"""Record formats and the loss mask each one gets: only assistant turns by default, everything for text."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from dtune.config import DataConfig
+from dtune.data import IGNORE, Renderer, read_jsonl
+from dtune.errors import DataError
+from dtune.formats import row_from_obj
+from tests.conftest import write_jsonl
+
+
+def trained_text(tokenizer, example) -> list[str]:
+    """The labelled tokens, decoded run by run."""
+    runs, current = [], []
+    for tok, lab in zip(example.input_ids, example.labels, strict=True):
+        if lab != IGNORE:
+            current.append(tok)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
+
+
+def test_chat_trains_on_every_assistant_turn_and_nothing_else(tokenizer):
+    row = row_from_obj(
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"},
+            ]
+        },
+        "c.jsonl:1",
+        "chat",
+    )
+    ex = Renderer(tokenizer, DataConfig(format="chat", choices=None))(row)
+    assert trained_text(tokenizer, ex) == ["Hello!<|im_end|>", "4<|im_end|>"]
+    assert tokenizer.decode(ex.input_ids[: ex.prompt_len]).endswith("2+2?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_alpaca_and_prompt_completion_render_alike(tokenizer):
+    renderer = Renderer(tokenizer, DataConfig(choices=None))
+    a = renderer(row_from_obj({"instruction": "Translate", "input": "chat", "output": "cat"}, "a:1", "alpaca"))
+    b = renderer(row_from_obj({"prompt": "Translate\n\nchat", "completion": "cat"}, "b:1", "prompt_completion"))
+    assert (a.input_ids, a.labels) == (b.input_ids, b.labels)
+    no_input = renderer(row_from_obj({"instruction": "Say hi", "output": "hi"}, "a:2", "alpaca"))
+    assert "Say hi<|im_end|>" in tokenizer.decode(no_input.input_ids)
+
+
+def test_text_format_and_train_on_all_label_every_token(tokenizer):
+    ex = Renderer(tokenizer, DataConfig(format="text", choices=None))(row_from_obj({"text": "Once upon a time"}, "t:1", "text"))
+    assert all(lab == tok for tok, lab in zip(ex.input_ids, ex.labels, strict=True))
+    everything = Renderer(tokenizer, DataConfig(train_on="all", choices=None))
+    ex = everything(row_from_obj({"prompt": "Q", "completion": "A"}, "p:1", "prompt_completion"))
+    assert all(lab == tok for tok, lab in zip(ex.input_ids, ex.labels, strict=True))
+
+
+def test_builtin_chatml_when_the_tokenizer_has_no_template(tokenizer):
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = None
+    ex = Renderer(bare, DataConfig(choices=None))(row_from_obj({"prompt": "Q?", "completion": "A."}, "p:1", "prompt_completion"))
+    assert bare.decode(ex.input_ids).startswith("<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n")
+    assert trained_text(bare, ex) == ["A.<|im_end|>"]
+
+
+@pytest.mark.parametrize(
+    "fmt,record,needle",
+    [
+        ("alpaca", {"instruction": "x"}, ":3: missing field 'output'"),
+        ("alpaca", {"instruction": "x", "input": 5, "output": "y"}, ":3: field 'input' must be a string"),
+        ("chat", {"messages": []}, ":3: field 'messages' must be a non-empty list"),
+        ("chat", {"messages": [{"role": "bot", "content": "x"}]}, ":3: messages[0]: role 'bot' is not one of"),
+        ("chat", {"messages": [{"role": "user", "content": "x"}]}, ":3: no assistant message"),
+        ("text", {"body": "x"}, ":3: missing field 'text'"),
+    ],
+)
+def test_bad_records_name_file_line_and_field(tmp_path: Path, fmt, record, needle):
+    good = {
+        "alpaca": {"instruction": "a", "output": "b"},
+        "chat": {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        "text": {"text": "a"},
+    }[fmt]
+    path = write_jsonl(tmp_path / "d.jsonl", [good, good, record])
+    with pytest.raises(DataError) as err:
+        read_jsonl(str(path), "data.source", fmt)
+    assert f"{path}{needle}" in str(err.value)
