@@ -43,9 +43,19 @@ class ModelConfig:
 
 
 @dataclass
+class MixSource:
+    path: str = "???"
+    """A data file or save_to_disk folder (or builtin:<name>)."""
+    weight: float = 1.0
+    """Share of the training rows: weight / sum of weights."""
+    format: str | None = None
+    """Record format of this source (null: data.format)."""
+
+
+@dataclass
 class DataConfig:
     source: str = "builtin:rotten_tomatoes"
-    """JSONL file of records in ``format``, or ``builtin:<name>`` (see dtune.data)."""
+    """A .jsonl/.json/.parquet file or save_to_disk folder of records in ``format``, or ``builtin:<name>``."""
     format: str = "prompt_completion"
     """Record format of JSONL sources: prompt_completion, alpaca, chat or text (see dtune.formats)."""
     train_on: str = "completion"
@@ -54,6 +64,10 @@ class DataConfig:
     """Held-out JSONL file; when null, ``eval_size`` rows are held out from ``source``."""
     eval_size: int = 96
     """Rows held out from ``source`` for evaluation when ``eval_source`` is null."""
+    eval_fraction: float | None = None
+    """Hold out this fraction of the rows instead of eval_size (with data.mix: of each source)."""
+    mix: list[MixSource] = field(default_factory=list)
+    """Several sources mixed by weight (replaces ``source``), e.g. [{path: a.jsonl, weight: 3}, {path: b.parquet}]."""
     train_size: int | None = None
     """Use at most this many training rows (null: all)."""
     max_seq_len: int = 256
@@ -320,7 +334,9 @@ def validate(cfg: DtuneConfig) -> None:
     _one_of(e, "data.train_on", cfg.data.train_on, ("completion", "all"))
     if cfg.data.format == "text" and cfg.data.choices:
         e.append("data.choices: the text format has no answers to score")
-    if cfg.data.eval_source is None and cfg.data.eval_size == 0:
+    if cfg.data.eval_fraction is not None and not 0.0 < cfg.data.eval_fraction < 1.0:
+        e.append(f"data.eval_fraction: must be in (0, 1); got {cfg.data.eval_fraction}")
+    if cfg.data.eval_source is None and cfg.data.eval_size == 0 and cfg.data.eval_fraction is None:
         e.append("data.eval_size: is 0 and data.eval_source is null, so there is nothing to evaluate on")
     if cfg.data.choices is not None and len(set(cfg.data.choices)) < 2:
         e.append(f"data.choices: needs at least two distinct answers; got {list(cfg.data.choices)}")

