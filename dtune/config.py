@@ -76,6 +76,8 @@ class DataConfig:
     """What to do with samples longer than max_seq_len: truncate, drop, or error."""
     packing: bool = False
     """Pack training samples into rows of max_seq_len tokens; attention stays within each sample."""
+    cache: bool = True
+    """Cache the tokenized data under dtune's cache dir, keyed by data, tokenizer and settings."""
     chat_template: bool = True
     """Render rows with the tokenizer's chat template (ChatML if it has none); false: plain prompt + completion."""
     system_prompt: str | None = None

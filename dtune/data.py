@@ -10,14 +10,18 @@ Every error names the file and line at fault.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from dtune.assets import BUILTIN_PREFIX, cache_dir
 from dtune.config import DataConfig
 from dtune.errors import DataError
 from dtune.formats import CHATML, Row
@@ -152,7 +156,30 @@ def build_examples(rows: list[Row], renderer: Renderer, what: str) -> list[Examp
     return examples
 
 
-def load_data(cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], list[Example], DataStats]:
+CACHE_VERSION = 1  # bump when tokenization or the cached layout changes
+
+
+def cache_key(cfg: DataConfig, tokenizer: Any) -> str:
+    """Hash of everything the tokenized data depends on: the data settings, each source file (path, size, mtime),
+    the tokenizer (its full JSON and chat template) and dtune's cache version."""
+    import hashlib
+    from dataclasses import asdict
+
+    h = hashlib.sha256(f"dtune-data-v{CACHE_VERSION}".encode())
+    h.update(json.dumps(asdict(cfg), sort_keys=True, default=str).encode())
+    for src in [cfg.source, cfg.eval_source, *(m.path for m in cfg.mix)]:
+        if src and not src.startswith(BUILTIN_PREFIX) and Path(src).exists():
+            files = [Path(src)] if Path(src).is_file() else sorted(p for p in Path(src).rglob("*") if p.is_file())
+            for f in files:
+                st = f.stat()
+                h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
+    h.update(str(getattr(tokenizer, "chat_template", "")).encode())
+    return h.hexdigest()[:24]
+
+
+def _tokenize(cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], list[Example], DataStats]:
     train_rows, eval_rows = split_rows(cfg)
     renderer = Renderer(tokenizer, cfg)
     train = build_examples(train_rows, renderer, "training")
@@ -164,6 +191,39 @@ def load_data(cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], list[Exam
 
         train = pack(train, cfg.max_seq_len)
         stats.packed_rows = len(train)
+    return train, evals, stats
+
+
+def _save(path: Path, train: list[Example], evals: list[Example], stats: DataStats) -> None:
+    from dataclasses import asdict
+
+    payload = {"train": [asdict(e) for e in train], "eval": [asdict(e) for e in evals], "stats": asdict(stats)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)  # atomic: readers see the whole file or none
+
+
+def _load(path: Path) -> tuple[list[Example], list[Example], DataStats]:
+    payload = json.loads(path.read_text())
+    return ([Example(**e) for e in payload["train"]], [Example(**e) for e in payload["eval"]], DataStats(**payload["stats"]))
+
+
+def load_data(cfg: DataConfig, tokenizer: Any, engine: Any = None) -> tuple[list[Example], list[Example], DataStats]:
+    """Training and held-out examples. Tokenized once and cached under dtune's cache (``data.cache``): rank 0
+    builds while the other ranks wait at a barrier, then every rank reads the same file."""
+    if not cfg.cache:
+        train, evals, stats = _tokenize(cfg, tokenizer)
+    else:
+        path = cache_dir() / "data" / f"{cache_key(cfg, tokenizer)}.json"
+        is_main = engine is None or engine.is_main
+        if is_main and not path.exists():
+            train, evals, stats = _tokenize(cfg, tokenizer)
+            _save(path, train, evals, stats)
+            log.info("data: tokenized and cached in %s", path)
+        if engine is not None:
+            engine.barrier()
+        train, evals, stats = _load(path)
     if stats.truncated or stats.dropped:
         log.warning(
             "data: %d samples truncated and %d dropped at data.max_seq_len=%d (data.overlong=%s)",

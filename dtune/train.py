@@ -93,7 +93,7 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
                 handler.setLevel(logging.WARNING)
 
     tokenizer = load_tokenizer(cfg)
-    train_set, eval_set, stats = load_data(cfg.data, tokenizer)
+    train_set, eval_set, stats = load_data(cfg.data, tokenizer, engine)
     log.info("data: %d training and %d held-out samples from %s", stats.train_rows, stats.eval_rows, cfg.data.source)
     pad_id = tokenizer.pad_token_id
 

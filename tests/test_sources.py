@@ -77,3 +77,33 @@ def test_eval_fraction_and_size(tmp_path: Path):
     assert (len(train), len(evals)) == (43, 7)
     with pytest.raises(DataError, match="leaves none"):
         split_rows(DataConfig(source=str(src), eval_size=50))
+
+
+def test_tokenized_data_is_cached_and_rebuilt_when_inputs_change(tmp_path: Path, tokenizer, monkeypatch):
+    import os
+    import time
+
+    import dtune.data as data
+
+    monkeypatch.setenv("DTUNE_CACHE", str(tmp_path / "cache"))
+    src = write_jsonl(tmp_path / "d.jsonl", records("d", 30))
+    cfg = DataConfig(source=str(src), eval_size=5, choices=None)
+    first = data.load_data(cfg, tokenizer)
+    assert len(list((tmp_path / "cache" / "data").glob("*.json"))) == 1
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again although the cache holds this data")
+
+    monkeypatch.setattr(data, "split_rows", no_tokenizing)
+    again = data.load_data(cfg, tokenizer)
+    assert [e.input_ids for e in again[0]] == [e.input_ids for e in first[0]]
+    assert [e.labels for e in again[1]] == [e.labels for e in first[1]]
+    monkeypatch.undo()
+    monkeypatch.setenv("DTUNE_CACHE", str(tmp_path / "cache"))
+    time.sleep(0.01)
+    write_jsonl(src, records("e", 30))  # new content: a new key
+    os.utime(src)
+    changed = data.load_data(cfg, tokenizer)
+    assert changed[0][0].input_ids != first[0][0].input_ids
+    data.load_data(DataConfig(source=str(src), eval_size=6, choices=None), tokenizer)  # new settings: a new key
+    assert len(list((tmp_path / "cache" / "data").glob("*.json"))) == 3
