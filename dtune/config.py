@@ -76,6 +76,8 @@ class DataConfig:
     """What to do with samples longer than max_seq_len: truncate, drop, or error."""
     packing: bool = False
     """Pack training samples into rows of max_seq_len tokens; attention stays within each sample."""
+    bad_rows: str = "error"
+    """A malformed record: error (stop, naming file and line) or skip (count it, warn, go on)."""
     cache: bool = True
     """Cache the tokenized data under dtune's cache dir, keyed by data, tokenizer and settings."""
     chat_template: bool = True
@@ -334,6 +336,7 @@ def validate(cfg: DtuneConfig) -> None:
     _one_of(e, "data.overlong", cfg.data.overlong, OVERLONG)
     _one_of(e, "data.format", cfg.data.format, ("prompt_completion", "alpaca", "chat", "text"))
     _one_of(e, "data.train_on", cfg.data.train_on, ("completion", "all"))
+    _one_of(e, "data.bad_rows", cfg.data.bad_rows, ("error", "skip"))
     if cfg.data.format == "text" and cfg.data.choices:
         e.append("data.choices: the text format has no answers to score")
     if cfg.data.eval_fraction is not None and not 0.0 < cfg.data.eval_fraction < 1.0:

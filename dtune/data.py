@@ -25,7 +25,7 @@ from dtune.assets import BUILTIN_PREFIX, cache_dir
 from dtune.config import DataConfig
 from dtune.errors import DataError
 from dtune.formats import CHATML, Row
-from dtune.sources import read_jsonl, rotten_tomatoes, split_rows  # noqa: F401 (re-exported)
+from dtune.sources import BadRows, read_jsonl, rotten_tomatoes, split_rows  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of a position that carries no loss
@@ -53,6 +53,7 @@ class DataStats:
     truncated: int = 0
     dropped: int = 0
     packed_rows: int = 0
+    skipped: int = 0
 
 
 # ------------------------------------------------------------------------------------------- tokenizing
@@ -180,11 +181,15 @@ def cache_key(cfg: DataConfig, tokenizer: Any) -> str:
 
 
 def _tokenize(cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], list[Example], DataStats]:
-    train_rows, eval_rows = split_rows(cfg)
+    bad = BadRows(cfg.bad_rows)
+    train_rows, eval_rows = split_rows(cfg, bad)
     renderer = Renderer(tokenizer, cfg)
     train = build_examples(train_rows, renderer, "training")
     evals = build_examples(eval_rows, renderer, "evaluation")
     stats = renderer.stats
+    stats.skipped = bad.count
+    if bad.count:
+        log.warning("data: skipped %d bad rows (data.bad_rows=skip); the first: %s", bad.count, bad.first)
     stats.train_rows, stats.eval_rows = len(train), len(evals)
     if cfg.packing:
         from dtune.packing import pack

@@ -15,28 +15,52 @@ from dtune.errors import DataError
 from dtune.formats import Row, row_from_obj
 
 
-def read_jsonl(path: str, field_name: str, fmt: str = "prompt_completion") -> list[Row]:
-    """Rows of a JSONL file; a malformed line raises DataError naming ``path:line``."""
+class BadRows:
+    """What happens to a malformed record: ``error`` stops the run naming it; ``skip`` counts it and goes on
+    (the count and the first problem are logged as a warning)."""
+
+    def __init__(self, mode: str = "error") -> None:
+        self.mode, self.count, self.first = mode, 0, ""
+
+    def __call__(self, err: DataError) -> None:
+        if self.mode != "skip":
+            raise err
+        self.count += 1
+        self.first = self.first or str(err)
+
+
+def _jsonl_record(raw: bytes, where: str, fmt: str) -> Row | None:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
+    return row_from_obj(obj, where, fmt)
+
+
+def read_jsonl(path: str, field_name: str, fmt: str = "prompt_completion", bad: BadRows | None = None) -> list[Row]:
+    """Rows of a JSONL file; a malformed line raises DataError naming ``path:line`` (or is skipped, see BadRows)."""
+    bad = bad or BadRows()
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{field_name}: data file not found: {p}")
     rows: list[Row] = []
     with open(p, "rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
-            where = f"{p}:{lineno}"
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
-            if not line.strip():
+                row = _jsonl_record(raw, f"{p}:{lineno}", fmt)
+            except DataError as err:
+                bad(err)
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
-            rows.append(row_from_obj(obj, where, fmt))
+            if row is not None:
+                rows.append(row)
     if not rows:
-        raise DataError(f"{p}: no rows (the file is empty)")
+        raise DataError(f"{p}: no rows (the file is empty, or every row was bad)")
     return rows
 
 
@@ -102,29 +126,35 @@ def _records(path: Path, field_name: str):
     return ((f"{path}: record {i}", rec) for i, rec in enumerate(data))
 
 
-def read_source(path: str, field_name: str, fmt: str) -> list[Row]:
+def read_source(path: str, field_name: str, fmt: str, bad: BadRows | None = None) -> list[Row]:
     """Rows of one data file or folder, by its kind: .jsonl, .json, .parquet, or a save_to_disk folder."""
+    bad = bad or BadRows()
     p = Path(path)
     if not p.exists():
         raise DataError(f"{field_name}: data file not found: {p}")
     if p.is_file() and p.suffix == ".jsonl":
-        return read_jsonl(path, field_name, fmt)
+        return read_jsonl(path, field_name, fmt, bad)
     if p.is_file() and p.suffix not in (".json", ".parquet"):
         raise DataError(f"{field_name}: {p}: unsupported data file (.jsonl, .json, .parquet, or a save_to_disk folder)")
-    rows = [row_from_obj(rec, where, fmt) for where, rec in _records(p, field_name)]
+    rows = []
+    for where, rec in _records(p, field_name):
+        try:
+            rows.append(row_from_obj(rec, where, fmt))
+        except DataError as err:
+            bad(err)
     if not rows:
-        raise DataError(f"{p}: no rows (the file is empty)")
+        raise DataError(f"{p}: no rows (the file is empty, or every row was bad)")
     return rows
 
 
-def load_rows(source: str, field_name: str, fmt: str = "prompt_completion") -> list[Row]:
+def load_rows(source: str, field_name: str, fmt: str = "prompt_completion", bad: BadRows | None = None) -> list[Row]:
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_SOURCES:
             known = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_SOURCES)
             raise DataError(f"{field_name}: unknown built-in data source '{source}' (known: {known})")
         return BUILTIN_SOURCES[name]()
-    return read_source(source, field_name, fmt)
+    return read_source(source, field_name, fmt, bad)
 
 
 def _hold_out(rows: list[Row], cfg: DataConfig, what: str) -> tuple[list[Row], list[Row]]:
@@ -135,7 +165,7 @@ def _hold_out(rows: list[Row], cfg: DataConfig, what: str) -> tuple[list[Row], l
     return rows[n:], rows[:n]
 
 
-def _mixed(cfg: DataConfig) -> tuple[list[Row], list[Row]]:
+def _mixed(cfg: DataConfig, bad: BadRows) -> tuple[list[Row], list[Row]]:
     """data.mix: each source shuffled and split on its own; training rows drawn so that source i makes up
     weight_i / sum(weights) of them (sources repeat when their share exceeds their size)."""
     rng = random.Random(cfg.seed)
@@ -143,7 +173,7 @@ def _mixed(cfg: DataConfig) -> tuple[list[Row], list[Row]]:
     for i, src in enumerate(cfg.mix):
         if src.weight <= 0:
             raise DataError(f"data.mix[{i}].weight: must be > 0; got {src.weight}")
-        rows = load_rows(src.path, f"data.mix[{i}].path", src.format or cfg.format)
+        rows = load_rows(src.path, f"data.mix[{i}].path", src.format or cfg.format, bad)
         rng.shuffle(rows)
         if cfg.eval_source is None:
             rows, held = _hold_out(rows, cfg, src.path) if cfg.eval_fraction is not None else (rows, [])
@@ -165,18 +195,19 @@ def _mixed(cfg: DataConfig) -> tuple[list[Row], list[Row]]:
     return train, evals
 
 
-def split_rows(cfg: DataConfig) -> tuple[list[Row], list[Row]]:
+def split_rows(cfg: DataConfig, bad: BadRows | None = None) -> tuple[list[Row], list[Row]]:
     """(train, eval) rows. Eval: ``eval_source``, else ``eval_fraction`` or ``eval_size`` rows held out of the
     shuffled source(s). Built-in sources come in a fixed balanced order and are not shuffled."""
+    bad = bad or BadRows(cfg.bad_rows)
     if cfg.mix:
-        train, evals = _mixed(cfg)
+        train, evals = _mixed(cfg, bad)
     else:
-        rows = load_rows(cfg.source, "data.source", cfg.format)
+        rows = load_rows(cfg.source, "data.source", cfg.format, bad)
         if not cfg.source.startswith(BUILTIN_PREFIX):
             random.Random(cfg.seed).shuffle(rows)
         train, evals = (rows, []) if cfg.eval_source is not None else _hold_out(rows, cfg, cfg.source)
     if cfg.eval_source is not None:
-        evals = load_rows(cfg.eval_source, "data.eval_source", cfg.format)
+        evals = load_rows(cfg.eval_source, "data.eval_source", cfg.format, bad)
     if cfg.train_size is not None:
         train = train[: cfg.train_size]
     return train, evals

@@ -107,3 +107,17 @@ def test_tokenized_data_is_cached_and_rebuilt_when_inputs_change(tmp_path: Path,
     assert changed[0][0].input_ids != first[0][0].input_ids
     data.load_data(DataConfig(source=str(src), eval_size=6, choices=None), tokenizer)  # new settings: a new key
     assert len(list((tmp_path / "cache" / "data").glob("*.json"))) == 3
+
+
+def test_bad_rows_skip_counts_and_warns(tmp_path: Path, tokenizer, caplog, monkeypatch):
+    import dtune.data as data
+
+    monkeypatch.setenv("DTUNE_CACHE", str(tmp_path / "cache"))
+    src = write_jsonl(tmp_path / "d.jsonl", [*records("d", 12), '{"prompt": "x"', {"prompt": "y"}])
+    src.write_bytes(src.read_bytes() + b'{"prompt": "caf\xe9", "completion": "z"}\n')  # line 15: not UTF-8
+    with pytest.raises(DataError, match=r"d\.jsonl:13: malformed JSON"):
+        data.load_data(DataConfig(source=str(src), eval_size=2, choices=None), tokenizer)
+    with caplog.at_level("WARNING"):
+        train, evals, stats = data.load_data(DataConfig(source=str(src), eval_size=2, choices=None, bad_rows="skip"), tokenizer)
+    assert stats.skipped == 3 and len(train) + len(evals) == 12
+    assert "skipped 3 bad rows" in caplog.text and "d.jsonl:13: malformed JSON" in caplog.text
