@@ -61,3 +61,25 @@ def test_packed_training_run(tmp_path: Path):
     assert 0 < results["data"]["packed_rows"] < results["data"]["train_rows"]
     losses = [json.loads(x)["train/loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_packed_row_with_flash_attention_varlen(tmp_path: Path):
+    """On GPU with flash-attn installed: packed rows go through the variable-length kernel (mask dropped, samples
+    found from the restarting position ids) and still give each sample's loss alone."""
+    pytest.importorskip("flash_attn")
+    cfg = compose_config(
+        tiny_overrides(tmp_path, "data.max_seq_len=256", "model.attn_implementation=flash_attention_2", "train.precision=bf16")
+    )
+    tok = load_tokenizer(cfg)
+    train, _, _ = load_data(cfg.data, tok)
+    loss_model = CompletionLoss(build_model(cfg, torch.device("cuda")).eval())
+    samples = train[:4]
+    rows = pack(samples, max_len=10_000)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        alone = [
+            loss_model(**{k: v.cuda() for k, v in collate([e], tok.pad_token_id).items()})["loss_sum"].item() for e in samples
+        ]
+        packed = loss_model(**{k: v.cuda() for k, v in collate(rows, tok.pad_token_id).items()})["loss_sum"].item()
+    assert packed == pytest.approx(sum(alone), rel=2e-2)  # bf16
