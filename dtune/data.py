@@ -336,19 +336,7 @@ class StepSampler:
         self.epoch, self.index = state["epoch"], state["index"]
 
 
-def step_batches(
-    examples: list[Example],
-    micro_batch_size: int,
-    grad_accum_steps: int,
-    seed: int,
-    pad_id: int,
-    rank: int = 0,
-    world_size: int = 1,
-) -> StepSampler:
-    return StepSampler(examples, micro_batch_size, grad_accum_steps, seed, pad_id, rank, world_size)
-
-
 def train_batches(examples: list[Example], batch_size: int, seed: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless single micro-batches on one rank (the order of :func:`step_batches` with no accumulation)."""
-    for (batch,) in step_batches(examples, batch_size, 1, seed, pad_id):
+    """Endless single micro-batches on one rank (the order of :func:`StepSampler` with no accumulation)."""
+    for (batch,) in StepSampler(examples, batch_size, 1, seed, pad_id):
         yield batch

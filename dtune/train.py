@@ -75,7 +75,7 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from dtune.checkpoint import adapter_state, save_adapter
-    from dtune.data import load_data, step_batches
+    from dtune.data import StepSampler, load_data
     from dtune.engine import Engine
     from dtune.evaluate import evaluate
     from dtune.loss import CompletionLoss
@@ -120,7 +120,7 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
     tracker.log(before, step=0)
     log.info("eval before training: %s", _fmt(before))
 
-    steps = step_batches(
+    steps = StepSampler(
         train_set,
         cfg.train.micro_batch_size,
         cfg.train.grad_accum_steps,

@@ -141,7 +141,7 @@ def test_batch_order_is_a_function_of_seed_and_epoch(tokenizer):
 
 def test_ranks_split_each_step_like_accumulation_on_one_rank(tokenizer):
     """2 ranks x 1 micro-batch see exactly the samples of 1 rank x 2 micro-batches, step after step."""
-    from dtune.data import Row, step_batches
+    from dtune.data import Row, StepSampler
 
     renderer = Renderer(tokenizer, DataConfig(choices=None))
     examples = [renderer(Row.single(f"prompt {i}", str(i), f"x:{i}")) for i in range(21)]
@@ -149,15 +149,15 @@ def test_ranks_split_each_step_like_accumulation_on_one_rank(tokenizer):
     def ids(batches) -> list[list[int]]:
         return [row for b in batches for row in b["input_ids"].tolist()]
 
-    one = step_batches(examples, 4, 2, seed=3, pad_id=0)
-    ranks = [step_batches(examples, 4, 1, seed=3, pad_id=0, rank=r, world_size=2) for r in range(2)]
+    one = StepSampler(examples, 4, 2, seed=3, pad_id=0)
+    ranks = [StepSampler(examples, 4, 1, seed=3, pad_id=0, rank=r, world_size=2) for r in range(2)]
     for _ in range(6):  # crosses an epoch boundary (21 samples, 8 per step)
         assert ids(next(one)) == ids(next(ranks[0])) + ids(next(ranks[1]))
 
 
 def test_sampler_resumes_with_the_next_step_on_another_world_size(tokenizer):
     """The position is state: resume after step k gives step k+1 (not step 1 again), also from 2 ranks to 1."""
-    from dtune.data import Row, step_batches
+    from dtune.data import Row, StepSampler
 
     renderer = Renderer(tokenizer, DataConfig(choices=None))
     examples = [renderer(Row.single(f"prompt {i}", str(i), f"x:{i}")) for i in range(21)]
@@ -165,15 +165,15 @@ def test_sampler_resumes_with_the_next_step_on_another_world_size(tokenizer):
     def ids(batches) -> list[list[int]]:
         return [row for b in batches for row in b["input_ids"].tolist()]
 
-    straight = step_batches(examples, 4, 2, seed=5, pad_id=0)
+    straight = StepSampler(examples, 4, 2, seed=5, pad_id=0)
     expected = [ids(next(straight)) for _ in range(7)]
-    ranks = [step_batches(examples, 4, 1, seed=5, pad_id=0, rank=r, world_size=2) for r in range(2)]
+    ranks = [StepSampler(examples, 4, 1, seed=5, pad_id=0, rank=r, world_size=2) for r in range(2)]
     for _ in range(3):  # 3 steps on 2 ranks
         for r in ranks:
             next(r)
-    resumed = step_batches(examples, 4, 2, seed=5, pad_id=0)
+    resumed = StepSampler(examples, 4, 2, seed=5, pad_id=0)
     resumed.load_state_dict(ranks[0].state_dict())
     assert [ids(next(resumed)) for _ in range(4)] == expected[3:]
-    other = step_batches(examples, 4, 1, seed=5, pad_id=0)  # another global batch: refused, not silently shifted
+    other = StepSampler(examples, 4, 1, seed=5, pad_id=0)  # another global batch: refused, not silently shifted
     with pytest.raises(DataError, match="samples_per_step"):
         other.load_state_dict(resumed.state_dict())
