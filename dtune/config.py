@@ -316,6 +316,8 @@ def validate(cfg: DtuneConfig) -> None:
     if cfg.quant.kernel == "triton" and cfg.quant.quant_type != "nf4":
         e.append(f"quant.kernel: triton implements NF4 only; got quant.quant_type={cfg.quant.quant_type}")
     _one_of(e, "engine.strategy", cfg.engine.strategy, ENGINES)
+    if cfg.engine.strategy == "fsdp2" and cfg.train.precision == "fp16":
+        e.append("train.precision: fp16 (loss scaling) is not supported with engine.strategy=fsdp2; use bf16")
     if cfg.engine.offload_params and not (cfg.engine.strategy == "deepspeed" and cfg.engine.zero_stage == 3):
         e.append("engine.offload_params: needs engine.strategy=deepspeed and engine.zero_stage=3")
     if cfg.engine.offload_optimizer and cfg.engine.strategy != "deepspeed":

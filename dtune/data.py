@@ -76,10 +76,15 @@ class Renderer:
         self.template = getattr(tokenizer, "chat_template", None) or CHATML
         self.stats = DataStats()
 
-    def _chat(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
-        return self.tok.apply_chat_template(
-            messages, chat_template=self.template, add_generation_prompt=generation_prompt, tokenize=False
-        )
+    def _chat(self, messages: list[dict[str, str]], generation_prompt: bool = False, where: str = "") -> str:
+        from jinja2 import TemplateError
+
+        try:
+            return self.tok.apply_chat_template(
+                messages, chat_template=self.template, add_generation_prompt=generation_prompt, tokenize=False
+            )
+        except TemplateError as err:  # templates refuse e.g. a system turn or non-alternating roles
+            raise DataError(f"{where}: the chat template refuses this conversation: {err}") from None
 
     def _texts(self, row: Row) -> tuple[str, list[tuple[int, int]], int, bool]:
         """(full text, trained character spans, end of the last prompt, whether the text is templated)."""
@@ -94,12 +99,13 @@ class Renderer:
                 raise DataError(f"{row.where}: data.chat_template=false takes single-turn rows (one user, one assistant)")
             prompt, full = messages[0]["content"], messages[0]["content"] + messages[1]["content"] + (self.tok.eos_token or "")
             return full, [(len(prompt), len(full))], len(prompt), False
-        full = self._chat(messages)
+        full = self._chat(messages, where=row.where)
         spans, prompt_end = [], 0
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            head, upto = self._chat(messages[:i], generation_prompt=True), self._chat(messages[: i + 1])
+            head = self._chat(messages[:i], generation_prompt=True, where=row.where)
+            upto = self._chat(messages[: i + 1], where=row.where)
             if not (upto.startswith(head) and full.startswith(upto)):
                 raise DataError("data.chat_template: the template does not render conversations as prefixes of each other")
             # The answer and its end-of-turn token, not the template's trailing newline.
@@ -130,7 +136,7 @@ class Renderer:
             if self.cfg.overlong == "drop" or all(x == IGNORE for x in labels[:max_len]):
                 self.stats.dropped += 1  # dropped by config, or truncation would leave no trained token
                 return None
-            ids, labels = ids[:max_len], labels[:max_len]
+            ids, labels, prompt_len = ids[:max_len], labels[:max_len], min(prompt_len, max_len)
             self.stats.truncated += 1
         if all(x == IGNORE for x in labels[1:]):
             raise DataError(f"{row.where}: nothing to train on (the answer renders to no tokens)")
@@ -221,8 +227,9 @@ def load_data(cfg: DataConfig, tokenizer: Any, engine: Any = None) -> tuple[list
         train, evals, stats = _tokenize(cfg, tokenizer)
     else:
         path = cache_dir() / "data" / f"{cache_key(cfg, tokenizer)}.json"
-        is_main = engine is None or engine.is_main
-        if is_main and not path.exists():
+        # One builder per node: a multi-node job may not share the cache directory.
+        builder = engine is None or engine.accelerator.is_local_main_process
+        if builder and not path.exists():
             train, evals, stats = _tokenize(cfg, tokenizer)
             _save(path, train, evals, stats)
             log.info("data: tokenized and cached in %s", path)

@@ -82,10 +82,12 @@ class Engine:
         got = self.accelerator.distributed_type
         if self.accelerator.num_processes != expected or (want is not None and got != want):
             # Accelerate falls back silently (to one process, or to DDP); refuse to train on the wrong engine.
-            raise RuntimeError(
+            raise ConfigError(
                 f"engine.strategy={self.strategy}: launched with WORLD_SIZE={expected}, but the engine formed "
                 f"{self.accelerator.num_processes} process(es) of type {got}"
             )
+        if self.strategy == "fsdp2" and not torch.distributed.is_initialized():
+            raise ConfigError("engine.strategy=fsdp2: needs a process group; launch with torchrun (even for one process)")
         self.zero3 = self.strategy == "deepspeed" and cfg.engine.zero_stage == 3
         self.compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.train.precision]
 
@@ -143,6 +145,7 @@ class Engine:
             norm = self.accelerator.deepspeed_engine_wrapped.get_global_grad_norm()
         else:
             params = [p for p in model.parameters() if p.requires_grad]
+            self.accelerator.unscale_gradients()  # fp16: clip the true gradients, not the loss-scaled ones
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
             if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
                 norm = norm.full_tensor()

@@ -34,16 +34,15 @@ def _score_choices(model: nn.Module, ex: Example, pad_id: int, engine: Engine) -
 def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, engine: Engine) -> dict[str, float]:
     """Returns eval/loss (mean over completion tokens), eval/ppl, and eval/accuracy when choices are set.
 
-    Each rank scores its own share of ``examples``; the sums are reduced over ranks. Where the engine gathers
-    parameters inside forward (ZeRO-3), every rank must run the same forwards: shares are padded with repeats of
-    the first example, which do not count.
+    Each rank scores its own share of ``examples``; the sums are reduced over ranks.
     """
     was_training = model.training
     model.eval()
     shard = examples[engine.rank :: engine.world_size]
     real = len(shard)
-    if engine.lockstep:
-        shard = shard + [examples[0]] * (-(-len(examples) // engine.world_size) - real)
+    # Every rank runs the same forwards: ZeRO-3/FSDP2 gather parameters inside forward, and DDP's forward syncs
+    # buffers. Short shares are padded with repeats of the first example, which do not count.
+    shard = shard + [examples[0]] * (-(-len(examples) // engine.world_size) - real)
     # Decided on all examples, so every rank takes the same path (and runs the same number of forwards).
     one_forward = all(_first_tokens_distinct(ex) for ex in examples if ex.choice_ids)
     loss_sum = tokens = 0.0

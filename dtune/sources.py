@@ -160,6 +160,8 @@ def load_rows(source: str, field_name: str, fmt: str = "prompt_completion", bad:
 def _hold_out(rows: list[Row], cfg: DataConfig, what: str) -> tuple[list[Row], list[Row]]:
     """(train, eval): the first rows of an already shuffled list go to evaluation."""
     n = round(cfg.eval_fraction * len(rows)) if cfg.eval_fraction is not None else cfg.eval_size
+    if n == 0 and cfg.eval_fraction is not None:
+        raise DataError(f"data.eval_fraction: {cfg.eval_fraction} of {len(rows)} rows in {what} holds out none")
     if n >= len(rows):
         raise DataError(f"data.eval_size: {n} rows held out leaves none of {len(rows)} in {what} to train on")
     return rows[n:], rows[:n]
@@ -185,6 +187,9 @@ def _mixed(cfg: DataConfig, bad: BadRows) -> tuple[list[Row], list[Row]]:
         pooled_train, evals = _hold_out(pooled, cfg, "data.mix")
         keep = {id(r) for r in pooled_train}
         parts = [[r for r in rows if id(r) in keep] for rows in parts]
+    for src, rows in zip(cfg.mix, parts, strict=True):
+        if not rows:
+            raise DataError(f"data.mix: every row of {src.path} went to evaluation; hold out fewer (data.eval_size)")
     total = cfg.train_size or sum(len(rows) for rows in parts)
     weights = sum(src.weight for src in cfg.mix)
     train: list[Row] = []

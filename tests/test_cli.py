@@ -157,3 +157,8 @@ def test_train_help_lists_the_config_groups(tmp_path: Path):
     assert proc.returncode == 0
     for group in ("model:", "data:", "lora:", "quant:", "engine:", "optim:", "logger:", "launcher:", "experiment:", "debug:"):
         assert group in proc.stdout, group
+
+
+def test_fsdp2_without_a_launcher_is_a_clear_error(tmp_path: Path):
+    proc = dtune(*SMOKE, "engine=fsdp2", cwd=tmp_path)
+    assert_clean_failure(proc, "engine.strategy=fsdp2: needs a process group")

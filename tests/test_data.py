@@ -177,3 +177,22 @@ def test_sampler_resumes_with_the_next_step_on_another_world_size(tokenizer):
     other = StepSampler(examples, 4, 1, seed=5, pad_id=0)  # another global batch: refused, not silently shifted
     with pytest.raises(DataError, match="samples_per_step"):
         other.load_state_dict(resumed.state_dict())
+
+
+def test_truncated_rows_keep_prompt_len_inside_the_row(tokenizer):
+    from dtune.data import Row
+
+    renderer = Renderer(tokenizer, DataConfig(max_seq_len=16, train_on="all", choices=None))
+    ex = renderer(Row.single("word " * 50, "yes", "f.jsonl:1"))
+    assert len(ex.input_ids) == 16 and ex.prompt_len <= 16
+
+
+def test_chat_template_refusals_name_the_row(tokenizer):
+    import copy
+
+    from dtune.data import Row
+
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(DataError, match=r"c\.jsonl:4: the chat template refuses this conversation"):
+        Renderer(strict, DataConfig(system_prompt="Be brief.", choices=None))(Row.single("hi", "yo", "c.jsonl:4"))

@@ -121,3 +121,17 @@ def test_bad_rows_skip_counts_and_warns(tmp_path: Path, tokenizer, caplog, monke
         train, evals, stats = data.load_data(DataConfig(source=str(src), eval_size=2, choices=None, bad_rows="skip"), tokenizer)
     assert stats.skipped == 3 and len(train) + len(evals) == 12
     assert "skipped 3 bad rows" in caplog.text and "d.jsonl:13: malformed JSON" in caplog.text
+
+
+def test_mix_and_fraction_edge_cases_are_clear_errors(tmp_path: Path):
+    tiny = write_jsonl(tmp_path / "tiny.jsonl", records("t", 1))
+    big = write_jsonl(tmp_path / "big.jsonl", records("b", 5))
+    for seed in range(4):  # whichever rows the pooled hold-out takes, no crash: a clear error or a valid split
+        cfg = DataConfig(mix=[MixSource(str(tiny)), MixSource(str(big))], eval_size=3, seed=seed)
+        try:
+            train, evals = split_rows(cfg)
+            assert len(evals) == 3 and train
+        except DataError as err:
+            assert "went to evaluation" in str(err)
+    with pytest.raises(DataError, match=r"data\.eval_fraction: 0\.01 of 5 rows"):
+        split_rows(DataConfig(source=str(big), eval_fraction=0.01))

@@ -145,7 +145,10 @@ def nf4_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) ->
         M_PAD=16,
         enable_fp_fusion=False,
     )
-    y = partial.sum(dim=0)  # fixed order: deterministic
+    # Only the slices the chosen config wrote: some Triton versions leave benchmark runs' partial sums in the buffer.
+    best = getattr(_nf4_gemv_kernel, "best_config", None)
+    used = best.kwargs["SPLIT_K"] if best is not None else MAX_SPLIT_K
+    y = partial[:used].sum(dim=0)  # fixed order: deterministic
     if bias is not None:
         y += bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
