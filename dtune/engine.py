@@ -22,6 +22,7 @@ from torch import nn
 
 from dtune.config import DtuneConfig
 from dtune.errors import ConfigError
+from dtune.model import DTYPES
 
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
@@ -89,7 +90,7 @@ class Engine:
         if self.strategy == "fsdp2" and not torch.distributed.is_initialized():
             raise ConfigError("engine.strategy=fsdp2: needs a process group; launch with torchrun (even for one process)")
         self.zero3 = self.strategy == "deepspeed" and cfg.engine.zero_stage == 3
-        self.compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.train.precision]
+        self.compute_dtype = DTYPES[cfg.train.precision]
 
     @property
     def device(self) -> torch.device:
@@ -111,11 +112,6 @@ class Engine:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
-
-    @property
-    def lockstep(self) -> bool:
-        """Whether every rank must run the same number of forwards (parameters are gathered inside forward)."""
-        return self.zero3 or self.strategy == "fsdp2"
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         if self.strategy == "fsdp2":  # already sharded by shard(); Accelerate would wrap it in DDP

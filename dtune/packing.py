@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import torch
 
-IGNORE = -100
+from dtune.data import IGNORE, Example
 
 
-def pack(examples: list, max_len: int) -> list:
+def pack(examples: list[Example], max_len: int) -> list[Example]:
     """Greedy, in order: append samples to the current row while they fit. Returns new Examples with ``segments``."""
-    from dtune.data import Example
-
     rows: list[Example] = []
     current: list[Example] = []
     used = 0
