@@ -87,6 +87,14 @@ class NF4Weight:
             dtype=state.dtype,
         )
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensor arguments every NF4 kernel takes, in kernel order (see ``nf4_values``)."""
+        return (self.packed, self.absmax, self.absmax2, self.code2, self.offset, self.code)
+
+    def meta(self) -> dict[str, int | bool]:
+        """The compile-time layout parameters every NF4 kernel takes."""
+        return {"BLOCKSIZE": self.blocksize, "BLOCKSIZE2": self.blocksize2, "DOUBLE_QUANT": self.double_quant}
+
     def scales(self) -> torch.Tensor:
         """fp32 absmax per block (undoing double quantization), as bitsandbytes computes it."""
         if not self.double_quant:

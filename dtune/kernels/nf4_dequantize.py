@@ -56,17 +56,10 @@ def nf4_dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
     numel = n * k
     block = 1024
     _nf4_dequantize_kernel[(triton.cdiv(numel, block),)](
-        w.packed,
-        w.absmax,
-        w.absmax2,
-        w.code2,
-        w.offset,
-        w.code,
+        *w.tensors(),
         out,
         numel,
-        BLOCKSIZE=w.blocksize,
-        BLOCKSIZE2=w.blocksize2,
-        DOUBLE_QUANT=w.double_quant,
+        **w.meta(),
         OUT_DTYPE=TL_DTYPES[dtype],
         RNE_BF16=interpreting() and dtype == torch.bfloat16,
         BLOCK=block,

@@ -96,6 +96,4 @@ nf4_linear_op.register_autograd(_backward, setup_context=_setup_context)
 def nf4_linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., K] -> [..., N] = x @ dequant(W).T + bias, differentiable in x (and bias)."""
     n, k = w.shape
-    return nf4_linear_op(
-        x, w.packed, w.absmax, w.absmax2, w.code2, w.offset, w.code, bias, n, k, w.blocksize, w.blocksize2, w.double_quant
-    )
+    return nf4_linear_op(x, *w.tensors(), bias, n, k, w.blocksize, w.blocksize2, w.double_quant)
