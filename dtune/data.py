@@ -25,7 +25,7 @@ from dtune.assets import BUILTIN_PREFIX, cache_dir
 from dtune.config import DataConfig
 from dtune.errors import DataError
 from dtune.formats import CHATML, Row
-from dtune.sources import BadRows, read_jsonl, rotten_tomatoes, split_rows  # noqa: F401 (re-exported)
+from dtune.sources import BadRows, split_rows
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of a position that carries no loss

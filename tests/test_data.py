@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from dtune.config import DataConfig
-from dtune.data import IGNORE, Renderer, collate, read_jsonl, rotten_tomatoes, split_rows, train_batches
+from dtune.data import IGNORE, Renderer, collate, train_batches
 from dtune.errors import DataError
+from dtune.sources import read_jsonl, rotten_tomatoes, split_rows
 from tests.conftest import write_jsonl
 
 GOOD = {"prompt": "What is 2+2?", "completion": "4"}

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from dtune.config import DataConfig
-from dtune.data import IGNORE, Renderer, read_jsonl
+from dtune.data import IGNORE, Renderer
 from dtune.errors import DataError
 from dtune.formats import row_from_obj
+from dtune.sources import read_jsonl
 from tests.conftest import write_jsonl
 
 
