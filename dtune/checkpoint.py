@@ -1,31 +1,57 @@
-"""Saving the adapter: PEFT format, written atomically and checked right after it is written.
+"""Adapters and training checkpoints, written atomically.
 
 ``save_adapter`` writes into a temporary sibling directory, verifies that the safetensors file holds every LoRA
 tensor of the model with the right shapes, and only then renames it over the destination. A crash at any point
 leaves the previous adapter (if any) intact.
+
+A checkpoint (``<output_dir>/checkpoints/step-00000120/``) holds everything a run needs to go on as if it had
+never stopped::
+
+    adapter/              the adapter so far, PEFT format (fp32 master values), loadable on its own
+    optimizer.pt          optimizer states and fp32 parameters as full tensors keyed by parameter name, and the
+                          optimizer's step count: independent of the strategy and world size that wrote them
+    rng.pt                every rank's random generators (python, torch, CUDA)
+    config.yaml           the resolved config of the run that wrote it
+    trainer_state.json    step, data-sampler position, LR schedule, loss scaler, tokens seen, W&B run id, the
+                          evaluation before training; written last
+
+It is assembled in a hidden temporary directory and renamed into place, so a checkpoint directory either is
+complete or does not exist; a writer killed half-way leaves only a ``.step-*.tmp-*`` directory, which resuming
+ignores and the next save removes. The newest ``train.keep_checkpoints`` are kept.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from dtune.errors import DtuneError
 
+log = logging.getLogger(__name__)
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER = "optimizer.pt"
+RNG = "rng.pt"
+CONFIG = "config.yaml"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
 def adapter_state(model: nn.Module) -> dict[str, nn.Parameter]:
     """The trainable parameters of ``model`` under their module names: what PEFT's save_pretrained takes as
-    ``state_dict``, once the engine has made them full CPU tensors (``Engine.full_state``)."""
+    ``state_dict``, once the engine has made them full CPU tensors (``Engine.optimizer_state``)."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
@@ -72,3 +98,146 @@ def save_adapter(model: nn.Module, dest: Path, state: dict[str, torch.Tensor] | 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file under ``path`` and the directories themselves to disk (before the renaming that publishes)."""
+    for item in [*sorted(path.rglob("*")), path]:
+        fd = os.open(item, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root`` (a run's ``checkpoints/`` folder) as (step, path), oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / TRAINER_STATE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def find_resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint ``train.resume`` points at, or None to start from scratch.
+
+    ``auto``: the newest complete checkpoint in this run's output dir, if any. A path: that checkpoint, or the newest
+    one of that run dir. null: start fresh, but refuse to when this output dir already holds checkpoints (a fresh
+    run would mix its checkpoints and metrics with theirs).
+    """
+    here = checkpoints(output_dir / CHECKPOINTS)
+    if resume is None or resume in ("none", "never", "false"):
+        if here:
+            raise DtuneError(
+                f"train.resume: null, but {output_dir / CHECKPOINTS} holds checkpoints (newest: step {here[-1][0]}); "
+                "resume with train.resume=auto or write to another train.output_dir"
+            )
+        return None
+    if resume == "auto":
+        return here[-1][1] if here else None
+    path = Path(resume)
+    if (path / TRAINER_STATE).is_file():
+        return path
+    found = checkpoints(path / CHECKPOINTS) or checkpoints(path)
+    if not found:
+        raise DtuneError(f"train.resume: {path} is neither a checkpoint nor a run directory holding complete checkpoints")
+    return found[-1][1]
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    peft_model: nn.Module,
+    adapter: dict[str, torch.Tensor],
+    optimizer: dict[str, Any],
+    rng: list[dict[str, Any]],
+    trainer_state: dict[str, Any],
+    config_yaml: str,
+    keep: int,
+) -> Path:
+    """Write a checkpoint for ``step`` atomically under ``root``; keep the newest ``keep``. Rank 0 only."""
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".step-*.tmp-*"):  # left by a writer that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    try:
+        save_adapter(peft_model, tmp / "adapter", adapter)
+        torch.save(optimizer, tmp / OPTIMIZER)
+        torch.save(rng, tmp / RNG)
+        (tmp / CONFIG).write_text(config_yaml)
+        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+        _fsync_tree(tmp)
+        if final.exists():  # the same step saved again (a finished run resumed): replace it
+            old = root / f".{final.name}.tmp-old-{os.getpid()}"
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for _, old in checkpoints(root)[: -max(keep, 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Everything :func:`save_checkpoint` wrote, tensors on the CPU. Only tensors and plain data are unpickled."""
+    try:
+        return {
+            "trainer_state": json.loads((path / TRAINER_STATE).read_text()),
+            "optimizer": torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True),
+            "rng": torch.load(path / RNG, map_location="cpu", weights_only=True),
+            "config": (path / CONFIG).read_text(),
+        }
+    except (OSError, ValueError, RuntimeError) as err:
+        raise DtuneError(f"{path}: cannot read checkpoint ({err})") from err
+
+
+# Settings a checkpoint's training state depends on: resuming under other values would silently train another model.
+MUST_MATCH = ("model", "lora", "quant.quant_type", "quant.double_quant", "data", "train.seed")
+IGNORED = ("data.cache",)
+
+
+def check_resumable(saved_yaml: str, cfg: Any, path: Path) -> list[str]:
+    """Raise DtuneError naming each setting that must match the checkpoint and does not; return the names of other
+    settings that changed (optimizer, max_steps, precision, engine...), which a resumed run may change."""
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=True)
+    now = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+    def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(tree, dict):
+            out: dict[str, Any] = {}
+            for key, value in tree.items():
+                out.update(flat(value, f"{prefix}{key}."))
+            return out
+        return {prefix[:-1]: tree}
+
+    old, new = flat(saved), flat(now)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and not k.startswith(IGNORED))
+    fatal = [k for k in changed if k.startswith(MUST_MATCH)]
+    if fatal:
+        detail = "; ".join(f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now" for k in fatal[:5])
+        raise DtuneError(
+            f"train.resume: {path} was trained with other settings ({detail}); "
+            "resume with the same model, lora, quant, data and seed, or start fresh in another train.output_dir"
+        )
+    return changed

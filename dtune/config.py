@@ -199,6 +199,15 @@ class TrainConfig:
     """Samples per evaluation forward."""
     save_adapter: bool = True
     """Write the trained adapter (PEFT format) to <output_dir>/adapter."""
+    checkpoint_every: int = 100
+    """Write a checkpoint (adapter, optimizer, schedule, data position, RNG) every this many steps (0: only at the
+    end and on preemption signals) to <output_dir>/checkpoints/step-<N>."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    resume: str | None = "auto"
+    """auto: go on from the newest complete checkpoint in the output dir, if there is one (so a requeued job resumes
+    by itself); a path: from that checkpoint or run dir; null: start fresh (refused if the output dir holds
+    checkpoints)."""
     output_dir: str | None = None
     """Where outputs go; null: Hydra's run directory."""
 
@@ -261,8 +270,40 @@ def _parent_start_time() -> float | None:
 
 def rank_suffix() -> str:
     """'' on rank 0, '_rank<N>' elsewhere: per-rank log files in the shared output directory."""
-    rank = int(os.environ.get("RANK", "0"))
+    rank = int(os.environ.get("RANK", slurm_process_env().get("RANK", "0")))
     return "" if rank == 0 else f"_rank{rank}"
+
+
+def slurm_process_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """torch.distributed's variables for a process started by ``srun`` alone, one task per GPU (as submitit does).
+
+    Empty when torchrun set them already (RANK present) or when the step has one task.
+    """
+    env = dict(os.environ) if env is None else env
+    if "RANK" in env or int(env.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
+        return {}
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+    tasks_per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_STEP_TASKS_PER_NODE", "1")
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "LOCAL_WORLD_SIZE": tasks_per_node.split("(")[0].split(",")[0],
+        "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodes),
+        # One port per job (jobs sharing a node must not collide), the same on every task.
+        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000),
+    }
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: 'gpu[003-006,010],cpu1' -> 'gpu003' (what `scontrol show hostnames` lists
+    first)."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
+    if "[" not in head:
+        return head
+    prefix, rest = head.split("[", 1)
+    first = rest.split("]")[0].split(",")[0].split("-")[0]
+    return prefix + first
 
 
 def register_configs() -> None:
@@ -331,6 +372,8 @@ def validate(cfg: DtuneConfig) -> None:
     _positive(e, "train.eval_every", cfg.train.eval_every, allow_zero=True)
     _positive(e, "train.eval_batch_size", cfg.train.eval_batch_size)
     _one_of(e, "train.precision", cfg.train.precision, PRECISIONS)
+    _positive(e, "train.checkpoint_every", cfg.train.checkpoint_every, allow_zero=True)
+    _positive(e, "train.keep_checkpoints", cfg.train.keep_checkpoints)
 
     _positive(e, "data.max_seq_len", cfg.data.max_seq_len)
     _positive(e, "data.eval_size", cfg.data.eval_size, allow_zero=True)

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from dtune.config import DtuneConfig
+from dtune.config import DtuneConfig, slurm_process_env
 from dtune.errors import ConfigError
 from dtune.model import DTYPES
 
@@ -59,6 +59,8 @@ class Engine:
         from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
+        # Started by srun with one task per GPU (submitit, or srun without torchrun): rank and rendezvous from Slurm.
+        os.environ.update(slurm_process_env())
         cuda = torch.cuda.is_available()
         if cfg.train.precision == "fp16" and not cuda:
             raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
@@ -157,17 +159,6 @@ class Engine:
     def unwrap(self, model: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(model)
 
-    def full_state(self, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-        """Full CPU copies of ``params``, however they are sharded. Collective: every rank must call it."""
-        if self.zero3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
-                return {k: p.detach().to("cpu", copy=True) for k, p in params.items()}
-        if self.strategy == "fsdp2":
-            return {k: p.full_tensor().detach().cpu() for k, p in params.items()}  # DTensor shards -> all-gather
-        return {k: p.detach().to("cpu", copy=True) for k, p in params.items()}
-
     def local_bytes(self, model: nn.Module) -> dict[str, int]:
         """Bytes of parameters this rank holds: frozen (the base, packed 4-bit included) and trainable."""
         out = {"frozen": 0, "trainable": 0}
@@ -200,18 +191,207 @@ class Engine:
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on at least one (a signal may reach some ranks only)."""
+        if self.world_size == 1:
+            return flag
+        return bool(self.sum(torch.tensor(float(flag), device=self.device)) > 0)
 
-def shutdown_distributed() -> None:
-    """End a multi-process run without gloo's exit race ("terminate called without an active exception"): barrier,
-    destroy the process group, flush, and leave without running interpreter teardown."""
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in rank order (picklable objects; collective)."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    # ------------------------------------------------------------------ training state, independent of sharding
+
+    def _trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return {name: p for name, p in self.unwrap(model).named_parameters() if p.requires_grad}
+
+    def _base_optimizer(self, optimizer: Any) -> torch.optim.Optimizer:
+        """The torch optimizer under Accelerate's wrapper (and, with DeepSpeed, under ZeRO's)."""
+        opt = getattr(optimizer, "optimizer", optimizer)  # AcceleratedOptimizer -> torch / DeepSpeedZeroOptimizer
+        return getattr(opt, "optimizer", opt) if self.strategy == "deepspeed" else opt
+
+    def optimizer_state(self, model: nn.Module, optimizer: Any) -> dict[str, Any]:
+        """The trainable parameters (fp32 master values) and their optimizer states as full CPU tensors keyed by
+        parameter name, plus the optimizer step count: the same whatever the strategy and world size, so a run
+        resumes on any of them. Collective: every rank must call it."""
+        params = self._trainable(model)
+        base = self._base_optimizer(optimizer)
+        step = 0
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        if self.strategy == "deepspeed":
+            from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+            flat = next((s for s in base.state.values() if s), {})
+            keys = [k for k, v in flat.items() if torch.is_tensor(v) and v.dim() > 0]
+            step = int(flat["step"]) if "step" in flat else 0
+            for name, p in params.items():
+                entry = {"param": safe_get_full_fp32_param(p).detach().to("cpu", torch.float32, copy=True)}
+                for key in keys:
+                    entry[key] = safe_get_full_optimizer_state(p, key).detach().to("cpu", copy=True)
+                state[name] = entry
+        else:
+            for name, p in params.items():
+                entry = {"param": _full(p).to(torch.float32, copy=True)}
+                for key, value in base.state.get(p, {}).items():
+                    if key == "step":
+                        step = int(value)
+                    elif torch.is_tensor(value) and value.shape == p.shape:
+                        entry[key] = _full(value).clone()
+                state[name] = entry
+        return {"step": step, "params": state}
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: Any, saved: dict[str, Any]) -> None:
+        """Put :meth:`optimizer_state`'s output back: parameters and optimizer states, re-sharded for this run."""
+        params = self._trainable(model)
+        missing, unexpected = sorted(set(params) - set(saved["params"])), sorted(set(saved["params"]) - set(params))
+        if missing or unexpected:
+            raise ConfigError(
+                f"resume: the checkpoint's trainable parameters differ from this model's "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]}); were model or lora settings changed?"
+            )
+        for name, p in params.items():
+            if tuple(saved["params"][name]["param"].shape) != tuple(p.shape):
+                raise ConfigError(
+                    f"resume: {name} has shape {tuple(saved['params'][name]['param'].shape)} in the checkpoint, {tuple(p.shape)} here"
+                )
+        base = self._base_optimizer(optimizer)
+        step = saved["step"]
+        if self.strategy == "deepspeed":
+            self._load_deepspeed_state(params, optimizer, base, saved["params"], step)
+            return
+        with torch.no_grad():
+            for name, p in params.items():
+                entry = saved["params"][name]
+                _copy_into(p, entry["param"])
+                if step == 0:
+                    continue
+                opt_state = base.state[p]
+                for key, value in entry.items():
+                    if key != "param":
+                        opt_state[key] = _like(p, value)
+                # torch keeps Adam's step as a float tensor on the CPU unless the optimizer is fused/capturable.
+                opt_state["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+    def _load_deepspeed_state(self, params: dict[str, nn.Parameter], optimizer: Any, base: Any, saved: dict, step: int) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        zero = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO optimizer
+        if step > 0 and not any(base.state.values()):
+            # ZeRO creates optimizer states lazily, in its first step; make them (a zero-gradient step of the flat fp32
+            # partitions, whose values are overwritten below) so that the full states can be scattered into them.
+            flats = [p for g in base.param_groups for p in g["params"]]
+            for flat in flats:
+                flat.grad = torch.zeros_like(flat)
+            base.step()
+            for flat in flats:
+                flat.grad = None
+            if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+                zero._lazy_init_hp_params_optimizer_state()
+        for name, p in params.items():
+            entry = saved[name]
+            safe_set_full_fp32_param(p, entry["param"].to(self.device))
+            if step > 0:
+                for key, value in entry.items():
+                    if key != "param":
+                        safe_set_full_optimizer_state(p, value.to(self.device), key)
+        for flat_state in base.state.values():
+            if "step" in flat_state:
+                flat_state["step"] = (
+                    torch.tensor(float(step), dtype=torch.float32) if torch.is_tensor(flat_state["step"]) else step
+                )
+        # The module's (low-precision) copies, which forward reads: from the fp32 masters just set.
+        if self.zero3:
+            import deepspeed
+
+            with torch.no_grad(), deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+                if self.is_main:
+                    for name, p in params.items():
+                        p.data.copy_(saved[name]["param"].to(p.device, p.dtype))
+        else:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.data.copy_(saved[name]["param"].to(p.device, p.dtype))
+
+    def rng_state(self) -> dict[str, Any]:
+        """This rank's random generators (python, torch CPU, CUDA), in a form ``torch.load(weights_only=True)`` reads."""
+        import random
+
+        state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        import random
+
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+    def scaler_state(self, optimizer: Any) -> dict[str, Any] | None:
+        """fp16 loss-scaler state (Accelerate's GradScaler, or DeepSpeed's dynamic loss scaler); None without fp16."""
+        if self.accelerator.scaler is not None:
+            return {"torch": self.accelerator.scaler.state_dict()}
+        scaler = getattr(getattr(optimizer, "optimizer", optimizer), "loss_scaler", None)
+        if scaler is not None and self.strategy == "deepspeed" and self.compute_dtype == torch.float16:
+            return {"deepspeed": {k: v for k, v in vars(scaler).items() if isinstance(v, (int, float, bool))}}
+        return None
+
+    def load_scaler_state(self, optimizer: Any, state: dict[str, Any] | None) -> None:
+        if not state:
+            return
+        if "torch" in state and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["torch"])
+        scaler = getattr(getattr(optimizer, "optimizer", optimizer), "loss_scaler", None)
+        if "deepspeed" in state and scaler is not None:
+            for key, value in state["deepspeed"].items():
+                setattr(scaler, key, value)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A full CPU copy of a tensor or of an FSDP2 DTensor (all-gathered: collective)."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().to("cpu", copy=True)
+
+
+def _like(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out like parameter ``p``: on its device, and sharded the same way when ``p`` is a DTensor."""
+    if hasattr(p, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        # Every rank holds the full value (read from the checkpoint): each keeps its own shard, nothing is sent.
+        return distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements, src_data_rank=None)
+    return full.to(p.device)
+
+
+def _copy_into(p: torch.Tensor, full: torch.Tensor) -> None:
+    p.copy_(_like(p, full.to(p.dtype)))
+
+
+def shutdown_distributed(exit_code: int = 0, then: Callable[[], None] | None = None) -> None:
+    """End the run. Multi-process: barrier, destroy the process group, run ``then``, flush and leave with
+    ``exit_code`` without interpreter teardown (gloo's exit race: "terminate called without an active exception").
+    One process: just run ``then``."""
     import sys
 
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
+        if then is not None:
+            then()
         return
     dist.barrier()
     dist.destroy_process_group()
+    if then is not None:
+        then()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(exit_code)

@@ -35,28 +35,56 @@ def wandb_mode(cfg: LoggerConfig) -> str:
 
 
 class Tracker:
-    def __init__(self, cfg: DtuneConfig, output_dir: Path) -> None:
+    """Rank 0's recorder. ``resume_step``: the run goes on from a checkpoint of that step -- metrics.jsonl keeps its
+    records up to that step and grows from there, and ``run_id`` (the W&B run of the checkpoint) is continued."""
+
+    def __init__(self, cfg: DtuneConfig, output_dir: Path, resume_step: int | None = None, run_id: str | None = None) -> None:
         self.output_dir = output_dir
         self.cfg = cfg.logger
+        path = output_dir / "metrics.jsonl"
         self.history: list[dict[str, Any]] = []
+        if resume_step is not None and path.is_file():
+            # Steps after the checkpoint were logged by the run that stopped; they are run again now.
+            self.history = [r for r in _read_jsonl(path) if r.get("step", 0) <= resume_step]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            os.replace(tmp, path)
         # Line-buffered, so the file is readable while the run goes on.
-        self._metrics = open(output_dir / "metrics.jsonl", "w", buffering=1)  # noqa: SIM115 (closed in finish)
+        self._metrics = open(path, "a" if resume_step is not None else "w", buffering=1)  # noqa: SIM115 (closed in finish)
         self.wandb_run = None
         mode = wandb_mode(cfg.logger)
         if mode != "disabled":
             import wandb
 
+            from dtune.sweep import sweep_job
+
+            sweep = sweep_job()
+            config = asdict(cfg)
+            if sweep:
+                config["overrides"] = sweep["overrides"]
             self.wandb_run = wandb.init(
                 project=cfg.logger.project,
                 entity=cfg.logger.entity,
-                group=cfg.logger.group,
+                # Runs of one sweep share a group (the sweep dir) and carry their overrides in their name.
+                group=cfg.logger.group or (sweep["group"] if sweep else None),
                 tags=list(cfg.logger.tags),
-                name=cfg.name,
+                name=f"{cfg.name}[{sweep['name']}]" if sweep and sweep["name"] else cfg.name,
                 mode=mode,
                 dir=str(output_dir),
-                config=asdict(cfg),
+                config=config,
+                id=run_id,
+                resume="allow" if run_id else None,
             )
-            log.info("wandb: %s run %s in %s", mode, self.wandb_run.id, self.wandb_run.dir)
+            log.info("wandb: %s run %s in %s%s", mode, self.wandb_run.id, self.wandb_run.dir, " (resumed)" if run_id else "")
+
+    @property
+    def run_id(self) -> str | None:
+        return self.wandb_run.id if self.wandb_run is not None else None
+
+    def preempted(self) -> None:
+        """Tell W&B the run stops to be resumed (shown as preempted rather than failed or finished)."""
+        if self.wandb_run is not None:
+            self.wandb_run.mark_preempting()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         record = {"step": step, "time": round(time.time(), 3), **metrics}
@@ -80,8 +108,13 @@ class Tracker:
 class NullTracker:
     """What ranks other than 0 log to."""
 
+    run_id = None
+
     def __init__(self) -> None:
         self.history: list[dict[str, Any]] = []
+
+    def preempted(self) -> None:
+        pass
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         pass
@@ -91,6 +124,16 @@ class NullTracker:
 
     def finish(self) -> None:
         pass
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by the kill that stopped the run
+            continue
+    return records
 
 
 def plot_losses(history: list[dict[str, Any]], path: Path) -> None:

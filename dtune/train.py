@@ -71,16 +71,27 @@ def _quiet_libraries() -> None:
 
 
 def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
-    """Fine-tune per ``cfg``, writing everything into ``output_dir``. Returns the results written to results.json."""
+    """Fine-tune per ``cfg``, writing everything into ``output_dir``. Returns the results written to results.json.
+
+    Raises :class:`~dtune.preempt.Preempted` after writing a checkpoint when a preemption signal arrived.
+    """
     from tqdm.auto import tqdm
 
-    from dtune.checkpoint import adapter_state, save_adapter
+    from dtune.checkpoint import (
+        CHECKPOINTS,
+        check_resumable,
+        find_resume_checkpoint,
+        load_checkpoint,
+        save_adapter,
+        save_checkpoint,
+    )
     from dtune.data import StepSampler, load_data
     from dtune.engine import Engine
     from dtune.evaluate import evaluate
     from dtune.loss import CompletionLoss
     from dtune.model import build_model, load_tokenizer
     from dtune.optim import build_optimizer, build_scheduler
+    from dtune.preempt import Preempted, Preemption
     from dtune.tracking import NullTracker, Tracker
 
     validate(cfg)
@@ -92,6 +103,15 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 handler.setLevel(logging.WARNING)
 
+    resume_from = find_resume_checkpoint(cfg.train.resume, output_dir)
+    saved = None
+    if resume_from is not None:
+        saved = load_checkpoint(resume_from)
+        changed = check_resumable(saved["config"], cfg, resume_from)
+        log.info("resuming from %s (step %d)", resume_from, saved["trainer_state"]["step"])
+        if changed:
+            log.warning("resume: settings changed since the checkpoint: %s", ", ".join(changed))
+
     tokenizer = load_tokenizer(cfg)
     train_set, eval_set, stats = load_data(cfg.data, tokenizer, engine)
     log.info("data: %d training and %d held-out samples from %s", stats.train_rows, stats.eval_rows, cfg.data.source)
@@ -99,8 +119,9 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
 
     model = build_model(cfg, engine.load_device)
     output_dir.mkdir(parents=True, exist_ok=True)
+    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     if engine.is_main:  # written once the inputs proved good: a run that fails on bad input overwrites nothing
-        (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        (output_dir / "config_resolved.yaml").write_text(config_yaml)
     loss_model = engine.shard(CompletionLoss(model))  # FSDP2 shards here; the optimizer must see the sharded params
     optimizer = build_optimizer(loss_model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
@@ -113,13 +134,6 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
         held["trainable"] / 2**20,
         cfg.engine.strategy,
     )
-
-    tracker = Tracker(cfg, output_dir) if engine.is_main else NullTracker()
-    eval_args = (eval_set, cfg.train.eval_batch_size, pad_id, engine)
-    before = evaluate(loss_model, *eval_args)
-    tracker.log(before, step=0)
-    log.info("eval before training: %s", _fmt(before))
-
     steps = StepSampler(
         train_set,
         cfg.train.micro_batch_size,
@@ -129,54 +143,138 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
         rank=engine.rank,
         world_size=engine.world_size,
     )
-    bar = tqdm(total=cfg.train.max_steps, desc="train", disable=not (engine.is_main and cfg.logger.progress), dynamic_ncols=True)
-    tokens_seen = 0
-    started = time.perf_counter()
-    for step in range(1, cfg.train.max_steps + 1):
-        t0 = time.perf_counter()
-        micro = [{k: v.to(engine.device) for k, v in mb.items()} for mb in next(steps)]
-        lr = scheduler.get_last_lr()[0]
-        train_loss = accumulate_gradients(loss_model, micro, engine)
-        grad_norm = engine.step(loss_model, optimizer, scheduler, cfg.optim.max_grad_norm)
 
-        step_seen = int(engine.sum(sum(real_tokens(m["attention_mask"]) for m in micro)))
-        tokens_seen += step_seen
-        elapsed = time.perf_counter() - t0
-        metrics = {
-            "train/loss": train_loss,
-            "train/lr": lr,
-            "train/grad_norm": grad_norm,
-            "train/tokens_per_s": step_seen / elapsed,
-            "train/tokens": tokens_seen,
-        }
-        if step % cfg.logger.log_every == 0 or step == cfg.train.max_steps:
-            tracker.log(metrics, step=step)
-        bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_seen / elapsed:,.0f}")
-        bar.update(1)
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-            mid = evaluate(loss_model, *eval_args)
-            tracker.log(mid, step=step)
-            bar.write(f"step {step}: {_fmt(mid)}")
+    start_step, tokens_seen, before, run_id = 0, 0, None, None
+    if saved is not None:
+        state = saved["trainer_state"]
+        engine.load_optimizer_state(loss_model, optimizer, saved["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr  # the schedule's state is restored, but the optimizer only hears of it at the next step
+        steps.load_state_dict(state["sampler"])
+        engine.load_scaler_state(optimizer, state.get("scaler"))
+        rng = saved["rng"]
+        if len(rng) != engine.world_size:
+            log.warning(
+                "resume: checkpoint written by %d ranks, resumed on %d: random streams are not continued",
+                len(rng),
+                engine.world_size,
+            )
+        engine.set_rng_state(rng[engine.rank % len(rng)])
+        start_step, tokens_seen, before, run_id = state["step"], state["tokens_seen"], state["before"], state.get("wandb_id")
+
+    tracker = (
+        Tracker(cfg, output_dir, resume_step=start_step if saved else None, run_id=run_id) if engine.is_main else NullTracker()
+    )
+    eval_args = (eval_set, cfg.train.eval_batch_size, pad_id, engine)
+    if before is None:
+        before = evaluate(loss_model, *eval_args)
+        tracker.log(before, step=0)
+        log.info("eval before training: %s", _fmt(before))
+
+    def write_checkpoint(step: int, reason: str) -> dict[str, torch.Tensor] | None:
+        """Collective. Returns the adapter's full tensors on rank 0 (None elsewhere)."""
+        t0 = time.perf_counter()
+        opt_state = engine.optimizer_state(loss_model, optimizer)
+        rng = engine.gather_objects(engine.rng_state())
+        adapter = None
+        if engine.is_main:
+            # The loss wrapper holds the PeftModel as `.model`: the adapter's names are the parameters' names below it.
+            adapter = {name.removeprefix("model."): entry["param"] for name, entry in opt_state["params"].items()}
+            trainer_state = {
+                "step": step,
+                "reason": reason,
+                "sampler": steps.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": engine.scaler_state(optimizer),
+                "tokens_seen": tokens_seen,
+                "world_size": engine.world_size,
+                "wandb_id": tracker.run_id,
+                "before": before,
+                "time": time.time(),
+            }
+            path = save_checkpoint(
+                output_dir / CHECKPOINTS,
+                step,
+                peft_model=engine.unwrap(loss_model).model,
+                adapter=adapter,
+                optimizer=opt_state,
+                rng=rng,
+                trainer_state=trainer_state,
+                config_yaml=config_yaml,
+                keep=cfg.train.keep_checkpoints,
+            )
+            log.info("checkpoint (%s) written to %s in %.1f s", reason, path, time.perf_counter() - t0)
+        engine.barrier()
+        return adapter
+
+    max_steps = cfg.train.max_steps
+    bar = tqdm(
+        total=max_steps,
+        initial=start_step,
+        desc="train",
+        disable=not (engine.is_main and cfg.logger.progress),
+        dynamic_ncols=True,
+    )
+    segment_tokens = 0
+    started = time.perf_counter()
+    with Preemption() as preemption:
+        for step in range(start_step + 1, max_steps + 1):
+            t0 = time.perf_counter()
+            micro = [{k: v.to(engine.device) for k, v in mb.items()} for mb in next(steps)]
+            lr = scheduler.get_last_lr()[0]
+            train_loss = accumulate_gradients(loss_model, micro, engine)
+            grad_norm = engine.step(loss_model, optimizer, scheduler, cfg.optim.max_grad_norm)
+
+            step_seen = int(engine.sum(sum(real_tokens(m["attention_mask"]) for m in micro)))
+            tokens_seen += step_seen
+            segment_tokens += step_seen
+            elapsed = time.perf_counter() - t0
+            metrics = {
+                "train/loss": train_loss,
+                "train/lr": lr,
+                "train/grad_norm": grad_norm,
+                "train/tokens_per_s": step_seen / elapsed,
+                "train/tokens": tokens_seen,
+            }
+            if step % cfg.logger.log_every == 0 or step == max_steps:
+                tracker.log(metrics, step=step)
+            bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_seen / elapsed:,.0f}")
+            bar.update(1)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < max_steps:
+                mid = evaluate(loss_model, *eval_args)
+                tracker.log(mid, step=step)
+                bar.write(f"step {step}: {_fmt(mid)}")
+            if engine.any(preemption.requested):  # every rank stops after the same step
+                bar.close()
+                write_checkpoint(
+                    step, f"preempted: {preemption.received.name if preemption.received else 'signal on another rank'}"
+                )
+                tracker.preempted()
+                tracker.finish()
+                raise Preempted(step, preemption.received, preemption.previous_handler())
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < max_steps:
+                write_checkpoint(step, "interval")
     bar.close()
     train_time = time.perf_counter() - started
 
     after = evaluate(loss_model, *eval_args)
-    tracker.log(after, step=cfg.train.max_steps)
+    tracker.log(after, step=max_steps)
+    adapter = write_checkpoint(max_steps, "end")
     results: dict[str, Any] = {
         "before": before,
         "after": after,
-        "steps": cfg.train.max_steps,
+        "steps": max_steps,
+        "resumed_from_step": start_step if saved else None,
         "train_tokens": tokens_seen,
         "train_time_s": round(train_time, 2),
-        "tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
+        "tokens_per_s": round(segment_tokens / max(train_time, 1e-9), 1),
         "data": asdict(stats),
         "param_bytes_rank0": held,
+        "wandb_id": tracker.run_id,
     }
-    if cfg.train.save_adapter:
-        peft_model = engine.unwrap(loss_model).model
-        state = engine.full_state(adapter_state(peft_model))  # collective where parameters are sharded
-        if engine.is_main:
-            results["adapter"] = str(save_adapter(peft_model, output_dir / "adapter", state))
+    if cfg.train.save_adapter and engine.is_main:
+        results["adapter"] = str(save_adapter(engine.unwrap(loss_model).model, output_dir / "adapter", adapter))
     engine.barrier()
     if engine.is_main:
         log.info(
@@ -206,12 +304,25 @@ def job_output_dir(cfg: DtuneConfig) -> Path:
 @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
 def main(dict_cfg: DictConfig) -> None:
     from dtune.engine import shutdown_distributed
+    from dtune.preempt import REQUEUE_EXIT, Preempted
 
+    stopped: Preempted | None = None
     with user_errors():
         cfg = to_dataclass(dict_cfg)
         validate(cfg)
-        run(cfg, job_output_dir(cfg))
-    shutdown_distributed()
+        try:
+            run(cfg, job_output_dir(cfg))
+        except Preempted as err:
+            log.warning(
+                "stopped at step %d on %s: checkpoint written; exit %d asks the launcher to requeue",
+                err.step,
+                err.signal_name,
+                REQUEUE_EXIT,
+            )
+            stopped = err
+    shutdown_distributed(exit_code=REQUEUE_EXIT if stopped else 0, then=stopped.chain if stopped else None)
+    if stopped:
+        raise SystemExit(REQUEUE_EXIT)
 
 
 if __name__ == "__main__":

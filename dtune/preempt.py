@@ -1,0 +1,79 @@
+"""Preemption: stop at the end of the step in hand, checkpoint, exit with a code that launch scripts requeue on.
+
+Slurm warns a job before it ends it (``--signal=USR1@180`` for a time limit, SIGTERM on preemption); torchrun
+forwards the signals it is told to (``--signals-to-handle``, see launch/torchrun.sh); submitit sends USR2. On any
+of them dtune sets a flag; the training loop asks all ranks after each step (a signal may reach some ranks only),
+writes a checkpoint and leaves with :data:`REQUEUE_EXIT`. A handler that was installed before ours (submitit's,
+which requeues the job itself) is called after the checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+REQUEUE_EXIT = 75
+"""Exit status of a run that stopped on a signal after writing its checkpoint (EX_TEMPFAIL: try again)."""
+
+SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
+
+
+class Preemption:
+    """Context manager: while inside, the signals in ``SIGNALS`` request a stop instead of ending the process."""
+
+    def __init__(self, signals: tuple[str, ...] = SIGNALS) -> None:
+        self.signals = [getattr(signal, name) for name in signals]
+        self.received: signal.Signals | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum)
+            log.warning("received %s: stopping after the current step to write a checkpoint", self.received.name)
+
+    def __enter__(self) -> Preemption:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set from the main thread
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def previous_handler(self) -> Callable[[int, FrameType | None], Any] | None:
+        """The Python handler that our handler replaced for the signal received (e.g. submitit's), if any."""
+        if self.received is None:
+            return None
+        previous = self._previous.get(self.received)
+        return previous if callable(previous) else None
+
+
+class Preempted(Exception):
+    """Raised by the training loop after it wrote the checkpoint of ``step`` on a preemption signal."""
+
+    def __init__(
+        self, step: int, received: signal.Signals | None, previous: Callable[[int, FrameType | None], Any] | None
+    ) -> None:
+        super().__init__(f"preempted after step {step}")
+        self.step, self.received, self.previous = step, received, previous
+
+    @property
+    def signal_name(self) -> str:
+        return self.received.name if self.received else "a signal received by another rank"
+
+    def chain(self) -> None:
+        """Hand the signal on to the handler ours replaced (submitit's requeues the job and exits)."""
+        if self.previous is not None and self.received is not None:
+            self.previous(self.received, None)
