@@ -255,9 +255,10 @@ class Engine:
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]}); were model or lora settings changed?"
             )
         for name, p in params.items():
-            if tuple(saved["params"][name]["param"].shape) != tuple(p.shape):
+            shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the full shape beside an empty local tensor
+            if tuple(saved["params"][name]["param"].shape) != shape:
                 raise ConfigError(
-                    f"resume: {name} has shape {tuple(saved['params'][name]['param'].shape)} in the checkpoint, {tuple(p.shape)} here"
+                    f"resume: {name} has shape {tuple(saved['params'][name]['param'].shape)} in the checkpoint, {shape} here"
                 )
         base = self._base_optimizer(optimizer)
         step = saved["step"]
@@ -284,13 +285,20 @@ class Engine:
         if step > 0 and not any(base.state.values()):
             # ZeRO creates optimizer states lazily, in its first step; make them (a zero-gradient step of the flat fp32
             # partitions, whose values are overwritten below) so that the full states can be scattered into them.
-            flats = [p for g in base.param_groups for p in g["params"]]
+            zero3 = hasattr(zero, "fp32_partitioned_groups_flat")
+            # ZeRO-3 hands the optimizer one sub-group at a time; ZeRO-1/2's holds this rank's flat fp32 partitions.
+            flats = zero.fp32_partitioned_groups_flat if zero3 else [p for g in base.param_groups for p in g["params"]]
+            kept = [flat.grad for flat in flats]  # with offload, ZeRO keeps persistent gradient buffers there
             for flat in flats:
-                flat.grad = torch.zeros_like(flat)
-            base.step()
-            for flat in flats:
-                flat.grad = None
-            if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+                flat.grad = torch.zeros_like(flat) if flat.grad is None else flat.grad.zero_()
+            if zero3:
+                for i in range(len(flats)):
+                    zero._optimizer_step(i)
+            else:
+                base.step()
+            for flat, grad in zip(flats, kept, strict=True):
+                flat.grad = grad
+            if not zero3:
                 zero._lazy_init_hp_params_optimizer_state()
         for name, p in params.items():
             entry = saved[name]

@@ -7,6 +7,7 @@
 #
 # NPROC_PER_NODE: processes per node (default: visible GPUs, or 1). MASTER_PORT: default 29500. JOB_ID: the
 # rendezvous id, also the name of the job's output directory (outputs/torchrun-<JOB_ID>), the same on all nodes.
+# SHUTDOWN_TIMEOUT: seconds the dtune processes get to checkpoint after a stop signal (default 170).
 # Arguments are dtune overrides (key=value, --multirun is not supported under torchrun).
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -28,7 +29,10 @@ if [[ "$NNODES" -gt 1 && -z "${JOB_ID_SET:-}" && "$JOB_ID" == dtune-2* ]]; then
     exit 2
 fi
 
+# SIGUSR1/SIGUSR2 (Slurm's and submitit's warnings) and SIGTERM are forwarded to the dtune processes, which finish
+# their step, write a checkpoint and exit 75; torchrun waits SHUTDOWN_TIMEOUT seconds for them before killing them.
 exec "$PYTHON" -m torch.distributed.run \
     --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
     --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$JOB_ID" \
+    --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 --shutdown-timeout "${SHUTDOWN_TIMEOUT:-170}" \
     -m dtune.train "$@"

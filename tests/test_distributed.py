@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-# Global batch 4 per step: 2 ranks x 2 samples, or 1 rank x 2 micro-batches of 2.
-COMMON = ["debug=smoke", "train.precision=fp32", "optim.lr=1e-2", "train.micro_batch_size=2"]
+# Global batch 4 per step: 2 ranks x 2 samples, or 1 rank x 2 micro-batches of 2. A checkpoint after step 2 (and
+# the last, 3): the resume tests go on from it on the other world size.
+COMMON = ["debug=smoke", "train.precision=fp32", "optim.lr=1e-2", "train.micro_batch_size=2", "train.checkpoint_every=2"]
 
 
 def free_port() -> int:
@@ -33,9 +34,10 @@ def run(cmd: list[str], cwd: Path) -> None:
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
 
-def losses(out: Path) -> list[float]:
+def losses(out: Path, after: int = 0) -> list[float]:
+    """Training losses of the steps after ``after``, then the final eval loss."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["train/loss"] for r in records if "train/loss" in r] + [records[-1]["eval/loss"]]
+    return [r["train/loss"] for r in records if "train/loss" in r and r["step"] > after] + [records[-1]["eval/loss"]]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +47,9 @@ def single(tmp_path_factory) -> Path:
     return out
 
 
-def assert_same_run(out: Path, single: Path) -> None:
-    assert losses(out) == pytest.approx(losses(single), abs=1e-5)
+def assert_same_run(out: Path, single: Path, resumed_at: int = 0) -> None:
+    """Same losses after step ``resumed_at`` (and eval after) and the same final adapter."""
+    assert losses(out, after=resumed_at) == pytest.approx(losses(single, after=resumed_at), abs=1e-5)
     ours, ref = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (out, single))
     assert ours.keys() == ref.keys()
     for key in ref:
@@ -68,6 +71,27 @@ def test_two_ranks_match_one_rank(tmp_path: Path, single: Path, engine: str):
     assert held["frozen"] == pytest.approx(alone["frozen"] / 2 if sharded else alone["frozen"], rel=0.02)
     assert (out / "dtune.log").is_file() and (out / "dtune_rank1.log").is_file()
     assert "train" in (out / "dtune_rank1.log").read_text()
+
+    # Resumed from the 2-rank checkpoint of step 2 on one rank (2 micro-batches per step): the rest of the run is
+    # the 1-rank run's. Optimizer states are saved whole and by name, whatever the strategy sharded.
+    resumed = tmp_path / f"{engine}-resumed-on-1"
+    checkpoint = out / "checkpoints" / "step-00000002"
+    one = [*TORCHRUN, "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    run(
+        [
+            *one,
+            "-m",
+            "dtune.train",
+            *COMMON,
+            f"engine={engine}",
+            "train.grad_accum_steps=2",
+            f"train.resume={checkpoint}",
+            f"hydra.run.dir={resumed}",
+        ],
+        tmp_path,
+    )
+    assert json.loads((resumed / "results.json").read_text())["resumed_from_step"] == 2
+    assert_same_run(resumed, single, resumed_at=2)
 
 
 def test_two_nodes_through_a_localhost_rendezvous(tmp_path: Path, single: Path):
@@ -151,3 +175,11 @@ def test_accelerate_launch_and_the_dtune_script_under_torchrun(tmp_path: Path, s
         cmd = [*TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", port, str(script), "train"]
     run([*cmd, *COMMON, f"hydra.run.dir={out}"], tmp_path)
     assert_same_run(out, single)
+
+
+def test_one_rank_checkpoint_resumes_on_two_ranks(tmp_path: Path, single: Path):
+    out = tmp_path / "resumed-on-2"
+    launch = [*TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    checkpoint = single / "checkpoints" / "step-00000002"
+    run([*launch, "-m", "dtune.train", *COMMON, f"train.resume={checkpoint}", f"hydra.run.dir={out}"], tmp_path)
+    assert_same_run(out, single, resumed_at=2)

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Body of dtune's sbatch scripts, run by the batch shell inside the allocation:
+#   one torchrun per node (srun), rendezvous on the first host of the allocation, preemption and requeue.
+#
+# Slurm signals this shell (--signal=B:USR1@<seconds>) before the time limit; it forwards USR1 through srun to
+# torchrun on every node, which forwards it to the dtune processes (launch/torchrun.sh): they finish the step in
+# hand, write a checkpoint and exit. This script then requeues the job (scontrol requeue): the same job id comes
+# back, writes into the same outputs/slurm-<jobid>/, and resumes from the checkpoint (train.resume=auto).
+# A run that exits with 75 (it stopped on a signal Slurm sent to the processes directly) is requeued too.
+#
+# Environment: DTUNE_REPO (the checkout; default: the directory sbatch was called from), NPROC_PER_NODE
+# (default: the GPUs Slurm gave each node), MASTER_PORT (default: derived from the job id).
+set -uo pipefail
+REPO="${DTUNE_REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}"
+if [[ ! -f "$REPO/launch/torchrun.sh" ]]; then
+    echo "slurm/job.sh: $REPO is not a dtune checkout; submit from the repository root or set DTUNE_REPO" >&2
+    exit 2
+fi
+: "${SLURM_JOB_ID:?slurm/job.sh runs inside a Slurm allocation (sbatch slurm/dtune-1node.sbatch ...)}"
+
+MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+export MASTER_ADDR
+export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+export NNODES="${SLURM_NNODES:-1}"
+export JOB_ID="$SLURM_JOB_ID" # torchrun's rendezvous id; dtune names the output dir outputs/slurm-<jobid>
+if [[ -z "${NPROC_PER_NODE:-}" && -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
+    export NPROC_PER_NODE="$SLURM_GPUS_ON_NODE"
+fi
+echo "dtune: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $NNODES node(s): $SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT"
+
+stop=""
+forward() {
+    stop="$1"
+    echo "dtune: $1 received; dtune checkpoints after the current step and stops"
+    [[ "$1" == USR1 ]] && kill -s USR1 "$srun_pid" 2>/dev/null
+}
+trap 'forward USR1' USR1
+# SIGTERM (preemption, scancel) reaches the job's processes from Slurm itself: only remember it.
+trap 'forward TERM' TERM
+
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash "$REPO/launch/torchrun.sh" train.resume=auto "$@" &
+srun_pid=$!
+rc=0
+while :; do
+    wait "$srun_pid"
+    rc=$?
+    kill -0 "$srun_pid" 2>/dev/null || break # wait also returns when a trapped signal arrives: keep waiting
+done
+
+if [[ -n "$stop" || $rc -eq 75 ]]; then
+    echo "dtune: requeueing job $SLURM_JOB_ID; it resumes from its newest checkpoint"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+exit "$rc"

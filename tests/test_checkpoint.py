@@ -1,0 +1,192 @@
+"""Checkpoints: atomic writes, which checkpoint a run resumes from, and exact resumption in one process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dtune.checkpoint import (
+    CHECKPOINTS,
+    TRAINER_STATE,
+    check_resumable,
+    checkpoints,
+    find_resume_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from dtune.config import first_host, slurm_process_env
+from dtune.errors import DtuneError
+from dtune.train import run
+from tests.conftest import compose_config, tiny_overrides
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in metrics(out) if "train/loss" in r}
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> tuple[Path, dict]:
+    """6 steps, a checkpoint every 2 (kept: all three), W&B offline: the uninterrupted reference."""
+    out = tmp_path_factory.mktemp("full")
+    cfg = compose_config(
+        tiny_overrides(
+            out, "optim.lr=1e-2", "train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=3", "logger=wandb"
+        )
+    )
+    return out, run(cfg, out)
+
+
+def test_checkpoints_are_complete_and_kept_every_n_steps(full_run):
+    out, results = full_run
+    found = checkpoints(out / CHECKPOINTS)
+    assert [step for step, _ in found] == [2, 4, 6]
+    newest = load_checkpoint(found[-1][1])
+    state = newest["trainer_state"]
+    assert state["step"] == 6 and state["reason"] == "end"
+    assert state["wandb_id"] == results["wandb_id"] and results["wandb_id"]
+    assert state["sampler"]["index"] == 6 and state["scheduler"]["last_epoch"] == 6
+    # Named, full optimizer states: every trainable tensor with Adam's moments, and the step count.
+    assert newest["optimizer"]["step"] == 6
+    entry = next(iter(newest["optimizer"]["params"].values()))
+    assert set(entry) == {"param", "exp_avg", "exp_avg_sq"}
+    assert len(newest["rng"]) == 1 and "torch" in newest["rng"][0]
+    # The checkpoint's adapter is the run's final adapter, and loads as PEFT.
+    final = adapter(out)
+    ckpt = load_file(found[-1][1] / "adapter" / "adapter_model.safetensors")
+    assert final.keys() == ckpt.keys() and all(torch.equal(final[k], ckpt[k]) for k in final)
+
+
+def test_resumed_run_equals_the_uninterrupted_run_bit_for_bit(full_run, tmp_path: Path):
+    """Stopped after step 2 (its later checkpoints and results lost), resumed with train.resume=auto: the same losses
+    after step 2, the same adapter, and the same W&B run, exactly."""
+    ref, ref_results = full_run
+    out = tmp_path / "resumed"
+    shutil.copytree(ref, out)
+    for step, path in checkpoints(out / CHECKPOINTS):
+        if step > 2:
+            shutil.rmtree(path)
+    for name in ("results.json", "adapter"):
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    # A writer killed half-way leaves a hidden temporary directory; resuming must ignore it.
+    (out / CHECKPOINTS / ".step-00000004.tmp-dead").mkdir()
+
+    cfg = compose_config(
+        tiny_overrides(
+            out, "optim.lr=1e-2", "train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=3", "logger=wandb"
+        )
+    )
+    results = run(cfg, out)
+    assert results["resumed_from_step"] == 2
+    assert train_losses(out) == train_losses(ref)  # exact: same floats
+    assert [r["step"] for r in metrics(out)] == [r["step"] for r in metrics(ref)]  # no step logged twice
+    ours, theirs = adapter(out), adapter(ref)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert results["after"] == ref_results["after"] and results["before"] == ref_results["before"]
+    assert results["wandb_id"] == ref_results["wandb_id"]
+    assert not (out / CHECKPOINTS / ".step-00000004.tmp-dead").exists()  # cleaned by the next save
+
+
+def test_changed_settings_refuse_to_resume(full_run, tmp_path: Path):
+    ref, _ = full_run
+    newest = checkpoints(ref / CHECKPOINTS)[-1][1]
+    cfg = compose_config(tiny_overrides(tmp_path, "lora.r=4", "train.seed=3"))
+    with pytest.raises(DtuneError, match=r"lora\.r: 16 in the checkpoint, 4 now.*train\.seed: 0 in the checkpoint, 3 now"):
+        check_resumable(load_checkpoint(newest)["config"], cfg, newest)
+    allowed = compose_config(tiny_overrides(tmp_path, "optim.lr=1e-2", "train.max_steps=12", "engine=zero2"))
+    changed = check_resumable(load_checkpoint(newest)["config"], allowed, newest)
+    assert "train.max_steps" in changed and "engine.zero_stage" in changed
+
+
+def _fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
+    path = root / CHECKPOINTS / f"step-{step:08d}"
+    path.mkdir(parents=True)
+    if complete:
+        (path / TRAINER_STATE).write_text("{}")
+    return path
+
+
+def test_which_checkpoint_a_run_resumes_from(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    assert find_resume_checkpoint("auto", run_dir) is None  # nothing yet: start fresh
+    assert find_resume_checkpoint(None, run_dir) is None
+    _fake_checkpoint(run_dir, 10)
+    newest = _fake_checkpoint(run_dir, 20)
+    _fake_checkpoint(run_dir, 30, complete=False)  # no trainer_state.json: never published
+    (run_dir / CHECKPOINTS / ".step-00000040.tmp-abc").mkdir()
+    assert find_resume_checkpoint("auto", run_dir) == newest
+    assert find_resume_checkpoint(str(run_dir), tmp_path / "elsewhere") == newest  # a run dir
+    older = run_dir / CHECKPOINTS / "step-00000010"
+    assert find_resume_checkpoint(str(older), tmp_path / "elsewhere") == older  # a checkpoint
+    with pytest.raises(DtuneError, match=r"train\.resume: null, but .* holds checkpoints \(newest: step 20\)"):
+        find_resume_checkpoint(None, run_dir)
+    with pytest.raises(DtuneError, match="neither a checkpoint nor a run directory"):
+        find_resume_checkpoint(str(tmp_path / "nope"), run_dir)
+
+
+def test_a_failed_save_leaves_the_previous_checkpoints_intact(full_run, tmp_path: Path, monkeypatch):
+    ref, _ = full_run
+    root = tmp_path / CHECKPOINTS
+    shutil.copytree(ref / CHECKPOINTS, root)
+    before = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    saved = load_checkpoint(checkpoints(root)[-1][1])
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    newest = checkpoints(root)[-1][1]
+    # The adapter is written first (a copy of the newest one here); the optimizer file then fails.
+    monkeypatch.setattr("dtune.checkpoint.save_adapter", lambda model, dest, state: shutil.copytree(newest / "adapter", dest))
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(
+            root,
+            8,
+            peft_model=None,
+            adapter={},
+            optimizer=saved["optimizer"],
+            rng=saved["rng"],
+            trainer_state=saved["trainer_state"],
+            config_yaml=saved["config"],
+            keep=1,
+        )
+    after = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert after == before  # nothing published, nothing pruned, no temporary left behind
+    assert not list(root.glob(".step-*"))
+
+
+def test_slurm_tasks_become_torch_ranks():
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_NTASKS_PER_NODE": "4",
+        "SLURM_JOB_NODELIST": "gpu[007-008]",
+        "SLURM_JOB_ID": "123456",
+    }
+    got = slurm_process_env(env)
+    assert got == {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "4",
+        "MASTER_ADDR": "gpu007",
+        "MASTER_PORT": str(20000 + 123456 % 20000),
+    }
+    assert slurm_process_env({**env, "RANK": "0"}) == {}  # torchrun set them already
+    assert slurm_process_env({**env, "SLURM_NTASKS": "1"}) == {}  # one process: nothing to rendezvous
+    assert first_host("node1,node2") == "node1"
+    assert first_host("a[10-12,20],b3") == "a10"
+    assert first_host("gpu[3,5]") == "gpu3"
