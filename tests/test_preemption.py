@@ -1,0 +1,142 @@
+"""Preemption: a running CPU job is signalled, writes a checkpoint, exits for requeue, and the next start resumes.
+
+The Slurm case runs slurm/job.sh -- the body of the sbatch scripts -- with stand-ins for ``srun`` (runs its command
+here) and ``scontrol`` (names this host, records a requeue), so the signal travels the real path: batch shell ->
+srun -> launch/torchrun.sh (torchrun) -> the two dtune processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.test_distributed import ENV, free_port
+
+SMOKE = ["debug=smoke", "train.precision=fp32", "optim.lr=1e-3", "train.micro_batch_size=2", "train.checkpoint_every=0"]
+
+
+def train_records(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line being written
+    return [r for r in records if "train/loss" in r]
+
+
+def signal_after_step(proc: subprocess.Popen, out: Path, step: int, sig: int, pid: int | None = None) -> None:
+    deadline = time.monotonic() + 300
+    while not any(r["step"] >= step for r in train_records(out)):
+        assert proc.poll() is None, f"the run ended before it was signalled:\n{proc.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, "the run never reached the step to signal at"
+        time.sleep(0.05)
+    os.kill(pid or proc.pid, sig)
+
+
+def checkpoint_state(out: Path) -> dict:
+    (newest,) = sorted((out / "checkpoints").glob("step-*"))
+    return json.loads((newest / "trainer_state.json").read_text())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signalled_run_checkpoints_exits_75_and_resumes_exactly(tmp_path: Path, sig: int):
+    cmd = [sys.executable, "-m", "dtune.train", *SMOKE, "train.max_steps=120", "train.grad_accum_steps=2"]
+    ref = tmp_path / "uninterrupted"
+    done = subprocess.run([*cmd, f"hydra.run.dir={ref}"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen([*cmd, f"hydra.run.dir={out}"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    signal_after_step(proc, out, 3, sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    state = checkpoint_state(out)
+    assert state["reason"] == f"preempted: {signal.Signals(sig).name}"
+    stopped = state["step"]
+    assert 3 <= stopped < 120
+    assert not (out / "results.json").exists()
+    assert f"received {signal.Signals(sig).name}" in (out / "dtune.log").read_text()
+
+    again = subprocess.run([*cmd, f"hydra.run.dir={out}"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["resumed_from_step"] == stopped
+    # Bit-exact on CPU: every step's loss, before and after the stop, is the uninterrupted run's.
+    assert [(r["step"], r["train/loss"]) for r in train_records(out)] == [
+        (r["step"], r["train/loss"]) for r in train_records(ref)
+    ]
+    assert results["after"] == json.loads((ref / "results.json").read_text())["after"]
+
+
+def _fake_slurm(bin_dir: Path, log: Path) -> None:
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        "#!/usr/bin/env bash\n"
+        "# Stand-in for srun on one node: drop srun's options, become the task (signals reach it as they would).\n"
+        'while [[ "$1" == --* ]]; do shift; done\n'
+        f'echo "srun $*" >> {log}\n'
+        'exec "$@"\n'
+    )
+    (bin_dir / "scontrol").write_text(
+        f'#!/usr/bin/env bash\necho "scontrol $*" >> {log}\nif [[ "$1 $2" == "show hostnames" ]]; then echo 127.0.0.1; fi\n'
+    )
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+
+
+def test_slurm_job_forwards_the_warning_requeues_and_the_requeued_job_resumes(tmp_path: Path):
+    log = tmp_path / "slurm.log"
+    _fake_slurm(tmp_path / "bin", log)
+    env = {
+        **ENV,
+        "PATH": f"{tmp_path / 'bin'}:{ENV['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "NPROC_PER_NODE": "2",
+        "MASTER_PORT": str(free_port()),
+        "PYTHON": sys.executable,
+        "SHUTDOWN_TIMEOUT": "120",
+    }
+    cmd = ["bash", str(REPO / "slurm" / "job.sh"), *SMOKE, "train.max_steps=100"]
+    out = tmp_path / "outputs" / "slurm-4242"  # the job's output dir, named by the Slurm job id
+
+    # Slurm's --signal=B:USR1@180 signals the batch shell, which runs slurm/job.sh.
+    batch = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    signal_after_step(batch, out, 3, signal.SIGUSR1)
+    stdout, stderr = batch.communicate(timeout=300)
+    assert batch.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    assert "scontrol requeue 4242" in log.read_text()
+    state = checkpoint_state(out)
+    assert state["reason"] == "preempted: SIGUSR1" and state["world_size"] == 2
+    stopped = state["step"]
+    assert 3 <= stopped < 100
+
+    # The requeued job: same job id, same output dir, resumes by itself (job.sh passes train.resume=auto).
+    log.write_text("")
+    requeued = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        env={**env, "SLURM_RESTART_COUNT": "1", "MASTER_PORT": str(free_port())},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert "requeue" not in log.read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert results["resumed_from_step"] == stopped and results["steps"] == 100
+    assert [r["step"] for r in train_records(out)] == list(range(1, 101))  # every step once, none lost or repeated
