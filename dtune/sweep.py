@@ -68,6 +68,11 @@ def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
             row["status"] = f"stopped at {newest[-1].name}" if newest else "failed"
         rows.append(row)
 
+    # What the sweep varied, per run; the overrides all runs share go in the table's heading.
+    common = set.intersection(*(set(r["overrides"].split()) for r in rows)) if rows else set()
+    for row in rows:
+        row["swept"] = " ".join(o for o in row["overrides"].split() if o not in common)
+
     def key(row: dict[str, Any]) -> tuple[int, float]:
         loss = row.get("eval_loss")
         return (0, loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else (1, math.inf)
@@ -78,7 +83,7 @@ def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of :func:`summarize`'s rows."""
     show_acc = any(r.get("eval_accuracy") is not None for r in rows)
-    header = ["rank", "run", "overrides", "eval loss", "before"] + (["accuracy"] if show_acc else []) + ["tokens/s", "status"]
+    header = ["rank", "run", "swept", "eval loss", "before"] + (["accuracy"] if show_acc else []) + ["tokens/s", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, r in enumerate(rows, 1):
 
@@ -86,10 +91,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             value = row.get(key)
             return format(value, fmt) if isinstance(value, (int, float)) else "-"
 
+        swept = r.get("swept", r["overrides"])
         cells = [
             str(i),
             r["run"],
-            f"`{r['overrides']}`" if r["overrides"] else "",
+            f"`{swept}`" if swept else "",
             num("eval_loss", ".4f"),
             num("eval_loss_before", ".4f"),
         ]
@@ -103,7 +109,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = summarize(sweep_dir)
     (sweep_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (sweep_dir / "summary.md").write_text(f"# Sweep {sweep_dir}\n\nBest final eval loss first.\n\n{format_table(rows)}\n")
+    common = sorted(set(rows[0]["overrides"].split()) - set(rows[0]["swept"].split())) if rows else []
+    shared = f"All runs: `{' '.join(common)}`.\n\n" if common else ""
+    (sweep_dir / "summary.md").write_text(f"# Sweep {sweep_dir}\n\nBest final eval loss first. {shared}\n{format_table(rows)}\n")
     return rows
 
 

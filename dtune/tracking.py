@@ -52,7 +52,7 @@ class Tracker:
         # Line-buffered, so the file is readable while the run goes on.
         self._metrics = open(path, "a" if resume_step is not None else "w", buffering=1)  # noqa: SIM115 (closed in finish)
         self.wandb_run = None
-        mode = wandb_mode(cfg.logger)
+        mode = self._mode = wandb_mode(cfg.logger)
         if mode != "disabled":
             import wandb
 
@@ -80,6 +80,13 @@ class Tracker:
     @property
     def run_id(self) -> str | None:
         return self.wandb_run.id if self.wandb_run is not None else None
+
+    @property
+    def info(self) -> dict[str, Any] | None:
+        """The W&B run's id, name, group and mode (for results.json), or None without W&B."""
+        if self.wandb_run is None:
+            return None
+        return {"id": self.wandb_run.id, "name": self.wandb_run.name, "group": self.wandb_run.group, "mode": self._mode}
 
     def preempted(self) -> None:
         """Tell W&B the run stops to be resumed (shown as preempted rather than failed or finished)."""
@@ -109,6 +116,7 @@ class NullTracker:
     """What ranks other than 0 log to."""
 
     run_id = None
+    info = None
 
     def __init__(self) -> None:
         self.history: list[dict[str, Any]] = []

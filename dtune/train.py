@@ -271,7 +271,7 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
         "tokens_per_s": round(segment_tokens / max(train_time, 1e-9), 1),
         "data": asdict(stats),
         "param_bytes_rank0": held,
-        "wandb_id": tracker.run_id,
+        "wandb": tracker.info,
     }
     if cfg.train.save_adapter and engine.is_main:
         results["adapter"] = str(save_adapter(engine.unwrap(loss_model).model, output_dir / "adapter", adapter))

@@ -7,6 +7,7 @@ srun -> launch/torchrun.sh (torchrun) -> the two dtune processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -29,10 +30,8 @@ def train_records(out: Path) -> list[dict]:
         return []
     records = []
     for line in path.read_text().splitlines():
-        try:
+        with contextlib.suppress(json.JSONDecodeError):  # a line being written
             records.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line being written
     return [r for r in records if "train/loss" in r]
 
 
@@ -140,3 +139,28 @@ def test_slurm_job_forwards_the_warning_requeues_and_the_requeued_job_resumes(tm
     results = json.loads((out / "results.json").read_text())
     assert results["resumed_from_step"] == stopped and results["steps"] == 100
     assert [r["step"] for r in train_records(out)] == list(range(1, 101))  # every step once, none lost or repeated
+
+
+def test_a_handler_installed_before_dtune_is_called_after_the_checkpoint():
+    """Under submitit, its USR2 handler (requeue, exit) was there first: dtune's replaces it while training and hands
+    the signal on only once the checkpoint is written (Preempted.chain); afterwards the old handler is back."""
+    from dtune.preempt import Preempted, Preemption
+
+    calls = []
+
+    def submitits(signum, frame):
+        calls.append(signum)
+
+    previous = signal.signal(signal.SIGUSR2, submitits)
+    try:
+        with Preemption() as preemption:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.01)
+            assert preemption.requested and preemption.received == signal.SIGUSR2
+            assert calls == []  # not yet: the step in hand finishes and the checkpoint is written first
+            stop = Preempted(7, preemption.received, preemption.previous_handler())
+        assert signal.getsignal(signal.SIGUSR2) is submitits
+        stop.chain()
+        assert calls == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)

@@ -1,0 +1,122 @@
+"""Hydra sweeps: a local 2-run multirun with its W&B group and summary table; the Slurm launcher's sbatch script,
+rendered here without Slurm."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from dtune.config import conf_dir
+from dtune.sweep import format_table, summarize
+from tests.test_distributed import ENV
+
+
+def test_local_multirun_runs_each_combination_in_one_wandb_group_and_writes_a_summary(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable,
+        "-m",
+        "dtune.train",
+        "--multirun",
+        "debug=smoke",
+        "train.precision=fp32",
+        "logger=wandb",
+        "optim.lr=1e-4,1e-2",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    results = {d.name: json.loads((d / "results.json").read_text()) for d in (sweep / "0", sweep / "1")}
+    groups = {r["wandb"]["group"] for r in results.values()}
+    assert groups == {str(sweep)}, "the runs of one sweep share one W&B group"
+    # Named by their overrides (Hydra writes the swept values normalised: 1e-4 -> 0.0001).
+    assert "optim.lr=0.0001" in results["0"]["wandb"]["name"] and "optim.lr=0.01" in results["1"]["wandb"]["name"]
+    assert results["0"]["wandb"]["id"] != results["1"]["wandb"]["id"]
+
+    rows = json.loads((sweep / "summary.json").read_text())
+    assert [r["swept"] for r in rows] == ["optim.lr=0.01", "optim.lr=0.0001"]  # lr 1e-2 learns more in 3 steps
+    losses = [r["eval_loss"] for r in rows]
+    assert losses == sorted(losses)
+    assert losses == [results["1"]["after"]["eval/loss"], results["0"]["after"]["eval/loss"]]
+    table = (sweep / "summary.md").read_text()
+    assert "| 1 | 1 | `optim.lr=0.01` |" in table and "| 2 | 0 | `optim.lr=0.0001` |" in table
+    assert "All runs: `debug=smoke logger=wandb train.precision=fp32`" in table
+
+
+def test_summary_lists_stopped_and_failed_runs_after_finished_ones(tmp_path: Path):
+    for name, result, checkpoint in (("0", None, True), ("1", 2.5, False), ("2", 1.5, False), ("3", None, False)):
+        job = tmp_path / name
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- lora.r={name}\n- debug=smoke\n")
+        if result is not None:
+            (job / "results.json").write_text(
+                json.dumps({"after": {"eval/loss": result}, "before": {"eval/loss": 3.0}, "steps": 5})
+            )
+        if checkpoint:
+            (job / "checkpoints" / "step-00000040").mkdir(parents=True)
+    rows = summarize(tmp_path)
+    assert [(r["run"], r["status"]) for r in rows] == [
+        ("2", "done"),
+        ("1", "done"),
+        ("0", "stopped at step-00000040"),
+        ("3", "failed"),
+    ]
+    assert "| 1 | 2 | `lora.r=2` | 1.5000 | 3.0000 |" in format_table(rows)
+
+
+def test_slurm_launcher_config_renders_the_sbatch_script(tmp_path: Path, monkeypatch):
+    """`hydra/launcher=slurm` composes, instantiates hydra-submitit-launcher, and yields this sbatch script (submitit
+    refuses to start without `srun` on PATH: a stand-in is put there; nothing is submitted)."""
+    import submitit
+    from hydra.utils import instantiate
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{ENV['PATH']}")
+    sweep = tmp_path / "sweep"
+    overrides = [
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=a100",
+        "hydra.launcher.nodes=2",
+        "hydra.launcher.gpus_per_node=4",
+        "hydra.launcher.timeout_min=600",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.tasks_per_node == 4  # one process per GPU
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "dtune.sweep.SweepSummary"
+
+    submitted: dict[str, object] = {}
+
+    def capture(executor, fn, *args):
+        submitted["executor"], submitted["jobs"] = executor, list(zip(*args, strict=True))
+        return []
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", capture)
+    launcher = instantiate(cfg.hydra.launcher)
+    launcher.config = cfg
+    launcher.launch([["optim.lr=1e-4", "lora.r=8"], ["optim.lr=2e-4", "lora.r=8"]], initial_job_idx=0)
+    assert [job[0] for job in submitted["jobs"]] == [["optim.lr=1e-4", "lora.r=8"], ["optim.lr=2e-4", "lora.r=8"]]
+    script = submitted["executor"]._executor._make_submission_file_text("python -u -m submitit.core._submit X", "uid")
+    for line in (
+        "#SBATCH --partition=a100",
+        "#SBATCH --nodes=2",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --time=600",
+        "#SBATCH --signal=USR2@180",  # dtune checkpoints on USR2, then submitit requeues
+        "#SBATCH --open-mode=append",
+        f"#SBATCH --output={sweep}/.submitit/%j/%j_0_log.out",
+        "export OMP_NUM_THREADS=8",
+    ):
+        assert line in script, f"{line} not in:\n{script}"
+    assert submitted["executor"]._executor.max_num_timeout == 20  # requeued after time limits too
