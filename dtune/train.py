@@ -255,35 +255,38 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
                 raise Preempted(step, preemption.received, preemption.previous_handler())
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < max_steps:
                 write_checkpoint(step, "interval")
-    bar.close()
-    train_time = time.perf_counter() - started
+        # Signals stay caught until the end: one arriving now cannot cut the final evaluation and save short.
+        bar.close()
+        train_time = time.perf_counter() - started
 
-    after = evaluate(loss_model, *eval_args)
-    tracker.log(after, step=max_steps)
-    adapter = write_checkpoint(max_steps, "end")
-    results: dict[str, Any] = {
-        "before": before,
-        "after": after,
-        "steps": max_steps,
-        "resumed_from_step": start_step if saved else None,
-        "train_tokens": tokens_seen,
-        "train_time_s": round(train_time, 2),
-        "tokens_per_s": round(segment_tokens / max(train_time, 1e-9), 1),
-        "data": asdict(stats),
-        "param_bytes_rank0": held,
-        "wandb": tracker.info,
-    }
-    if cfg.train.save_adapter and engine.is_main:
-        results["adapter"] = str(save_adapter(engine.unwrap(loss_model).model, output_dir / "adapter", adapter))
-    engine.barrier()
-    if engine.is_main:
-        log.info(
-            "held-out evaluation (%d samples), before and after training:\n%s", stats.eval_rows, format_comparison(before, after)
-        )
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        tracker.summary({f"final/{k}": v for k, v in after.items()})
-        log.info("outputs in %s", output_dir)
-    tracker.finish()
+        after = evaluate(loss_model, *eval_args)
+        tracker.log(after, step=max_steps)
+        adapter = write_checkpoint(max_steps, "end")
+        results: dict[str, Any] = {
+            "before": before,
+            "after": after,
+            "steps": max_steps,
+            "resumed_from_step": start_step if saved else None,
+            "train_tokens": tokens_seen,
+            "train_time_s": round(train_time, 2),
+            "tokens_per_s": round(segment_tokens / max(train_time, 1e-9), 1),
+            "data": asdict(stats),
+            "param_bytes_rank0": held,
+            "wandb": tracker.info,
+        }
+        if cfg.train.save_adapter and engine.is_main:
+            results["adapter"] = str(save_adapter(engine.unwrap(loss_model).model, output_dir / "adapter", adapter))
+        engine.barrier()
+        if engine.is_main:
+            log.info(
+                "held-out evaluation (%d samples), before and after training:\n%s",
+                stats.eval_rows,
+                format_comparison(before, after),
+            )
+            (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            tracker.summary({f"final/{k}": v for k, v in after.items()})
+            log.info("outputs in %s", output_dir)
+        tracker.finish()
     return results
 
 

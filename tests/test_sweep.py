@@ -70,7 +70,7 @@ def test_summary_lists_stopped_and_failed_runs_after_finished_ones(tmp_path: Pat
 
 
 def test_slurm_launcher_config_renders_the_sbatch_script(tmp_path: Path, monkeypatch):
-    """`hydra/launcher=slurm` composes, instantiates hydra-submitit-launcher, and yields this sbatch script (submitit
+    """`launcher=slurm` composes, instantiates hydra-submitit-launcher, and yields this sbatch script (submitit
     refuses to start without `srun` on PATH: a stand-in is put there; nothing is submitted)."""
     import submitit
     from hydra.utils import instantiate
@@ -81,7 +81,7 @@ def test_slurm_launcher_config_renders_the_sbatch_script(tmp_path: Path, monkeyp
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{ENV['PATH']}")
     sweep = tmp_path / "sweep"
     overrides = [
-        "hydra/launcher=slurm",
+        "launcher=slurm",  # selects hydra/launcher=slurm
         "hydra.launcher.partition=a100",
         "hydra.launcher.nodes=2",
         "hydra.launcher.gpus_per_node=4",
