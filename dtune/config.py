@@ -210,6 +210,8 @@ class TrainConfig:
     checkpoints)."""
     output_dir: str | None = None
     """Where outputs go; null: Hydra's run directory."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device at train.precision, for MFU; null: looked up by GPU name (see dtune.flops)."""
 
 
 @dataclass

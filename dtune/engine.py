@@ -191,6 +191,12 @@ class Engine:
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
+    def max(self, value: float) -> float:
+        """Largest ``value`` over all ranks."""
+        if self.world_size == 1:
+            return value
+        return float(self.accelerator.reduce(torch.tensor(float(value), device=self.device), reduction="max"))
+
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on at least one (a signal may reach some ranks only)."""
         if self.world_size == 1:

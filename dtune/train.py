@@ -88,6 +88,7 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
     from dtune.data import StepSampler, load_data
     from dtune.engine import Engine
     from dtune.evaluate import evaluate
+    from dtune.flops import FlopCounts, attention_pairs, device_peak_flops, peak_memory_bytes
     from dtune.loss import CompletionLoss
     from dtune.model import build_model, load_tokenizer
     from dtune.optim import build_optimizer, build_scheduler
@@ -118,6 +119,8 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id
 
     model = build_model(cfg, engine.load_device)
+    flops = FlopCounts.of(model)
+    peak_flops = device_peak_flops(cfg.train.precision, cfg.train.peak_tflops)
     output_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     if engine.is_main:  # written once the inputs proved good: a run that fails on bad input overwrites nothing
@@ -226,7 +229,11 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
             train_loss = accumulate_gradients(loss_model, micro, engine)
             grad_norm = engine.step(loss_model, optimizer, scheduler, cfg.optim.max_grad_norm)
 
-            step_seen = int(engine.sum(sum(real_tokens(m["attention_mask"]) for m in micro)))
+            counts = [
+                [int(real_tokens(m["attention_mask"])), int((m["labels"][:, 1:] != IGNORE).sum()), attention_pairs(m)]
+                for m in micro
+            ]
+            step_seen, labelled, pairs = (int(v) for v in engine.sum(torch.tensor(counts, device=engine.device).sum(dim=0)))
             tokens_seen += step_seen
             segment_tokens += step_seen
             elapsed = time.perf_counter() - t0
@@ -235,11 +242,15 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
                 "train/lr": lr,
                 "train/grad_norm": grad_norm,
                 "train/tokens_per_s": step_seen / elapsed,
+                "train/tokens_per_s_per_device": step_seen / elapsed / engine.world_size,
                 "train/tokens": tokens_seen,
+                **throughput(flops.step(step_seen, labelled, pairs), elapsed, engine.world_size, peak_flops),
             }
-            if step % cfg.logger.log_every == 0 or step == max_steps:
+            if step % cfg.logger.log_every == 0 or step == max_steps or step == start_step + 1:
+                peak, _ = peak_memory_bytes(engine.device)
+                metrics["train/peak_mem_gib"] = engine.max(peak) / 2**30
                 tracker.log(metrics, step=step)
-            bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_seen / elapsed:,.0f}")
+            bar.set_postfix(progress_fields(metrics))
             bar.update(1)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < max_steps:
                 mid = evaluate(loss_model, *eval_args)
@@ -270,6 +281,9 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
             "train_tokens": tokens_seen,
             "train_time_s": round(train_time, 2),
             "tokens_per_s": round(segment_tokens / max(train_time, 1e-9), 1),
+            "tokens_per_s_per_device": round(segment_tokens / max(train_time, 1e-9) / engine.world_size, 1),
+            "peak_memory": dict(zip(("bytes", "kind"), peak_memory_bytes(engine.device), strict=True)),
+            "flop_counts": asdict(flops),
             "data": asdict(stats),
             "param_bytes_rank0": held,
             "wandb": tracker.info,
@@ -288,6 +302,29 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
             log.info("outputs in %s", output_dir)
         tracker.finish()
     return results
+
+
+def throughput(step_flops: dict[str, float], elapsed: float, devices: int, peak: float | None) -> dict[str, float]:
+    """Achieved TFLOP/s per device on the frozen-base basis, and MFU on both bases when the device peak is known."""
+    out = {"train/tflops_per_device": step_flops["frozen_base"] / elapsed / devices / 1e12}
+    if peak:
+        out["train/mfu"] = step_flops["frozen_base"] / elapsed / devices / peak
+        out["train/mfu_6n"] = step_flops["six_n"] / elapsed / devices / peak
+    return out
+
+
+def progress_fields(metrics: dict[str, float]) -> dict[str, str]:
+    """What the progress bar shows beside its ETA."""
+    out = {
+        "loss": f"{metrics['train/loss']:.4f}",
+        "lr": f"{metrics['train/lr']:.2e}",
+        "tok/s/dev": f"{metrics['train/tokens_per_s_per_device']:,.0f}",
+    }
+    if "train/mfu" in metrics:
+        out["mfu"] = f"{metrics['train/mfu']:.1%}"
+    if "train/peak_mem_gib" in metrics:
+        out["mem"] = f"{metrics['train/peak_mem_gib']:.1f}G"
+    return out
 
 
 def _fmt(metrics: dict[str, float]) -> str:
