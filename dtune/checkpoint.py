@@ -125,13 +125,25 @@ def checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _recover(root: Path) -> None:
+    """A writer killed between moving the old copy of a step aside and publishing its new one leaves the old copy,
+    whole, as ``.step-N.tmp-old-*``: put it back."""
+    for moved in root.glob(".step-*.tmp-old-*"):
+        final = root / moved.name[1:].split(".tmp-")[0]
+        if not final.exists() and (moved / TRAINER_STATE).is_file():
+            os.replace(moved, final)
+
+
 def find_resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
     """The checkpoint ``train.resume`` points at, or None to start from scratch.
 
     ``auto``: the newest complete checkpoint in this run's output dir, if any. A path: that checkpoint, or the newest
-    one of that run dir. null: start fresh, but refuse to when this output dir already holds checkpoints (a fresh
-    run would mix its checkpoints and metrics with theirs).
+    one of that run dir -- unless this run's output dir holds checkpoints already (it was started from the path
+    and then stopped), which come first. null: start fresh, but refuse to when this output dir already holds
+    checkpoints (a fresh run would mix its checkpoints and metrics with theirs).
     """
+    if (output_dir / CHECKPOINTS).is_dir():
+        _recover(output_dir / CHECKPOINTS)
     here = checkpoints(output_dir / CHECKPOINTS)
     if resume is None or resume in ("none", "never", "false"):
         if here:
@@ -140,7 +152,11 @@ def find_resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
                 "resume with train.resume=auto or write to another train.output_dir"
             )
         return None
-    if resume == "auto":
+    if resume == "auto" or here:
+        # A run's own checkpoints come first, also when train.resume names another run's: a requeued or restarted
+        # job goes on from where it got to, not from where it began.
+        if here and resume != "auto":
+            log.info("train.resume=%s: %s holds newer checkpoints of this run; resuming from those", resume, output_dir)
         return here[-1][1] if here else None
     path = Path(resume)
     if (path / TRAINER_STATE).is_file():
@@ -165,6 +181,7 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint for ``step`` atomically under ``root``; keep the newest ``keep``. Rank 0 only."""
     root.mkdir(parents=True, exist_ok=True)
+    _recover(root)
     for stale in root.glob(".step-*.tmp-*"):  # left by a writer that was killed
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{step:08d}"
@@ -176,12 +193,14 @@ def save_checkpoint(
         (tmp / CONFIG).write_text(config_yaml)
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
         _fsync_tree(tmp)
+        old = None
         if final.exists():  # the same step saved again (a finished run resumed): replace it
             old = root / f".{final.name}.tmp-old-{os.getpid()}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)  # a kill from here to the next rename leaves it as the only copy: see below
         os.replace(tmp, final)
         _fsync_dir(root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for _, old in checkpoints(root)[: -max(keep, 1)]:

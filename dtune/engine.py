@@ -203,6 +203,23 @@ class Engine:
             return flag
         return bool(self.sum(torch.tensor(float(flag), device=self.device)) > 0)
 
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` computed on rank 0 and sent to every rank; an exception it raises is raised on every rank (so
+        that no rank waits for the others at the next collective)."""
+        if self.world_size == 1:
+            return fn()
+        box: list[Any] = [None]
+        if self.is_main:
+            try:
+                box[0] = ("ok", fn())
+            except Exception as err:  # re-raised below, on every rank
+                box[0] = ("error", err)
+        torch.distributed.broadcast_object_list(box, src=0)
+        kind, value = box[0]
+        if kind == "error":
+            raise value
+        return value
+
     def gather_objects(self, obj: Any) -> list[Any]:
         """``obj`` of every rank, in rank order (picklable objects; collective)."""
         if self.world_size == 1:
@@ -336,8 +353,8 @@ class Engine:
         import random
 
         state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":  # this rank's device only: a resumed job may see another number of GPUs
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
     def set_rng_state(self, state: dict[str, Any]) -> None:
@@ -346,8 +363,8 @@ class Engine:
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
         torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
 
     def scaler_state(self, optimizer: Any) -> dict[str, Any] | None:
         """fp16 loss-scaler state (Accelerate's GradScaler, or DeepSpeed's dynamic loss scaler); None without fp16."""
@@ -390,10 +407,10 @@ def _copy_into(p: torch.Tensor, full: torch.Tensor) -> None:
     p.copy_(_like(p, full.to(p.dtype)))
 
 
-def shutdown_distributed(exit_code: int = 0, then: Callable[[], None] | None = None) -> None:
+def shutdown_distributed(exit_code: int = 0, then: Callable[[], None] | None = None, exit_process: bool = True) -> None:
     """End the run. Multi-process: barrier, destroy the process group, run ``then``, flush and leave with
-    ``exit_code`` without interpreter teardown (gloo's exit race: "terminate called without an active exception").
-    One process: just run ``then``."""
+    ``exit_code`` without interpreter teardown (gloo's exit race: "terminate called without an active exception"),
+    unless ``exit_process`` is false (the caller must return: submitit). One process: just run ``then``."""
     import sys
 
     import torch.distributed as dist
@@ -406,6 +423,8 @@ def shutdown_distributed(exit_code: int = 0, then: Callable[[], None] | None = N
     dist.destroy_process_group()
     if then is not None:
         then()
+    if not exit_process:
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(exit_code)

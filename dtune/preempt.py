@@ -9,7 +9,9 @@ which requeues the job itself) is called after the checkpoint is written.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -77,3 +79,25 @@ class Preempted(Exception):
         """Hand the signal on to the handler ours replaced (submitit's requeues the job and exits)."""
         if self.previous is not None and self.received is not None:
             self.previous(self.received, None)
+
+
+STATUS_FILE_ENV = "DTUNE_STATUS_FILE"
+
+
+def write_status(status: str, step: int | None, output_dir: str, signal_name: str | None = None) -> None:
+    """Tell the launch script how the run ended (``done`` or ``preempted``), in the file named by $DTUNE_STATUS_FILE:
+    torchrun's own exit status cannot say it (1 for any worker that did not exit 0). Rank 0 only."""
+    path = os.environ.get(STATUS_FILE_ENV)
+    if not path or int(os.environ.get("RANK", "0")) != 0:
+        return
+    record = {"status": status, "step": step, "signal": signal_name, "output_dir": output_dir}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(tmp, "w") as f:
+        f.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+
+
+def under_submitit() -> bool:
+    """Started by submitit (hydra-submitit-launcher): it must see the task return to record its result."""
+    return bool(os.environ.get("SUBMITIT_EXECUTOR"))

@@ -73,8 +73,25 @@ def _quiet_libraries() -> None:
 def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
     """Fine-tune per ``cfg``, writing everything into ``output_dir``. Returns the results written to results.json.
 
-    Raises :class:`~dtune.preempt.Preempted` after writing a checkpoint when a preemption signal arrived.
+    Raises :class:`~dtune.preempt.Preempted` when a preemption signal arrived: after writing a checkpoint if training
+    had begun, at once if it arrived while the run was still setting up (nothing new to save).
     """
+    from dtune.engine import Engine
+    from dtune.preempt import Preemption
+
+    validate(cfg)
+    _quiet_libraries()
+    engine = Engine(cfg)
+    torch.manual_seed(cfg.train.seed)
+    if not engine.is_main:  # one console voice per job: other ranks only warn (their full log is in their file)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.WARNING)
+    with Preemption() as preemption:  # from here on a stop signal is honoured at the next step boundary
+        return _train(cfg, output_dir, engine, preemption)
+
+
+def _train(cfg: DtuneConfig, output_dir: Path, engine: Any, preemption: Any) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from dtune.checkpoint import (
@@ -86,25 +103,16 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
         save_checkpoint,
     )
     from dtune.data import StepSampler, load_data
-    from dtune.engine import Engine
     from dtune.evaluate import evaluate
     from dtune.flops import FlopCounts, attention_pairs, device_peak_flops, peak_memory_bytes
     from dtune.loss import CompletionLoss
     from dtune.model import build_model, load_tokenizer
     from dtune.optim import build_optimizer, build_scheduler
-    from dtune.preempt import Preempted, Preemption
+    from dtune.preempt import Preempted
     from dtune.tracking import NullTracker, Tracker
 
-    validate(cfg)
-    _quiet_libraries()
-    engine = Engine(cfg)
-    torch.manual_seed(cfg.train.seed)
-    if not engine.is_main:  # one console voice per job: other ranks only warn (their full log is in their file)
-        for handler in logging.getLogger().handlers:
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                handler.setLevel(logging.WARNING)
-
-    resume_from = find_resume_checkpoint(cfg.train.resume, output_dir)
+    # Rank 0 chooses, so that every rank loads the same checkpoint whatever its view of a shared filesystem.
+    resume_from = engine.on_main(lambda: find_resume_checkpoint(cfg.train.resume, output_dir))
     saved = None
     if resume_from is not None:
         saved = load_checkpoint(resume_from)
@@ -164,7 +172,9 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
                 engine.world_size,
             )
         engine.set_rng_state(rng[engine.rank % len(rng)])
-        start_step, tokens_seen, before, run_id = state["step"], state["tokens_seen"], state["before"], state.get("wandb_id")
+        start_step, tokens_seen, before = state["step"], state["tokens_seen"], state["before"]
+        if resume_from.parent.parent.resolve() == output_dir.resolve():
+            run_id = state.get("wandb_id")  # the same run going on: the same W&B run; from another run's: a new one
 
     tracker = (
         Tracker(cfg, output_dir, resume_step=start_step if saved else None, run_id=run_id) if engine.is_main else NullTracker()
@@ -221,86 +231,86 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
     )
     segment_tokens = 0
     started = time.perf_counter()
-    with Preemption() as preemption:
-        for step in range(start_step + 1, max_steps + 1):
-            t0 = time.perf_counter()
-            micro = [{k: v.to(engine.device) for k, v in mb.items()} for mb in next(steps)]
-            lr = scheduler.get_last_lr()[0]
-            train_loss = accumulate_gradients(loss_model, micro, engine)
-            grad_norm = engine.step(loss_model, optimizer, scheduler, cfg.optim.max_grad_norm)
-
-            counts = [
-                [int(real_tokens(m["attention_mask"])), int((m["labels"][:, 1:] != IGNORE).sum()), attention_pairs(m)]
-                for m in micro
-            ]
-            step_seen, labelled, pairs = (int(v) for v in engine.sum(torch.tensor(counts, device=engine.device).sum(dim=0)))
-            tokens_seen += step_seen
-            segment_tokens += step_seen
-            elapsed = time.perf_counter() - t0
-            metrics = {
-                "train/loss": train_loss,
-                "train/lr": lr,
-                "train/grad_norm": grad_norm,
-                "train/tokens_per_s": step_seen / elapsed,
-                "train/tokens_per_s_per_device": step_seen / elapsed / engine.world_size,
-                "train/tokens": tokens_seen,
-                **throughput(flops.step(step_seen, labelled, pairs), elapsed, engine.world_size, peak_flops),
-            }
-            if step % cfg.logger.log_every == 0 or step == max_steps or step == start_step + 1:
-                peak, _ = peak_memory_bytes(engine.device)
-                metrics["train/peak_mem_gib"] = engine.max(peak) / 2**30
-                tracker.log(metrics, step=step)
-            bar.set_postfix(progress_fields(metrics))
-            bar.update(1)
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < max_steps:
-                mid = evaluate(loss_model, *eval_args)
-                tracker.log(mid, step=step)
-                bar.write(f"step {step}: {_fmt(mid)}")
-            if engine.any(preemption.requested):  # every rank stops after the same step
-                bar.close()
-                write_checkpoint(
-                    step, f"preempted: {preemption.received.name if preemption.received else 'signal on another rank'}"
-                )
-                tracker.preempted()
-                tracker.finish()
-                raise Preempted(step, preemption.received, preemption.previous_handler())
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < max_steps:
-                write_checkpoint(step, "interval")
-        # Signals stay caught until the end: one arriving now cannot cut the final evaluation and save short.
+    if engine.any(preemption.requested):  # it came while setting up: nothing new to save
         bar.close()
-        train_time = time.perf_counter() - started
-
-        after = evaluate(loss_model, *eval_args)
-        tracker.log(after, step=max_steps)
-        adapter = write_checkpoint(max_steps, "end")
-        results: dict[str, Any] = {
-            "before": before,
-            "after": after,
-            "steps": max_steps,
-            "resumed_from_step": start_step if saved else None,
-            "train_tokens": tokens_seen,
-            "train_time_s": round(train_time, 2),
-            "tokens_per_s": round(segment_tokens / max(train_time, 1e-9), 1),
-            "tokens_per_s_per_device": round(segment_tokens / max(train_time, 1e-9) / engine.world_size, 1),
-            "peak_memory": dict(zip(("bytes", "kind"), peak_memory_bytes(engine.device), strict=True)),
-            "flop_counts": asdict(flops),
-            "data": asdict(stats),
-            "param_bytes_rank0": held,
-            "wandb": tracker.info,
-        }
-        if cfg.train.save_adapter and engine.is_main:
-            results["adapter"] = str(save_adapter(engine.unwrap(loss_model).model, output_dir / "adapter", adapter))
-        engine.barrier()
-        if engine.is_main:
-            log.info(
-                "held-out evaluation (%d samples), before and after training:\n%s",
-                stats.eval_rows,
-                format_comparison(before, after),
-            )
-            (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-            tracker.summary({f"final/{k}": v for k, v in after.items()})
-            log.info("outputs in %s", output_dir)
+        tracker.preempted()
         tracker.finish()
+        raise Preempted(start_step, preemption.received, preemption.previous_handler())
+    for step in range(start_step + 1, max_steps + 1):
+        t0 = time.perf_counter()
+        micro = [{k: v.to(engine.device) for k, v in mb.items()} for mb in next(steps)]
+        lr = scheduler.get_last_lr()[0]
+        train_loss = accumulate_gradients(loss_model, micro, engine)
+        grad_norm = engine.step(loss_model, optimizer, scheduler, cfg.optim.max_grad_norm)
+
+        counts = [
+            [int(real_tokens(m["attention_mask"])), int((m["labels"][:, 1:] != IGNORE).sum()), attention_pairs(m)] for m in micro
+        ]
+        step_seen, labelled, pairs = (int(v) for v in engine.sum(torch.tensor(counts, device=engine.device).sum(dim=0)))
+        tokens_seen += step_seen
+        segment_tokens += step_seen
+        elapsed = time.perf_counter() - t0
+        metrics = {
+            "train/loss": train_loss,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/tokens_per_s": step_seen / elapsed,
+            "train/tokens_per_s_per_device": step_seen / elapsed / engine.world_size,
+            "train/tokens": tokens_seen,
+            **throughput(flops.step(step_seen, labelled, pairs), elapsed, engine.world_size, peak_flops),
+        }
+        if step % cfg.logger.log_every == 0 or step == max_steps or step == start_step + 1:
+            peak, _ = peak_memory_bytes(engine.device)
+            metrics["train/peak_mem_gib"] = engine.max(peak) / 2**30
+            tracker.log(metrics, step=step)
+        bar.set_postfix(progress_fields(metrics))
+        bar.update(1)
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < max_steps:
+            mid = evaluate(loss_model, *eval_args)
+            tracker.log(mid, step=step)
+            bar.write(f"step {step}: {_fmt(mid)}")
+        if engine.any(preemption.requested):  # every rank stops after the same step
+            bar.close()
+            write_checkpoint(step, f"preempted: {preemption.received.name if preemption.received else 'signal on another rank'}")
+            tracker.preempted()
+            tracker.finish()
+            raise Preempted(step, preemption.received, preemption.previous_handler())
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < max_steps:
+            write_checkpoint(step, "interval")
+    bar.close()
+    train_time = time.perf_counter() - started
+
+    after = evaluate(loss_model, *eval_args)
+    tracker.log(after, step=max_steps)
+    adapter = write_checkpoint(max_steps, "end")
+    results: dict[str, Any] = {
+        "before": before,
+        "after": after,
+        "steps": max_steps,
+        "resumed_from_step": start_step if saved else None,
+        "train_tokens": tokens_seen,
+        "train_time_s": round(train_time, 2),
+        "tokens_per_s": round(segment_tokens / max(train_time, 1e-9), 1),
+        "tokens_per_s_per_device": round(segment_tokens / max(train_time, 1e-9) / engine.world_size, 1),
+        "peak_memory": dict(zip(("bytes", "kind"), peak_memory_bytes(engine.device), strict=True)),
+        "flop_counts": asdict(flops),
+        "data": asdict(stats),
+        "param_bytes_rank0": held,
+        "wandb": tracker.info,
+    }
+    if cfg.train.save_adapter and engine.is_main:
+        results["adapter"] = str(save_adapter(engine.unwrap(loss_model).model, output_dir / "adapter", adapter))
+    engine.barrier()
+    if engine.is_main:
+        log.info(
+            "held-out evaluation (%d samples), before and after training:\n%s",
+            stats.eval_rows,
+            format_comparison(before, after),
+        )
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        tracker.summary({f"final/{k}": v for k, v in after.items()})
+        log.info("outputs in %s", output_dir)
+    tracker.finish()
     return results
 
 
@@ -344,14 +354,16 @@ def job_output_dir(cfg: DtuneConfig) -> Path:
 @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
 def main(dict_cfg: DictConfig) -> None:
     from dtune.engine import shutdown_distributed
-    from dtune.preempt import REQUEUE_EXIT, Preempted
+    from dtune.preempt import REQUEUE_EXIT, Preempted, under_submitit, write_status
 
     stopped: Preempted | None = None
     with user_errors():
         cfg = to_dataclass(dict_cfg)
         validate(cfg)
+        output_dir = job_output_dir(cfg)
         try:
-            run(cfg, job_output_dir(cfg))
+            run(cfg, output_dir)
+            write_status("done", cfg.train.max_steps, str(output_dir))
         except Preempted as err:
             log.warning(
                 "stopped at step %d on %s: checkpoint written; exit %d asks the launcher to requeue",
@@ -359,9 +371,14 @@ def main(dict_cfg: DictConfig) -> None:
                 err.signal_name,
                 REQUEUE_EXIT,
             )
+            write_status("preempted", err.step, str(output_dir), err.signal_name)
             stopped = err
-    shutdown_distributed(exit_code=REQUEUE_EXIT if stopped else 0, then=stopped.chain if stopped else None)
-    if stopped:
+    # Under submitit the task returns (its result is recorded) and submitit's own handler requeues the job.
+    submitit = under_submitit()
+    shutdown_distributed(
+        exit_code=REQUEUE_EXIT if stopped else 0, then=stopped.chain if stopped else None, exit_process=not submitit
+    )
+    if stopped and not submitit:
         raise SystemExit(REQUEUE_EXIT)
 
 

@@ -5,8 +5,9 @@
 # Slurm signals this shell (--signal=B:USR1@<seconds>) before the time limit; it forwards USR1 through srun to
 # torchrun on every node, which forwards it to the dtune processes (launch/torchrun.sh): they finish the step in
 # hand, write a checkpoint and exit. This script then requeues the job (scontrol requeue): the same job id comes
-# back, writes into the same outputs/slurm-<jobid>/, and resumes from the checkpoint (train.resume=auto).
-# A run that exits with 75 (it stopped on a signal Slurm sent to the processes directly) is requeued too.
+# back, writes into the same outputs/slurm-<jobid>/, and resumes from the checkpoint (train.resume=auto). A run
+# that stopped on a signal Slurm sent to its processes directly (preemption) is requeued too: dtune reports its
+# ending in $DTUNE_STATUS_FILE.
 #
 # Environment: DTUNE_REPO (the checkout; default: the directory sbatch was called from), NPROC_PER_NODE
 # (default: the GPUs Slurm gave each node), MASTER_PORT (default: derived from the job id).
@@ -28,15 +29,21 @@ if [[ -z "${NPROC_PER_NODE:-}" && -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
 fi
 echo "dtune: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $NNODES node(s): $SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT"
 
-stop=""
-forward() {
-    stop="$1"
-    echo "dtune: $1 received; dtune checkpoints after the current step and stops"
-    [[ "$1" == USR1 ]] && kill -s USR1 "$srun_pid" 2>/dev/null
+# dtune's rank 0 writes how the run ended here ("done" or "preempted"): torchrun exits 1 for any stop, so its status
+# cannot tell a checkpointed stop from a crash. On the submit directory's filesystem, which every node shares.
+export DTUNE_STATUS_FILE="${DTUNE_STATUS_FILE:-$PWD/outputs/.dtune-status-$SLURM_JOB_ID.json}"
+rm -f "$DTUNE_STATUS_FILE"
+
+warned=""
+on_usr1() {
+    warned=1
+    echo "dtune: USR1 received (time limit near); dtune checkpoints after the current step and stops"
+    kill -s USR1 "$srun_pid" 2>/dev/null
 }
-trap 'forward USR1' USR1
-# SIGTERM (preemption, scancel) reaches the job's processes from Slurm itself: only remember it.
-trap 'forward TERM' TERM
+trap on_usr1 USR1
+# SIGTERM (preemption, scancel) reaches the job's processes from Slurm itself; this shell only stays alive to
+# requeue if dtune reports a checkpointed stop.
+trap 'echo "dtune: TERM received"' TERM
 
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash "$REPO/launch/torchrun.sh" train.resume=auto "$@" &
 srun_pid=$!
@@ -47,9 +54,16 @@ while :; do
     kill -0 "$srun_pid" 2>/dev/null || break # wait also returns when a trapped signal arrives: keep waiting
 done
 
-if [[ -n "$stop" || $rc -eq 75 ]]; then
-    echo "dtune: requeueing job $SLURM_JOB_ID; it resumes from its newest checkpoint"
-    scontrol requeue "$SLURM_JOB_ID"
+status="$(cat "$DTUNE_STATUS_FILE" 2>/dev/null || true)"
+echo "dtune: srun exited $rc; dtune reported: ${status:-nothing}"
+if [[ "$status" == *'"status": "done"'* ]]; then
     exit 0
+fi
+if [[ "$status" == *'"status": "preempted"'* || -n "$warned" ]]; then
+    # A checkpointed stop, or a warned job that could not report one: go on from the newest checkpoint.
+    echo "dtune: requeueing job $SLURM_JOB_ID; it resumes from its newest checkpoint"
+    scontrol requeue "$SLURM_JOB_ID" && exit 0
+    echo "dtune: scontrol requeue failed; the job ends with 75 so that it is not taken for finished" >&2
+    exit 75
 fi
 exit "$rc"

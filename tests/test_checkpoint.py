@@ -133,7 +133,18 @@ def test_which_checkpoint_a_run_resumes_from(tmp_path: Path):
     with pytest.raises(DtuneError, match=r"train\.resume: null, but .* holds checkpoints \(newest: step 20\)"):
         find_resume_checkpoint(None, run_dir)
     with pytest.raises(DtuneError, match="neither a checkpoint nor a run directory"):
-        find_resume_checkpoint(str(tmp_path / "nope"), run_dir)
+        find_resume_checkpoint(str(tmp_path / "nope"), tmp_path / "elsewhere")
+    # Started from another run's checkpoint, stopped, requeued with the same arguments: its own checkpoints win.
+    assert find_resume_checkpoint(str(tmp_path / "nope"), run_dir) == newest
+
+
+def test_a_checkpoint_moved_aside_by_a_killed_save_is_put_back(tmp_path: Path):
+    """Saving a step that exists (a finished run resumed) moves the old copy aside, publishes the new one, then deletes
+    the old: killed in between, the old copy is whole and is restored before anything is chosen."""
+    moved = _fake_checkpoint(tmp_path, 40)
+    aside = moved.parent / ".step-00000040.tmp-old-123"
+    moved.rename(aside)
+    assert find_resume_checkpoint("auto", tmp_path) == moved and not aside.exists()
 
 
 def test_a_failed_save_leaves_the_previous_checkpoints_intact(full_run, tmp_path: Path, monkeypatch):

@@ -79,6 +79,21 @@ def test_signalled_run_checkpoints_exits_75_and_resumes_exactly(tmp_path: Path, 
     assert results["after"] == json.loads((ref / "results.json").read_text())["after"]
 
 
+def test_a_signal_while_setting_up_stops_at_once_without_a_checkpoint(tmp_path: Path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dtune.train", *SMOKE, f"hydra.run.dir={out}"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not ((out / "dtune.log").is_file() and "data:" in (out / "dtune.log").read_text()):  # handlers are set
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    assert "stopped at step 0 on SIGUSR1" in (out / "dtune.log").read_text()
+    assert not (out / "checkpoints").exists() and not (out / "results.json").exists()
+
+
 def _fake_slurm(bin_dir: Path, log: Path) -> None:
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(
@@ -119,6 +134,8 @@ def test_slurm_job_forwards_the_warning_requeues_and_the_requeued_job_resumes(tm
     stdout, stderr = batch.communicate(timeout=300)
     assert batch.returncode == 0, stdout[-2000:] + stderr[-3000:]
     assert "scontrol requeue 4242" in log.read_text()
+    status = json.loads((tmp_path / "outputs" / ".dtune-status-4242.json").read_text())
+    assert status["status"] == "preempted" and status["signal"] == "SIGUSR1" and status["output_dir"] == str(out)
     state = checkpoint_state(out)
     assert state["reason"] == "preempted: SIGUSR1" and state["world_size"] == 2
     stopped = state["step"]
@@ -135,7 +152,8 @@ def test_slurm_job_forwards_the_warning_requeues_and_the_requeued_job_resumes(tm
         timeout=600,
     )
     assert requeued.returncode == 0, requeued.stderr[-3000:]
-    assert "requeue" not in log.read_text()
+    assert "requeue" not in log.read_text()  # finished: not requeued
+    assert json.loads((tmp_path / "outputs" / ".dtune-status-4242.json").read_text())["status"] == "done"
     results = json.loads((out / "results.json").read_text())
     assert results["resumed_from_step"] == stopped and results["steps"] == 100
     assert [r["step"] for r in train_records(out)] == list(range(1, 101))  # every step once, none lost or repeated
