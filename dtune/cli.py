@@ -13,6 +13,7 @@ USAGE = """usage: dtune <command> [args]
 
 commands:
   train     fine-tune: dtune train [key=value ...] [--multirun] [--config-dir DIR] [--cfg job]
+  plan      predict per-GPU peak memory: dtune plan [--gpu-mem 80GiB] [--world-size N] [--measure] [key=value ...]
   version   print dtune's version
 
 Run 'dtune train --help' for the config groups and their options."""
@@ -36,6 +37,11 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.argv = ["dtune train", *rest]  # Hydra reads its overrides from sys.argv
         train.main()
+    elif command == "plan":
+        offline_defaults()
+        from dtune import plan
+
+        sys.exit(plan.main(rest))
     elif command in ("version", "--version"):
         from importlib.metadata import version
 

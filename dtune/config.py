@@ -210,6 +210,11 @@ class TrainConfig:
     checkpoints)."""
     output_dir: str | None = None
     """Where outputs go; null: Hydra's run directory."""
+    gpu_mem: str | None = None
+    """Memory of one GPU to check the memory plan against before training (e.g. 80GiB); null: the GPU's own (no
+    check on the CPU). See `dtune plan`."""
+    force: bool = False
+    """Train even when the memory plan predicts the config does not fit."""
     peak_tflops: float | None = None
     """Peak dense TFLOP/s of one device at train.precision, for MFU; null: looked up by GPU name (see dtune.flops)."""
 

@@ -229,8 +229,8 @@ def probe_activations(cfg: DtuneConfig, model: nn.Module, config: Any) -> dict[s
             out.float().sum().backward()
         return saved, live.peak - before
 
-    (s1, p1), (s2, p2) = run(64), run(192)
-    return {"saved_per_token": (s2 - s1) / 128, "backward_peak_per_token": (p2 - p1) / 128}
+    (s1, p1), (s2, p2) = run(32), run(96)
+    return {"saved_per_token": (s2 - s1) / 64, "backward_peak_per_token": (p2 - p1) / 64}
 
 
 class _Linear4bitStandIn(nn.Linear):
@@ -376,6 +376,25 @@ def fit(cfg: DtuneConfig, world_size: int, gpu_bytes: int) -> tuple[Plan, int, l
     return plan, largest, ideas
 
 
+def check_fits(cfg: DtuneConfig, world_size: int) -> str | None:
+    """Before training: the plan's table if a GPU memory is known (``train.gpu_mem`` or this GPU's), else None.
+    Raises ConfigError when the config is predicted not to fit, unless ``train.force``."""
+    gpu = parse_bytes(cfg.train.gpu_mem) if cfg.train.gpu_mem else gpu_memory()
+    if not gpu:
+        return None
+    plan, largest, ideas = fit(cfg, world_size, gpu)
+    table = format_plan(plan, gpu)
+    if plan.needed > gpu and not cfg.train.force:
+        hint = (f"largest micro-batch that fits: {largest}; " if largest else "") + (
+            "would fit: " + "; ".join(ideas) if ideas else "no single change found that fits"
+        )
+        raise ConfigError(
+            f"train.gpu_mem: predicted to need {plan.needed / GiB:.2f} GiB per GPU, {gpu / GiB:.2f} GiB available "
+            f"({hint}); train.force=true trains anyway\n{table}"
+        )
+    return table
+
+
 def format_plan(plan: Plan, gpu_bytes: int | None = None, measured: dict[str, int] | None = None) -> str:
     rows = [f"{'component':<34}{'predicted':>12}  note"]
     for name, size in plan.components.items():
@@ -463,7 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from dtune.errors import user_errors
+    from dtune.train import _quiet_libraries
 
+    _quiet_libraries()
     with user_errors():
         cfg = compose(args.overrides)
         world = args.world_size or cfg.launcher.nproc_per_node * cfg.launcher.nnodes
@@ -491,11 +512,16 @@ def gpu_memory() -> int | None:
 def compose(overrides: list[str]) -> DtuneConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     from dtune.config import conf_dir, to_dataclass, validate
 
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        cfg = to_dataclass(hydra_compose(config_name="config", overrides=list(overrides)))
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            cfg = to_dataclass(hydra_compose(config_name="config", overrides=list(overrides)))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"overrides: {str(err).splitlines()[0]}") from None
     validate(cfg)
     return cfg
 

@@ -87,6 +87,12 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
         for handler in logging.getLogger().handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 handler.setLevel(logging.WARNING)
+    from dtune.plan import check_fits
+
+    # Know before loading: the memory plan (rank 0, sent to all), refusing a config predicted not to fit the GPU.
+    table = engine.on_main(lambda: check_fits(cfg, engine.world_size))
+    if table:
+        log.info("memory plan (per GPU):\n%s", table)
     with Preemption() as preemption:  # from here on a stop signal is honoured at the next step boundary
         return _train(cfg, output_dir, engine, preemption)
 

@@ -1,0 +1,114 @@
+"""`dtune plan`: predicted per-GPU memory against the memory a run really holds, and the plan from a config alone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dtune.errors import ConfigError
+from dtune.plan import GiB, fit, make_plan, measure, parse_bytes
+from tests.conftest import compose_config
+from tests.test_cli import ENV, SMOKE
+
+LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": False,
+}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=tiny_llama", "train.micro_batch_size=8", "data.max_seq_len=256", "train.precision=fp32"],
+        ["model=tiny_llama", "train.micro_batch_size=4", "data.max_seq_len=512", "model.gradient_checkpointing=false"],
+        ["model=smollm2_135m", "train.micro_batch_size=2", "data.max_seq_len=256"],
+        [
+            "model=smollm2_135m",
+            "train.micro_batch_size=2",
+            "data.max_seq_len=256",
+            "data.train_on=all",
+            "model.gradient_checkpointing=false",
+        ],
+        ["model=smollm2_135m", "train.micro_batch_size=4", "data.max_seq_len=128", "lora=attn_only", "lora.r=64"],
+    ],
+    ids=["tiny-fp32", "tiny-no-ckpt", "smollm2", "smollm2-no-ckpt-all-tokens", "smollm2-attn-r64"],
+)
+def test_predicted_peak_is_within_ten_percent_of_the_measured_one(overrides: list[str]):
+    """The run's real peak of live tensor bytes (two optimizer steps, counted at the dispatcher on the CPU)."""
+    cfg = compose_config(["logger=none", *overrides])
+    predicted = make_plan(cfg, world_size=1).peak
+    (measured,) = measure(cfg).values()
+    assert measured == pytest.approx(predicted, rel=0.10), (
+        f"measured {measured / GiB:.3f} GiB, predicted {predicted / GiB:.3f} GiB"
+    )
+
+
+@pytest.fixture
+def llama_8b(tmp_path: Path) -> Path:
+    """A Llama-3-8B-shaped model directory holding nothing but its config.json."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_8B))
+    return tmp_path
+
+
+def test_an_8b_plan_from_its_config_alone(llama_8b: Path):
+    base = ["logger=none", f"model.name_or_path={llama_8b}", "data.max_seq_len=2048", "train.micro_batch_size=4"]
+    one = make_plan(compose_config(base), world_size=1)
+    packed = one.components["base (packed 4-bit + constants)"]
+    linear = 32 * (4096 * (4096 + 1024 + 1024 + 4096) + 3 * 4096 * 14336)  # all decoder linears, head excluded
+    assert linear * 0.5 < packed < linear * 0.53  # 4 bits + double-quant constants (~0.127 bits) per weight
+    assert one.components["base (other, fp32)"] >= 2 * 128256 * 4096 * 4  # embeddings and untied head, upcast
+    assert one.components["activations (kept)"] == 32 * 4 * 2048 * 4096 * 4  # fp32 layer inputs (checkpointing)
+
+    sharded = make_plan(compose_config([*base, "engine=zero3"]), world_size=8)
+    assert sharded.components["base (packed 4-bit + constants)"] == packed // 8
+    n_lora = 32 * 16 * ((4096 + 4096) + 2 * (4096 + 1024) + (4096 + 4096) + 2 * (4096 + 14336) + (14336 + 4096))
+    assert one.components["optimizer states"] == 8 * n_lora  # Adam's two fp32 moments
+    assert sharded.components["optimizer states"] == 12 * n_lora // 8  # + DeepSpeed's fp32 masters, over 8 ranks
+    offload = make_plan(compose_config([*base, "engine=zero3_offload"]), world_size=8)
+    assert offload.components["optimizer states"] == 0 and offload.components["base (packed 4-bit + constants)"] == 0
+    no_ckpt = make_plan(compose_config([*base, "model.gradient_checkpointing=false"]), world_size=1)
+    assert no_ckpt.components["activations (kept)"] > 5 * one.components["activations (kept)"]
+
+    plan, largest, ideas = fit(compose_config([*base, "train.micro_batch_size=16"]), 1, parse_bytes("40GiB"))
+    assert plan.needed > 40 * GiB and 1 <= largest < 16
+    assert make_plan(compose_config([*base, f"train.micro_batch_size={largest}"]), 1).needed <= 40 * GiB
+    assert make_plan(compose_config([*base, f"train.micro_batch_size={largest + 1}"]), 1).needed > 40 * GiB
+    assert any(i.startswith(f"train.micro_batch_size={largest} ") for i in ideas)
+
+
+def test_dtune_plan_command(llama_8b: Path, tmp_path: Path):
+    cmd = [sys.executable, "-m", "dtune", "plan", "--gpu-mem", "80GiB", f"model.name_or_path={llama_8b}", "logger=none"]
+    fits = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert fits.returncode == 0, fits.stderr[-3000:]
+    assert "verdict: fits in 80.0 GiB" in fits.stdout and "largest micro-batch that fits" in fits.stdout
+    small = subprocess.run([*cmd[:5], "8GiB", *cmd[6:]], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert small.returncode == 1 and "does NOT fit in 8.0 GiB" in small.stdout
+
+
+def test_training_refuses_a_config_predicted_not_to_fit(tmp_path: Path):
+    cmd = [sys.executable, "-m", "dtune.train", *SMOKE, "train.gpu_mem=700MiB", f"hydra.run.dir={tmp_path / 'run'}"]
+    refused = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2
+    assert "dtune: error: train.gpu_mem: predicted to need" in refused.stderr and "train.force=true" in refused.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    forced = subprocess.run([*cmd, "train.force=true"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert "memory plan (per GPU)" in (tmp_path / "run" / "dtune.log").read_text()
+
+
+def test_gpu_memory_sizes():
+    assert parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("40GB") == 40 * 10**9 and parse_bytes("24G") == 24 * 2**30
+    with pytest.raises(ConfigError, match="--gpu-mem"):
+        parse_bytes("lots")
