@@ -14,6 +14,8 @@ USAGE = """usage: dtune <command> [args]
 commands:
   train     fine-tune: dtune train [key=value ...] [--multirun] [--config-dir DIR] [--cfg job]
   plan      predict per-GPU peak memory: dtune plan [--gpu-mem 80GiB] [--world-size N] [--measure] [key=value ...]
+  doctor    check every node and rank (versions, GPUs, barrier, all-reduce and link bandwidth); run it under
+            torchrun or srun like training: torchrun --nproc_per_node 8 $(which dtune) doctor
   version   print dtune's version
 
 Run 'dtune train --help' for the config groups and their options."""
@@ -42,6 +44,10 @@ def main(argv: list[str] | None = None) -> None:
         from dtune import plan
 
         sys.exit(plan.main(rest))
+    elif command == "doctor":
+        from dtune import doctor
+
+        sys.exit(doctor.main(rest))
     elif command in ("version", "--version"):
         from importlib.metadata import version
 
