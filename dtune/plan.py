@@ -466,6 +466,47 @@ class _NoSchedule:
         pass
 
 
+# Configs the validation benchmark runs (dtune plan --validate): small enough for a CPU, spanning what the plan models.
+VALIDATION_GRID = (
+    ("tiny, fp32", ["model=tiny_llama", "train.micro_batch_size=8", "data.max_seq_len=256", "train.precision=fp32"]),
+    (
+        "tiny, no checkpointing",
+        ["model=tiny_llama", "train.micro_batch_size=4", "data.max_seq_len=512", "model.gradient_checkpointing=false"],
+    ),
+    ("SmolLM2-135M", ["model=smollm2_135m", "train.micro_batch_size=2", "data.max_seq_len=256"]),
+    (
+        "SmolLM2-135M, no ckpt, all tokens",
+        [
+            "model=smollm2_135m",
+            "train.micro_batch_size=2",
+            "data.max_seq_len=256",
+            "data.train_on=all",
+            "model.gradient_checkpointing=false",
+        ],
+    ),
+    (
+        "SmolLM2-135M, attn LoRA r64",
+        ["model=smollm2_135m", "train.micro_batch_size=4", "data.max_seq_len=128", "lora=attn_only", "lora.r=64"],
+    ),
+    (
+        "SmolLM2-135M, no double quant",
+        ["model=smollm2_135m", "train.micro_batch_size=8", "data.max_seq_len=64", "quant.double_quant=false"],
+    ),
+)
+
+
+def validate_plans(grid: tuple[tuple[str, list[str]], ...], extra: list[str]) -> list[dict[str, Any]]:
+    """Predicted beside measured peak for each config of ``grid`` (one process, this machine)."""
+    rows = []
+    for name, overrides in grid:
+        cfg = compose(["logger=none", *overrides, *extra])
+        predicted = make_plan(cfg, world_size=1).peak
+        ((kind, measured),) = measure(cfg).items()
+        rows.append({"config": name, "overrides": overrides, "predicted": predicted, "measured": measured, "kind": kind})
+        print(f"{name:<36}{predicted / GiB:>10.3f} G{measured / GiB:>10.3f} G{measured / predicted:>9.1%}", flush=True)
+    return rows
+
+
 # --------------------------------------------------------------------------------------------- command line
 
 
@@ -478,6 +519,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-mem", help="memory of one GPU (e.g. 80GiB); default: this machine's GPU, if any")
     parser.add_argument("--world-size", type=int, help="ranks; default: launcher.nproc_per_node x launcher.nnodes")
     parser.add_argument("--measure", action="store_true", help="also run 2 steps here and print the measured peak")
+    parser.add_argument(
+        "--validate", action="store_true", help="benchmark: predicted vs measured for a grid of small configs, run here"
+    )
+    parser.add_argument("--json", help="with --validate: write the rows to this file")
     parser.add_argument("overrides", nargs="*", help="config overrides, as for dtune train")
     args = parser.parse_args(argv)
 
@@ -486,6 +531,22 @@ def main(argv: list[str] | None = None) -> int:
 
     _quiet_libraries()
     with user_errors():
+        if args.validate:
+            import json
+            import platform
+
+            print(f"{'config':<36}{'predicted':>12}{'measured':>12}{'ratio':>9}")
+            rows = validate_plans(VALIDATION_GRID, args.overrides)
+            worst = max(abs(r["measured"] / r["predicted"] - 1) for r in rows)
+            print(f"largest deviation: {worst:.1%} ({rows[0]['kind']}, {platform.processor() or platform.machine()})")
+            if args.json:
+                meta = {
+                    "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                }
+                with open(args.json, "w") as f:
+                    json.dump({"meta": meta, "rows": rows}, f, indent=2)
+            return 0
         cfg = compose(args.overrides)
         world = args.world_size or cfg.launcher.nproc_per_node * cfg.launcher.nnodes
         gpu = parse_bytes(args.gpu_mem) if args.gpu_mem else gpu_memory()

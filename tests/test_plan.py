@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dtune.errors import ConfigError
-from dtune.plan import GiB, fit, make_plan, measure, parse_bytes
+from dtune.plan import VALIDATION_GRID, GiB, fit, make_plan, measure, parse_bytes
 from tests.conftest import compose_config
 from tests.test_cli import ENV, SMOKE
 
@@ -28,23 +28,7 @@ LLAMA_8B = {
 }
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ["model=tiny_llama", "train.micro_batch_size=8", "data.max_seq_len=256", "train.precision=fp32"],
-        ["model=tiny_llama", "train.micro_batch_size=4", "data.max_seq_len=512", "model.gradient_checkpointing=false"],
-        ["model=smollm2_135m", "train.micro_batch_size=2", "data.max_seq_len=256"],
-        [
-            "model=smollm2_135m",
-            "train.micro_batch_size=2",
-            "data.max_seq_len=256",
-            "data.train_on=all",
-            "model.gradient_checkpointing=false",
-        ],
-        ["model=smollm2_135m", "train.micro_batch_size=4", "data.max_seq_len=128", "lora=attn_only", "lora.r=64"],
-    ],
-    ids=["tiny-fp32", "tiny-no-ckpt", "smollm2", "smollm2-no-ckpt-all-tokens", "smollm2-attn-r64"],
-)
+@pytest.mark.parametrize("overrides", [o for _, o in VALIDATION_GRID], ids=[n for n, _ in VALIDATION_GRID])
 def test_predicted_peak_is_within_ten_percent_of_the_measured_one(overrides: list[str]):
     """The run's real peak of live tensor bytes (two optimizer steps, counted at the dispatcher on the CPU)."""
     cfg = compose_config(["logger=none", *overrides])
