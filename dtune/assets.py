@@ -8,6 +8,8 @@ under dtune's cache (``$DTUNE_CACHE``, default ``~/.cache/dtune``), built on fir
   we dequantize it once through transformers' GGUF reader and cache a plain bf16 safetensors copy, which reloads
   in a fraction of a second. The tokenizer and chat template come from the same file.
 * ``builtin:tiny-llama`` -- a randomly initialised 2-layer Llama (hidden 64) with the SmolLM2 tokenizer, for tests
+* ``builtin:shape-llama-{1b,3b,8b}`` -- random weights in the shapes of Llama 3.2 1B/3B and 3.1 8B, for benchmarks
+  (built on first use: 2.5 / 6.4 / 16 GB on disk)
   and smoke runs. Seeded, so every machine builds the same weights.
 
 The build happens under a file lock and lands by an atomic rename, so concurrent ranks or jobs never see a
@@ -132,9 +134,70 @@ def _build_tiny_llama(out: Path) -> None:
     (out / "PROVENANCE.md").write_text("Random tiny Llama (seed 0) with the SmolLM2-135M-Instruct tokenizer, built by dtune.\n")
 
 
+# Shapes of Llama 3.2 1B / 3B and Llama 3.1 8B (their config.json), for benchmarks: random weights, no download.
+LLAMA_SHAPES: dict[str, dict[str, object]] = {
+    "1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "tie_word_embeddings": True,
+    },
+    "3b": {
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 24,
+        "tie_word_embeddings": True,
+    },
+    "8b": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "tie_word_embeddings": False,
+    },
+}
+
+
+def _build_shaped_llama(size: str) -> Callable[[Path], None]:
+    def build(out: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m-instruct"))
+        config = LlamaConfig(
+            vocab_size=128256,  # Llama 3's; the SmolLM2 tokenizer's ids (< 49152) index into it
+            num_key_value_heads=8,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **LLAMA_SHAPES[size],
+        )
+        config.dtype = "bfloat16"
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+        model = model.to_empty(device="cpu").to(torch.bfloat16)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():  # initialised once, without transformers' slow per-module init
+                p.normal_(0.0, 0.02, generator=generator) if p.dim() > 1 else p.fill_(1.0)
+        model.tie_weights()
+        model.save_pretrained(out, safe_serialization=True, max_shard_size="4GB")
+        tokenizer.save_pretrained(out)
+        (out / "PROVENANCE.md").write_text(
+            f"Random weights (seed 0) in the shape of Llama 3 {size.upper()}, for benchmarks; built by dtune.\n"
+        )
+
+    return build
+
+
 BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {
     "smollm2-135m-instruct": _build_smollm2,
     "tiny-llama": _build_tiny_llama,
+    **{f"shape-llama-{size}": _build_shaped_llama(size) for size in LLAMA_SHAPES},
 }
 
 

@@ -427,6 +427,8 @@ def measure(cfg: DtuneConfig, steps: int = 2) -> dict[str, int]:
     """Run ``steps`` optimizer steps of ``cfg`` in this process on full-length synthetic batches (the plan's worst
     case) and return the peak tensor memory: ``torch.cuda.max_memory_allocated`` on a GPU, live tensor bytes
     counted at the dispatcher on the CPU."""
+    import gc
+
     from dtune.engine import Engine
     from dtune.loss import CompletionLoss
     from dtune.model import build_model
@@ -435,7 +437,9 @@ def measure(cfg: DtuneConfig, steps: int = 2) -> dict[str, int]:
 
     engine = Engine(cfg)
     cuda = engine.device.type == "cuda"
+    gc.collect()  # what an earlier measurement in this process left
     if cuda:
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(engine.device)
     model = build_model(cfg, engine.load_device)
     loss_model = CompletionLoss(model)
@@ -495,6 +499,16 @@ VALIDATION_GRID = (
 )
 
 
+# On a GPU, --validate adds Llama-3-shaped models with random weights (builtin:shape-llama-*, built on first use).
+GPU_VALIDATION_GRID = tuple(
+    (
+        f"Llama-{size.upper()}-shaped, {micro}x{seq}",
+        [f"model.name_or_path=builtin:shape-llama-{size}", f"train.micro_batch_size={micro}", f"data.max_seq_len={seq}"],
+    )
+    for size, micro, seq in (("1b", 4, 2048), ("3b", 2, 2048), ("8b", 2, 2048), ("8b", 1, 4096))
+)
+
+
 def validate_plans(grid: tuple[tuple[str, list[str]], ...], extra: list[str]) -> list[dict[str, Any]]:
     """Predicted beside measured peak for each config of ``grid`` (one process, this machine)."""
     rows = []
@@ -536,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
             import platform
 
             print(f"{'config':<36}{'predicted':>12}{'measured':>12}{'ratio':>9}")
-            rows = validate_plans(VALIDATION_GRID, args.overrides)
+            grid = VALIDATION_GRID + (GPU_VALIDATION_GRID if torch.cuda.is_available() else ())
+            rows = validate_plans(grid, args.overrides)
             worst = max(abs(r["measured"] / r["predicted"] - 1) for r in rows)
             print(f"largest deviation: {worst:.1%} ({rows[0]['kind']}, {platform.processor() or platform.machine()})")
             if args.json:

@@ -96,3 +96,27 @@ def test_gpu_memory_sizes():
     assert parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("40GB") == 40 * 10**9 and parse_bytes("24G") == 24 * 2**30
     with pytest.raises(ConfigError, match="--gpu-mem"):
         parse_bytes("lots")
+
+
+def test_a_llama3_shaped_random_model_is_planned_within_ten_percent(tmp_path: Path, monkeypatch):
+    """The builder of builtin:shape-llama-* (GPU benchmarks) on a small shape with Llama 3's 128k vocabulary."""
+    from dtune import assets
+
+    monkeypatch.setitem(
+        assets.LLAMA_SHAPES,
+        "test",
+        {
+            "hidden_size": 128,
+            "intermediate_size": 448,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "tie_word_embeddings": False,
+        },
+    )
+    assets._build_shaped_llama("test")(tmp_path)
+    cfg = compose_config(["logger=none", f"model.name_or_path={tmp_path}", "train.micro_batch_size=2", "data.max_seq_len=128"])
+    predicted = make_plan(cfg, world_size=1).peak
+    (measured,) = measure(cfg).values()
+    assert measured == pytest.approx(predicted, rel=0.10), (
+        f"measured {measured / GiB:.3f} GiB, predicted {predicted / GiB:.3f} GiB"
+    )

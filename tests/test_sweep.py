@@ -83,8 +83,8 @@ def test_slurm_launcher_config_renders_the_sbatch_script(tmp_path: Path, monkeyp
     overrides = [
         "launcher=slurm",  # selects hydra/launcher=slurm
         "hydra.launcher.partition=a100",
-        "hydra.launcher.nodes=2",
-        "hydra.launcher.gpus_per_node=4",
+        "launcher.nnodes=2",
+        "launcher.nproc_per_node=4",
         "hydra.launcher.timeout_min=600",
         f"hydra.sweep.dir={sweep}",
     ]
