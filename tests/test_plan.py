@@ -109,7 +109,7 @@ def test_a_llama3_shaped_random_model_is_planned_within_ten_percent(tmp_path: Pa
             "hidden_size": 128,
             "intermediate_size": 448,
             "num_hidden_layers": 2,
-            "num_attention_heads": 4,
+            "num_attention_heads": 8,
             "tie_word_embeddings": False,
         },
     )
