@@ -14,6 +14,9 @@ USAGE = """usage: dtune <command> [args]
 commands:
   train     fine-tune: dtune train [key=value ...] [--multirun] [--config-dir DIR] [--cfg job]
   plan      predict per-GPU peak memory: dtune plan [--gpu-mem 80GiB] [--world-size N] [--measure] [key=value ...]
+  merge     base + adapter -> a standalone model: dtune merge RUN [--out DIR] [--dtype bf16] [--into dequantized|original]
+  generate  answer prompts with base + adapter, streamed: dtune generate RUN --prompt TEXT [--prompts FILE.jsonl]
+  eval      base vs base + adapter on held-out data and general text: dtune eval RUN [data.key=value ...]
   doctor    check every node and rank (versions, GPUs, barrier, all-reduce and link bandwidth); run it under
             torchrun or srun like training: torchrun --nproc_per_node 8 $(which dtune) doctor
   version   print dtune's version
@@ -44,6 +47,12 @@ def main(argv: list[str] | None = None) -> None:
         from dtune import plan
 
         sys.exit(plan.main(rest))
+    elif command in ("merge", "generate", "eval"):
+        offline_defaults()
+        from importlib import import_module
+
+        module = import_module({"merge": "dtune.merge", "generate": "dtune.generate", "eval": "dtune.evaluate"}[command])
+        sys.exit(module.main(rest))
     elif command == "doctor":
         from dtune import doctor
 

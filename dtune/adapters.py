@@ -1,0 +1,158 @@
+"""Finding and loading what a run trained, for ``dtune merge``, ``dtune generate`` and ``dtune eval``.
+
+A *trained* thing may be named by a run directory (its ``adapter/``, else its newest checkpoint), a checkpoint
+directory, or a bare PEFT adapter directory. The run's config (``config.yaml`` of a checkpoint,
+``config_resolved.yaml`` of a run) says which base model and quantization it was trained with; for a bare adapter,
+``--base`` or the adapter's own ``base_model_name_or_path``. Before loading, the adapter's tensors are checked
+against the base's layers, so an adapter made for another base fails with a message, not a shape traceback.
+Pickled weights (``*.bin``) are refused unless the user asks (``--allow-pickle``): unpickling can run code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dtune.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS, checkpoints
+from dtune.config import DtuneConfig
+from dtune.errors import DtuneError
+
+log = logging.getLogger(__name__)
+
+PICKLED_ADAPTER = "adapter_model.bin"
+
+
+@dataclass
+class Trained:
+    adapter_dir: Path
+    cfg: DtuneConfig
+    """The training run's config; ``cfg.model.name_or_path`` is the base."""
+    source: str
+    """Where the config came from (for messages)."""
+
+
+def _run_config(path: Path) -> tuple[DtuneConfig, str] | None:
+    from omegaconf import OmegaConf
+
+    for name in ("config.yaml", "config_resolved.yaml"):
+        file = path / name
+        if file.is_file():
+            merged = OmegaConf.merge(OmegaConf.structured(DtuneConfig), OmegaConf.load(file))
+            return OmegaConf.to_object(merged), str(file)
+    return None
+
+
+def locate(path: str | Path, base: str | None = None, allow_pickle: bool = False) -> Trained:
+    """The adapter and training config that ``path`` names (see module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise DtuneError(f"{path}: no such run, checkpoint or adapter directory")
+    if (path / ADAPTER_CONFIG).is_file():
+        adapter, config_dirs = path, [path.parent, path.parent.parent]  # <run>/adapter or <checkpoint>/adapter
+    elif (path / "adapter" / ADAPTER_CONFIG).is_file():
+        adapter, config_dirs = path / "adapter", [path]
+    elif found := checkpoints(path / CHECKPOINTS):
+        adapter, config_dirs = found[-1][1] / "adapter", [found[-1][1]]
+    else:
+        raise DtuneError(f"{path}: holds no adapter ({ADAPTER_CONFIG}), adapter/ folder or complete checkpoint")
+    check_files(adapter, allow_pickle)
+    run = next((found for d in config_dirs if (found := _run_config(d))), None)
+    if run is None:
+        declared = json.loads((adapter / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        if not (base or declared):
+            raise DtuneError(f"{adapter}: no training config beside it and no base named; pass --base MODEL_DIR")
+        cfg, source = DtuneConfig(), f"{adapter / ADAPTER_CONFIG}"
+        cfg.model.name_or_path = str(base or declared)
+    else:
+        cfg, source = run
+    if base:
+        cfg.model.name_or_path = base
+    return Trained(adapter, cfg, source)
+
+
+def check_files(adapter: Path, allow_pickle: bool) -> None:
+    if not (adapter / ADAPTER_CONFIG).is_file():
+        raise DtuneError(f"{adapter}: missing {ADAPTER_CONFIG}")
+    if (adapter / ADAPTER_WEIGHTS).is_file():
+        return
+    if (adapter / PICKLED_ADAPTER).is_file():
+        if allow_pickle:
+            log.warning("%s: loading pickled weights (--allow-pickle)", adapter / PICKLED_ADAPTER)
+            return
+        raise DtuneError(
+            f"{adapter / PICKLED_ADAPTER}: pickled weights are not loaded (unpickling can run code); convert them to "
+            f"{ADAPTER_WEIGHTS}, or pass --allow-pickle if you trust the file"
+        )
+    raise DtuneError(f"{adapter}: missing {ADAPTER_WEIGHTS}")
+
+
+def check_compatible(adapter: Path, base: nn.Module) -> None:
+    """Every LoRA tensor of the adapter must fit a linear layer of the base: raise DtuneError naming the first that
+    does not (an adapter trained for another base)."""
+    from safetensors import safe_open
+
+    if not (adapter / ADAPTER_WEIGHTS).is_file():
+        return  # pickled (allowed by the user): PEFT's own checks apply
+    modules = dict(base.named_modules())
+    declared = json.loads((adapter / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    with safe_open(str(adapter / ADAPTER_WEIGHTS), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            shape = tuple(f.get_slice(key).get_shape())
+            name, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
+            module = modules.get(name)
+            if module is None or not hasattr(module, "in_features"):
+                raise DtuneError(f"{adapter}: adapter tensor {key} has no layer '{name}' in this base (made for {declared}?)")
+            want = (shape[0], module.in_features) if kind.startswith("A") else (module.out_features, shape[1])
+            if shape != want:
+                raise DtuneError(
+                    f"{adapter}: {key} is {list(shape)} but layer '{name}' is {module.in_features}->{module.out_features} "
+                    f"in this base: the adapter was made for another base ({declared})"
+                )
+
+
+def load_base(
+    trained: Trained, device: torch.device, quantized: bool = True, allow_pickle: bool = False, dtype: Any = None
+) -> nn.Module:
+    """The base as it was trained (4-bit when ``quantized``), in eval mode, from safetensors unless allowed."""
+    from transformers import AutoModelForCausalLM
+
+    from dtune.model import DTYPES, model_dir, pin_cpu_4bit_layout, quantization_config
+
+    cfg = trained.cfg
+    directory = model_dir(cfg)
+    if not allow_pickle and not any(directory.glob("*.safetensors")):
+        pickled = sorted(p.name for p in directory.glob("*.bin"))
+        detail = f" (it holds pickled {', '.join(pickled[:2])}: pass --allow-pickle if you trust them)" if pickled else ""
+        raise DtuneError(f"{directory}: no safetensors weights{detail}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            directory,
+            quantization_config=quantization_config(cfg) if quantized else None,
+            dtype=dtype or DTYPES[cfg.train.precision],
+            device_map={"": device},
+            use_safetensors=None if allow_pickle else True,  # None: safetensors first, pickles allowed
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    except OSError as err:
+        raise DtuneError(f"{directory}: cannot load the base model ({err})") from None
+    pin_cpu_4bit_layout(model)
+    return model.eval()
+
+
+def load_trained(trained: Trained, device: torch.device, allow_pickle: bool = False) -> nn.Module:
+    """Base (4-bit, as trained) + adapter, ready for inference."""
+    from peft import PeftModel
+
+    from dtune.model import pin_cpu_4bit_layout
+
+    base = load_base(trained, device, allow_pickle=allow_pickle)
+    check_compatible(trained.adapter_dir, base)
+    model = PeftModel.from_pretrained(base, trained.adapter_dir, is_trainable=False)
+    pin_cpu_4bit_layout(model)
+    return model.eval()

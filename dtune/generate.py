@@ -1,0 +1,138 @@
+"""``dtune generate``: the trained model answers prompts, streamed as it writes.
+
+The base loads in 4-bit exactly as it was trained, the adapter on top; each prompt is rendered as training rendered
+prompts (the tokenizer's chat template, or ChatML when it has none, with the run's system prompt; plain text with
+``--no-chat-template`` or when the run trained without a template),
+and the answer is streamed to stdout token by token. Prompts come from ``--prompt`` (repeatable) or a JSONL file
+(``{"prompt": ...}`` per line, or any record format dtune trains on); ``--out`` writes prompt/answer pairs as JSONL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtune.adapters import load_trained, locate
+from dtune.errors import DataError, user_errors
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts of a JSONL file: ``prompt`` fields, or the user turns of any dtune record format."""
+    from dtune.formats import row_from_obj
+
+    prompts = []
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{i}: malformed JSON: {err.msg} (column {err.colno})") from None
+        if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+            prompts.append(obj["prompt"])
+            continue
+        row = row_from_obj(obj, f"{path}:{i}", "chat" if isinstance(obj, dict) and "messages" in obj else "alpaca")
+        prompts.append(next(m["content"] for m in row.messages if m["role"] == "user"))
+    if not prompts:
+        raise DataError(f"{path}: no prompts")
+    return prompts
+
+
+def render(renderer: Any, prompt: str, system: str | None) -> tuple[str, bool]:
+    """The text the model sees before its answer, as training rendered prompts; and whether it is templated."""
+    if not renderer.cfg.chat_template:
+        return prompt, False
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return renderer._chat(messages, generation_prompt=True), True
+
+
+def generate(
+    model: Any,
+    renderer: Any,
+    prompts: list[str],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    system: str | None = None,
+    stream: Any = None,
+) -> list[str]:
+    """Answers to ``prompts`` (greedy when temperature is 0), each streamed to ``stream`` if given. ``renderer``:
+    dtune.data.Renderer of the run's tokenizer and data settings (the prompts are rendered as in training)."""
+    tokenizer = renderer.tok
+    answers = []
+    device = next(model.parameters()).device
+    for prompt in prompts:
+        text, templated = render(renderer, prompt, system)
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not templated).to(device)
+        streamer = None
+        if stream is not None:
+            stream.write(f"\n>>> {prompt}\n")
+            streamer = _Streamer(tokenizer, stream)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        with torch.no_grad():
+            out = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                streamer=streamer,
+                pad_token_id=tokenizer.pad_token_id,
+                **sampling,
+            )
+        answers.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    return answers
+
+
+class _Streamer:
+    """transformers' TextStreamer, writing to a stream of our choosing instead of print()."""
+
+    def __new__(cls, tokenizer: Any, stream: Any) -> Any:
+        from transformers import TextStreamer
+
+        class ToStream(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                stream.write(text + ("\n" if stream_end else ""))
+                stream.flush()
+
+        return ToStream(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dtune generate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="a run directory, checkpoint directory or adapter directory")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    parser.add_argument("--prompts", help="JSONL file of prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--system", help="system message before each prompt")
+    parser.add_argument("--no-chat-template", action="store_true", help="feed prompts as plain text")
+    parser.add_argument("--base", help="base model directory (default: the one the run trained on)")
+    parser.add_argument("--out", help="write {prompt, answer} JSONL here")
+    parser.add_argument("--allow-pickle", action="store_true", help="load pickled (.bin) weights; they can run code")
+    args = parser.parse_args(argv)
+    from dtune.data import Renderer
+    from dtune.model import load_tokenizer
+    from dtune.train import _quiet_libraries
+
+    _quiet_libraries()
+    with user_errors():
+        prompts = list(args.prompt) + (read_prompts(Path(args.prompts)) if args.prompts else [])
+        if not prompts:
+            raise DataError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE.jsonl")
+        trained = locate(args.run, args.base, args.allow_pickle)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_trained(trained, device, args.allow_pickle)
+        if args.no_chat_template:
+            trained.cfg.data.chat_template = False
+        renderer = Renderer(load_tokenizer(trained.cfg), trained.cfg.data)
+        system = args.system if args.system is not None else trained.cfg.data.system_prompt
+        answers = generate(model, renderer, prompts, args.max_new_tokens, args.temperature, args.top_p, system, sys.stdout)
+        if args.out:
+            with open(args.out, "w") as f:
+                for prompt, answer in zip(prompts, answers, strict=True):
+                    f.write(json.dumps({"prompt": prompt, "answer": answer}) + "\n")
+    return 0

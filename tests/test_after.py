@@ -1,0 +1,163 @@
+"""After training: merge (logits equal base + adapter), generate (streamed, as trained), eval (base vs adapter,
+forgetting), and clear errors for adapters that do not fit, missing files and pickled weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dtune.adapters import load_trained, locate
+from dtune.errors import DtuneError
+from dtune.train import run
+from tests.conftest import compose_config, tiny_overrides, write_jsonl
+from tests.test_distributed import COMMON, ENV, TORCHRUN, free_port
+
+
+def dtune(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dtune", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    run(compose_config(tiny_overrides(out, "optim.lr=1e-2", "train.max_steps=4")), out)
+    return out
+
+
+def logits_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.mark.parametrize("dtype, tol", [("fp32", 1e-4), ("bf16", 3e-2)])
+def test_merged_model_gives_the_logits_of_base_plus_adapter(trained_run: Path, tmp_path: Path, dtype: str, tol: float):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    proc = dtune("merge", str(trained_run), "--out", str(out), "--dtype", dtype, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    reference = load_trained(locate(trained_run), torch.device("cpu"))  # 4-bit base + adapter, as trained
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    ours, theirs = logits_of(merged, ids), logits_of(reference, ids)
+    torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
+    with reference.disable_adapter():
+        assert (logits_of(reference, ids) - theirs).abs().max() > 10 * tol  # the adapter changes the model
+
+
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_merge_from_checkpoints_written_under_sharded_engines(tmp_path: Path, engine: str):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    launch = [*TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    proc = subprocess.run(
+        [*launch, "-m", "dtune.train", *COMMON, f"engine={engine}", f"hydra.run.dir={out}"],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checkpoint = out / "checkpoints" / "step-00000002"
+    merged = tmp_path / "merged"
+    done = dtune("merge", str(checkpoint), "--out", str(merged), "--dtype", "fp32", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    reference = load_trained(locate(checkpoint), torch.device("cpu"))
+    ids = torch.arange(1, 17)[None]
+    torch.testing.assert_close(logits_of(model, ids), logits_of(reference, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_generate_streams_the_trained_models_greedy_answers(trained_run: Path, tmp_path: Path):
+    from dtune.data import Renderer
+    from dtune.generate import generate
+    from dtune.model import load_tokenizer
+
+    prompts_file = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [
+            {"prompt": "Is the following movie review positive or negative? Answer with one word.\n\nReview: A joy."},
+            {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]},
+        ],
+    )
+    out = tmp_path / "answers.jsonl"
+    proc = dtune(
+        "generate", str(trained_run), "--prompts", str(prompts_file), "--max-new-tokens", "5", "--out", str(out), cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [a["prompt"] for a in answers][1] == "Say hi."
+    assert ">>> Say hi." in proc.stdout
+    for a in answers:
+        assert a["answer"] and a["answer"] in proc.stdout  # streamed as written
+
+    trained = locate(trained_run)  # the same greedy answers, computed here
+    model = load_trained(trained, torch.device("cpu"))
+    renderer = Renderer(load_tokenizer(trained.cfg), trained.cfg.data)
+    assert generate(model, renderer, [a["prompt"] for a in answers], max_new_tokens=5) == [a["answer"] for a in answers]
+
+
+def test_eval_compares_base_and_adapter_on_task_and_general_text(trained_run: Path, tmp_path: Path):
+    report = tmp_path / "eval.json"
+    proc = dtune("eval", str(trained_run), "--general-rows", "4", "--json", str(report), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "task" in proc.stdout and "general" in proc.stdout
+    got = json.loads(report.read_text())
+    results = json.loads((trained_run / "results.json").read_text())
+    # The run's own before/after evaluation, reproduced: the same held-out rows, base and base + adapter.
+    assert got["task"]["base"]["eval/loss"] == pytest.approx(results["before"]["eval/loss"], rel=1e-4)
+    assert got["task"]["adapter"]["eval/loss"] == pytest.approx(results["after"]["eval/loss"], rel=1e-4)
+    assert set(got["general"]["base"]) == {"eval/loss", "eval/ppl"}
+    assert got["general"]["adapter"]["eval/loss"] != got["general"]["base"]["eval/loss"]
+
+
+def test_bad_inputs_are_clear_errors(trained_run: Path, tmp_path: Path):
+    from dtune.assets import resolve_model
+
+    # An adapter made for another base: the built-in SmolLM2 has other layer sizes than the tiny Llama.
+    other = dtune(
+        "generate",
+        str(trained_run),
+        "--prompt",
+        "hi",
+        "--base",
+        str(resolve_model("builtin:smollm2-135m-instruct")),
+        cwd=tmp_path,
+    )
+    assert other.returncode == 2 and "the adapter was made for another base" in other.stderr
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_run / "adapter", broken)
+    (broken / "adapter_model.safetensors").unlink()
+    missing = dtune("merge", str(broken), "--out", str(tmp_path / "m"), cwd=tmp_path)
+    assert missing.returncode == 2 and "missing adapter_model.safetensors" in missing.stderr
+    assert not (tmp_path / "m").exists()
+
+    torch.save(load_file(trained_run / "adapter" / "adapter_model.safetensors"), broken / "adapter_model.bin")
+    pickled = dtune("generate", str(broken), "--prompt", "hi", cwd=tmp_path)
+    assert pickled.returncode == 2 and "pickled weights are not loaded" in pickled.stderr and "--allow-pickle" in pickled.stderr
+    allowed = dtune("generate", str(broken), "--prompt", "hi", "--max-new-tokens", "2", "--allow-pickle", cwd=tmp_path)
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+
+    with pytest.raises(DtuneError, match="no such run"):
+        locate(tmp_path / "nothing-here")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DtuneError, match="holds no adapter"):
+        locate(tmp_path / "empty")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    refused = dtune("merge", str(trained_run), "--out", str(occupied), cwd=tmp_path)
+    assert refused.returncode == 2 and "is not empty" in refused.stderr and (occupied / "keep.txt").read_text() == "mine"
