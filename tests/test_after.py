@@ -41,8 +41,10 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(trained_run: Path, t
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged"
-    proc = dtune("merge", str(trained_run), "--out", str(out), "--dtype", dtype, cwd=tmp_path)
+    proc = dtune("merge", str(trained_run), "--out", str(out), "--dtype", dtype, "--max-shard-size", "4MB", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 2  # sharded
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
