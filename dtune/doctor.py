@@ -103,7 +103,7 @@ def _timed(fn: Any, device: torch.device, iters: int) -> float:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     # The slowest rank bounds a collective: take the maximum over ranks of each rank's median.
-    median = torch.tensor(statistics.median(times), dtype=torch.float64)
+    median = torch.tensor(statistics.median(times), dtype=torch.float64, device=device)  # NCCL reduces on the GPU
     dist.all_reduce(median, op=dist.ReduceOp.MAX)
     return float(median)
 

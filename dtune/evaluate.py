@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = OmegaConf.to_object(merged)
             assert isinstance(cfg, DtuneConfig)
         cfg.logger.wandb = False
+        # One process, whatever engine trained it (fsdp2 would want torchrun; the adapter is whole on disk).
+        cfg.engine = replace(cfg.engine, strategy="ddp", zero_stage=0, offload_optimizer=False, offload_params=False)
         engine = Engine(cfg)
         tokenizer = load_tokenizer(cfg)
         _, task, _ = load_data(cfg.data, tokenizer)

@@ -45,10 +45,21 @@ def read_prompts(path: Path) -> list[str]:
 
 def render(renderer: Any, prompt: str, system: str | None) -> tuple[str, bool]:
     """The text the model sees before its answer, as training rendered prompts; and whether it is templated."""
-    if not renderer.cfg.chat_template:
+    if not renderer.cfg.chat_template or renderer.cfg.format == "text":  # trained on plain text
         return prompt, False
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     return renderer._chat(messages, generation_prompt=True), True
+
+
+def end_of_turn(renderer: Any) -> str | None:
+    """What the chat template writes after an assistant's answer (``<|im_end|>`` for ChatML): training taught the model
+    to emit it, so generation stops there. None for plain-text runs (they stop at the tokenizer's eos)."""
+    if not renderer.cfg.chat_template or renderer.cfg.format == "text":
+        return None
+    marker = "\u2063answer\u2063"  # text no template adds itself
+    full = renderer._chat([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}])
+    tail = full[full.index(marker) + len(marker) :].strip()
+    return tail.split()[0] if tail else None
 
 
 def generate(
@@ -64,6 +75,7 @@ def generate(
     """Answers to ``prompts`` (greedy when temperature is 0), each streamed to ``stream`` if given. ``renderer``:
     dtune.data.Renderer of the run's tokenizer and data settings (the prompts are rendered as in training)."""
     tokenizer = renderer.tok
+    stop = end_of_turn(renderer)
     answers = []
     device = next(model.parameters()).device
     for prompt in prompts:
@@ -74,6 +86,8 @@ def generate(
             stream.write(f"\n>>> {prompt}\n")
             streamer = _Streamer(tokenizer, stream)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        if stop:
+            sampling.update(stop_strings=[stop], tokenizer=tokenizer)
         with torch.no_grad():
             out = model.generate(
                 **inputs,
@@ -82,7 +96,11 @@ def generate(
                 pad_token_id=tokenizer.pad_token_id,
                 **sampling,
             )
-        answers.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+        text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=False)
+        text = text.split(stop)[0] if stop else text
+        for special in tokenizer.all_special_tokens:  # eos, padding
+            text = text.replace(special, "")
+        answers.append(text.strip())
     return answers
 
 

@@ -24,6 +24,7 @@ prints measured beside predicted.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import re
 import sys
@@ -38,6 +39,8 @@ from torch.utils._pytree import tree_flatten
 
 from dtune.config import DtuneConfig
 from dtune.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 GiB = 2**30
 BLOCK = 64  # bitsandbytes 4-bit block size
@@ -140,11 +143,12 @@ def parameter_bytes(cfg: DtuneConfig, model: nn.Module) -> dict[str, int]:
     head = model.get_output_embeddings()
     head_name = next((n for n, m in model.named_modules() if m is head), "lm_head")
     quantize = cfg.quant.quant_type != "none"
-    out = {"base_4bit": 0, "base_other": 0, "lora_params": 0, "largest_linear": 0, "layer_base": 0}
+    out = {"base_4bit": 0, "base_other": 0, "lora_params": 0, "largest_linear": 0, "layer_base": 0, "root_numel": 0}
     seen: set[int] = set()
     targets = list(cfg.lora.target_modules)
     layers = _decoder_layers(model)
     first_layer = {id(p) for p in layers[0].parameters()} if layers else set()
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             numel = module.in_features * module.out_features
@@ -163,6 +167,8 @@ def parameter_bytes(cfg: DtuneConfig, model: nn.Module) -> dict[str, int]:
             out["base_other"] += 4 * p.numel()  # upcast to fp32 by prepare_model_for_kbit_training
             if id(p) in first_layer:
                 out["layer_base"] += 4 * p.numel()
+            if id(p) not in in_layers:
+                out["root_numel"] += p.numel()  # embeddings, final norm, untied head: FSDP2's root unit
     return out
 
 
@@ -179,15 +185,26 @@ def probe_activations(cfg: DtuneConfig, model: nn.Module, config: Any) -> dict[s
     (recomputation under gradient checkpointing runs the forward again there). Measured on the CPU with this run's
     compute dtype and LoRA targets; the frozen base layers stand in unquantized (bitsandbytes' matmul keeps the same
     input for backward)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
     from dtune.model import DTYPES
 
     dtype = DTYPES[cfg.train.precision]
     quantized = cfg.quant.quant_type != "none"
-    layer_cls = type(_decoder_layers(model)[0])
+    layers = _decoder_layers(model)
+    if not layers:
+        raise ConfigError(f"model: {type(model).__name__} names no decoder-layer class (_no_split_modules): cannot probe it")
+    layer_cls = type(layers[0])
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text._attn_implementation = cfg.model.attn_implementation  # eager keeps s^2 attention probabilities, sdpa does not
     rotary_cls = type(getattr(getattr(model, "model", model), "rotary_emb", None))
+    with torch.random.fork_rng(devices=[]):  # the caller's random streams (rank 0's dropout) stay as they were
+        return _probe(cfg, layer_cls, text, rotary_cls, dtype, quantized)
+
+
+def _probe(
+    cfg: DtuneConfig, layer_cls: type, text: Any, rotary_cls: type, dtype: torch.dtype, quantized: bool
+) -> dict[str, float]:
+    from peft import LoraConfig, inject_adapter_in_model
+
     torch.manual_seed(0)
     with torch.device("meta"):  # allocate without initialising (a 70B layer has 0.9B weights), then fill
         layer = layer_cls(text, layer_idx=0)
@@ -205,7 +222,11 @@ def probe_activations(cfg: DtuneConfig, model: nn.Module, config: Any) -> dict[s
             p.data = p.data.float()  # upcast like prepare_model_for_kbit_training
     targets = list(cfg.lora.target_modules)
     lora = LoraConfig(
-        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, target_modules="all-linear" if targets == ["all-linear"] else targets
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        bias=cfg.lora.bias,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
     )
     layer = inject_adapter_in_model(lora, layer)
     for name, p in layer.named_parameters():
@@ -218,7 +239,12 @@ def probe_activations(cfg: DtuneConfig, model: nn.Module, config: Any) -> dict[s
         position_ids = torch.arange(tokens)[None]
         kwargs: dict[str, Any] = {"position_ids": position_ids}
         if rotary is not None:
-            kwargs["position_embeddings"] = rotary(hidden, position_ids)
+            try:
+                kwargs["position_embeddings"] = rotary(hidden, position_ids)
+            except TypeError as err:  # e.g. per-layer-type rotary embeddings (Gemma 3)
+                raise ConfigError(
+                    f"model: cannot probe {layer_cls.__name__}: its rotary embedding takes other arguments ({err})"
+                ) from None
         live = LiveTensorBytes()
         with live, torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             before = live.current
@@ -289,6 +315,10 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
     dtype_bytes = 4 if cfg.train.precision == "fp32" else 2
     dequant = params["largest_linear"] * dtype_bytes if cfg.quant.quant_type != "none" else 0
     gathered = 2 * params["layer_base"] if shard_params and w > 1 else 0
+    if strategy == "fsdp2" and w > 1:
+        # The root unit (embeddings, final norm, head) is gathered for forward and, as the root, not resharded until
+        # the step ends: in the compute dtype, whole.
+        gathered += dtype_bytes * params["root_numel"]
 
     components = {
         "base (packed 4-bit + constants)": params["base_4bit"] // (w if shard_params else 1),
@@ -312,7 +342,7 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
         "optimizer states": "offloaded to CPU" if cfg.engine.offload_optimizer else "Adam" + (f", / {w}" if shard_opt else ""),
         "activations (kept)": "layer inputs (checkpointing)" if cfg.model.gradient_checkpointing else "every layer",
         "activations (peak phase)": f"max(1 layer + dequant, loss over {labelled:,} labelled tokens)",
-        "gathered shards": "2 layers in flight" if gathered else "",
+        "gathered shards": ("2 layers in flight" + (" + the root unit" if strategy == "fsdp2" else "")) if gathered else "",
     }
     settings = {
         "micro_batch_size": cfg.train.micro_batch_size,
@@ -382,7 +412,11 @@ def check_fits(cfg: DtuneConfig, world_size: int) -> str | None:
     gpu = parse_bytes(cfg.train.gpu_mem) if cfg.train.gpu_mem else gpu_memory()
     if not gpu:
         return None
-    plan, largest, ideas = fit(cfg, world_size, gpu)
+    try:
+        plan, largest, ideas = fit(cfg, world_size, gpu)
+    except Exception as err:  # an architecture the probe cannot run must not stop a run that would train
+        log.warning("memory plan unavailable for this model (%s: %s); training without the check", type(err).__name__, err)
+        return None
     table = format_plan(plan, gpu)
     if plan.needed > gpu and not cfg.train.force:
         hint = (f"largest micro-batch that fits: {largest}; " if largest else "") + (
@@ -569,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
             plan, largest, ideas = fit(cfg, world, gpu)
         else:
             plan, largest, ideas = make_plan(cfg, world), None, []
+        if args.measure and world != 1:
+            raise ConfigError(f"--measure: runs one process here; plan it with --world-size 1 (got {world})")
         measured = measure(cfg) if args.measure else None
         print(format_plan(plan, gpu, measured))
         if gpu:

@@ -89,11 +89,11 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
                 handler.setLevel(logging.WARNING)
     from dtune.plan import check_fits
 
-    # Know before loading: the memory plan (rank 0, sent to all), refusing a config predicted not to fit the GPU.
-    table = engine.on_main(lambda: check_fits(cfg, engine.world_size))
-    if table:
-        log.info("memory plan (per GPU):\n%s", table)
     with Preemption() as preemption:  # from here on a stop signal is honoured at the next step boundary
+        # Know before loading: the memory plan (rank 0, sent to all), refusing a config predicted not to fit the GPU.
+        table = engine.on_main(lambda: check_fits(cfg, engine.world_size))
+        if table:
+            log.info("memory plan (per GPU):\n%s", table)
         return _train(cfg, output_dir, engine, preemption)
 
 
@@ -236,6 +236,9 @@ def _train(cfg: DtuneConfig, output_dir: Path, engine: Any, preemption: Any) -> 
         dynamic_ncols=True,
     )
     segment_tokens = 0
+    if engine.device.type == "cuda":  # peak memory of the training steps, not of loading or evaluation
+        torch.cuda.reset_peak_memory_stats(engine.device)
+    train_peak = 0.0
     started = time.perf_counter()
     if engine.any(preemption.requested):  # it came while setting up: nothing new to save
         bar.close()
@@ -267,7 +270,8 @@ def _train(cfg: DtuneConfig, output_dir: Path, engine: Any, preemption: Any) -> 
         }
         if step % cfg.logger.log_every == 0 or step == max_steps or step == start_step + 1:
             peak, _ = peak_memory_bytes(engine.device)
-            metrics["train/peak_mem_gib"] = engine.max(peak) / 2**30
+            train_peak = max(train_peak, engine.max(peak))  # the fullest rank
+            metrics["train/peak_mem_gib"] = train_peak / 2**30
             tracker.log(metrics, step=step)
         bar.set_postfix(progress_fields(metrics))
         bar.update(1)
@@ -298,7 +302,8 @@ def _train(cfg: DtuneConfig, output_dir: Path, engine: Any, preemption: Any) -> 
         "train_time_s": round(train_time, 2),
         "tokens_per_s": round(segment_tokens / max(train_time, 1e-9), 1),
         "tokens_per_s_per_device": round(segment_tokens / max(train_time, 1e-9) / engine.world_size, 1),
-        "peak_memory": dict(zip(("bytes", "kind"), peak_memory_bytes(engine.device), strict=True)),
+        # Over the logged training steps, the fullest rank: CUDA max_memory_allocated, or the process's peak RSS.
+        "peak_memory": {"bytes": int(train_peak), "kind": peak_memory_bytes(engine.device)[1]},
         "flop_counts": asdict(flops),
         "data": asdict(stats),
         "param_bytes_rank0": held,

@@ -109,7 +109,7 @@ def run_dtune(engine: str, args: argparse.Namespace, workdir: Path) -> dict[str,
     return {
         "engine": engine,
         "tokens_per_s": statistics.median(r["train/tokens_per_s_per_device"] for r in steps),
-        "peak_memory_bytes": results["peak_memory"]["bytes"],
+        "peak_memory_bytes": results["peak_memory"]["bytes"],  # training steps only, like the HF side
         "peak_memory_kind": results["peak_memory"]["kind"],
         "mfu": statistics.median(r["train/mfu"] for r in steps) if steps and "train/mfu" in steps[0] else None,
     }
