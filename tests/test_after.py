@@ -163,3 +163,16 @@ def test_bad_inputs_are_clear_errors(trained_run: Path, tmp_path: Path):
     (occupied / "keep.txt").write_text("mine")
     refused = dtune("merge", str(trained_run), "--out", str(occupied), cwd=tmp_path)
     assert refused.returncode == 2 and "is not empty" in refused.stderr and (occupied / "keep.txt").read_text() == "mine"
+
+
+def test_generation_stops_where_training_taught_the_answer_to_end(tokenizer):
+    from dtune.config import DataConfig
+    from dtune.data import Renderer
+    from dtune.generate import end_of_turn, render
+
+    chat = Renderer(tokenizer, DataConfig())
+    assert end_of_turn(chat) == "<|im_end|>"  # ChatML's end of turn, which the training labels include
+    text, templated = render(chat, "Hi", "Be brief.")
+    assert templated and text.startswith("<|im_start|>system\nBe brief.") and text.endswith("<|im_start|>assistant\n")
+    plain = Renderer(tokenizer, DataConfig(format="text"))  # trained on raw text: no template, eos ends it
+    assert end_of_turn(plain) is None and render(plain, "Once upon", None) == ("Once upon", False)
