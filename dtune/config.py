@@ -210,6 +210,9 @@ class TrainConfig:
     checkpoints)."""
     output_dir: str | None = None
     """Where outputs go; null: Hydra's run directory."""
+    loss_chunk_tokens: int = 4096
+    """Compute the loss of more labelled tokens than this per micro-batch in chunks whose logits are recomputed in
+    backward (peak logits memory: one chunk); 0: all at once."""
     gpu_mem: str | None = None
     """Memory of one GPU to check the memory plan against before training (e.g. 80GiB); null: the GPU's own (no
     check on the CPU). See `dtune plan`."""
@@ -381,6 +384,7 @@ def validate(cfg: DtuneConfig) -> None:
     _one_of(e, "train.precision", cfg.train.precision, PRECISIONS)
     _positive(e, "train.checkpoint_every", cfg.train.checkpoint_every, allow_zero=True)
     _positive(e, "train.keep_checkpoints", cfg.train.keep_checkpoints)
+    _positive(e, "train.loss_chunk_tokens", cfg.train.loss_chunk_tokens, allow_zero=True)
 
     _positive(e, "data.max_seq_len", cfg.data.max_seq_len)
     _positive(e, "data.eval_size", cfg.data.eval_size, allow_zero=True)

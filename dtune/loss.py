@@ -20,9 +20,15 @@ from dtune.data import IGNORE
 
 
 class CompletionLoss(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
+    """``chunk_tokens``: in training, labelled positions beyond this many are split into chunks whose logits are
+    recomputed in backward (activation checkpointing of the head + cross-entropy), so at most one chunk's fp32
+    logits and gradients exist at a time -- 12 bytes x vocab per labelled token otherwise (1.5 GB per 1,024 tokens at
+    Llama 3's 128k vocabulary). 0: never. The extra cost is one more head forward per labelled token."""
+
+    def __init__(self, model: nn.Module, chunk_tokens: int = 0) -> None:
         super().__init__()
         self.model = model  # a PeftModel (or any transformers causal LM)
+        self.chunk_tokens = chunk_tokens
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._decoder = base.get_decoder()
         self._head = base.get_output_embeddings()
@@ -40,6 +46,9 @@ class CompletionLoss(nn.Module):
             return None
         dtype = self._head.weight.dtype if self._head.weight.dtype.is_floating_point else torch.float32
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+    def _token_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(hidden), targets, reduction="none")
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, d] -> fp32 logits [n, vocab]."""
@@ -70,7 +79,14 @@ class CompletionLoss(nn.Module):
         targets = labels[:, 1:]
         keep = targets != IGNORE  # position t predicts token t+1
         rows = keep.nonzero()[:, 0]
-        token_loss = F.cross_entropy(self.logits(hidden[:, :-1][keep]), targets[keep], reduction="none")
+        selected, wanted = hidden[:, :-1][keep], targets[keep]
+        if self.chunk_tokens and torch.is_grad_enabled() and selected.shape[0] > self.chunk_tokens:
+            from torch.utils.checkpoint import checkpoint
+
+            chunks = zip(selected.split(self.chunk_tokens), wanted.split(self.chunk_tokens), strict=True)
+            token_loss = torch.cat([checkpoint(self._token_loss, h, t, use_reentrant=False) for h, t in chunks])
+        else:
+            token_loss = self._token_loss(selected, wanted)
         loss_sum = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, token_loss)
         out = {"loss_sum": loss_sum, "tokens": keep.sum(dim=1)}
         if gather_at is not None:

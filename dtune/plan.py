@@ -309,7 +309,8 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
     else:
         stored = layers * probe["saved_per_token"] * tokens
         layer_phase = (probe["backward_peak_per_token"] - probe["saved_per_token"]) * tokens
-    loss = LOSS_BYTES_PER_LOGIT * labelled * text.vocab_size
+    in_flight = min(labelled, cfg.train.loss_chunk_tokens) if cfg.train.loss_chunk_tokens else labelled
+    loss = LOSS_BYTES_PER_LOGIT * in_flight * text.vocab_size
     if cfg.train.precision != "fp32":
         loss += 2 * text.vocab_size * text.hidden_size  # the head weight, cast for the matmul
     dtype_bytes = 4 if cfg.train.precision == "fp32" else 2
@@ -341,7 +342,7 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
         "LoRA gradients": "fp32" + (f", / {w}" if shard_grads else ""),
         "optimizer states": "offloaded to CPU" if cfg.engine.offload_optimizer else "Adam" + (f", / {w}" if shard_opt else ""),
         "activations (kept)": "layer inputs (checkpointing)" if cfg.model.gradient_checkpointing else "every layer",
-        "activations (peak phase)": f"max(1 layer + dequant, loss over {labelled:,} labelled tokens)",
+        "activations (peak phase)": f"max(1 layer + dequant, loss over {in_flight:,} of {labelled:,} labelled tokens at once)",
         "gathered shards": ("2 layers in flight" + (" + the root unit" if strategy == "fsdp2" else "")) if gathered else "",
     }
     settings = {
@@ -476,7 +477,7 @@ def measure(cfg: DtuneConfig, steps: int = 2) -> dict[str, int]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(engine.device)
     model = build_model(cfg, engine.load_device)
-    loss_model = CompletionLoss(model)
+    loss_model = CompletionLoss(model, cfg.train.loss_chunk_tokens)
     optimizer = build_optimizer(loss_model, cfg.optim)
     loss_model, optimizer = engine.prepare(loss_model, optimizer)
     vocab = model.get_base_model().config.vocab_size

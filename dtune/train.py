@@ -139,7 +139,9 @@ def _train(cfg: DtuneConfig, output_dir: Path, engine: Any, preemption: Any) -> 
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     if engine.is_main:  # written once the inputs proved good: a run that fails on bad input overwrites nothing
         (output_dir / "config_resolved.yaml").write_text(config_yaml)
-    loss_model = engine.shard(CompletionLoss(model))  # FSDP2 shards here; the optimizer must see the sharded params
+    loss_model = engine.shard(
+        CompletionLoss(model, cfg.train.loss_chunk_tokens)
+    )  # FSDP2 shards here; the optimizer must see the sharded params
     optimizer = build_optimizer(loss_model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     loss_model, optimizer = engine.prepare(loss_model, optimizer)

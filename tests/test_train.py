@@ -83,6 +83,22 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path: Path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+def test_chunked_loss_gives_the_same_loss_and_gradients(tmp_path: Path):
+    """Labelled positions in chunks whose logits are recomputed in backward: same per-token losses and gradients."""
+    _cfg, _engine, tok, train_set, _, model = _tiny_parts(tmp_path, "lora.dropout=0.0", "data.train_on=all")
+    batch = next(train_batches(train_set, 8, 0, tok.pad_token_id))
+    results = []
+    for chunk in (0, 16):
+        model.zero_grad()
+        out = CompletionLoss(model, chunk_tokens=chunk)(**batch)
+        assert out["tokens"].sum() > 3 * 16  # several chunks
+        out["loss_sum"].sum().backward()
+        results.append((out["loss_sum"].detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-5)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def _reference_choice(model, ex) -> int:
     """Summed log-probability of each choice's tokens after the prompt, straight from the model's logits."""
     scores = []
