@@ -8,7 +8,7 @@
 # NPROC_PER_NODE: processes per node (default: visible GPUs, or 1). MASTER_PORT: default 29500. JOB_ID: the
 # rendezvous id, also the name of the job's output directory (outputs/torchrun-<JOB_ID>), the same on all nodes.
 # SHUTDOWN_TIMEOUT: seconds the dtune processes get to checkpoint after a stop signal (default 170).
-# Arguments are dtune overrides (key=value, --multirun is not supported under torchrun).
+# Arguments are dtune overrides (key=value). Sweeps: dtune train --multirun (launcher=slurm on a cluster), not torchrun.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
