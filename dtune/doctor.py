@@ -90,8 +90,8 @@ def init(timeout_s: float) -> torch.device:
     return device
 
 
-def _timed(fn: Any, device: torch.device, iters: int) -> float:
-    """Median seconds of ``fn()`` over ``iters`` runs, all ranks starting together."""
+def _local_median(fn: Any, device: torch.device, iters: int) -> float:
+    """This rank's median seconds of ``fn()`` over ``iters`` runs, all ranks starting each run together."""
     times = []
     for _ in range(iters):
         dist.barrier()
@@ -102,8 +102,12 @@ def _timed(fn: Any, device: torch.device, iters: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    # The slowest rank bounds a collective: take the maximum over ranks of each rank's median.
-    median = torch.tensor(statistics.median(times), dtype=torch.float64, device=device)  # NCCL reduces on the GPU
+    return statistics.median(times)
+
+
+def _timed(fn: Any, device: torch.device, iters: int) -> float:
+    """Seconds of a collective ``fn()``: the slowest rank's median (it bounds the collective)."""
+    median = torch.tensor(_local_median(fn, device, iters), dtype=torch.float64, device=device)  # NCCL reduces on the GPU
     dist.all_reduce(median, op=dist.ReduceOp.MAX)
     return float(median)
 
@@ -134,17 +138,7 @@ def ring_links(device: torch.device, size: int, iters: int) -> list[dict[str, An
             request.wait()
 
     exchange()  # warm-up
-    times = []
-    for _ in range(iters):
-        dist.barrier()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        exchange()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    mine = {"src": rank, "dst": (rank + 1) % world, "seconds": statistics.median(times)}
+    mine = {"src": rank, "dst": (rank + 1) % world, "seconds": _local_median(exchange, device, iters)}
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, mine)
     for link in gathered:
