@@ -10,6 +10,7 @@ Pickled weights (``*.bin``) are refused unless the user asks (``--allow-pickle``
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from dataclasses import dataclass
@@ -46,6 +47,23 @@ def _run_config(path: Path) -> tuple[DtuneConfig, str] | None:
             merged = OmegaConf.merge(OmegaConf.structured(DtuneConfig), OmegaConf.load(file))
             return OmegaConf.to_object(merged), str(file)
     return None
+
+
+def trained_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The command line that merge, generate and eval share: what to load, and how."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("run", help="a run directory, checkpoint directory or adapter directory")
+    parser.add_argument("--base", help="base model directory (default: the one the run trained on)")
+    parser.add_argument("--allow-pickle", action="store_true", help="load pickled (.bin) weights; they can run code")
+    return parser
+
+
+def locate_args(args: argparse.Namespace) -> Trained:
+    """:func:`locate` for what :func:`trained_parser` parsed; also quiets the libraries' per-load notices."""
+    from dtune.train import _quiet_libraries
+
+    _quiet_libraries()
+    return locate(args.run, args.base, args.allow_pickle)
 
 
 def locate(path: str | Path, base: str | None = None, allow_pickle: bool = False) -> Trained:

@@ -108,33 +108,27 @@ def format_compare(results: dict[str, dict[str, dict[str, float]]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``dtune eval RUN [data.key=value ...]``: held-out loss/perplexity (and accuracy) of base and base+adapter side
     by side on the run's data (or the data the overrides name), and a forgetting check: the same on general text."""
-    import argparse
     import json
     import sys
     from dataclasses import replace
 
     from omegaconf import OmegaConf
 
-    from dtune.adapters import load_trained, locate
+    from dtune.adapters import load_trained, locate_args, trained_parser
     from dtune.config import DataConfig, DtuneConfig
     from dtune.data import load_data
     from dtune.errors import ConfigError, user_errors
     from dtune.model import load_tokenizer
-    from dtune.train import _quiet_libraries
 
-    parser = argparse.ArgumentParser(prog="dtune eval", description=main.__doc__.split("\n\n")[0] if main.__doc__ else None)
-    parser.add_argument("run", help="a run directory, checkpoint directory or adapter directory")
+    parser = trained_parser("dtune eval", "Held-out loss of the base and of base + adapter, side by side.")
     parser.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.eval_source=test.jsonl")
     parser.add_argument("--general", default="builtin:hamlet", help="general text for the forgetting check ('' to skip)")
     parser.add_argument("--general-rows", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--base", help="base model directory (default: the one the run trained on)")
     parser.add_argument("--json", help="write the figures here")
-    parser.add_argument("--allow-pickle", action="store_true", help="load pickled (.bin) weights; they can run code")
     args = parser.parse_args(argv)
-    _quiet_libraries()
     with user_errors():
-        trained = locate(args.run, args.base, args.allow_pickle)
+        trained = locate_args(args)
         cfg = trained.cfg
         if args.overrides:
             if bad := [o for o in args.overrides if not o.startswith("data.") or "=" not in o]:

@@ -9,7 +9,6 @@ and the answer is streamed to stdout token by token. Prompts come from ``--promp
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import torch
 
-from dtune.adapters import load_trained, locate
+from dtune.adapters import load_trained, locate_args, trained_parser
 from dtune.errors import DataError, user_errors
 
 
@@ -84,7 +83,7 @@ def generate(
         streamer = None
         if stream is not None:
             stream.write(f"\n>>> {prompt}\n")
-            streamer = _Streamer(tokenizer, stream)
+            streamer = _streamer(tokenizer, stream)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
         if stop:
             sampling.update(stop_strings=[stop], tokenizer=tokenizer)
@@ -104,23 +103,20 @@ def generate(
     return answers
 
 
-class _Streamer:
-    """transformers' TextStreamer, writing to a stream of our choosing instead of print()."""
+def _streamer(tokenizer: Any, stream: Any) -> Any:
+    """transformers' TextStreamer, writing to ``stream`` instead of print()."""
+    from transformers import TextStreamer
 
-    def __new__(cls, tokenizer: Any, stream: Any) -> Any:
-        from transformers import TextStreamer
+    class ToStream(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            stream.write(text + ("\n" if stream_end else ""))
+            stream.flush()
 
-        class ToStream(TextStreamer):
-            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-                stream.write(text + ("\n" if stream_end else ""))
-                stream.flush()
-
-        return ToStream(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    return ToStream(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dtune generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", help="a run directory, checkpoint directory or adapter directory")
+    parser = trained_parser("dtune generate", __doc__.split("\n\n")[0])
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts", help="JSONL file of prompts")
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -128,20 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--system", help="system message before each prompt")
     parser.add_argument("--no-chat-template", action="store_true", help="feed prompts as plain text")
-    parser.add_argument("--base", help="base model directory (default: the one the run trained on)")
     parser.add_argument("--out", help="write {prompt, answer} JSONL here")
-    parser.add_argument("--allow-pickle", action="store_true", help="load pickled (.bin) weights; they can run code")
     args = parser.parse_args(argv)
     from dtune.data import Renderer
     from dtune.model import load_tokenizer
-    from dtune.train import _quiet_libraries
 
-    _quiet_libraries()
     with user_errors():
         prompts = list(args.prompt) + (read_prompts(Path(args.prompts)) if args.prompts else [])
         if not prompts:
             raise DataError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE.jsonl")
-        trained = locate(args.run, args.base, args.allow_pickle)
+        trained = locate_args(args)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = load_trained(trained, device, args.allow_pickle)
         if args.no_chat_template:

@@ -10,7 +10,6 @@ and then renamed into place.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dtune.adapters import Trained, check_compatible, load_base, locate
+from dtune.adapters import Trained, check_compatible, load_base, locate_args, trained_parser
 from dtune.errors import DtuneError, user_errors
 from dtune.model import DTYPES
 
@@ -91,20 +90,14 @@ def _verify(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dtune merge", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", help="a run directory, checkpoint directory or adapter directory")
+    parser = trained_parser("dtune merge", __doc__.split("\n\n")[0])
     parser.add_argument("--out", help="where to write the model (default: <run>/merged)")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="dtype of the saved weights")
     parser.add_argument("--into", default="dequantized", choices=["dequantized", "original"], help="which base weights")
-    parser.add_argument("--base", help="base model directory (default: the one the run trained on)")
     parser.add_argument("--max-shard-size", default="5GB")
-    parser.add_argument("--allow-pickle", action="store_true", help="load pickled (.bin) weights; they can run code")
     args = parser.parse_args(argv)
-    from dtune.train import _quiet_libraries
-
-    _quiet_libraries()
     with user_errors():
-        trained = locate(args.run, args.base, args.allow_pickle)
+        trained = locate_args(args)
         out = Path(args.out) if args.out else Path(args.run) / "merged"
         path = merge(trained, out, args.dtype, args.into, args.max_shard_size, args.allow_pickle)
         print(f"merged {trained.adapter_dir} into {trained.cfg.model.name_or_path} ({args.into} weights, {args.dtype}): {path}")

@@ -17,7 +17,8 @@ from dtune.adapters import load_trained, locate
 from dtune.errors import DtuneError
 from dtune.train import run
 from tests.conftest import compose_config, tiny_overrides, write_jsonl
-from tests.test_distributed import COMMON, ENV, TORCHRUN, free_port
+from tests.test_distributed import COMMON, ENV, torchrun
+from tests.test_distributed import run as run_ok
 
 
 def dtune(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -62,16 +63,7 @@ def test_merge_from_checkpoints_written_under_sharded_engines(tmp_path: Path, en
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    launch = [*TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    proc = subprocess.run(
-        [*launch, "-m", "dtune.train", *COMMON, f"engine={engine}", f"hydra.run.dir={out}"],
-        cwd=tmp_path,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ok([*torchrun(2), "-m", "dtune.train", *COMMON, f"engine={engine}", f"hydra.run.dir={out}"], tmp_path)
     checkpoint = out / "checkpoints" / "step-00000002"
     merged = tmp_path / "merged"
     done = dtune("merge", str(checkpoint), "--out", str(merged), "--dtype", "fp32", cwd=tmp_path)

@@ -59,11 +59,16 @@ def assert_same_run(out: Path, single: Path, resumed_at: int = 0) -> None:
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
+def torchrun(nproc: int) -> list[str]:
+    """torchrun with ``nproc`` processes on this host, on a free port."""
+    return [*TORCHRUN, "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+
+
 @pytest.mark.parametrize("engine", ["ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2"])
 def test_two_ranks_match_one_rank(tmp_path: Path, single: Path, engine: str):
     """4-bit NF4 base + LoRA on 2 ranks: same losses and adapter as 1 rank (ZeRO-3 and FSDP2 shard the 4-bit base too)."""
     out = tmp_path / engine
-    launch = [*TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    launch = torchrun(2)
     run([*launch, "-m", "dtune.train", *COMMON, f"engine={engine}", f"hydra.run.dir={out}"], tmp_path)
     assert_same_run(out, single)
     held, alone = (json.loads((d / "results.json").read_text())["param_bytes_rank0"] for d in (out, single))
@@ -76,7 +81,7 @@ def test_two_ranks_match_one_rank(tmp_path: Path, single: Path, engine: str):
     # the 1-rank run's. Optimizer states are saved whole and by name, whatever the strategy sharded.
     resumed = tmp_path / f"{engine}-resumed-on-1"
     checkpoint = out / "checkpoints" / "step-00000002"
-    one = [*TORCHRUN, "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    one = torchrun(1)
     run(
         [
             *one,
@@ -179,7 +184,7 @@ def test_accelerate_launch_and_the_dtune_script_under_torchrun(tmp_path: Path, s
 
 def test_one_rank_checkpoint_resumes_on_two_ranks(tmp_path: Path, single: Path):
     out = tmp_path / "resumed-on-2"
-    launch = [*TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    launch = torchrun(2)
     checkpoint = single / "checkpoints" / "step-00000002"
     run([*launch, "-m", "dtune.train", *COMMON, f"train.resume={checkpoint}", f"hydra.run.dir={out}"], tmp_path)
     assert_same_run(out, single, resumed_at=2)
