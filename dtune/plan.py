@@ -290,14 +290,12 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
     w = max(world_size, 1)
 
     n_lora = params["lora_params"]
-    base = params["base_4bit"] + params["base_other"]
     deepspeed = strategy == "deepspeed"
-    lora_bytes = (2 if deepspeed and cfg.train.precision != "fp32" else 4) * n_lora  # DeepSpeed casts the module
+    on_gpu = 0 if cfg.engine.offload_params else 1  # ZeRO-3 parameter offload keeps every parameter on the CPU
+    lora_bytes = on_gpu * (2 if deepspeed and cfg.train.precision != "fp32" else 4) * n_lora  # DeepSpeed casts the module
     optim_bytes = 8 * n_lora + (4 * n_lora if deepspeed and cfg.train.precision != "fp32" else 0)  # + fp32 masters
     if cfg.engine.offload_optimizer:
         optim_bytes = 0
-    if cfg.engine.offload_params:
-        base = lora_bytes = 0
 
     tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
     labelled = int(tokens * labelled_fraction(cfg))
@@ -322,8 +320,8 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
         gathered += dtype_bytes * params["root_numel"]
 
     components = {
-        "base (packed 4-bit + constants)": params["base_4bit"] // (w if shard_params else 1),
-        "base (other, fp32)": params["base_other"] // (w if shard_params else 1),
+        "base (packed 4-bit + constants)": on_gpu * params["base_4bit"] // (w if shard_params else 1),
+        "base (other, fp32)": on_gpu * params["base_other"] // (w if shard_params else 1),
         "LoRA parameters": lora_bytes // (w if shard_params else 1),
         "LoRA gradients": 4 * n_lora // (w if shard_grads else 1),
         "optimizer states": optim_bytes // (w if shard_opt else 1),
@@ -331,8 +329,6 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
         "activations (peak phase)": int(max(layer_phase + dequant, loss)),
         "gathered shards": gathered,
     }
-    if cfg.engine.offload_params:
-        components["base (packed 4-bit + constants)"] = components["base (other, fp32)"] = 0
     notes = {
         "base (packed 4-bit + constants)": "NF4 "
         + ("+ double quant" if cfg.quant.double_quant else "")
@@ -352,7 +348,6 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
         "engine": strategy if not zero else f"zero{zero}",
         "labelled_fraction": labelled_fraction(cfg),
     }
-    _ = base
     return Plan(components, notes, settings, w, extra={"probe": probe})
 
 
@@ -371,11 +366,14 @@ def fit(cfg: DtuneConfig, world_size: int, gpu_bytes: int) -> tuple[Plan, int, l
             setattr(getattr(new, section), name, value)
         return new
 
-    largest = 0
-    for micro in range(1, 1025):
-        if make_plan(with_(train__micro_batch_size=micro), world_size, probe, shape).needed > gpu_bytes:
-            break
-        largest = micro
+    def fits(micro: int) -> bool:
+        return make_plan(with_(train__micro_batch_size=micro), world_size, probe, shape).needed <= gpu_bytes
+
+    # Memory grows with the micro-batch: bisect for the largest that fits, 0 when none does (at most 1024).
+    largest, too_big = 0, 1025
+    while too_big - largest > 1:
+        middle = (largest + too_big) // 2
+        largest, too_big = (middle, too_big) if fits(middle) else (largest, middle)
     ideas: list[str] = []
     if plan.needed > gpu_bytes:
         candidates: list[tuple[str, dict[str, Any]]] = []
