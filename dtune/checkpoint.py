@@ -103,14 +103,19 @@ def save_adapter(model: nn.Module, dest: Path, state: dict[str, torch.Tensor] | 
 # --------------------------------------------------------------------------------------------- checkpoints
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file or a directory (its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(path: Path) -> None:
-    """Flush every file under ``path`` and the directories themselves to disk (before the renaming that publishes)."""
+    """Flush every file under ``path`` and the directories themselves (before the renaming that publishes)."""
     for item in [*sorted(path.rglob("*")), path]:
-        fd = os.open(item, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(item)
 
 
 def checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -152,12 +157,14 @@ def find_resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
                 "resume with train.resume=auto or write to another train.output_dir"
             )
         return None
-    if resume == "auto" or here:
+    if here:
         # A run's own checkpoints come first, also when train.resume names another run's: a requeued or restarted
         # job goes on from where it got to, not from where it began.
-        if here and resume != "auto":
+        if resume != "auto":
             log.info("train.resume=%s: %s holds newer checkpoints of this run; resuming from those", resume, output_dir)
-        return here[-1][1] if here else None
+        return here[-1][1]
+    if resume == "auto":
+        return None
     path = Path(resume)
     if (path / TRAINER_STATE).is_file():
         return path
@@ -198,7 +205,7 @@ def save_checkpoint(
             old = root / f".{final.name}.tmp-old-{os.getpid()}"
             os.replace(final, old)  # a kill from here to the next rename leaves it as the only copy: see below
         os.replace(tmp, final)
-        _fsync_dir(root)
+        _fsync(root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
@@ -206,14 +213,6 @@ def save_checkpoint(
     for _, old in checkpoints(root)[: -max(keep, 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

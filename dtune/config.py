@@ -11,6 +11,7 @@ The training code receives a plain :class:`DtuneConfig` (``to_dataclass``), neve
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,12 +309,10 @@ def slurm_process_env(env: dict[str, str] | None = None) -> dict[str, str]:
 def first_host(nodelist: str) -> str:
     """The first host of a Slurm node list: 'gpu[003-006,010],cpu1' -> 'gpu003' (what `scontrol show hostnames` lists
     first)."""
-    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
-    if "[" not in head:
-        return head
-    prefix, rest = head.split("[", 1)
-    first = rest.split("]")[0].split(",")[0].split("-")[0]
-    return prefix + first
+    match = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?", nodelist)
+    assert match is not None  # the pattern matches any string, if only with empty groups
+    prefix, ranges = match.groups()
+    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
 
 
 def register_configs() -> None:

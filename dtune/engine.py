@@ -199,9 +199,7 @@ class Engine:
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on at least one (a signal may reach some ranks only)."""
-        if self.world_size == 1:
-            return flag
-        return bool(self.sum(torch.tensor(float(flag), device=self.device)) > 0)
+        return self.max(float(flag)) > 0
 
     def on_main(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` computed on rank 0 and sent to every rank; an exception it raises is raised on every rank (so
@@ -235,8 +233,8 @@ class Engine:
 
     def _base_optimizer(self, optimizer: Any) -> torch.optim.Optimizer:
         """The torch optimizer under Accelerate's wrapper (and, with DeepSpeed, under ZeRO's)."""
-        opt = getattr(optimizer, "optimizer", optimizer)  # AcceleratedOptimizer -> torch / DeepSpeedZeroOptimizer
-        return getattr(opt, "optimizer", opt) if self.strategy == "deepspeed" else opt
+        opt = _inner(optimizer)  # AcceleratedOptimizer -> torch / DeepSpeedZeroOptimizer
+        return _inner(opt) if self.strategy == "deepspeed" else opt
 
     def optimizer_state(self, model: nn.Module, optimizer: Any) -> dict[str, Any]:
         """The trainable parameters (fp32 master values) and their optimizer states as full CPU tensors keyed by
@@ -304,7 +302,7 @@ class Engine:
     def _load_deepspeed_state(self, params: dict[str, nn.Parameter], optimizer: Any, base: Any, saved: dict, step: int) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-        zero = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO optimizer
+        zero = _inner(optimizer)  # DeepSpeed's ZeRO optimizer
         if step > 0 and not any(base.state.values()):
             # ZeRO creates optimizer states lazily, in its first step; make them (a zero-gradient step of the flat fp32
             # partitions, whose values are overwritten below) so that the full states can be scattered into them.
@@ -335,16 +333,15 @@ class Engine:
                 flat_state["step"] = (
                     torch.tensor(float(step), dtype=torch.float32) if torch.is_tensor(flat_state["step"]) else step
                 )
-        # The module's (low-precision) copies, which forward reads: from the fp32 masters just set.
+        # The module's (low-precision) copies, which forward reads: from the fp32 masters just set. ZeRO-3 gathers
+        # them, rank 0 writes, and the exit re-partitions.
+        gathered = contextlib.nullcontext()
         if self.zero3:
             import deepspeed
 
-            with torch.no_grad(), deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
-                if self.is_main:
-                    for name, p in params.items():
-                        p.data.copy_(saved[name]["param"].to(p.device, p.dtype))
-        else:
-            with torch.no_grad():
+            gathered = deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0)
+        with torch.no_grad(), gathered:
+            if self.is_main or not self.zero3:
                 for name, p in params.items():
                     p.data.copy_(saved[name]["param"].to(p.device, p.dtype))
 
@@ -370,7 +367,7 @@ class Engine:
         """fp16 loss-scaler state (Accelerate's GradScaler, or DeepSpeed's dynamic loss scaler); None without fp16."""
         if self.accelerator.scaler is not None:
             return {"torch": self.accelerator.scaler.state_dict()}
-        scaler = getattr(getattr(optimizer, "optimizer", optimizer), "loss_scaler", None)
+        scaler = getattr(_inner(optimizer), "loss_scaler", None)
         if scaler is not None and self.strategy == "deepspeed" and self.compute_dtype == torch.float16:
             return {"deepspeed": {k: v for k, v in vars(scaler).items() if isinstance(v, (int, float, bool))}}
         return None
@@ -380,10 +377,15 @@ class Engine:
             return
         if "torch" in state and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["torch"])
-        scaler = getattr(getattr(optimizer, "optimizer", optimizer), "loss_scaler", None)
+        scaler = getattr(_inner(optimizer), "loss_scaler", None)
         if "deepspeed" in state and scaler is not None:
             for key, value in state["deepspeed"].items():
                 setattr(scaler, key, value)
+
+
+def _inner(optimizer: Any) -> Any:
+    """The optimizer a wrapper (Accelerate's, DeepSpeed's ZeRO) holds; the optimizer itself when it is none."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -139,9 +139,8 @@ def _train(cfg: DtuneConfig, output_dir: Path, engine: Any, preemption: Any) -> 
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     if engine.is_main:  # written once the inputs proved good: a run that fails on bad input overwrites nothing
         (output_dir / "config_resolved.yaml").write_text(config_yaml)
-    loss_model = engine.shard(
-        CompletionLoss(model, cfg.train.loss_chunk_tokens)
-    )  # FSDP2 shards here; the optimizer must see the sharded params
+    # FSDP2 shards here; the optimizer must see the sharded params.
+    loss_model = engine.shard(CompletionLoss(model, cfg.train.loss_chunk_tokens))
     optimizer = build_optimizer(loss_model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     loss_model, optimizer = engine.prepare(loss_model, optimizer)
@@ -249,14 +248,17 @@ def _train(cfg: DtuneConfig, output_dir: Path, engine: Any, preemption: Any) -> 
         raise Preempted(start_step, preemption.received, preemption.previous_handler())
     for step in range(start_step + 1, max_steps + 1):
         t0 = time.perf_counter()
-        micro = [{k: v.to(engine.device) for k, v in mb.items()} for mb in next(steps)]
+        batches = next(steps)
+        # Token counts from the CPU batches: no device synchronisation for them.
+        counts = [
+            [int(real_tokens(b["attention_mask"])), int((b["labels"][:, 1:] != IGNORE).sum()), attention_pairs(b)]
+            for b in batches
+        ]
+        micro = [{k: v.to(engine.device) for k, v in mb.items()} for mb in batches]
         lr = scheduler.get_last_lr()[0]
         train_loss = accumulate_gradients(loss_model, micro, engine)
         grad_norm = engine.step(loss_model, optimizer, scheduler, cfg.optim.max_grad_norm)
 
-        counts = [
-            [int(real_tokens(m["attention_mask"])), int((m["labels"][:, 1:] != IGNORE).sum()), attention_pairs(m)] for m in micro
-        ]
         step_seen, labelled, pairs = (int(v) for v in engine.sum(torch.tensor(counts, device=engine.device).sum(dim=0)))
         tokens_seen += step_seen
         segment_tokens += step_seen
