@@ -116,6 +116,10 @@ class QuantConfig:
     kernel: str = "bnb"
     """Matmul of the 4-bit base layers: bnb (bitsandbytes dequantize + matmul) or triton (dtune's fused NF4
     kernels; on CPU their pure-torch references run)."""
+    fuse_lora: bool = False
+    """With kernel=triton: each LoRA adapter runs inside its base layer's fused kernel (the low-rank term added in
+    the matmul's epilogue, forward and input gradient) instead of as PEFT's separate matmuls and adds. Layers with
+    LoRA dropout (lora.dropout > 0) or DoRA keep PEFT's path."""
 
 
 @dataclass
@@ -365,6 +369,8 @@ def validate(cfg: DtuneConfig) -> None:
     _one_of(e, "quant.kernel", cfg.quant.kernel, KERNELS)
     if cfg.quant.kernel == "triton" and cfg.quant.quant_type != "nf4":
         e.append(f"quant.kernel: triton implements NF4 only; got quant.quant_type={cfg.quant.quant_type}")
+    if cfg.quant.fuse_lora and cfg.quant.kernel != "triton":
+        e.append(f"quant.fuse_lora: needs quant.kernel=triton (the fused NF4 kernels); got quant.kernel={cfg.quant.kernel}")
     _one_of(e, "engine.strategy", cfg.engine.strategy, ENGINES)
     if cfg.engine.strategy == "fsdp2" and cfg.train.precision == "fp16":
         e.append("train.precision: fp16 (loss scaling) is not supported with engine.strategy=fsdp2; use bf16")

@@ -118,6 +118,13 @@ def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
 def build_model(cfg: DtuneConfig, device: torch.device | None) -> nn.Module:
     """Base (4-bit or plain) + LoRA, in train mode, on ``device``."""
     model = add_lora(cfg, load_base(cfg, device))
+    if cfg.quant.fuse_lora:
+        from dtune.quant import fuse_lora_layers
+
+        fused = fuse_lora_layers(model)
+        log.info("quant.fuse_lora: %d LoRA layers run inside the fused NF4 kernels", fused)
+        if cfg.lora.dropout > 0:
+            log.warning("quant.fuse_lora: lora.dropout=%s > 0 keeps PEFT's unfused path in every layer", cfg.lora.dropout)
     trainable, total = model.get_nb_trainable_parameters()
     log.info(
         "model: %s | trainable %s of %s parameters (%.2f%%)",

@@ -3,6 +3,13 @@
 Each bitsandbytes ``Linear4bit`` of the loaded base becomes a :class:`FusedLinear4bit` -- the same module, same
 ``Params4bit`` weight and state dict, only ``forward`` differs -- before PEFT wraps it. PEFT still recognises it as
 a 4-bit layer (it is a subclass), so LoRA layers wrap it as usual and adapters save in standard PEFT format.
+
+With ``quant.fuse_lora``, PEFT's LoRA layer around each of them becomes a :class:`FusedLoraLinear4bit` (same
+module and parameters, only ``forward`` differs): base matmul and adapter run as one op, ``dtune::nf4_lora_linear``,
+which adds s(xA^T)B^T in the matmul's epilogue instead of writing the base output, cloning it (PEFT does, for
+4-bit layers), computing the adapter output and adding the two in separate passes over [tokens, out] memory.
+Anything PEFT's plain path would do differently (dropout, DoRA, several or disabled adapters, merged weights,
+per-row adapter names) goes through PEFT's own forward.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dtune.kernels import NF4Weight, nf4_linear
+from dtune.kernels import NF4Weight, nf4_linear, nf4_lora_linear
 
 
 def _linear4bit_class() -> type:
@@ -19,20 +26,58 @@ def _linear4bit_class() -> type:
     return bnb.nn.Linear4bit
 
 
+def _peft_lora4bit_class() -> type:
+    from peft.tuners.lora.bnb import Linear4bit
+
+    return Linear4bit
+
+
 class FusedLinear4bit(_linear4bit_class()):  # type: ignore[misc]
     """bitsandbytes Linear4bit with y = x @ dequant(W).T + b computed by ``dtune::nf4_linear``."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
+    def nf4(self) -> tuple[NF4Weight, torch.dtype] | None:
+        """The weight as kernels take it, and the compute dtype; None where bitsandbytes' own path must run."""
         # FSDP2 replaces the Params4bit by a plain tensor: bitsandbytes keeps a copy of the state on the module.
-        state = getattr(weight, "quant_state", None) or getattr(self, "quant_state", None)
+        state = getattr(self.weight, "quant_state", None) or getattr(self, "quant_state", None)
         if state is None or state.quant_type != "nf4":
-            return super().forward(x)  # not quantized yet, or FP4: bitsandbytes' own path
-        in_dtype = x.dtype
-        compute = self.compute_dtype or state.dtype
+            return None  # not quantized yet, or FP4
+        return NF4Weight.from_bnb(self.weight, state), self.compute_dtype or state.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        nf4 = self.nf4()
+        if nf4 is None:
+            return super().forward(x)
+        weight, compute = nf4
         bias = None if self.bias is None else self.bias.to(compute)
-        out = nf4_linear(x.to(compute), NF4Weight.from_bnb(weight, state), bias)
-        return out.to(in_dtype)
+        return nf4_linear(x.to(compute), weight, bias).to(x.dtype)
+
+
+class FusedLoraLinear4bit(_peft_lora4bit_class()):  # type: ignore[misc]
+    """PEFT's LoRA layer for 4-bit bases with base and adapter computed by ``dtune::nf4_lora_linear``."""
+
+    def _fusable_adapter(self, args: tuple, kwargs: dict) -> str | None:
+        if args or kwargs or self.disable_adapters or self.merged or not isinstance(self.base_layer, FusedLinear4bit):
+            return None
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if len(active) != 1:
+            return None
+        name = active[0]
+        plain = isinstance(self.lora_dropout[name], nn.Identity) and name not in self.lora_variant
+        no_bias = self.lora_A[name].bias is None and self.lora_B[name].bias is None
+        return name if plain and no_bias else None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self._fusable_adapter(args, kwargs)
+        nf4 = self.base_layer.nf4() if name is not None else None
+        if nf4 is None:
+            return super().forward(x, *args, **kwargs)
+        weight, compute = nf4
+        base = self.base_layer
+        bias = None if base.bias is None else base.bias.to(compute)
+        lora_a = self.lora_A[name].weight.to(compute)  # as autocast would cast them; gradients reach the masters
+        lora_b = self.lora_B[name].weight.to(compute)
+        out = nf4_lora_linear(x.to(compute), weight, lora_a, lora_b, self.scaling[name], bias)
+        return out.to(x.dtype)
 
 
 def use_fused_kernels(model: nn.Module) -> int:
@@ -43,4 +88,26 @@ def use_fused_kernels(model: nn.Module) -> int:
         if type(module) is base:
             module.__class__ = FusedLinear4bit
             count += 1
+    return count
+
+
+def fuse_lora_layers(model: nn.Module) -> int:
+    """Switch PEFT's LoRA layers around :class:`FusedLinear4bit` bases to :class:`FusedLoraLinear4bit`.
+
+    Under ZeRO-3 the switched layers are marked as DeepSpeed "leaf" modules, so their adapter parameters are
+    gathered with the layer (the fused forward reads them directly instead of calling the adapter's Linear).
+    Returns how many layers were switched.
+    """
+    lora4bit = _peft_lora4bit_class()
+    count = 0
+    for module in model.modules():
+        if type(module) is lora4bit and isinstance(module.base_layer, FusedLinear4bit):
+            module.__class__ = FusedLoraLinear4bit
+            count += 1
+    if count:
+        try:
+            from deepspeed.utils import set_z3_leaf_modules
+        except ImportError:  # pragma: no cover - deepspeed is a dependency
+            return count
+        set_z3_leaf_modules(model, [FusedLoraLinear4bit])
     return count

@@ -99,6 +99,26 @@ def test_two_ranks_match_one_rank(tmp_path: Path, single: Path, engine: str):
     assert_same_run(resumed, single, resumed_at=2)
 
 
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_fused_lora_kernels_under_sharded_engines(tmp_path: Path, single: Path, engine: str):
+    """quant=nf4_triton with the LoRA path fused, 2 ranks: the fused layer reads its adapter weights directly (not
+    through the adapter's Linear), which ZeRO-3 and FSDP2 must have gathered; the run is bitsandbytes' 1-rank run. The kernels' pure-torch references run here (the op, its autograd and the wiring are
+    what this checks; the kernels themselves are checked in test_kernels)."""
+    out = tmp_path / engine
+    cmd = [*torchrun(2), "-m", "dtune.train", *COMMON, f"engine={engine}", "quant=nf4_triton", "quant.fuse_lora=true"]
+    proc = subprocess.run(
+        [*cmd, f"hydra.run.dir={out}"],
+        cwd=tmp_path,
+        env={**ENV, "TRITON_INTERPRET": "0"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "LoRA layers run inside the fused NF4 kernels" in (out / "dtune.log").read_text()
+    assert_same_run(out, single)
+
+
 def test_two_nodes_through_a_localhost_rendezvous(tmp_path: Path, single: Path):
     """Two "nodes" of one process each, joined by torchrun's c10d rendezvous; both find the same output dir."""
     port = free_port()

@@ -18,8 +18,10 @@ from dtune.kernels import (
     nf4_dequantize_ref,
     nf4_gemv,
     nf4_linear,
+    nf4_lora_linear,
     nf4_matmul,
     nf4_matmul_grad_input,
+    nf4_matmul_grad_input_ref,
     nf4_matmul_ref,
 )
 from dtune.kernels.nf4 import interpreting, use_triton
@@ -117,6 +119,59 @@ def test_fused_input_gradient_no_worse_than_bitsandbytes(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grad_input", [False, True])
+@pytest.mark.parametrize("r", [8, 20])
+def test_low_rank_epilogue_no_worse_than_a_separate_add(dtype, grad_input, r):
+    """The LoRA term added in the kernel's epilogue: y = in @ V + u @ L, against fp64, no worse than the unfused
+    path (matmul in the activation dtype, then u @ L and an add in that dtype: what PEFT does)."""
+    n, k = 150, 200
+    _, packed, state = quantize((n, k), dtype)
+    w = NF4Weight.from_bnb(packed, state)
+    g = torch.Generator().manual_seed(3)
+    width, out_width = (n, k) if grad_input else (k, n)
+    inp = torch.randn(2, 19, width, generator=g).to(dtype).to(DEVICE)
+    u = (torch.randn(2, 19, r, generator=g) * 0.3).to(dtype).to(DEVICE)
+    low = (torch.randn(out_width, r, generator=g) * 0.1).to(dtype).to(DEVICE).t()  # a transposed view, as B^T is
+    fused, unfused = (nf4_matmul_grad_input, nf4_matmul_grad_input_ref) if grad_input else (nf4_matmul, nf4_matmul_ref)
+    ours = fused(inp, w, low_rank=(u, low))
+    assert ours.shape == (2, 19, out_width) and ours.dtype == dtype
+    w64 = nf4_dequantize_ref(w, torch.float64)
+    exact = (inp.double() @ (w64 if grad_input else w64.t())) + u.double() @ low.double()
+    theirs = unfused(inp, w, low_rank=(u, low))
+    err_ours, err_theirs = (ours.double() - exact).abs().max().item(), (theirs.double() - exact).abs().max().item()
+    tolerance = 1e-5 if dtype == torch.float32 else 0.0
+    assert err_ours <= 1.25 * err_theirs + tolerance, (err_ours, err_theirs)
+    with pytest.raises(ValueError, match="low-rank term"):
+        fused(inp, w, low_rank=(u, low[:-1]))
+
+
+@pytest.mark.parametrize("lead", [(37,), (2, 3)])  # tiled matmul, and the decode GEMV (<= 16 rows)
+def test_lora_op_autograd_matches_reference_and_passes_opcheck(lead):
+    """dtune::nf4_lora_linear: y = x W^T + b + s (x A^T) B^T with gradients for x, A, B and b."""
+    n, k, r, scale = 150, 200, 8, 2.0
+    _, packed, state = quantize((n, k))
+    w = NF4Weight.from_bnb(packed, state)
+    g = torch.Generator().manual_seed(4)
+    x, a, b, bias = (torch.randn(*s, generator=g).to(DEVICE) for s in ((*lead, k), (r, k), (n, r), (n,)))
+    a, b = a * 0.1, b * 0.1
+    leaves = [t.clone().requires_grad_() for t in (x, a, b, bias)]
+    y = nf4_lora_linear(leaves[0], w, leaves[1], leaves[2], scale, leaves[3])
+    grad = torch.randn(y.shape, generator=g).to(DEVICE)
+    y.backward(grad)
+    refs = [t.clone().requires_grad_() for t in (x, a, b, bias)]
+    xr, ar, br, biasr = refs
+    y_ref = nf4_matmul_ref(xr, w, biasr) + scale * (xr @ ar.t()) @ br.t()
+    y_ref.backward(grad)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for ours, ref in zip(leaves, refs, strict=True):
+        torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-5, atol=1e-5)
+    args = (x, *w.tensors(), bias, a, b, scale, n, k, 64, w.blocksize2, True)
+    torch.library.opcheck(torch.ops.dtune.nf4_lora_linear.default, args)
+    with pytest.raises(ValueError, match="adapter shapes"):
+        nf4_lora_linear(x, w, b, a, scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,shape", [(1, (150, 200)), (16, (96, 80)), (5, (64, 300)), (3, (1000, 64))])
 def test_decode_gemv_no_worse_than_bitsandbytes(dtype, rows, shape):
     n, k = shape
@@ -166,20 +221,69 @@ def test_kernels_really_run_here():
     assert use_triton(torch.zeros(1, device=DEVICE))
 
 
-def test_training_through_fused_kernels_equals_bitsandbytes(tmp_path: Path):
-    """Three QLoRA steps with quant.kernel=triton give the losses of quant.kernel=bnb."""
-    import json
-
-    from dtune.train import run
+def test_fused_lora_layer_equals_peft_and_falls_back_where_it_must(tmp_path: Path):
+    """A FusedLoraLinear4bit gives PEFT's own output and gradients; disabled adapters and dropout take PEFT's path."""
+    from dtune.model import build_model
+    from dtune.quant import FusedLoraLinear4bit, _peft_lora4bit_class
     from tests.conftest import compose_config, tiny_overrides
 
+    cfg = compose_config(tiny_overrides(tmp_path, "quant=nf4_triton", "quant.fuse_lora=true"))
+    model = build_model(cfg, torch.device(DEVICE))
+    layers = [m for m in model.modules() if isinstance(m, FusedLoraLinear4bit)]
+    assert len(layers) == 7 * model.config.num_hidden_layers  # every projection of every decoder layer
+    layer = layers[0]
+    from deepspeed.utils import z3_leaf_module
+
+    assert z3_leaf_module(layer)  # ZeRO-3 gathers the adapter with the layer, not tensor by tensor on access
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)  # B starts at zero: make the adapter count
+    x = torch.randn(2, 21, layer.in_features, device=DEVICE)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+
+    def out_and_grads(forward):
+        xi = x.clone().requires_grad_()
+        y = forward(xi)
+        a.grad = b.grad = None
+        y.backward(torch.ones_like(y))
+        return y.detach(), xi.grad, a.grad.clone(), b.grad.clone()
+
+    fused = out_and_grads(layer)
+    peft = out_and_grads(lambda t: _peft_lora4bit_class().forward(layer, t))
+    for ours, theirs in zip(fused, peft, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert fused[0].sub(layer.base_layer(x)).abs().max() > 1e-3  # the adapter term is really in there
+    with model.disable_adapter():
+        torch.testing.assert_close(layer(x), layer.base_layer(x))
+    layer.lora_dropout["default"] = torch.nn.Dropout(0.5)
+    assert layer._fusable_adapter((), {}) is None
+
+
+@pytest.mark.parametrize("variant", ["triton", "triton_lora"])
+def test_training_through_fused_kernels_equals_bitsandbytes(tmp_path: Path, variant: str, monkeypatch):
+    """Three QLoRA steps with quant.kernel=triton (and with the LoRA path fused too) give bitsandbytes' losses."""
+    import json
+
+    import dtune.quant
+    from dtune.train import run
+
+    calls = {"nf4_linear": 0, "nf4_lora_linear": 0}
+    for name in calls:
+        op = getattr(dtune.quant, name)
+
+        def counted(*args, _op=op, _name=name, **kwargs):
+            calls[_name] += 1
+            return _op(*args, **kwargs)
+
+        monkeypatch.setattr(dtune.quant, name, counted)
+    from tests.conftest import compose_config, tiny_overrides
+
+    fused = {"bnb": [], "triton": ["quant.kernel=triton"], "triton_lora": ["quant.kernel=triton", "quant.fuse_lora=true"]}
     losses = {}
-    for kernel in ("bnb", "triton"):
+    for kernel in ("bnb", variant):
         out = tmp_path / kernel
         cfg = compose_config(
             tiny_overrides(
                 out,
-                f"quant.kernel={kernel}",
+                *fused[kernel],
                 "optim.lr=1e-2",
                 "data.train_size=8",
                 "data.max_seq_len=96",
@@ -189,7 +293,9 @@ def test_training_through_fused_kernels_equals_bitsandbytes(tmp_path: Path):
         run(cfg, out)
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         losses[kernel] = [r["train/loss"] for r in records if "train/loss" in r] + [records[-1]["eval/loss"]]
-    assert losses["triton"] == pytest.approx(losses["bnb"], abs=1e-4)
+    assert losses[variant] == pytest.approx(losses["bnb"], abs=1e-4)
+    assert calls["nf4_lora_linear" if variant == "triton_lora" else "nf4_linear"] > 0  # the fused path really ran
+    assert calls["nf4_lora_linear"] == 0 or calls["nf4_linear"] == 0  # fused: no projection takes the plain path
     assert losses["bnb"][0] - losses["bnb"][2] > 0.05  # the steps really trained
 
 

@@ -5,6 +5,10 @@
 - ``nf4_matmul_grad_input`` / ``nf4_matmul_grad_input_ref``: fused grad_x = grad_y @ dequant(W).
 - ``nf4_gemv`` / ``nf4_gemv_ref``: the decode path (<= 16 rows), split-K for memory bandwidth.
 - ``nf4_linear``: the differentiable custom op (``dtune::nf4_linear``) the 4-bit layers call.
+- ``nf4_lora_linear``: the same with the layer's LoRA adapter fused in (``dtune::nf4_lora_linear``).
+
+``nf4_matmul`` and ``nf4_matmul_grad_input`` take an optional low-rank term added in the kernel's epilogue: that is
+how the LoRA path is fused with the base (see ``nf4_lora_linear``).
 
 The benchmark harness and recorded GPU results live in the repository's top-level ``kernels/`` folder.
 """
@@ -13,7 +17,7 @@ from dtune.kernels.nf4 import NF4Weight
 from dtune.kernels.nf4_dequantize import nf4_dequantize, nf4_dequantize_ref
 from dtune.kernels.nf4_gemv import nf4_gemv, nf4_gemv_ref
 from dtune.kernels.nf4_matmul import nf4_matmul, nf4_matmul_grad_input, nf4_matmul_grad_input_ref, nf4_matmul_ref
-from dtune.kernels.ops import nf4_linear
+from dtune.kernels.ops import nf4_linear, nf4_lora_linear
 
 __all__ = [
     "NF4Weight",
@@ -22,6 +26,7 @@ __all__ = [
     "nf4_gemv",
     "nf4_gemv_ref",
     "nf4_linear",
+    "nf4_lora_linear",
     "nf4_matmul",
     "nf4_matmul_grad_input",
     "nf4_matmul_grad_input_ref",

@@ -57,7 +57,7 @@ if HAS_TRITON:
         rows = min(grid_m - first_m, GROUP_M)
         return first_m + (pid % per_group) % rows, (pid % per_group) // rows
 
-    @triton.autotune(configs=_configs(_TILES), key=["M_BUCKET", "N", "K", "GRAD_INPUT"])
+    @triton.autotune(configs=_configs(_TILES), key=["M_BUCKET", "N", "K", "GRAD_INPUT", "R_PAD"])
     @triton.jit
     def _nf4_matmul_kernel(
         # pointers
@@ -69,22 +69,28 @@ if HAS_TRITON:
         offset_ptr,
         code_ptr,
         bias_ptr,
+        lora_in_ptr,
+        lora_w_ptr,
         out_ptr,
         # sizes and strides
         M,
         N,
         K,
+        R,
         M_BUCKET,
         stride_im,
         stride_ib,
         stride_om,
         stride_oa,
+        stride_lr,
+        stride_la,
         # meta-parameters
         BLOCKSIZE: tl.constexpr,
         BLOCKSIZE2: tl.constexpr,
         DOUBLE_QUANT: tl.constexpr,
         GRAD_INPUT: tl.constexpr,
         HAS_BIAS: tl.constexpr,
+        R_PAD: tl.constexpr,
         X_DTYPE: tl.constexpr,
         DOT_FP32: tl.constexpr,
         RNE_BF16: tl.constexpr,
@@ -94,7 +100,10 @@ if HAS_TRITON:
         GROUP_M: tl.constexpr,
     ):
         """out[m, a] = sum_b in[m, b] * V[b, a], where V = W^T (forward: y = x @ W^T, a over N, b over K) or
-        V = W (GRAD_INPUT: grad_x = grad_y @ W, a over K, b over N). W is [N, K], dequantized tile by tile."""
+        V = W (GRAD_INPUT: grad_x = grad_y @ W, a over K, b over N). W is [N, K], dequantized tile by tile.
+
+        R_PAD > 0 adds a low-rank term in the epilogue: out[m, a] += sum_r lora_in[m, r] * L[r, a], with lora_in
+        contiguous [M, R] and L read through (stride_lr, stride_la) -- the LoRA path fused with the base."""
         A = K if GRAD_INPUT else N
         B = N if GRAD_INPUT else K
         pid_m, pid_a = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(A, BLOCK_A), GROUP_M)
@@ -129,6 +138,22 @@ if HAS_TRITON:
                 acc += tl.dot(x, v, input_precision="ieee")
             else:
                 acc += tl.dot(x, v.to(X_DTYPE))
+        if R_PAD > 0:
+            offs_r = tl.arange(0, R_PAD)
+            u = tl.load(
+                lora_in_ptr + offs_m[:, None] * R + offs_r[None, :],
+                mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
+                other=0.0,
+            )
+            low = tl.load(
+                lora_w_ptr + offs_r[:, None] * stride_lr + offs_a[None, :] * stride_la,
+                mask=(offs_r[:, None] < R) & (offs_a[None, :] < A),
+                other=0.0,
+            )
+            if DOT_FP32 or tl.float32 == X_DTYPE:
+                acc += tl.dot(u.to(tl.float32), low.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(u, low)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_a, mask=offs_a < A, other=0.0).to(tl.float32)
         tl.store(
@@ -138,8 +163,17 @@ if HAS_TRITON:
         )
 
 
-def _launch(inp: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, grad_input: bool) -> torch.Tensor:
-    """inp: [..., B] -> out: [..., A] (forward: B=K, A=N; grad_input: B=N, A=K)."""
+def _launch(
+    inp: torch.Tensor,
+    w: NF4Weight,
+    bias: torch.Tensor | None,
+    grad_input: bool,
+    low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """inp: [..., B] -> out: [..., A] (forward: B=K, A=N; grad_input: B=N, A=K).
+
+    ``low_rank = (u, L)`` adds u @ L in the epilogue: u [rows of inp, R] and L [R, A] (any strides), in inp's dtype.
+    """
     n, k = w.shape
     width, out_width = (n, k) if grad_input else (k, n)
     what = "nf4_matmul_grad_input" if grad_input else "nf4_matmul"
@@ -150,6 +184,17 @@ def _launch(inp: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, grad_inp
     flat = inp.reshape(-1, width)
     m = flat.shape[0]
     out = torch.empty((m, out_width), dtype=inp.dtype, device=inp.device)
+    if low_rank is not None:
+        u, low = low_rank
+        u = u.reshape(m, -1).contiguous()
+        r = u.shape[1]
+        if low.shape != (r, out_width) or u.dtype != inp.dtype or low.dtype != inp.dtype:
+            raise ValueError(f"{what}: low-rank term {tuple(u.shape)} @ {tuple(low.shape)} does not fit [{m}, {out_width}]")
+        r_pad = max(16, triton.next_power_of_2(r))  # tl.dot wants every dim >= 16
+        lr_strides = low.stride()
+    else:
+        u = low = flat
+        r, r_pad, lr_strides = 0, 0, (0, 0)
     if m > 0:
 
         def grid(meta: dict) -> tuple[int]:
@@ -159,18 +204,23 @@ def _launch(inp: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, grad_inp
             flat,
             *w.tensors(),
             bias if bias is not None else flat,
+            u,
+            low,
             out,
             m,
             n,
             k,
+            r,
             triton.next_power_of_2(m),
             flat.stride(0),
             flat.stride(1),
             out.stride(0),
             out.stride(1),
+            *lr_strides,
             **w.meta(),
             GRAD_INPUT=grad_input,
             HAS_BIAS=bias is not None,
+            R_PAD=r_pad,
             X_DTYPE=TL_DTYPES[inp.dtype],
             DOT_FP32=interpreting(),
             RNE_BF16=interpreting() and inp.dtype == torch.bfloat16,
@@ -179,25 +229,46 @@ def _launch(inp: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, grad_inp
     return out.reshape(*inp.shape[:-1], out_width)
 
 
-def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [..., K] -> y: [..., N] = x @ dequant(W).T + bias, in x's dtype, fp32 accumulation."""
+LowRank = tuple[torch.Tensor, torch.Tensor]
+"""(u, L): a low-rank term u @ L added to a matmul's output, u [..., R] like the input's rows, L [R, out]."""
+
+
+def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, low_rank: LowRank | None = None) -> torch.Tensor:
+    """x: [..., K] -> y: [..., N] = x @ dequant(W).T + bias (+ u @ L), in x's dtype, fp32 accumulation.
+
+    ``low_rank = (u, L)``, u [..., R], L [R, N]: added in the kernel's epilogue (the LoRA path y += s(xA^T)B^T
+    with u = s x A^T, L = B^T), so the base output is written once instead of written, re-read and re-written.
+    """
     if not use_triton(x):
-        return nf4_matmul_ref(x, w, bias)
-    return _launch(x, w, bias, grad_input=False)
+        return nf4_matmul_ref(x, w, bias, low_rank)
+    return _launch(x, w, bias, False, low_rank)
 
 
-def nf4_matmul_grad_input(grad_y: torch.Tensor, w: NF4Weight) -> torch.Tensor:
-    """grad_y: [..., N] -> grad_x: [..., K] = grad_y @ dequant(W), in grad_y's dtype, fp32 accumulation."""
+def nf4_matmul_grad_input(grad_y: torch.Tensor, w: NF4Weight, low_rank: LowRank | None = None) -> torch.Tensor:
+    """grad_y: [..., N] -> grad_x: [..., K] = grad_y @ dequant(W) (+ u @ L), in grad_y's dtype, fp32 accumulation.
+
+    ``low_rank = (v, L)``, v [..., R], L [R, K]: for LoRA, v = s grad_y B and L = A.
+    """
     if not use_triton(grad_y):
-        return nf4_matmul_grad_input_ref(grad_y, w)
-    return _launch(grad_y, w, None, grad_input=True)
+        return nf4_matmul_grad_input_ref(grad_y, w, low_rank)
+    return _launch(grad_y, w, None, True, low_rank)
 
 
-def nf4_matmul_ref(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference: dequantize to x's dtype, then a dense matmul (what bitsandbytes does)."""
-    return torch.nn.functional.linear(x, nf4_dequantize_ref(w, x.dtype), None if bias is None else bias.to(x.dtype))
+def _plus_low_rank(out: torch.Tensor, low_rank: LowRank | None) -> torch.Tensor:
+    if low_rank is None:
+        return out
+    u, low = low_rank
+    return out + u @ low
 
 
-def nf4_matmul_grad_input_ref(grad_y: torch.Tensor, w: NF4Weight) -> torch.Tensor:
-    """Reference input gradient: grad_y @ dequant(W)."""
-    return grad_y @ nf4_dequantize_ref(w, grad_y.dtype)
+def nf4_matmul_ref(
+    x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, low_rank: LowRank | None = None
+) -> torch.Tensor:
+    """Reference: dequantize to x's dtype, then a dense matmul (what bitsandbytes does); low-rank term added after."""
+    y = torch.nn.functional.linear(x, nf4_dequantize_ref(w, x.dtype), None if bias is None else bias.to(x.dtype))
+    return _plus_low_rank(y, low_rank)
+
+
+def nf4_matmul_grad_input_ref(grad_y: torch.Tensor, w: NF4Weight, low_rank: LowRank | None = None) -> torch.Tensor:
+    """Reference input gradient: grad_y @ dequant(W) (+ u @ L)."""
+    return _plus_low_rank(grad_y @ nf4_dequantize_ref(w, grad_y.dtype), low_rank)
