@@ -12,6 +12,12 @@ For each linear shape of Llama 8B / 70B (plus the 4096x11008 MLP shape the targe
 * grad_x   -- ours: fused ``nf4_matmul_grad_input``; bitsandbytes: dequantize_4bit then ``grad_y @ W`` (what its
               MatMul4Bit backward does); bf16: ``grad_y @ W``.
 
+LoRA (``--lora-ranks``, token counts >= 512): one adapted layer, y = x W^T + s (x A^T) B^T, forward and a whole
+training pass (forward + backward to x, A and B), three ways: ``fused`` -- ``dtune::nf4_lora_linear`` (the adapter
+in the kernel's epilogue; what ``quant.fuse_lora=true`` runs); ``unfused`` -- ``dtune::nf4_linear`` then PEFT's
+adapter path (clone, two small matmuls, scale, add); ``bnb`` -- ``bnb.matmul_4bit`` then the same adapter path (what
+PEFT + bitsandbytes run). ``unfused/fused`` is what fusing the adapter buys.
+
 Timing: CUDA events around each call, warm-up first, median of many repetitions, rotating over several copies
 of the weights and inputs (more bytes than L2) so the cache does not flatter. Each case is checked against an
 fp32 reference before it is timed. Also: ``nf4_dequantize`` vs ``dequantize_4bit`` effective bandwidth, against a
@@ -168,6 +174,68 @@ def bench_linear(k: int, n: int, tokens: list[int], timer: Timer, device: str, g
     return rows
 
 
+def bench_lora(
+    k: int, n: int, tokens: list[int], ranks: list[int], timer: Timer, device: str, gen: torch.Generator
+) -> list[dict]:
+    import bitsandbytes as bnb
+
+    from dtune.kernels import nf4_linear, nf4_lora_linear
+
+    copies = max(2, min(8, math.ceil(ROTATE_BYTES / (n * k * 2)))) if device == "cuda" else 2
+    weights = make_weights(k, n, copies, device, gen)
+    scale = 2.0
+    rows = []
+    for r in ranks:
+        a = (torch.randn(r, k, generator=gen) * 0.02).to(device=device, dtype=torch.bfloat16).requires_grad_()
+        b = (torch.randn(n, r, generator=gen) * 0.02).to(device=device, dtype=torch.bfloat16).requires_grad_()
+
+        def adapter(x: torch.Tensor, base: torch.Tensor, a=a, b=b) -> torch.Tensor:
+            """PEFT's 4-bit LoRA forward after the base: clone, lora_B(lora_A(x)) * scaling, add."""
+            return base.clone() + torch.nn.functional.linear(torch.nn.functional.linear(x, a), b) * scale
+
+        ways = {
+            "fused": lambda x, w, a=a, b=b: nf4_lora_linear(x, w["nf4"], a, b, scale),
+            "unfused": lambda x, w: adapter(x, nf4_linear(x, w["nf4"])),
+            "bnb": lambda x, w: adapter(x, bnb.matmul_4bit(x, w["packed"].t(), quant_state=w["state"])),
+        }
+        for t in tokens:
+            xs = [
+                torch.randn(t, k, generator=gen).to(device=device, dtype=torch.bfloat16).requires_grad_() for _ in range(copies)
+            ]
+            gs = [torch.randn(t, n, generator=gen).to(device=device, dtype=torch.bfloat16) for _ in range(copies)]
+            with torch.no_grad():
+                ref = xs[0].float() @ weights[0]["dense"].float().T + scale * (xs[0].float() @ a.float().T) @ b.float().T
+                err = {way: rel_err(fn(xs[0], weights[0]), ref) for way, fn in ways.items()}
+            if max(err.values()) > 2e-2:
+                raise SystemExit(f"LoRA check failed at K={k} N={n} r={r} tokens={t}: {err}")
+
+            def forward(fn, i: int, xs=xs) -> None:
+                with torch.no_grad():
+                    fn(xs[i % copies], weights[i % copies])
+
+            def train(fn, i: int, xs=xs, gs=gs, a=a, b=b) -> None:
+                x = xs[i % copies]
+                x.grad = a.grad = b.grad = None
+                fn(x, weights[i % copies]).backward(gs[i % copies])
+
+            for name, pass_fn in (("forward", forward), ("train", train)):
+                ms = {way: timer(lambda i, fn=fn, pass_fn=pass_fn: pass_fn(fn, i)) for way, fn in ways.items()}
+                rows.append(
+                    {
+                        "in": k,
+                        "out": n,
+                        "tokens": t,
+                        "r": r,
+                        "pass": name,
+                        "ms": ms,
+                        "unfused_over_fused": ms["unfused"] / ms["fused"],
+                        "bnb_over_fused": ms["bnb"] / ms["fused"],
+                        "rel_err": err,
+                    }
+                )
+    return rows
+
+
 def bench_dequant(k: int, n: int, timer: Timer, device: str, gen: torch.Generator) -> dict:
     import bitsandbytes.functional as bnbF
 
@@ -221,6 +289,15 @@ def print_table(result: dict) -> None:
             f"nf4_dequantize {d['in']}x{d['out']}: ours {d['GBps']['ours']:.0f} GB/s ({d['GBps']['ours'] / copy:.0%} of copy), "
             f"bnb {d['GBps']['bnb']:.0f} GB/s; ours {d['bnb_over_ours']:.2f}x faster"
         )
+    if result["lora"]:
+        print(
+            f"\n{'LoRA in->out':>13} {'tokens':>6} {'r':>3} {'pass':>8} {'fused ms':>9} {'unfused':>9} {'bnb ms':>9} {'unfused/fused':>13} {'bnb/fused':>9}"
+        )
+    for r in result["lora"]:
+        print(
+            f"{r['in']:>6}->{r['out']:<6} {r['tokens']:>6} {r['r']:>3} {r['pass']:>8} {r['ms']['fused']:>9.4f} "
+            f"{r['ms']['unfused']:>9.4f} {r['ms']['bnb']:>9.4f} {r['unfused_over_fused']:>13.3f} {r['bnb_over_fused']:>9.2f}"
+        )
     for line in result["targets"]:
         print(line)
 
@@ -236,6 +313,12 @@ def targets(result: dict) -> list[str]:
             )
         if (r["in"], r["out"], r["tokens"], r["pass"]) == (4096, 11008, 1, "forward"):
             lines.append(f"target decode 4096->11008 @1: bf16/ours = {r['bf16_over_ours']:.2f} (>= 3.0)")
+    for r in result["lora"]:
+        if (r["in"], r["out"], r["tokens"], r["r"], r["pass"]) == (4096, 11008, 4096, 16, "train"):
+            lines.append(
+                f"LoRA fused 4096->11008 @4096 r16, train pass: unfused/fused = {r['unfused_over_fused']:.3f} "
+                "(> 1: turn quant.fuse_lora on by default in conf/quant/nf4_triton.yaml)"
+            )
     for d in result["dequant"]:
         lines.append(
             f"target dequant {d['in']}x{d['out']}: {d['GBps']['ours'] / result['copy_GBps']:.0%} of copy (>= 85%), "
@@ -248,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--tokens", nargs="+", type=int, default=TOKENS)
+    parser.add_argument("--lora-ranks", nargs="*", type=int, default=[16, 64], help="LoRA ranks (none: skip LoRA)")
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default kernels/results/<device>.json)")
@@ -257,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.smoke:
         shapes, tokens, timer = [(128, 192), (192, 128)], [1, 16, 40], Timer(device, 1, 2)
+        lora_shapes, lora_tokens, ranks = [(128, 192)], [40], [8]
         dequant_shapes, copy_bytes = [(128, 192)], 2**20
     else:
         if device != "cuda":
@@ -264,6 +349,7 @@ def main(argv: list[str] | None = None) -> None:
         shapes = [s for m in args.models for s in MODELS[m]]
         tokens, timer = args.tokens, Timer(device, args.warmup, args.reps)
         dequant_shapes, copy_bytes = [(4096, 11008), (8192, 28672)], 2**30
+        lora_shapes, lora_tokens, ranks = dict.fromkeys(shapes), [t for t in tokens if t >= 512], args.lora_ranks
     gen = torch.Generator().manual_seed(0)
     result: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -273,11 +359,15 @@ def main(argv: list[str] | None = None) -> None:
         "double_quant": True,
         "timing": {"reps": timer.reps, "warmup": timer.warmup, "statistic": "median", "rotate_bytes": ROTATE_BYTES},
         "linear": [],
+        "lora": [],
         "dequant": [],
     }
     for k, n in dict.fromkeys(shapes):  # unique, in order
         result["linear"] += bench_linear(k, n, tokens, timer, device, gen)
         print(f"done {k}->{n}", file=sys.stderr, flush=True)
+    for k, n in lora_shapes if ranks and lora_tokens else []:
+        result["lora"] += bench_lora(k, n, lora_tokens, ranks, timer, device, gen)
+        print(f"done LoRA {k}->{n}", file=sys.stderr, flush=True)
     result["copy_GBps"] = copy_bandwidth(timer, device, copy_bytes)
     result["dequant"] = [bench_dequant(k, n, timer, device, gen) for k, n in dequant_shapes]
     result["targets"] = targets(result)

@@ -321,5 +321,7 @@ def test_benchmark_harness_runs_end_to_end(tmp_path: Path):
     passes = {(r["in"], r["out"], r["tokens"], r["pass"]) for r in result["linear"]}
     assert len(passes) == 2 * 3 * 2  # shapes x tokens x (forward, grad_x)
     assert all(set(r["ms"]) == {"ours", "bnb", "bf16"} and r["rel_err"] < 2e-2 for r in result["linear"])
+    assert {r["pass"] for r in result["lora"]} == {"forward", "train"}
+    assert all(set(r["ms"]) == {"fused", "unfused", "bnb"} and max(r["rel_err"].values()) < 2e-2 for r in result["lora"])
     assert result["copy_GBps"] > 0 and result["dequant"][0]["GBps"]["ours"] > 0
     assert "ours/bf16" in proc.stdout
