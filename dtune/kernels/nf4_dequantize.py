@@ -46,6 +46,10 @@ if HAS_TRITON:
         tl.store(out_ptr + idx, cast_out(w, OUT_DTYPE, RNE_BF16), mask=mask)
 
 
+LAUNCH = {"BLOCK": 1024}  # elements per program
+NUM_WARPS = 4
+
+
 def nf4_dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dense weight [N, K] in ``dtype`` (default: the dtype bitsandbytes would give, ``w.dtype``)."""
     dtype = dtype or w.dtype
@@ -54,7 +58,7 @@ def nf4_dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
     n, k = w.shape
     out = torch.empty((n, k), dtype=dtype, device=w.packed.device)
     numel = n * k
-    block = 1024
+    block = LAUNCH["BLOCK"]
     _nf4_dequantize_kernel[(triton.cdiv(numel, block),)](
         *w.tensors(),
         out,
@@ -63,6 +67,7 @@ def nf4_dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
         OUT_DTYPE=TL_DTYPES[dtype],
         RNE_BF16=interpreting() and dtype == torch.bfloat16,
         BLOCK=block,
+        num_warps=NUM_WARPS,
         enable_fp_fusion=False,  # multiply then add, as bitsandbytes does: a fused FMA would round differently
     )
     return out

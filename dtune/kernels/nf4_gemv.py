@@ -19,6 +19,7 @@ from dtune.kernels.nf4_matmul import nf4_matmul_ref
 
 MAX_DECODE_TOKENS = 16
 MAX_SPLIT_K = 8  # the largest SPLIT_K among the configs below
+M_BUCKETS = (16,)
 
 if HAS_TRITON:
     import triton

@@ -1,0 +1,168 @@
+"""Compile every NF4 kernel configuration for NVIDIA GPUs ahead of time, no GPU needed: errors, registers, spills.
+
+    python kernels/compile_nf4.py                     # sm_80 and sm_90, every autotune config; prints a table
+    python kernels/compile_nf4.py --arch 90 --out kernels/results/compile-sm90.json
+
+The Triton interpreter (what the CPU tests run) executes kernels as numpy and accepts code the GPU compiler
+rejects, and it says nothing about how a kernel uses the hardware. This compiles each kernel with Triton's own
+CUDA backend (ptxas ships in the triton wheel) for the given architectures, for every configuration its
+``@triton.autotune`` may pick on a GPU, in each dtype, and reads what the compiled binary reports: registers per
+thread, bytes spilled to local memory, shared memory. A config that spills is one autotune should never pick; the
+test suite runs this and fails on compile errors and on spills.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ["TRITON_INTERPRET"] = "0"  # the GPU configs, not the interpreter's single one; set before dtune.kernels
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+DTYPES = {"bf16": (tl.bfloat16, "bf16"), "fp16": (tl.float16, "fp16"), "fp32": (tl.float32, "fp32")}
+NF4_PTRS = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "offset_ptr": "*fp32", "code_ptr": "*fp32"}
+LAYOUT = {"BLOCKSIZE": 64, "BLOCKSIZE2": 256, "DOUBLE_QUANT": True}
+
+
+def cases() -> list[dict[str, Any]]:
+    """(kernel, configs, pointer types, constexprs) for each kernel, pass and dtype the package launches."""
+    from importlib import import_module
+
+    # The modules, not the functions of the same names that dtune.kernels exports.
+    nf4_dequantize, nf4_gemv, nf4_matmul = (import_module(f"dtune.kernels.{m}") for m in ("nf4_dequantize", "nf4_gemv", "nf4_matmul"))
+
+    out = []
+    for dname, (tl_dtype, ptr) in DTYPES.items():
+        out.append(
+            {
+                "name": f"nf4_dequantize {dname}",
+                "kernel": nf4_dequantize._nf4_dequantize_kernel,
+                "configs": [triton.Config(nf4_dequantize.LAUNCH, num_warps=nf4_dequantize.NUM_WARPS)],
+                "ptrs": {**NF4_PTRS, "out_ptr": f"*{ptr}"},
+                "const": {**LAYOUT, "OUT_DTYPE": tl_dtype, "RNE_BF16": False},
+            }
+        )
+        for grad_input in (False, True):
+            for rank in (0, 16, 64) if dname == "bf16" else (0,):
+                out.append(
+                    {
+                        "name": f"nf4_matmul{'_grad_input' if grad_input else ''} {dname}{f' +LoRA r{rank}' if rank else ''}",
+                        "kernel": nf4_matmul._nf4_matmul_kernel,
+                        "ptrs": {
+                            "in_ptr": f"*{ptr}",
+                            **NF4_PTRS,
+                            "bias_ptr": f"*{ptr}",
+                            "lora_in_ptr": f"*{ptr}",
+                            "lora_w_ptr": f"*{ptr}",
+                            "out_ptr": f"*{ptr}",
+                        },
+                        "const": {
+                            **LAYOUT,
+                            "GRAD_INPUT": grad_input,
+                            "HAS_BIAS": not grad_input,
+                            "R_PAD": rank,
+                            "X_DTYPE": tl_dtype,
+                            "DOT_FP32": False,
+                            "RNE_BF16": False,
+                        },
+                    }
+                )
+        for m_pad in nf4_gemv.M_BUCKETS:
+            out.append(
+                {
+                    "name": f"nf4_gemv {dname} rows<={m_pad}",
+                    "kernel": nf4_gemv._nf4_gemv_kernel,
+                    "ptrs": {"x_ptr": f"*{ptr}", **NF4_PTRS, "partial_ptr": "*fp32"},
+                    "const": {**LAYOUT, "X_DTYPE": tl_dtype, "RNE_BF16": False, "M_PAD": m_pad},
+                }
+            )
+    return out
+
+
+def compile_one(kernel: Any, config: triton.Config, ptrs: dict[str, str], const: dict[str, Any], arch: int) -> dict[str, Any]:
+    fn = kernel.fn if hasattr(kernel, "configs") else kernel  # under @triton.autotune, the JITFunction
+    constexprs = {**const, **config.kwargs}
+    signature = {}
+    for param in fn.params:
+        name = param.name
+        signature[name] = "constexpr" if param.is_constexpr else ptrs.get(name, "i32")
+        if param.is_constexpr and name not in constexprs:
+            raise KeyError(f"{fn.__name__}: no value for constexpr {name}")
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages, "enable_fp_fusion": False}
+    t0 = time.perf_counter()
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32), options=options
+    )
+    usage = resource_usage(compiled.asm["cubin"])
+    return {
+        "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
+        "registers": usage["REG"],
+        "spill_bytes": usage["LOCAL"],  # per-thread local memory: what ptxas spilled (the kernels use no local arrays)
+        "shared_bytes": compiled.metadata.shared,
+        "compile_s": round(time.perf_counter() - t0, 2),
+    }
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """REG, STACK, SHARED, LOCAL of the binary's kernel, from cuobjdump (shipped with triton)."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        tool = Path(knobs.nvidia.ptxas.path).with_name("cuobjdump")
+        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+    found = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    return {key: int(found.get(key, 0)) for key in ("REG", "STACK", "SHARED", "LOCAL")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", nargs="+", type=int, default=[80, 90], help="compute capabilities (80: A100, 90: H100)")
+    parser.add_argument("--only", default="", help="compile only cases whose name contains this")
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+    rows, failures = [], []
+    for case in cases():
+        if args.only not in case["name"]:
+            continue
+        configs = case.get("configs") or case["kernel"].configs
+        for arch in args.arch:
+            for config in configs:
+                try:
+                    row = compile_one(case["kernel"], config, case["ptrs"], case["const"], arch)
+                except Exception as err:  # report every failure, not the first
+                    failures.append(f"{case['name']} sm_{arch} {config}: {type(err).__name__}: {str(err)[:2000]}")
+                    continue
+                rows.append({"kernel": case["name"], "arch": f"sm_{arch}", **row})
+                cfg = " ".join(f"{k}={v}" for k, v in row["config"].items())
+                print(
+                    f"{case['name']:<34} sm_{arch}  {cfg:<72} regs {row['registers']:>3}  spill {row['spill_bytes']:>5} B  "
+                    f"smem {row['shared_bytes']:>6} B",
+                    flush=True,
+                )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        versions = {"triton": triton.__version__}
+        args.out.write_text(json.dumps({"versions": versions, "compiled": rows, "failures": failures}, indent=1) + "\n")
+    for line in failures:
+        print("FAILED", line, file=sys.stderr)
+    spilling = [r for r in rows if r["spill_bytes"]]
+    print(f"\n{len(rows)} compiled, {len(failures)} failed, {len(spilling)} spill")
+    return 1 if failures or spilling else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
