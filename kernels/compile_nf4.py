@@ -26,14 +26,24 @@ from typing import Any
 
 os.environ["TRITON_INTERPRET"] = "0"  # the GPU configs, not the interpreter's single one; set before dtune.kernels
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 DTYPES = {"bf16": (tl.bfloat16, "bf16"), "fp16": (tl.float16, "fp16"), "fp32": (tl.float32, "fp32")}
-NF4_PTRS = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "offset_ptr": "*fp32", "code_ptr": "*fp32"}
+NF4_PTRS = {
+    "packed_ptr": "*u8",
+    "absmax_ptr": "*u8",
+    "absmax2_ptr": "*fp32",
+    "code2_ptr": "*fp32",
+    "offset_ptr": "*fp32",
+    "code_ptr": "*fp32",
+}
 LAYOUT = {"BLOCKSIZE": 64, "BLOCKSIZE2": 256, "DOUBLE_QUANT": True}
+# Largest shared memory one block may use (opt-in): A100 163 KiB, H100/H200 227 KiB. A config over it compiles but
+# cannot launch; autotune skips it there.
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
 def cases() -> list[dict[str, Any]]:
@@ -41,7 +51,9 @@ def cases() -> list[dict[str, Any]]:
     from importlib import import_module
 
     # The modules, not the functions of the same names that dtune.kernels exports.
-    nf4_dequantize, nf4_gemv, nf4_matmul = (import_module(f"dtune.kernels.{m}") for m in ("nf4_dequantize", "nf4_gemv", "nf4_matmul"))
+    nf4_dequantize, nf4_gemv, nf4_matmul = (
+        import_module(f"dtune.kernels.{m}") for m in ("nf4_dequantize", "nf4_gemv", "nf4_matmul")
+    )
 
     out = []
     for dname, (tl_dtype, ptr) in DTYPES.items():
@@ -54,11 +66,14 @@ def cases() -> list[dict[str, Any]]:
                 "const": {**LAYOUT, "OUT_DTYPE": tl_dtype, "RNE_BF16": False},
             }
         )
+        variants = [(0, True), (16, True), (64, True), (0, False)] if dname == "bf16" else [(0, True)]
         for grad_input in (False, True):
-            for rank in (0, 16, 64) if dname == "bf16" else (0,):
+            for rank, aligned in variants:
+                lora = f" +LoRA r{rank}" if rank else ""
+                ragged = "" if aligned else " ragged K"
                 out.append(
                     {
-                        "name": f"nf4_matmul{'_grad_input' if grad_input else ''} {dname}{f' +LoRA r{rank}' if rank else ''}",
+                        "name": f"nf4_matmul{'_grad_input' if grad_input else ''} {dname}{lora}{ragged}",
                         "kernel": nf4_matmul._nf4_matmul_kernel,
                         "ptrs": {
                             "in_ptr": f"*{ptr}",
@@ -72,6 +87,7 @@ def cases() -> list[dict[str, Any]]:
                             **LAYOUT,
                             "GRAD_INPUT": grad_input,
                             "HAS_BIAS": not grad_input,
+                            "ALIGNED": aligned,
                             "R_PAD": rank,
                             "X_DTYPE": tl_dtype,
                             "DOT_FP32": False,
@@ -85,7 +101,7 @@ def cases() -> list[dict[str, Any]]:
                     "name": f"nf4_gemv {dname} rows<={m_pad}",
                     "kernel": nf4_gemv._nf4_gemv_kernel,
                     "ptrs": {"x_ptr": f"*{ptr}", **NF4_PTRS, "partial_ptr": "*fp32"},
-                    "const": {**LAYOUT, "X_DTYPE": tl_dtype, "RNE_BF16": False, "M_PAD": m_pad},
+                    "const": {**LAYOUT, "ALIGNED": True, "X_DTYPE": tl_dtype, "RNE_BF16": False, "M_PAD": m_pad},
                 }
             )
     return out
@@ -133,12 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", nargs="+", type=int, default=[80, 90], help="compute capabilities (80: A100, 90: H100)")
     parser.add_argument("--only", default="", help="compile only cases whose name contains this")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
+    parser.add_argument("--first", action="store_true", help="only the first autotune config of each kernel (quick check)")
     args = parser.parse_args(argv)
     rows, failures = [], []
     for case in cases():
         if args.only not in case["name"]:
             continue
         configs = case.get("configs") or case["kernel"].configs
+        configs = configs[:1] if args.first else configs
         for arch in args.arch:
             for config in configs:
                 try:
@@ -146,11 +164,12 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as err:  # report every failure, not the first
                     failures.append(f"{case['name']} sm_{arch} {config}: {type(err).__name__}: {str(err)[:2000]}")
                     continue
+                row["launches"] = row["shared_bytes"] <= SMEM_LIMIT.get(arch, 99 * 1024)
                 rows.append({"kernel": case["name"], "arch": f"sm_{arch}", **row})
                 cfg = " ".join(f"{k}={v}" for k, v in row["config"].items())
                 print(
                     f"{case['name']:<34} sm_{arch}  {cfg:<72} regs {row['registers']:>3}  spill {row['spill_bytes']:>5} B  "
-                    f"smem {row['shared_bytes']:>6} B",
+                    f"smem {row['shared_bytes']:>6} B{'' if row['launches'] else '  (over the limit: cannot launch)'}",
                     flush=True,
                 )
     if args.out:
@@ -160,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in failures:
         print("FAILED", line, file=sys.stderr)
     spilling = [r for r in rows if r["spill_bytes"]]
-    print(f"\n{len(rows)} compiled, {len(failures)} failed, {len(spilling)} spill")
+    idle = sum(not r["launches"] for r in rows)
+    print(f"\n{len(rows)} compiled, {len(failures)} failed, {len(spilling)} spill, {idle} over the shared-memory limit")
     return 1 if failures or spilling else 0
 
 

@@ -118,6 +118,26 @@ def test_fused_input_gradient_no_worse_than_bitsandbytes(dtype, shape):
     assert err_ours <= 1.25 * err_bnb + tolerance, (err_ours, err_bnb)
 
 
+@pytest.mark.parametrize("blocksize", [32, 64, 128])  # tiles wider than, equal to and narrower than a block
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_byte_tile_path_equals_element_path(blocksize, double_quant, dtype):
+    """Rows of whole quantization blocks (K % blocksize == 0, every real model) take the byte-tile path: one load
+    per packed byte, one scale per block. Its forward and input gradient equal the element-by-element reference
+    (same dequantized values, fp32 accumulation), with rows (N) and tokens ragged."""
+    n, k = 150, 256
+    g = torch.Generator().manual_seed(5)
+    w_dense = (torch.randn(n, k, generator=g) * 0.05).to(dtype).to(DEVICE)
+    packed, state = bnbF.quantize_4bit(w_dense, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
+    w = NF4Weight.from_bnb(packed, state)
+    x = torch.randn(37, k, generator=g).to(dtype).to(DEVICE)
+    grad_y = torch.randn(37, n, generator=g).to(dtype).to(DEVICE)
+    exact = nf4_dequantize_ref(w, dtype).double()
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(nf4_matmul(x, w).double(), x.double() @ exact.t(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(nf4_matmul_grad_input(grad_y, w).double(), grad_y.double() @ exact, rtol=tolerance, atol=tolerance)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("grad_input", [False, True])
 @pytest.mark.parametrize("r", [8, 20])
@@ -325,3 +345,24 @@ def test_benchmark_harness_runs_end_to_end(tmp_path: Path):
     assert all(set(r["ms"]) == {"fused", "unfused", "bnb"} and max(r["rel_err"].values()) < 2e-2 for r in result["lora"])
     assert result["copy_GBps"] > 0 and result["dequant"][0]["GBps"]["ours"] > 0
     assert "ours/bf16" in proc.stdout
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the kernels compile and run for real above")
+def test_kernels_compile_for_hopper_without_spills(tmp_path: Path):
+    """The interpreter accepts code the GPU compiler rejects: compile the training, LoRA, decode and dequantize
+    kernels with Triton's CUDA backend for sm_90 (no GPU needed) and require no spills and a launchable config."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "compile.json"
+    cmd = [sys.executable, str(REPO / "kernels" / "compile_nf4.py"), "--arch", "90", "--first", "--out", str(out)]
+    proc = subprocess.run([*cmd, "--only", "bf16"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    kinds = {r["kernel"] for r in result["compiled"]}
+    assert {"nf4_dequantize bf16", "nf4_matmul bf16", "nf4_matmul_grad_input bf16 +LoRA r16", "nf4_gemv bf16 rows<=1"} <= kinds
+    assert not result["failures"]
+    assert all(r["launches"] and r["spill_bytes"] == 0 and r["registers"] > 0 for r in result["compiled"])

@@ -135,6 +135,50 @@ if HAS_TRITON:
         return level * scale
 
     @triton.jit
+    def nf4_tile(
+        packed_ptr,
+        absmax_ptr,
+        absmax2_ptr,
+        code2_ptr,
+        offset_ptr,
+        code_ptr,
+        rows,
+        k0,
+        N,
+        K,
+        BK: tl.constexpr,
+        BLOCKSIZE: tl.constexpr,
+        BLOCKSIZE2: tl.constexpr,
+        DOUBLE_QUANT: tl.constexpr,
+    ):
+        """fp32 W[rows, k0:k0+BK] for weights whose rows hold whole quantization blocks (K % BLOCKSIZE == 0).
+
+        Each packed byte is loaded once, as a [rows, BK/2] tile of contiguous bytes, and split into its two nibbles;
+        the scale is resolved once per quantization block (BLOCKSIZE elements), not per element. ``k0`` is a
+        multiple of BK, and BK of BLOCKSIZE or a divisor of it. Same arithmetic as ``nf4_values``: bit-exact.
+        """
+        HALF: tl.constexpr = BK // 2
+        GROUPS: tl.constexpr = BK // BLOCKSIZE if BK >= BLOCKSIZE else 1
+        WIDTH: tl.constexpr = BK // GROUPS  # elements under one scale
+        row_ok = rows < N
+        cols = k0 + tl.arange(0, HALF) * 2  # the even element of each byte
+        byte = tl.load(
+            packed_ptr + (rows[:, None] * K + cols[None, :]) // 2, mask=row_ok[:, None] & (cols[None, :] < K), other=0
+        ).to(tl.int32)
+        hi = tl.load(code_ptr + (byte >> 4))  # even element: high nibble
+        lo = tl.load(code_ptr + (byte & 0xF))
+        levels = tl.reshape(tl.join(hi, lo), (rows.shape[0], GROUPS, WIDTH))
+        block = (rows[:, None] * K + k0 + tl.arange(0, GROUPS)[None, :] * WIDTH) // BLOCKSIZE  # [rows, GROUPS]
+        ok = row_ok[:, None] & (k0 + tl.arange(0, GROUPS)[None, :] * WIDTH < K)
+        if DOUBLE_QUANT:
+            q = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
+            scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=ok, other=0.0)
+            scale = scale + tl.load(offset_ptr)
+        else:
+            scale = tl.load(absmax_ptr + block, mask=ok, other=0.0)
+        return tl.reshape(levels * scale[:, :, None], (rows.shape[0], BK))
+
+    @triton.jit
     def round_to_bf16_bits(x):
         """fp32 -> bf16 with round-to-nearest-even, done on the bits (the interpreter's cast truncates)."""
         bits = x.to(tl.uint32, bitcast=True)

@@ -19,13 +19,13 @@ from dtune.kernels.nf4_matmul import nf4_matmul_ref
 
 MAX_DECODE_TOKENS = 16
 MAX_SPLIT_K = 8  # the largest SPLIT_K among the configs below
-M_BUCKETS = (16,)
+M_BUCKETS = (1, 2, 4, 8, 16)  # rows padded up to one of these (a constexpr: one compiled variant each)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from dtune.kernels.nf4 import nf4_values, round_like
+    from dtune.kernels.nf4 import nf4_tile, nf4_values, round_like
 
     def _configs() -> list[triton.Config]:
         if interpreting():
@@ -65,6 +65,7 @@ if HAS_TRITON:
         BLOCKSIZE: tl.constexpr,
         BLOCKSIZE2: tl.constexpr,
         DOUBLE_QUANT: tl.constexpr,
+        ALIGNED: tl.constexpr,
         X_DTYPE: tl.constexpr,
         RNE_BF16: tl.constexpr,
         M_PAD: tl.constexpr,
@@ -86,19 +87,37 @@ if HAS_TRITON:
                 mask=(offs_m[:, None] < M) & (kk[None, :] < K),
                 other=0.0,
             ).to(tl.float32)
-            w = nf4_values(
-                packed_ptr,
-                absmax_ptr,
-                absmax2_ptr,
-                code2_ptr,
-                offset_ptr,
-                code_ptr,
-                offs_n[:, None] * K + kk[None, :],
-                (offs_n[:, None] < N) & (kk[None, :] < K),
-                BLOCKSIZE,
-                BLOCKSIZE2,
-                DOUBLE_QUANT,
-            )
+            if ALIGNED:  # whole quantization blocks per row: byte tiles, one scale per block
+                w = nf4_tile(
+                    packed_ptr,
+                    absmax_ptr,
+                    absmax2_ptr,
+                    code2_ptr,
+                    offset_ptr,
+                    code_ptr,
+                    offs_n,
+                    k0,
+                    N,
+                    K,
+                    BLOCK_K,
+                    BLOCKSIZE,
+                    BLOCKSIZE2,
+                    DOUBLE_QUANT,
+                )
+            else:
+                w = nf4_values(
+                    packed_ptr,
+                    absmax_ptr,
+                    absmax2_ptr,
+                    code2_ptr,
+                    offset_ptr,
+                    code_ptr,
+                    offs_n[:, None] * K + kk[None, :],
+                    (offs_n[:, None] < N) & (kk[None, :] < K),
+                    BLOCKSIZE,
+                    BLOCKSIZE2,
+                    DOUBLE_QUANT,
+                )
             # W rounded as a dequantized weight in the activation dtype holds it; multiply-add in fp32 on CUDA
             # cores: at M <= 16 tensor cores would idle anyway, the loop is bound by the weight bytes.
             w = round_like(w, X_DTYPE, RNE_BF16)
@@ -134,9 +153,10 @@ def nf4_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) ->
         x2.stride(0),
         x2.stride(1),
         **w.meta(),
+        ALIGNED=k % w.blocksize == 0,
         X_DTYPE=TL_DTYPES[x.dtype],
         RNE_BF16=interpreting() and x.dtype == torch.bfloat16,
-        M_PAD=16,
+        M_PAD=next(b for b in M_BUCKETS if b >= m),  # one token decodes without 15 rows of padding
         enable_fp_fusion=False,
     )
     # Only the slices the chosen config wrote: some Triton versions leave benchmark runs' partial sums in the buffer.
