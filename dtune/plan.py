@@ -13,8 +13,8 @@ From the composed config and the model's ``config.json`` (no weights are read):
   gradient checkpointing the run keeps each layer's input and recomputes one layer at a time; without, it keeps
   every layer's activations;
 * **the loss**: logits in fp32 at labelled positions only (dtune's CompletionLoss), with their softmax and gradient;
-* **temporaries**: one dequantized weight (bitsandbytes), and under ZeRO-3/FSDP2 the gathered parameters of the
-  layers in flight.
+* **temporaries**: one dequantized weight (bitsandbytes; none with ``quant.kernel=triton`` on a GPU, whose fused
+  kernels never write the weight out), and under ZeRO-3/FSDP2 the gathered parameters of the layers in flight.
 
 The prediction is the peak of tensor memory (what ``torch.cuda.max_memory_allocated`` reports); the verdict adds
 the CUDA context and allocator slack. ``dtune plan --measure`` runs two steps of the config on this machine and
@@ -312,7 +312,9 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
     if cfg.train.precision != "fp32":
         loss += 2 * text.vocab_size * text.hidden_size  # the head weight, cast for the matmul
     dtype_bytes = 4 if cfg.train.precision == "fp32" else 2
-    dequant = params["largest_linear"] * dtype_bytes if cfg.quant.quant_type != "none" else 0
+    # bitsandbytes writes each weight dequantized before its matmul; the fused kernels (on a GPU) never do.
+    fused = cfg.quant.kernel == "triton"  # a GPU plan: on CPU the kernels' references do dequantize
+    dequant = params["largest_linear"] * dtype_bytes if cfg.quant.quant_type != "none" and not fused else 0
     gathered = 2 * params["layer_base"] if shard_params and w > 1 else 0
     if strategy == "fsdp2" and w > 1:
         # The root unit (embeddings, final norm, head) is gathered for forward and, as the root, not resharded until
@@ -338,7 +340,7 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
         "LoRA gradients": "fp32" + (f", / {w}" if shard_grads else ""),
         "optimizer states": "offloaded to CPU" if cfg.engine.offload_optimizer else "Adam" + (f", / {w}" if shard_opt else ""),
         "activations (kept)": "layer inputs (checkpointing)" if cfg.model.gradient_checkpointing else "every layer",
-        "activations (peak phase)": f"max(1 layer + dequant, loss over {in_flight:,} of {labelled:,} labelled tokens at once)",
+        "activations (peak phase)": f"max(1 layer{'' if fused else ' + dequant'}, loss over {in_flight:,} of {labelled:,} labelled tokens at once)",
         "gathered shards": ("2 layers in flight" + (" + the root unit" if strategy == "fsdp2" else "")) if gathered else "",
     }
     settings = {

@@ -164,21 +164,8 @@ def _train(cfg: DtuneConfig, output_dir: Path, engine: Any, preemption: Any) -> 
 
     start_step, tokens_seen, before, run_id = 0, 0, None, None
     if saved is not None:
+        restore_training_state(saved, engine, loss_model, optimizer, scheduler, steps)
         state = saved["trainer_state"]
-        engine.load_optimizer_state(loss_model, optimizer, saved["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
-            group["lr"] = lr  # the schedule's state is restored, but the optimizer only hears of it at the next step
-        steps.load_state_dict(state["sampler"])
-        engine.load_scaler_state(optimizer, state.get("scaler"))
-        rng = saved["rng"]
-        if len(rng) != engine.world_size:
-            log.warning(
-                "resume: checkpoint written by %d ranks, resumed on %d: random streams are not continued",
-                len(rng),
-                engine.world_size,
-            )
-        engine.set_rng_state(rng[engine.rank % len(rng)])
         start_step, tokens_seen, before = state["step"], state["tokens_seen"], state["before"]
         if resume_from.parent.parent.resolve() == output_dir.resolve():
             run_id = state.get("wandb_id")  # the same run going on: the same W&B run; from another run's: a new one
@@ -327,6 +314,25 @@ def _train(cfg: DtuneConfig, output_dir: Path, engine: Any, preemption: Any) -> 
         log.info("outputs in %s", output_dir)
     tracker.finish()
     return results
+
+
+def restore_training_state(saved: dict[str, Any], engine: Any, model: Any, optimizer: Any, scheduler: Any, steps: Any) -> None:
+    """Put a loaded checkpoint's optimizer, schedule, sampler position, loss scaler and random streams back."""
+    state = saved["trainer_state"]
+    engine.load_optimizer_state(model, optimizer, saved["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr  # the schedule's state is restored, but the optimizer only hears of it at the next step
+    steps.load_state_dict(state["sampler"])
+    engine.load_scaler_state(optimizer, state.get("scaler"))
+    rng = saved["rng"]
+    if len(rng) != engine.world_size:
+        log.warning(
+            "resume: checkpoint written by %d ranks, resumed on %d: random streams are not continued",
+            len(rng),
+            engine.world_size,
+        )
+    engine.set_rng_state(rng[engine.rank % len(rng)])
 
 
 def throughput(step_flops: dict[str, float], elapsed: float, devices: int, peak: float | None) -> dict[str, float]:

@@ -57,15 +57,21 @@ def cases() -> list[dict[str, Any]]:
 
     out = []
     for dname, (tl_dtype, ptr) in DTYPES.items():
-        out.append(
-            {
-                "name": f"nf4_dequantize {dname}",
-                "kernel": nf4_dequantize._nf4_dequantize_kernel,
-                "configs": [triton.Config(nf4_dequantize.LAUNCH, num_warps=nf4_dequantize.NUM_WARPS)],
-                "ptrs": {**NF4_PTRS, "out_ptr": f"*{ptr}"},
-                "const": {**LAYOUT, "OUT_DTYPE": tl_dtype, "RNE_BF16": False},
-            }
-        )
+        block, warps = nf4_dequantize.LAUNCH["BLOCK"], nf4_dequantize.NUM_WARPS
+        rows = block // LAYOUT["BLOCKSIZE"]
+        for suffix, kernel, launch in (
+            ("", nf4_dequantize._nf4_dequantize_blocks_kernel, {"ROWS": rows}),
+            (" ragged", nf4_dequantize._nf4_dequantize_kernel, {"BLOCK": block}),
+        ):
+            out.append(
+                {
+                    "name": f"nf4_dequantize {dname}{suffix}",
+                    "kernel": kernel,
+                    "configs": [triton.Config(launch, num_warps=warps)],
+                    "ptrs": {**NF4_PTRS, "out_ptr": f"*{ptr}"},
+                    "const": {**LAYOUT, "OUT_DTYPE": tl_dtype, "RNE_BF16": False},
+                }
+            )
         variants = [(0, True), (16, True), (64, True), (0, False)] if dname == "bf16" else [(0, True)]
         for grad_input in (False, True):
             for rank, aligned in variants:
@@ -101,7 +107,14 @@ def cases() -> list[dict[str, Any]]:
                     "name": f"nf4_gemv {dname} rows<={m_pad}",
                     "kernel": nf4_gemv._nf4_gemv_kernel,
                     "ptrs": {"x_ptr": f"*{ptr}", **NF4_PTRS, "partial_ptr": "*fp32"},
-                    "const": {**LAYOUT, "ALIGNED": True, "X_DTYPE": tl_dtype, "RNE_BF16": False, "M_PAD": m_pad},
+                    "const": {
+                        **LAYOUT,
+                        "ALIGNED": True,
+                        "X_DTYPE": tl_dtype,
+                        "RNE_BF16": False,
+                        "DOT_FP32": False,
+                        "M_PAD": m_pad,
+                    },
                 }
             )
     return out

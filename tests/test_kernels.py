@@ -48,11 +48,11 @@ def quantize(shape, dtype=torch.float32, double_quant=True, storage=torch.uint8,
 
 @pytest.mark.parametrize("shape", BNB_SAFE)
 @pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dequantize_is_bit_exact_with_bitsandbytes(shape, double_quant, storage, dtype):
     if storage != torch.uint8 and (shape[0] * shape[1] + 1) // 2 % 2:
-        pytest.skip("an odd number of packed bytes cannot be viewed as bf16 (bitsandbytes refuses it too)")
+        pytest.skip("an odd number of packed bytes cannot be viewed as a 16-bit dtype (bitsandbytes refuses it too)")
     _, packed, state = quantize(shape, dtype, double_quant, storage)
     expected = bnbF.dequantize_4bit(packed, state)
     w = NF4Weight.from_bnb(packed, state)
@@ -123,7 +123,7 @@ def test_fused_input_gradient_no_worse_than_bitsandbytes(dtype, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_byte_tile_path_equals_element_path(blocksize, double_quant, dtype):
     """Rows of whole quantization blocks (K % blocksize == 0, every real model) take the byte-tile path: one load
-    per packed byte, one scale per block. Its forward and input gradient equal the element-by-element reference
+    per packed byte, one scale per block. Dequantize is bit-exact; forward and input gradient equal the reference
     (same dequantized values, fp32 accumulation), with rows (N) and tokens ragged."""
     n, k = 150, 256
     g = torch.Generator().manual_seed(5)
@@ -132,6 +132,7 @@ def test_byte_tile_path_equals_element_path(blocksize, double_quant, dtype):
     w = NF4Weight.from_bnb(packed, state)
     x = torch.randn(37, k, generator=g).to(dtype).to(DEVICE)
     grad_y = torch.randn(37, n, generator=g).to(dtype).to(DEVICE)
+    assert torch.equal(nf4_dequantize(w, dtype), nf4_dequantize_ref(w, dtype))  # the flat kernel's block path
     exact = nf4_dequantize_ref(w, dtype).double()
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(nf4_matmul(x, w).double(), x.double() @ exact.t(), rtol=tolerance, atol=tolerance)

@@ -65,6 +65,13 @@ def test_an_8b_plan_from_its_config_alone(llama_8b: Path):
     no_ckpt = make_plan(compose_config([*base, "model.gradient_checkpointing=false"]), world_size=1)
     assert no_ckpt.components["activations (kept)"] > 5 * one.components["activations (kept)"]
 
+    # Layer phase over the loss (small loss chunks): bitsandbytes' dequantized weight (the largest, 14336x4096 in
+    # bf16) is in it, the fused kernels' is not.
+    layer_bound = [*base, "train.loss_chunk_tokens=512"]
+    bnb, fused = (make_plan(compose_config([*layer_bound, *q]), 1) for q in ([], ["quant=nf4_triton"]))
+    peak = "activations (peak phase)"
+    assert bnb.components[peak] - fused.components[peak] == 14336 * 4096 * 2
+
     plan, largest, ideas = fit(compose_config([*base, "train.micro_batch_size=16"]), 1, parse_bytes("40GiB"))
     assert plan.needed > 40 * GiB and 1 <= largest < 16
     assert make_plan(compose_config([*base, f"train.micro_batch_size={largest}"]), 1).needed <= 40 * GiB

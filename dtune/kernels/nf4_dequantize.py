@@ -3,7 +3,9 @@
 What it replaces: ``bitsandbytes.functional.dequantize_4bit``, which with double quantization runs two kernels
 (absmax codes -> fp32 absmax, written to memory; then nibbles -> weight). Here one pass reads each packed byte
 once, resolves the doubly quantized scale on chip and writes the weight: the traffic is the packed bytes, the
-uint8 absmax and the output -- nothing else.
+uint8 absmax and the output -- nothing else. When the weight is whole quantization blocks (always, for real
+layers) each program takes [ROWS, BLOCKSIZE] of it: contiguous packed bytes split into nibbles, one scale per
+block (``nf4_tile``); otherwise element by element.
 
 Math (per element i of the row-major [N, K] weight), in fp32 and in bitsandbytes' order so results are
 bit-exact: ``scale = code2[absmax_u8[i // bs]] * absmax2[(i // bs) // bs2] + offset``; ``w = code[nibble_i] * scale``.
@@ -19,7 +21,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from dtune.kernels.nf4 import cast_out, nf4_values
+    from dtune.kernels.nf4 import cast_out, nf4_tile, nf4_values
 
     @triton.jit
     def _nf4_dequantize_kernel(
@@ -45,8 +47,49 @@ if HAS_TRITON:
         )
         tl.store(out_ptr + idx, cast_out(w, OUT_DTYPE, RNE_BF16), mask=mask)
 
+    @triton.jit
+    def _nf4_dequantize_blocks_kernel(
+        packed_ptr,
+        absmax_ptr,
+        absmax2_ptr,
+        code2_ptr,
+        offset_ptr,
+        code_ptr,
+        out_ptr,
+        blocks,
+        BLOCKSIZE: tl.constexpr,
+        BLOCKSIZE2: tl.constexpr,
+        DOUBLE_QUANT: tl.constexpr,
+        OUT_DTYPE: tl.constexpr,
+        RNE_BF16: tl.constexpr,
+        ROWS: tl.constexpr,
+    ):
+        """Whole quantization blocks (numel a multiple of BLOCKSIZE): the weight seen as [blocks, BLOCKSIZE], ROWS
+        blocks per program, each packed byte loaded once (as contiguous bytes) and one scale per block."""
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        w = nf4_tile(
+            packed_ptr,
+            absmax_ptr,
+            absmax2_ptr,
+            code2_ptr,
+            offset_ptr,
+            code_ptr,
+            rows,
+            0,
+            blocks,
+            BLOCKSIZE,
+            BLOCKSIZE,
+            BLOCKSIZE,
+            BLOCKSIZE2,
+            DOUBLE_QUANT,
+        )
+        cols = tl.arange(0, BLOCKSIZE)
+        tl.store(
+            out_ptr + rows[:, None] * BLOCKSIZE + cols[None, :], cast_out(w, OUT_DTYPE, RNE_BF16), mask=rows[:, None] < blocks
+        )
 
-LAUNCH = {"BLOCK": 1024}  # elements per program
+
+LAUNCH = {"BLOCK": 2048}  # elements per program
 NUM_WARPS = 4
 
 
@@ -58,18 +101,19 @@ def nf4_dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
     n, k = w.shape
     out = torch.empty((n, k), dtype=dtype, device=w.packed.device)
     numel = n * k
-    block = LAUNCH["BLOCK"]
-    _nf4_dequantize_kernel[(triton.cdiv(numel, block),)](
-        *w.tensors(),
-        out,
-        numel,
+    common = {
         **w.meta(),
-        OUT_DTYPE=TL_DTYPES[dtype],
-        RNE_BF16=interpreting() and dtype == torch.bfloat16,
-        BLOCK=block,
-        num_warps=NUM_WARPS,
-        enable_fp_fusion=False,  # multiply then add, as bitsandbytes does: a fused FMA would round differently
-    )
+        "OUT_DTYPE": TL_DTYPES[dtype],
+        "RNE_BF16": interpreting() and dtype == torch.bfloat16,
+        "num_warps": NUM_WARPS,
+        "enable_fp_fusion": False,  # multiply then add, as bitsandbytes does: a fused FMA would round differently
+    }
+    if numel % w.blocksize == 0:  # every real weight: whole blocks, byte tiles
+        blocks, rows = numel // w.blocksize, max(1, LAUNCH["BLOCK"] // w.blocksize)
+        _nf4_dequantize_blocks_kernel[(triton.cdiv(blocks, rows),)](*w.tensors(), out, blocks, **common, ROWS=rows)
+    else:
+        block = LAUNCH["BLOCK"]
+        _nf4_dequantize_kernel[(triton.cdiv(numel, block),)](*w.tensors(), out, numel, **common, BLOCK=block)
     return out
 
 

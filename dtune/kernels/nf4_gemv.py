@@ -68,6 +68,7 @@ if HAS_TRITON:
         ALIGNED: tl.constexpr,
         X_DTYPE: tl.constexpr,
         RNE_BF16: tl.constexpr,
+        DOT_FP32: tl.constexpr,
         M_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -121,7 +122,13 @@ if HAS_TRITON:
             # W rounded as a dequantized weight in the activation dtype holds it; multiply-add in fp32 on CUDA
             # cores: at M <= 16 tensor cores would idle anyway, the loop is bound by the weight bytes.
             w = round_like(w, X_DTYPE, RNE_BF16)
-            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+            if M_PAD >= 16:  # enough rows for the tensor cores (tl.dot wants every dim >= 16)
+                if DOT_FP32 or tl.float32 == X_DTYPE:
+                    acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+                else:
+                    acc += tl.dot(x.to(X_DTYPE), tl.trans(w).to(X_DTYPE))
+            else:  # a few rows: broadcast multiply and reduce on the CUDA cores
+                acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
         out = partial_ptr + split * M * N + offs_m[:, None] * N + offs_n[None, :]
         tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -156,6 +163,7 @@ def nf4_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) ->
         ALIGNED=k % w.blocksize == 0,
         X_DTYPE=TL_DTYPES[x.dtype],
         RNE_BF16=interpreting() and x.dtype == torch.bfloat16,
+        DOT_FP32=interpreting(),
         M_PAD=next(b for b in M_BUCKETS if b >= m),  # one token decodes without 15 rows of padding
         enable_fp_fusion=False,
     )
