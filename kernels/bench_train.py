@@ -3,13 +3,17 @@
     python kernels/bench_train.py                      # 8B-shaped model, one GPU: writes kernels/results/train-<gpu>.json
     python kernels/bench_train.py --engines ddp,fsdp2 --steps 30 --micro 2 --seq 2048
     python kernels/bench_train.py --smoke              # CPU, tiny model: checks the harness runs
+    python kernels/bench_train.py --engines ddp --kernels bnb,triton,triton+lora --no-hf --merge   # add rows to the JSON
 
 Every run trains the same model (``builtin:shape-llama-8b``: Llama-3.1-8B shapes, random weights, NF4 + double
 quant, LoRA r16 on all seven projections, gradient checkpointing, bf16) on the same tokens: text documents longer
 than ``--seq`` tokens, truncated to exactly ``--seq`` by dtune's data pipeline (both sides train on the rows it
 produces), loss on every token, ``--micro`` rows per step: every step of every run is the same work. Each configuration runs in a fresh process (one
 rank, launched by torchrun for dtune); tokens/s is the median over the steps after ``--warmup``, peak memory is
-``torch.cuda.max_memory_allocated``. The HF baseline is ``transformers.Trainer`` with the same model, quantization,
+``torch.cuda.max_memory_allocated``. ``--kernels`` runs each engine with bitsandbytes' matmul (``bnb``), dtune's
+fused NF4 kernels (``triton``: quant=nf4_triton) and those with the LoRA path fused too (``triton+lora``). One
+device command may be time-limited: ``--merge`` adds this call's rows to an existing result file (same name
+replaces), ``--no-hf`` skips the baseline when it is already there. The HF baseline is ``transformers.Trainer`` with the same model, quantization,
 LoRA targets, batch, optimizer (AdamW, torch) and schedule, its loss over full-vocabulary logits as HF computes it.
 """
 
@@ -32,6 +36,11 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINES = ["ddp", "zero2", "zero3", "zero3_offload", "fsdp2"]  # those that run on one GPU (zero1 = ddp there)
+KERNELS = {
+    "bnb": [],
+    "triton": ["quant=nf4_triton"],
+    "triton+lora": ["quant=nf4_triton", "quant.fuse_lora=true"],
+}
 
 
 WORDS = [
@@ -87,8 +96,9 @@ def dtune_overrides(args: argparse.Namespace, corpus: Path) -> list[str]:
     ]
 
 
-def run_dtune(engine: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    out = workdir / f"dtune-{engine}"
+def run_dtune(engine: str, kernel: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    name = engine if kernel == "bnb" else f"{engine}+{kernel}"
+    out = workdir / f"dtune-{name}"
     corpus = workdir / "corpus.jsonl"
     cmd = [
         sys.executable,
@@ -99,15 +109,16 @@ def run_dtune(engine: str, args: argparse.Namespace, workdir: Path) -> dict[str,
         "--master_port",
         str(29700 + ENGINES.index(engine)),
     ]
-    cmd += ["-m", "dtune.train", *dtune_overrides(args, corpus), f"engine={engine}", f"hydra.run.dir={out}"]
+    cmd += ["-m", "dtune.train", *dtune_overrides(args, corpus), f"engine={engine}", *KERNELS[kernel], f"hydra.run.dir={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
-        return {"engine": engine, "error": proc.stderr[-2000:]}
+        return {"engine": name, "kernel": kernel, "error": proc.stderr[-2000:]}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "train/tokens_per_s_per_device" in r and r["step"] > args.warmup]
     results = json.loads((out / "results.json").read_text())
     return {
-        "engine": engine,
+        "engine": name,
+        "kernel": kernel,
         "tokens_per_s": statistics.median(r["train/tokens_per_s_per_device"] for r in steps),
         "peak_memory_bytes": results["peak_memory"]["bytes"],  # training steps only, like the HF side
         "peak_memory_kind": results["peak_memory"]["kind"],
@@ -198,6 +209,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="builtin:shape-llama-8b")
     parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--kernels", default="bnb", help=f"comma-separated, of {','.join(KERNELS)}")
+    parser.add_argument("--no-hf", action="store_true", help="skip the HF Trainer baseline")
+    parser.add_argument("--merge", action="store_true", help="add to (not replace) the rows of an existing result file")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--micro", type=int, default=4)
@@ -214,31 +228,40 @@ def main() -> None:
         print("RESULT " + json.dumps(run_hf(args, Path(args.hf_worker))), flush=True)
         return
 
+    kernels = args.kernels.split(",")
+    unknown = sorted(set(kernels) - set(KERNELS))
+    if unknown:
+        parser.error(f"--kernels: unknown {unknown}; choose from {list(KERNELS)}")
+    out = Path(args.out or REPO / "kernels" / "results" / f"train-{device_name().replace(' ', '_')}.json")
+    earlier = json.loads(out.read_text())["rows"] if args.merge and out.is_file() else []
     rows = []
     with tempfile.TemporaryDirectory(prefix="dtune-bench-") as tmp:
         corpus = write_corpus(Path(tmp) / "corpus.jsonl", args.micro * args.steps + 8, args.seq)
         for engine in args.engines.split(","):
-            rows.append(run_dtune(engine, args, Path(tmp)))
-            print(json.dumps(rows[-1]), flush=True)
-        worker = subprocess.run(
-            [sys.executable, __file__, *sys.argv[1:], "--hf-worker", str(corpus)],
-            capture_output=True,
-            text=True,
-            timeout=args.timeout,
-            env=os.environ,
-        )
-        line = next((x for x in worker.stdout.splitlines() if x.startswith("RESULT ")), None)
-        rows.append(json.loads(line[7:]) if line else {"engine": "hf_trainer", "error": worker.stderr[-2000:]})
-    hf = rows[-1]
-    print(f"\n{'configuration':<16}{'tokens/s':>12}{'vs HF':>8}{'peak GiB':>10}{'vs HF':>8}")
+            for kernel in kernels:
+                rows.append(run_dtune(engine, kernel, args, Path(tmp)))
+                print(json.dumps(rows[-1]), flush=True)
+        if not args.no_hf:
+            worker = subprocess.run(
+                [sys.executable, __file__, *sys.argv[1:], "--hf-worker", str(corpus)],
+                capture_output=True,
+                text=True,
+                timeout=args.timeout,
+                env=os.environ,
+            )
+            line = next((x for x in worker.stdout.splitlines() if x.startswith("RESULT ")), None)
+            rows.append(json.loads(line[7:]) if line else {"engine": "hf_trainer", "error": worker.stderr[-2000:]})
+    new = {r["engine"] for r in rows}
+    rows = [r for r in earlier if r["engine"] not in new] + rows
+    hf = next((r for r in rows if r["engine"] == "hf_trainer"), {})
+    print(f"\n{'configuration':<20}{'tokens/s':>12}{'vs HF':>8}{'peak GiB':>10}{'vs HF':>8}")
     for r in rows:
         if "error" in r:
-            print(f"{r['engine']:<16}  failed: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'}")
+            print(f"{r['engine']:<20}  failed: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'}")
             continue
         speed = r["tokens_per_s"] / hf["tokens_per_s"] if "tokens_per_s" in hf else float("nan")
         memory = r["peak_memory_bytes"] / hf["peak_memory_bytes"] if "peak_memory_bytes" in hf else float("nan")
-        print(f"{r['engine']:<16}{r['tokens_per_s']:>12,.0f}{speed:>7.2f}x{r['peak_memory_bytes'] / 2**30:>10.2f}{memory:>7.2f}x")
-    out = Path(args.out or REPO / "kernels" / "results" / f"train-{device_name().replace(' ', '_')}.json")
+        print(f"{r['engine']:<20}{r['tokens_per_s']:>12,.0f}{speed:>7.2f}x{r['peak_memory_bytes'] / 2**30:>10.2f}{memory:>7.2f}x")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
