@@ -122,9 +122,10 @@ def build_model(cfg: DtuneConfig, device: torch.device | None) -> nn.Module:
         from dtune.quant import fuse_lora_layers
 
         fused = fuse_lora_layers(model)
-        log.info("quant.fuse_lora: %d LoRA layers run inside the fused NF4 kernels", fused)
-        if cfg.lora.dropout > 0:
-            log.warning("quant.fuse_lora: lora.dropout=%s > 0 keeps PEFT's unfused path in every layer", cfg.lora.dropout)
+        if fused:
+            log.info("quant.fuse_lora: %d LoRA layers run inside the fused NF4 kernels", fused)
+        else:  # dropout or DoRA: the fused op computes plain LoRA only
+            log.warning("quant.fuse_lora: no LoRA layer can be fused (lora.dropout=%s); PEFT's path runs", cfg.lora.dropout)
     trainable, total = model.get_nb_trainable_parameters()
     log.info(
         "model: %s | trainable %s of %s parameters (%.2f%%)",

@@ -8,8 +8,9 @@ With ``quant.fuse_lora``, PEFT's LoRA layer around each of them becomes a :class
 module and parameters, only ``forward`` differs): base matmul and adapter run as one op, ``dtune::nf4_lora_linear``,
 which adds s(xA^T)B^T in the matmul's epilogue instead of writing the base output, cloning it (PEFT does, for
 4-bit layers), computing the adapter output and adding the two in separate passes over [tokens, out] memory.
-Anything PEFT's plain path would do differently (dropout, DoRA, several or disabled adapters, merged weights,
-per-row adapter names) goes through PEFT's own forward.
+Layers with dropout, DoRA or adapter biases are not switched; at run time anything else PEFT's path would do
+differently (several or disabled adapters, merged weights, per-row adapter names, fp32 adapters outside autocast)
+goes through PEFT's own forward.
 """
 
 from __future__ import annotations
@@ -55,19 +56,26 @@ class FusedLinear4bit(_linear4bit_class()):  # type: ignore[misc]
 class FusedLoraLinear4bit(_peft_lora4bit_class()):  # type: ignore[misc]
     """PEFT's LoRA layer for 4-bit bases with base and adapter computed by ``dtune::nf4_lora_linear``."""
 
-    def _fusable_adapter(self, args: tuple, kwargs: dict) -> str | None:
+    def plain_adapter(self, name: str) -> bool:
+        """Vanilla LoRA: no dropout, no variant (DoRA), no adapter bias -- what the fused op computes."""
+        plain = isinstance(self.lora_dropout[name], nn.Identity) and name not in self.lora_variant
+        return plain and self.lora_A[name].bias is None and self.lora_B[name].bias is None
+
+    def _fusable_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
         if args or kwargs or self.disable_adapters or self.merged or not isinstance(self.base_layer, FusedLinear4bit):
             return None
         active = [a for a in self.active_adapters if a in self.lora_A]
-        if len(active) != 1:
+        if len(active) != 1 or not self.plain_adapter(active[0]):
             return None
-        name = active[0]
-        plain = isinstance(self.lora_dropout[name], nn.Identity) and name not in self.lora_variant
-        no_bias = self.lora_A[name].bias is None and self.lora_B[name].bias is None
-        return name if plain and no_bias else None
+        # Without autocast PEFT computes the adapter in its own (fp32) dtype; the fused op works in the compute dtype.
+        compute = self.base_layer.compute_dtype
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not autocast and compute is not None and self.lora_A[active[0]].weight.dtype != compute:
+            return None
+        return active[0]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        name = self._fusable_adapter(args, kwargs)
+        name = self._fusable_adapter(x, args, kwargs)
         nf4 = self.base_layer.nf4() if name is not None else None
         if nf4 is None:
             return super().forward(x, *args, **kwargs)
@@ -101,7 +109,8 @@ def fuse_lora_layers(model: nn.Module) -> int:
     lora4bit = _peft_lora4bit_class()
     count = 0
     for module in model.modules():
-        if type(module) is lora4bit and isinstance(module.base_layer, FusedLinear4bit):
+        fusable = type(module) is lora4bit and isinstance(module.base_layer, FusedLinear4bit)
+        if fusable and all(FusedLoraLinear4bit.plain_adapter(module, name) for name in module.lora_A):
             module.__class__ = FusedLoraLinear4bit
             count += 1
     if count:

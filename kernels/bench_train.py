@@ -233,7 +233,14 @@ def main() -> None:
     if unknown:
         parser.error(f"--kernels: unknown {unknown}; choose from {list(KERNELS)}")
     out = Path(args.out or REPO / "kernels" / "results" / f"train-{device_name().replace(' ', '_')}.json")
-    earlier = json.loads(out.read_text())["rows"] if args.merge and out.is_file() else []
+    earlier = []
+    if args.merge and out.is_file():
+        previous = json.loads(out.read_text())
+        same = ("model", "steps", "warmup", "micro", "seq", "precision", "smoke")
+        changed = [k for k in same if previous["meta"]["args"].get(k) != vars(args)[k]]
+        if changed:
+            parser.error(f"--merge: {out} holds runs with other {', '.join(changed)}; use the same settings or another --out")
+        earlier = previous["rows"]
     rows = []
     with tempfile.TemporaryDirectory(prefix="dtune-bench-") as tmp:
         corpus = write_corpus(Path(tmp) / "corpus.jsonl", args.micro * args.steps + 8, args.seq)

@@ -9,6 +9,10 @@ CUDA backend (ptxas ships in the triton wheel) for the given architectures, for 
 ``@triton.autotune`` may pick on a GPU, in each dtype, and reads what the compiled binary reports: registers per
 thread, bytes spilled to local memory, shared memory. A config that spills is one autotune should never pick; the
 test suite runs this and fails on compile errors and on spills.
+
+Integers are compiled without the specializations a real launch adds (a stride of 1 as a constant, divisibility
+by 16 of sizes and strides): the binary a GPU runs may vectorize more and differ in registers and shared memory.
+These figures catch compile errors and gross resource problems; they are not the launched binary's.
 """
 
 from __future__ import annotations

@@ -118,6 +118,44 @@ def test_fused_input_gradient_no_worse_than_bitsandbytes(dtype, shape):
     assert err_ours <= 1.25 * err_bnb + tolerance, (err_ours, err_bnb)
 
 
+if use_triton(torch.zeros(1, device=DEVICE)):
+    import triton
+    import triton.language as tl
+
+    from dtune.kernels.nf4 import nf4_tile, nf4_values
+
+    @triton.jit
+    def _tile_probe(packed, absmax, absmax2, code2, offset, code, out_tile, out_elem, N, K, ROWS: tl.constexpr,
+                    BK: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):  # fmt: skip
+        """W[rows, k0:k0+BK] through nf4_tile and through nf4_values, side by side."""
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        k0 = tl.program_id(1) * BK
+        cols = k0 + tl.arange(0, BK)
+        mask = (rows[:, None] < N) & (cols[None, :] < K)
+        idx = rows[:, None] * K + cols[None, :]
+        nf4 = (packed, absmax, absmax2, code2, offset, code)
+        tile = nf4_tile(*nf4, rows, k0, N, K, BK, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+        tl.store(out_tile + idx, tile, mask=mask)
+        tl.store(out_elem + idx, nf4_values(*nf4, idx, mask, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT), mask=mask)
+
+
+@pytest.mark.parametrize("bk", [16, 64, 256])
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+def test_nf4_tile_equals_element_loads_for_every_tile_width(bk, blocksize):
+    """nf4_tile for tiles narrower than, as wide as and wider than a block (1-8 blocks per tile), with K = 7 blocks
+    so the last tile of a row is partial, and ragged rows: the same values as element-by-element loads."""
+    n, k = 37, 7 * blocksize
+    g = torch.Generator().manual_seed(6)
+    dense = (torch.randn(n, k, generator=g) * 0.05).to(DEVICE)
+    packed, state = bnbF.quantize_4bit(dense, blocksize=blocksize, compress_statistics=True, quant_type="nf4")
+    w = NF4Weight.from_bnb(packed, state)
+    tile, elem = (torch.full((n, k), float("nan"), device=DEVICE) for _ in range(2))
+    grid = (triton.cdiv(n, 16), triton.cdiv(k, bk))
+    _tile_probe[grid](*w.tensors(), tile, elem, n, k, ROWS=16, BK=bk, **w.meta(), enable_fp_fusion=False)
+    assert torch.equal(tile, elem)
+    assert torch.equal(tile, nf4_dequantize_ref(w, torch.float32))
+
+
 @pytest.mark.parametrize("blocksize", [32, 64, 128])  # tiles wider than, equal to and narrower than a block
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -274,8 +312,22 @@ def test_fused_lora_layer_equals_peft_and_falls_back_where_it_must(tmp_path: Pat
     assert fused[0].sub(layer.base_layer(x)).abs().max() > 1e-3  # the adapter term is really in there
     with model.disable_adapter():
         torch.testing.assert_close(layer(x), layer.base_layer(x))
+
+    # bf16 compute, fp32 adapters: under autocast the fused op runs (PEFT's adapter matmuls are bf16 there too);
+    # without autocast PEFT computes the adapter in fp32, and so the fused layer hands over to it.
+    layer.base_layer.compute_dtype = torch.bfloat16
+    assert layer._fusable_adapter(x, (), {}) is None
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        assert layer._fusable_adapter(x, (), {}) == "default"
+        ours, theirs = layer(x), _peft_lora4bit_class().forward(layer, x)
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=2e-2, atol=2e-2)
+
     layer.lora_dropout["default"] = torch.nn.Dropout(0.5)
-    assert layer._fusable_adapter((), {}) is None
+    assert layer._fusable_adapter(x, (), {}) is None
+    from dtune.quant import fuse_lora_layers
+
+    dropout = compose_config(tiny_overrides(tmp_path, "quant=nf4_triton", "lora.dropout=0.1"))
+    assert fuse_lora_layers(build_model(dropout, torch.device(DEVICE))) == 0  # plain LoRA only: nothing switched
 
 
 @pytest.mark.parametrize("variant", ["triton", "triton_lora"])

@@ -95,6 +95,13 @@ class NF4Weight:
         """The compile-time layout parameters every NF4 kernel takes."""
         return {"BLOCKSIZE": self.blocksize, "BLOCKSIZE2": self.blocksize2, "DOUBLE_QUANT": self.double_quant}
 
+    def blocksize_is_pow2(self) -> bool:
+        return self.blocksize & (self.blocksize - 1) == 0
+
+    def whole_blocks_per_row(self) -> bool:
+        """Rows hold whole quantization blocks (every real layer): kernels can load W as byte tiles (``nf4_tile``)."""
+        return self.shape[1] % self.blocksize == 0 and self.blocksize_is_pow2()
+
     def scales(self) -> torch.Tensor:
         """fp32 absmax per block (undoing double quantization), as bitsandbytes computes it."""
         if not self.double_quant:

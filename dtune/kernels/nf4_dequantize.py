@@ -108,7 +108,7 @@ def nf4_dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
         "num_warps": NUM_WARPS,
         "enable_fp_fusion": False,  # multiply then add, as bitsandbytes does: a fused FMA would round differently
     }
-    if numel % w.blocksize == 0:  # every real weight: whole blocks, byte tiles
+    if numel % w.blocksize == 0 and w.blocksize_is_pow2():  # every real weight: whole blocks, byte tiles
         blocks, rows = numel // w.blocksize, max(1, LAUNCH["BLOCK"] // w.blocksize)
         _nf4_dequantize_blocks_kernel[(triton.cdiv(blocks, rows),)](*w.tensors(), out, blocks, **common, ROWS=rows)
     else:

@@ -160,7 +160,7 @@ def nf4_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) ->
         x2.stride(0),
         x2.stride(1),
         **w.meta(),
-        ALIGNED=k % w.blocksize == 0,
+        ALIGNED=w.whole_blocks_per_row(),
         X_DTYPE=TL_DTYPES[x.dtype],
         RNE_BF16=interpreting() and x.dtype == torch.bfloat16,
         DOT_FP32=interpreting(),

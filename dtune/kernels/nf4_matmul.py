@@ -13,8 +13,9 @@ Backward (the base is frozen, so only the input gradient), for a [BLOCK_M, BLOCK
     acc = sum over N-tiles of  grad_y[m, n] @ w[n, k]
 Loading W. When rows hold whole quantization blocks (K a multiple of the block size: every real model) a tile is
 read as [rows, tile/2] contiguous packed bytes, each loaded once and split into its two nibbles, with one scale
-per 64-element block (``nf4_tile``); otherwise element by element (``nf4_values``). Compiled for sm_90 the byte
-tiles need 2.3-2.5x less shared memory per pipelined config (kernels/compile_nf4.py), so every config fits an H100.
+per quantization block (``nf4_tile``); otherwise element by element (``nf4_values``). Compiled for sm_90 the byte
+tiles need 2.3-2.5x less shared memory per pipelined config (kernels/compile_nf4.py): all 7 fit an H100, where
+the element path fits 3.
 
 The dequantized tile is rounded to the activation dtype before the dot (as bitsandbytes' dequantized weight is),
 and accumulation is fp32. Under the Triton interpreter (CPU tests) both operands go to ``tl.dot`` as fp32,
@@ -230,10 +231,10 @@ def _launch(
     out = torch.empty((m, out_width), dtype=inp.dtype, device=inp.device)
     if low_rank is not None:
         u, low = low_rank
-        u = u.reshape(m, -1).contiguous()
-        r = u.shape[1]
-        if low.shape != (r, out_width) or u.dtype != inp.dtype or low.dtype != inp.dtype:
+        r = u.shape[-1]
+        if u.shape[:-1] != inp.shape[:-1] or low.shape != (r, out_width) or u.dtype != inp.dtype or low.dtype != inp.dtype:
             raise ValueError(f"{what}: low-rank term {tuple(u.shape)} @ {tuple(low.shape)} does not fit [{m}, {out_width}]")
+        u = u.reshape(m, r).contiguous()
         r_pad = max(16, triton.next_power_of_2(r))  # tl.dot wants every dim >= 16
         lr_strides = low.stride()
     else:
@@ -264,7 +265,7 @@ def _launch(
             **w.meta(),
             GRAD_INPUT=grad_input,
             HAS_BIAS=bias is not None,
-            ALIGNED=k % w.blocksize == 0,
+            ALIGNED=w.whole_blocks_per_row(),
             R_PAD=r_pad,
             X_DTYPE=TL_DTYPES[inp.dtype],
             DOT_FP32=interpreting(),
