@@ -4,7 +4,8 @@ From the composed config and the model's ``config.json`` (no weights are read):
 
 * **parameters** come from the model built on the meta device: which linear layers bitsandbytes packs into NF4
   (all but the output head), their bytes with double-quantization constants, the rest in fp32 (QLoRA's
-  ``prepare_model_for_kbit_training`` upcasts them), and the LoRA adapters (fp32);
+  ``prepare_model_for_kbit_training`` upcasts them; a 16-bit base, ``quant=none``, stays in the compute dtype),
+  and the LoRA adapters (fp32);
 * **gradients and optimizer states** of the adapters (Adam: two fp32 moments; DeepSpeed adds fp32 masters beside
   16-bit copies), divided over ranks as the engine shards them, on the CPU when offloaded;
 * **activations** from a probe: one decoder layer of the model's own class, with this run's LoRA targets, random
@@ -143,6 +144,8 @@ def parameter_bytes(cfg: DtuneConfig, model: nn.Module) -> dict[str, int]:
     head = model.get_output_embeddings()
     head_name = next((n for n, m in model.named_modules() if m is head), "lm_head")
     quantize = cfg.quant.quant_type != "none"
+    # prepare_model_for_kbit_training upcasts a 4-bit base's other parameters to fp32; a 16-bit base stays as loaded.
+    other_bytes = 4 if quantize or cfg.train.precision == "fp32" else 2
     out = {"base_4bit": 0, "base_other": 0, "lora_params": 0, "largest_linear": 0, "layer_base": 0, "root_numel": 0}
     seen: set[int] = set()
     targets = list(cfg.lora.target_modules)
@@ -164,9 +167,10 @@ def parameter_bytes(cfg: DtuneConfig, model: nn.Module) -> dict[str, int]:
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
-            out["base_other"] += 4 * p.numel()  # upcast to fp32 by prepare_model_for_kbit_training
+            size = other_bytes * p.numel()
+            out["base_other"] += size
             if id(p) in first_layer:
-                out["layer_base"] += 4 * p.numel()
+                out["layer_base"] += size
             if id(p) not in in_layers:
                 out["root_numel"] += p.numel()  # embeddings, final norm, untied head: FSDP2's root unit
     return out
@@ -218,8 +222,8 @@ def _probe(
             module.__class__ = _Linear4bitStandIn
     for p in layer.parameters():
         p.requires_grad_(False)
-        if p.dim() < 2 or not quantized:
-            p.data = p.data.float()  # upcast like prepare_model_for_kbit_training
+        if quantized and p.dim() < 2:
+            p.data = p.data.float()  # upcast like prepare_model_for_kbit_training (a 16-bit base stays as loaded)
     targets = list(cfg.lora.target_modules)
     lora = LoraConfig(
         r=cfg.lora.r,
@@ -234,8 +238,11 @@ def _probe(
             p.data = p.data.float()
             p.requires_grad_(True)
 
+    # The residual stream: fp32 when the embeddings were upcast (4-bit bases), else the base's dtype.
+    residual_dtype = torch.float32 if quantized else dtype
+
     def run(tokens: int) -> tuple[int, int]:
-        hidden = torch.randn(1, tokens, text.hidden_size, dtype=torch.float32, requires_grad=True)
+        hidden = torch.randn(1, tokens, text.hidden_size, dtype=residual_dtype, requires_grad=True)
         position_ids = torch.arange(tokens)[None]
         kwargs: dict[str, Any] = {"position_ids": position_ids}
         if rotary is not None:
@@ -299,8 +306,10 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
 
     tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
     labelled = int(tokens * labelled_fraction(cfg))
+    dtype_bytes = 4 if cfg.train.precision == "fp32" else 2
     layers = text.num_hidden_layers
-    residual = 4  # the residual stream is fp32: prepare_model_for_kbit_training upcasts the embeddings
+    # The residual stream is fp32 when prepare_model_for_kbit_training upcast the embeddings (4-bit bases).
+    residual = 4 if cfg.quant.quant_type != "none" else dtype_bytes
     if cfg.model.gradient_checkpointing:
         stored = layers * tokens * text.hidden_size * residual
         layer_phase = probe["backward_peak_per_token"] * tokens
@@ -309,9 +318,8 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
         layer_phase = (probe["backward_peak_per_token"] - probe["saved_per_token"]) * tokens
     in_flight = min(labelled, cfg.train.loss_chunk_tokens) if cfg.train.loss_chunk_tokens else labelled
     loss = LOSS_BYTES_PER_LOGIT * in_flight * text.vocab_size
-    if cfg.train.precision != "fp32":
-        loss += 2 * text.vocab_size * text.hidden_size  # the head weight, cast for the matmul
-    dtype_bytes = 4 if cfg.train.precision == "fp32" else 2
+    if cfg.train.precision != "fp32" and cfg.quant.quant_type != "none":
+        loss += 2 * text.vocab_size * text.hidden_size  # the head weight (upcast to fp32), cast for the matmul
     # bitsandbytes writes each weight dequantized before its matmul; the fused kernels (on a GPU) never do.
     fused = cfg.quant.kernel == "triton"  # a GPU plan: on CPU the kernels' references do dequantize
     dequant = params["largest_linear"] * dtype_bytes if cfg.quant.quant_type != "none" and not fused else 0
@@ -323,7 +331,7 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
 
     components = {
         "base (packed 4-bit + constants)": on_gpu * params["base_4bit"] // (w if shard_params else 1),
-        "base (other, fp32)": on_gpu * params["base_other"] // (w if shard_params else 1),
+        "base (other)": on_gpu * params["base_other"] // (w if shard_params else 1),
         "LoRA parameters": lora_bytes // (w if shard_params else 1),
         "LoRA gradients": 4 * n_lora // (w if shard_grads else 1),
         "optimizer states": optim_bytes // (w if shard_opt else 1),
@@ -335,12 +343,14 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
         "base (packed 4-bit + constants)": "NF4 "
         + ("+ double quant" if cfg.quant.double_quant else "")
         + (f", / {w} ranks" if shard_params else ""),
-        "base (other, fp32)": "embeddings, norms, head",
+        "base (other)": "embeddings, norms, head; fp32"
+        if cfg.quant.quant_type != "none"
+        else f"the whole 16-bit base, {cfg.train.precision}",
         "LoRA parameters": f"{n_lora:,} params",
         "LoRA gradients": "fp32" + (f", / {w}" if shard_grads else ""),
         "optimizer states": "offloaded to CPU" if cfg.engine.offload_optimizer else "Adam" + (f", / {w}" if shard_opt else ""),
         "activations (kept)": "layer inputs (checkpointing)" if cfg.model.gradient_checkpointing else "every layer",
-        "activations (peak phase)": f"max(1 layer{'' if fused else ' + dequant'}, loss over {in_flight:,} of {labelled:,} labelled tokens at once)",
+        "activations (peak phase)": f"max(1 layer{' + dequant' if dequant else ''}, loss over {in_flight:,} of {labelled:,} labelled tokens at once)",
         "gathered shards": ("2 layers in flight" + (" + the root unit" if strategy == "fsdp2" else "")) if gathered else "",
     }
     settings = {
@@ -530,6 +540,17 @@ VALIDATION_GRID = (
     (
         "SmolLM2-135M, no double quant",
         ["model=smollm2_135m", "train.micro_batch_size=8", "data.max_seq_len=64", "quant.double_quant=false"],
+    ),
+    ("SmolLM2-135M, 16-bit base", ["model=smollm2_135m", "train.micro_batch_size=2", "data.max_seq_len=256", "quant=none"]),
+    (
+        "tiny, 16-bit base, no ckpt",
+        [
+            "model=tiny_llama",
+            "train.micro_batch_size=4",
+            "data.max_seq_len=256",
+            "quant=none",
+            "model.gradient_checkpointing=false",
+        ],
     ),
 )
 

@@ -187,3 +187,16 @@ def test_run_adapter_is_complete_peft(tiny_run):
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir(cfg)), out / "adapter")
     n_lora = sum(1 for name, _ in loaded.named_parameters() if "lora_" in name)
     assert n_lora == 2 * 7 * 2  # A and B, 7 projections, 2 layers
+
+
+def test_a_16bit_base_stays_16bit_and_trains(tmp_path: Path):
+    """quant=none: plain LoRA on a bf16 base. The frozen base keeps its dtype (no 4-bit-style fp32 upcast, which
+    doubled its memory), the adapters are fp32 and trainable, and a few steps lower the loss."""
+    cfg = compose_config(tiny_overrides(tmp_path, "quant=none", "train.precision=bf16", "optim.lr=1e-2"))
+    model = build_model(cfg, torch.device("cpu"))
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trainable == {torch.float32}
+    results = run(cfg, tmp_path)
+    assert results["after"]["eval/loss"] < results["before"]["eval/loss"] - 0.05
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
