@@ -61,19 +61,14 @@ def cases() -> list[dict[str, Any]]:
 
     out = []
     for dname, (tl_dtype, ptr) in DTYPES.items():
-        block, warps = nf4_dequantize.LAUNCH["BLOCK"], nf4_dequantize.NUM_WARPS
-        rows = block // LAYOUT["BLOCKSIZE"]
-        for suffix, kernel, launch in (
-            ("", nf4_dequantize._nf4_dequantize_blocks_kernel, {"ROWS": rows}),
-            (" ragged", nf4_dequantize._nf4_dequantize_kernel, {"BLOCK": block}),
-        ):
+        for suffix, whole_blocks in (("", True), (" ragged", False)):
             out.append(
                 {
                     "name": f"nf4_dequantize {dname}{suffix}",
-                    "kernel": kernel,
-                    "configs": [triton.Config(launch, num_warps=warps)],
+                    "kernel": nf4_dequantize._nf4_dequantize_kernel,
+                    "configs": [triton.Config(nf4_dequantize.LAUNCH, num_warps=nf4_dequantize.NUM_WARPS)],
                     "ptrs": {**NF4_PTRS, "out_ptr": f"*{ptr}"},
-                    "const": {**LAYOUT, "OUT_DTYPE": tl_dtype, "RNE_BF16": False},
+                    "const": {**LAYOUT, "WHOLE_BLOCKS": whole_blocks, "OUT_DTYPE": tl_dtype, "RNE_BF16": False},
                 }
             )
         variants = [(0, True), (16, True), (64, True), (0, False)] if dname == "bf16" else [(0, True)]

@@ -36,57 +36,24 @@ if HAS_TRITON:
         BLOCKSIZE: tl.constexpr,
         BLOCKSIZE2: tl.constexpr,
         DOUBLE_QUANT: tl.constexpr,
+        WHOLE_BLOCKS: tl.constexpr,
         OUT_DTYPE: tl.constexpr,
         RNE_BF16: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = idx < numel
-        w = nf4_values(
-            packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, idx, mask, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT
-        )
-        tl.store(out_ptr + idx, cast_out(w, OUT_DTYPE, RNE_BF16), mask=mask)
-
-    @triton.jit
-    def _nf4_dequantize_blocks_kernel(
-        packed_ptr,
-        absmax_ptr,
-        absmax2_ptr,
-        code2_ptr,
-        offset_ptr,
-        code_ptr,
-        out_ptr,
-        blocks,
-        BLOCKSIZE: tl.constexpr,
-        BLOCKSIZE2: tl.constexpr,
-        DOUBLE_QUANT: tl.constexpr,
-        OUT_DTYPE: tl.constexpr,
-        RNE_BF16: tl.constexpr,
-        ROWS: tl.constexpr,
-    ):
-        """Whole quantization blocks (numel a multiple of BLOCKSIZE): the weight seen as [blocks, BLOCKSIZE], ROWS
-        blocks per program, each packed byte loaded once (as contiguous bytes) and one scale per block."""
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        w = nf4_tile(
-            packed_ptr,
-            absmax_ptr,
-            absmax2_ptr,
-            code2_ptr,
-            offset_ptr,
-            code_ptr,
-            rows,
-            0,
-            blocks,
-            BLOCKSIZE,
-            BLOCKSIZE,
-            BLOCKSIZE,
-            BLOCKSIZE2,
-            DOUBLE_QUANT,
-        )
-        cols = tl.arange(0, BLOCKSIZE)
-        tl.store(
-            out_ptr + rows[:, None] * BLOCKSIZE + cols[None, :], cast_out(w, OUT_DTYPE, RNE_BF16), mask=rows[:, None] < blocks
-        )
+        """BLOCK elements per program. WHOLE_BLOCKS (numel a multiple of BLOCKSIZE, BLOCK of it): the weight seen as
+        [numel / BLOCKSIZE, BLOCKSIZE], each packed byte loaded once (contiguous bytes) and one scale per block;
+        otherwise element by element."""
+        nf4 = (packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr)
+        if WHOLE_BLOCKS:
+            ROWS: tl.constexpr = BLOCK // BLOCKSIZE
+            rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+            w = nf4_tile(*nf4, rows, 0, numel // BLOCKSIZE, BLOCKSIZE, BLOCKSIZE, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+            idx = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+        else:
+            idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            w = nf4_values(*nf4, idx, idx < numel, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+        tl.store(out_ptr + idx, cast_out(w, OUT_DTYPE, RNE_BF16), mask=idx < numel)
 
 
 LAUNCH = {"BLOCK": 2048}  # elements per program
@@ -101,19 +68,20 @@ def nf4_dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
     n, k = w.shape
     out = torch.empty((n, k), dtype=dtype, device=w.packed.device)
     numel = n * k
-    common = {
+    whole_blocks = numel % w.blocksize == 0 and w.blocksize_is_pow2()  # every real weight: byte tiles
+    block = max(LAUNCH["BLOCK"], w.blocksize) if whole_blocks else LAUNCH["BLOCK"]
+    _nf4_dequantize_kernel[(triton.cdiv(numel, block),)](
+        *w.tensors(),
+        out,
+        numel,
         **w.meta(),
-        "OUT_DTYPE": TL_DTYPES[dtype],
-        "RNE_BF16": interpreting() and dtype == torch.bfloat16,
-        "num_warps": NUM_WARPS,
-        "enable_fp_fusion": False,  # multiply then add, as bitsandbytes does: a fused FMA would round differently
-    }
-    if numel % w.blocksize == 0 and w.blocksize_is_pow2():  # every real weight: whole blocks, byte tiles
-        blocks, rows = numel // w.blocksize, max(1, LAUNCH["BLOCK"] // w.blocksize)
-        _nf4_dequantize_blocks_kernel[(triton.cdiv(blocks, rows),)](*w.tensors(), out, blocks, **common, ROWS=rows)
-    else:
-        block = LAUNCH["BLOCK"]
-        _nf4_dequantize_kernel[(triton.cdiv(numel, block),)](*w.tensors(), out, numel, **common, BLOCK=block)
+        WHOLE_BLOCKS=whole_blocks,
+        OUT_DTYPE=TL_DTYPES[dtype],
+        RNE_BF16=interpreting() and dtype == torch.bfloat16,
+        BLOCK=block,
+        num_warps=NUM_WARPS,
+        enable_fp_fusion=False,  # multiply then add, as bitsandbytes does: a fused FMA would round differently
+    )
     return out
 
 

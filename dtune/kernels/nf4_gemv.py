@@ -77,6 +77,7 @@ if HAS_TRITON:
         """partial[split, M, N] = x[:, share] @ W[:, share]^T over this program's share of K."""
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
+        nf4 = (packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, M_PAD)
         share = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
@@ -89,38 +90,18 @@ if HAS_TRITON:
                 other=0.0,
             ).to(tl.float32)
             if ALIGNED:  # whole quantization blocks per row: byte tiles, one scale per block
-                w = nf4_tile(
-                    packed_ptr,
-                    absmax_ptr,
-                    absmax2_ptr,
-                    code2_ptr,
-                    offset_ptr,
-                    code_ptr,
-                    offs_n,
-                    k0,
-                    N,
-                    K,
-                    BLOCK_K,
-                    BLOCKSIZE,
-                    BLOCKSIZE2,
-                    DOUBLE_QUANT,
-                )
+                w = nf4_tile(*nf4, offs_n, k0, N, K, BLOCK_K, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
             else:
                 w = nf4_values(
-                    packed_ptr,
-                    absmax_ptr,
-                    absmax2_ptr,
-                    code2_ptr,
-                    offset_ptr,
-                    code_ptr,
+                    *nf4,
                     offs_n[:, None] * K + kk[None, :],
                     (offs_n[:, None] < N) & (kk[None, :] < K),
                     BLOCKSIZE,
                     BLOCKSIZE2,
                     DOUBLE_QUANT,
                 )
-            # W rounded as a dequantized weight in the activation dtype holds it; multiply-add in fp32 on CUDA
-            # cores: at M <= 16 tensor cores would idle anyway, the loop is bound by the weight bytes.
+            # W rounded as a dequantized weight in the activation dtype holds it. The loop is bound by the weight
+            # bytes: below 16 rows multiply-add in fp32 on CUDA cores, at 16 the tensor cores (fp32 accumulation).
             w = round_like(w, X_DTYPE, RNE_BF16)
             if M_PAD >= 16:  # enough rows for the tensor cores (tl.dot wants every dim >= 16)
                 if DOT_FP32 or tl.float32 == X_DTYPE:

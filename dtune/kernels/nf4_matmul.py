@@ -113,6 +113,7 @@ if HAS_TRITON:
         contiguous [M, R] and L read through (stride_lr, stride_la) -- the LoRA path fused with the base."""
         A = K if GRAD_INPUT else N
         B = N if GRAD_INPUT else K
+        nf4 = (packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr)
         pid_m, pid_a = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(A, BLOCK_A), GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
@@ -127,56 +128,12 @@ if HAS_TRITON:
             # V[b, a] = W[n=b, k=a] for the input gradient, W[n=a, k=b] forward
             if ALIGNED:  # whole quantization blocks per row: byte tiles, one scale per block
                 if GRAD_INPUT:
-                    v = nf4_tile(
-                        packed_ptr,
-                        absmax_ptr,
-                        absmax2_ptr,
-                        code2_ptr,
-                        offset_ptr,
-                        code_ptr,
-                        offs_b,
-                        pid_a * BLOCK_A,
-                        N,
-                        K,
-                        BLOCK_A,
-                        BLOCKSIZE,
-                        BLOCKSIZE2,
-                        DOUBLE_QUANT,
-                    )
+                    v = nf4_tile(*nf4, offs_b, pid_a * BLOCK_A, N, K, BLOCK_A, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
                 else:
-                    v = tl.trans(
-                        nf4_tile(
-                            packed_ptr,
-                            absmax_ptr,
-                            absmax2_ptr,
-                            code2_ptr,
-                            offset_ptr,
-                            code_ptr,
-                            offs_a,
-                            b0,
-                            N,
-                            K,
-                            BLOCK_B,
-                            BLOCKSIZE,
-                            BLOCKSIZE2,
-                            DOUBLE_QUANT,
-                        )
-                    )
+                    v = tl.trans(nf4_tile(*nf4, offs_a, b0, N, K, BLOCK_B, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT))
             else:  # ragged rows (K not a multiple of the block size): element by element
                 idx = offs_b[:, None] * K + offs_a[None, :] if GRAD_INPUT else offs_a[None, :] * K + offs_b[:, None]
-                v = nf4_values(
-                    packed_ptr,
-                    absmax_ptr,
-                    absmax2_ptr,
-                    code2_ptr,
-                    offset_ptr,
-                    code_ptr,
-                    idx,
-                    (offs_b[:, None] < B) & (offs_a[None, :] < A),
-                    BLOCKSIZE,
-                    BLOCKSIZE2,
-                    DOUBLE_QUANT,
-                )
+                v = nf4_values(*nf4, idx, (offs_b[:, None] < B) & (offs_a[None, :] < A), BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
             if DOT_FP32:
                 acc += tl.dot(x.to(tl.float32), round_like(v, X_DTYPE, RNE_BF16), input_precision="ieee")
             elif tl.float32 == X_DTYPE:
