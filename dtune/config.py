@@ -119,7 +119,7 @@ class QuantConfig:
     fuse_lora: bool = False
     """With kernel=triton: each LoRA adapter runs inside its base layer's fused kernel (the low-rank term added in
     the matmul's epilogue, forward and input gradient) instead of as PEFT's separate matmuls and adds. Layers with
-    LoRA dropout (lora.dropout > 0) or DoRA keep PEFT's path."""
+    LoRA dropout (lora.dropout > 0), DoRA or adapter biases keep PEFT's path."""
 
 
 @dataclass

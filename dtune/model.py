@@ -92,7 +92,7 @@ def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
     A 4-bit base goes through PEFT's ``prepare_model_for_kbit_training``, which also upcasts its small non-quantized
     parameters (embeddings, norms, head) to fp32. A 16-bit base (quant=none) stays in the dtype it was loaded in:
     upcasting all of it would double its memory, and under autocast every matmul would cast each weight back and
-    keep that copy for backward (measured: 1.7x the tensor memory of the bf16 base).
+    keep that copy for backward (measured on SmolLM2-135M, 2 x 256 tokens: 2.8x the peak tensor memory).
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -133,8 +133,10 @@ def build_model(cfg: DtuneConfig, device: torch.device | None) -> nn.Module:
         fused = fuse_lora_layers(model)
         if fused:
             log.info("quant.fuse_lora: %d LoRA layers run inside the fused NF4 kernels", fused)
-        else:  # dropout or DoRA: the fused op computes plain LoRA only
-            log.warning("quant.fuse_lora: no LoRA layer can be fused (lora.dropout=%s); PEFT's path runs", cfg.lora.dropout)
+        else:  # the fused op computes plain LoRA only
+            log.warning(
+                "quant.fuse_lora: no layer is plain LoRA (dropout %s, DoRA or adapter bias); PEFT's path runs", cfg.lora.dropout
+            )
     trainable, total = model.get_nb_trainable_parameters()
     log.info(
         "model: %s | trainable %s of %s parameters (%.2f%%)",

@@ -307,9 +307,10 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
     tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
     labelled = int(tokens * labelled_fraction(cfg))
     dtype_bytes = 4 if cfg.train.precision == "fp32" else 2
+    quantized = cfg.quant.quant_type != "none"
     layers = text.num_hidden_layers
     # The residual stream is fp32 when prepare_model_for_kbit_training upcast the embeddings (4-bit bases).
-    residual = 4 if cfg.quant.quant_type != "none" else dtype_bytes
+    residual = 4 if quantized else dtype_bytes
     if cfg.model.gradient_checkpointing:
         stored = layers * tokens * text.hidden_size * residual
         layer_phase = probe["backward_peak_per_token"] * tokens
@@ -318,11 +319,11 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
         layer_phase = (probe["backward_peak_per_token"] - probe["saved_per_token"]) * tokens
     in_flight = min(labelled, cfg.train.loss_chunk_tokens) if cfg.train.loss_chunk_tokens else labelled
     loss = LOSS_BYTES_PER_LOGIT * in_flight * text.vocab_size
-    if cfg.train.precision != "fp32" and cfg.quant.quant_type != "none":
+    if cfg.train.precision != "fp32" and quantized:
         loss += 2 * text.vocab_size * text.hidden_size  # the head weight (upcast to fp32), cast for the matmul
     # bitsandbytes writes each weight dequantized before its matmul; the fused kernels (on a GPU) never do.
     fused = cfg.quant.kernel == "triton"  # a GPU plan: on CPU the kernels' references do dequantize
-    dequant = params["largest_linear"] * dtype_bytes if cfg.quant.quant_type != "none" and not fused else 0
+    dequant = params["largest_linear"] * dtype_bytes if quantized and not fused else 0
     gathered = 2 * params["layer_base"] if shard_params and w > 1 else 0
     if strategy == "fsdp2" and w > 1:
         # The root unit (embeddings, final norm, head) is gathered for forward and, as the root, not resharded until
@@ -343,9 +344,7 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
         "base (packed 4-bit + constants)": "NF4 "
         + ("+ double quant" if cfg.quant.double_quant else "")
         + (f", / {w} ranks" if shard_params else ""),
-        "base (other)": "embeddings, norms, head; fp32"
-        if cfg.quant.quant_type != "none"
-        else f"the whole 16-bit base, {cfg.train.precision}",
+        "base (other)": "embeddings, norms, head; fp32" if quantized else f"the whole 16-bit base, {cfg.train.precision}",
         "LoRA parameters": f"{n_lora:,} params",
         "LoRA gradients": "fp32" + (f", / {w}" if shard_grads else ""),
         "optimizer states": "offloaded to CPU" if cfg.engine.offload_optimizer else "Adam" + (f", / {w}" if shard_opt else ""),

@@ -53,19 +53,20 @@ class FusedLinear4bit(_linear4bit_class()):  # type: ignore[misc]
         return nf4_linear(x.to(compute), weight, bias).to(x.dtype)
 
 
+def _plain_adapter(layer: nn.Module, name: str) -> bool:
+    """Vanilla LoRA: no dropout, no variant (DoRA), no adapter bias -- what the fused op computes."""
+    plain = isinstance(layer.lora_dropout[name], nn.Identity) and name not in layer.lora_variant
+    return plain and layer.lora_A[name].bias is None and layer.lora_B[name].bias is None
+
+
 class FusedLoraLinear4bit(_peft_lora4bit_class()):  # type: ignore[misc]
     """PEFT's LoRA layer for 4-bit bases with base and adapter computed by ``dtune::nf4_lora_linear``."""
-
-    def plain_adapter(self, name: str) -> bool:
-        """Vanilla LoRA: no dropout, no variant (DoRA), no adapter bias -- what the fused op computes."""
-        plain = isinstance(self.lora_dropout[name], nn.Identity) and name not in self.lora_variant
-        return plain and self.lora_A[name].bias is None and self.lora_B[name].bias is None
 
     def _fusable_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
         if args or kwargs or self.disable_adapters or self.merged or not isinstance(self.base_layer, FusedLinear4bit):
             return None
         active = [a for a in self.active_adapters if a in self.lora_A]
-        if len(active) != 1 or not self.plain_adapter(active[0]):
+        if len(active) != 1 or not _plain_adapter(self, active[0]):
             return None
         # Without autocast PEFT computes the adapter in its own (fp32) dtype; the fused op works in the compute dtype.
         compute = self.base_layer.compute_dtype
@@ -110,7 +111,7 @@ def fuse_lora_layers(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         fusable = type(module) is lora4bit and isinstance(module.base_layer, FusedLinear4bit)
-        if fusable and all(FusedLoraLinear4bit.plain_adapter(module, name) for name in module.lora_A):
+        if fusable and all(_plain_adapter(module, name) for name in module.lora_A):
             module.__class__ = FusedLoraLinear4bit
             count += 1
     if count:

@@ -98,6 +98,11 @@ class Timer:
         return statistics.median(times)
 
 
+def rotation(k: int, n: int, device: str) -> int:
+    """How many copies of a [n, k] bf16 weight (and its inputs) to rotate over: >= ROTATE_BYTES on a GPU, 2 to 8."""
+    return max(2, min(8, math.ceil(ROTATE_BYTES / (n * k * 2)))) if device == "cuda" else 2
+
+
 def make_weights(k: int, n: int, copies: int, device: str, gen: torch.Generator) -> list[dict[str, Any]]:
     import bitsandbytes.functional as bnbF
 
@@ -124,7 +129,7 @@ def bench_linear(k: int, n: int, tokens: list[int], timer: Timer, device: str, g
 
     from dtune.kernels import nf4_linear, nf4_matmul_grad_input
 
-    copies = max(2, min(8, math.ceil(ROTATE_BYTES / (n * k * 2)))) if device == "cuda" else 2
+    copies = rotation(k, n, device)
     weights = make_weights(k, n, copies, device, gen)
     rows = []
     for t in tokens:
@@ -181,7 +186,7 @@ def bench_lora(
 
     from dtune.kernels import nf4_linear, nf4_lora_linear
 
-    copies = max(2, min(8, math.ceil(ROTATE_BYTES / (n * k * 2)))) if device == "cuda" else 2
+    copies = rotation(k, n, device)
     weights = make_weights(k, n, copies, device, gen)
     scale = 2.0
     rows = []
@@ -241,7 +246,7 @@ def bench_dequant(k: int, n: int, timer: Timer, device: str, gen: torch.Generato
 
     from dtune.kernels import nf4_dequantize
 
-    copies = max(2, min(8, math.ceil(ROTATE_BYTES / (n * k * 2)))) if device == "cuda" else 2
+    copies = rotation(k, n, device)
     weights = make_weights(k, n, copies, device, gen)
     for w in weights:
         assert torch.equal(nf4_dequantize(w["nf4"]), w["dense"]), "nf4_dequantize is not bit-exact with bitsandbytes"

@@ -157,7 +157,7 @@ def _lora_setup_context(ctx, inputs, output) -> None:
 def _lora_backward(ctx, grad_y):
     x, lora_a, lora_b, *nf4 = ctx.saved_tensors
     n, k = ctx.meta[:2]
-    g = grad_y.reshape(-1, n)
+    g, x2 = grad_y.reshape(-1, n), x.reshape(-1, k)
     v = (g @ lora_b) * ctx.scale  # [rows, r]
     grad_x = grad_bias = grad_a = grad_b = None
     if ctx.needs_input_grad[0]:
@@ -165,9 +165,9 @@ def _lora_backward(ctx, grad_y):
     if ctx.needs_input_grad[7]:
         grad_bias = g.sum(0)
     if ctx.needs_input_grad[8]:
-        grad_a = v.t() @ x.reshape(-1, k)
+        grad_a = v.t() @ x2
     if ctx.needs_input_grad[9]:
-        grad_b = g.t() @ ((x.reshape(-1, k) @ lora_a.t()) * ctx.scale)  # recomputed: [rows, r] is cheap
+        grad_b = g.t() @ ((x2 @ lora_a.t()) * ctx.scale)  # recomputed: [rows, r] is cheap
     return (grad_x, None, None, None, None, None, None, grad_bias, grad_a, grad_b) + (None,) * 6
 
 
