@@ -554,14 +554,33 @@ VALIDATION_GRID = (
 )
 
 
+GPU_VALIDATION_SHAPES = (("1b", 4, 2048), ("3b", 2, 2048), ("8b", 2, 2048), ("8b", 1, 4096))
 # On a GPU, --validate adds Llama-3-shaped models with random weights (builtin:shape-llama-*, built on first use).
 GPU_VALIDATION_GRID = tuple(
     (
         f"Llama-{size.upper()}-shaped, {micro}x{seq}",
         [f"model.name_or_path=builtin:shape-llama-{size}", f"train.micro_batch_size={micro}", f"data.max_seq_len={seq}"],
     )
-    for size, micro, seq in (("1b", 4, 2048), ("3b", 2, 2048), ("8b", 2, 2048), ("8b", 1, 4096))
+    for size, micro, seq in GPU_VALIDATION_SHAPES
 )
+
+
+def validation_grid(which: str, shapes: list[str], cuda: bool) -> tuple[tuple[str, list[str]], ...]:
+    """The configs ``--validate`` runs: ``cpu`` (VALIDATION_GRID), ``gpu`` (its tiny-model rows, which need no
+    model package, then the Llama-shaped ``shapes``), ``auto`` (cpu, plus the shapes where ``cuda``).
+
+    Raises:
+        ConfigError: a shape that GPU_VALIDATION_SHAPES does not hold.
+    """
+    known = {size for size, _, _ in GPU_VALIDATION_SHAPES}
+    if set(shapes) - known:
+        raise ConfigError(f"--shapes: unknown {sorted(set(shapes) - known)}; choose from {sorted(known)}")
+    shaped = tuple(row for row, (size, _, _) in zip(GPU_VALIDATION_GRID, GPU_VALIDATION_SHAPES, strict=True) if size in shapes)
+    if which == "cpu" or (which == "auto" and not cuda):
+        return VALIDATION_GRID
+    if which == "gpu":
+        return tuple(row for row in VALIDATION_GRID if "model=tiny_llama" in row[1]) + shaped
+    return VALIDATION_GRID + shaped
 
 
 def validate_plans(grid: tuple[tuple[str, list[str]], ...], extra: list[str]) -> list[dict[str, Any]]:
@@ -592,6 +611,16 @@ def main(argv: list[str] | None = None) -> int:
         "--validate", action="store_true", help="benchmark: predicted vs measured for a grid of small configs, run here"
     )
     parser.add_argument("--json", help="with --validate: write the rows to this file")
+    parser.add_argument(
+        "--grid",
+        choices=["auto", "cpu", "gpu"],
+        default="auto",
+        help="with --validate: cpu = the small configs (some need the built-in SmolLM2), gpu = the Llama-shaped ones "
+        "and the tiny ones, auto = cpu + gpu where a GPU is present",
+    )
+    parser.add_argument(
+        "--shapes", default="1b,3b,8b", help="with --validate: which Llama shapes the gpu grid runs (comma-separated)"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, as for dtune train")
     args = parser.parse_args(argv)
 
@@ -605,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
             import platform
 
             print(f"{'config':<36}{'predicted':>12}{'measured':>12}{'ratio':>9}")
-            grid = VALIDATION_GRID + (GPU_VALIDATION_GRID if torch.cuda.is_available() else ())
+            grid = validation_grid(args.grid, [x for x in args.shapes.split(",") if x], torch.cuda.is_available())
             rows = validate_plans(grid, args.overrides)
             worst = max(abs(r["measured"] / r["predicted"] - 1) for r in rows)
             print(f"largest deviation: {worst:.1%} ({rows[0]['kind']}, {platform.processor() or platform.machine()})")

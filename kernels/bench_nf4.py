@@ -335,6 +335,9 @@ def targets(result: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument(
+        "--shapes", nargs="+", default=None, metavar="KxN", help="in x out features to time instead of --models' shapes"
+    )
     parser.add_argument("--tokens", nargs="+", type=int, default=TOKENS)
     parser.add_argument("--lora-ranks", nargs="*", type=int, default=[16, 64], help="LoRA ranks (none: skip LoRA)")
     parser.add_argument("--reps", type=int, default=50)
@@ -352,6 +355,11 @@ def main(argv: list[str] | None = None) -> None:
         if device != "cuda":
             sys.exit("bench_nf4: needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1 for a CPU dry run)")
         shapes = [s for m in args.models for s in MODELS[m]]
+        if args.shapes:
+            try:
+                shapes = [(int(k), int(n)) for k, n in (s.lower().split("x") for s in args.shapes)]
+            except ValueError:
+                parser.error(f"--shapes: expected KxN pairs such as 4096x11008, got {args.shapes}")
         tokens, timer = args.tokens, Timer(device, args.warmup, args.reps)
         dequant_shapes, copy_bytes = [(4096, 11008), (8192, 28672)], 2**30
         lora_shapes, lora_tokens, ranks = dict.fromkeys(shapes), [t for t in tokens if t >= 512], args.lora_ranks

@@ -10,14 +10,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch
 
 # Without a GPU, the Triton kernels run in Triton's interpreter on CPU tensors; it must be on before any
 # @triton.jit function is defined. With a GPU they run compiled, on CUDA.
+# DeepSpeed picks its accelerator on first import: the CPU one only where there is no GPU.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import json
 from pathlib import Path

@@ -65,12 +65,15 @@ def test_packed_training_run(tmp_path: Path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_packed_row_with_flash_attention_varlen(tmp_path: Path):
-    """On GPU with flash-attn installed: packed rows go through the variable-length kernel (mask dropped, samples
-    found from the restarting position ids) and still give each sample's loss alone."""
-    pytest.importorskip("flash_attn")
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
+def test_packed_row_on_cuda_gives_each_samples_loss_alone(tmp_path: Path, attn: str):
+    """On GPU: packed rows through SDPA's CUDA kernels (block-diagonal mask) and, with flash-attn installed, its
+    variable-length kernel (mask dropped, samples found from the restarting position ids) still give each sample's
+    loss alone."""
+    if attn.startswith("flash"):
+        pytest.importorskip("flash_attn")
     cfg = compose_config(
-        tiny_overrides(tmp_path, "data.max_seq_len=256", "model.attn_implementation=flash_attention_2", "train.precision=bf16")
+        tiny_overrides(tmp_path, "data.max_seq_len=256", f"model.attn_implementation={attn}", "train.precision=bf16")
     )
     tok = load_tokenizer(cfg)
     train, _, _ = load_data(cfg.data, tok)

@@ -1,0 +1,454 @@
+"""The GPU check: every stage that proves dtune on a CUDA machine, each under its own time limit, in one command.
+
+    bash kernels/gpu/check.sh OUT_DIR              # on the GPU machine (installs .whl/, then runs this)
+    bash kernels/gpu/check.sh OUT_DIR --dry-run    # anywhere: interpreter, smoke sizes, every stage end to end
+
+Stages, in order (a stage that fails or runs out of time does not stop the next; the whole run keeps to
+``--budget`` seconds, each stage getting at most its own limit and what is left):
+
+    env      device, driver, every version; every dtune module imports (a missing wheel fails here)
+    tests    the CUDA test subset: NF4 kernels bit-exact and matmul/GEMV/LoRA-fused vs references, the custom
+             ops (opcheck), QLoRA steps through quant.kernel=bnb/triton and fuse_lora equal, packing via SDPA
+    shard    FSDP2 and ZeRO-3 on one rank: the packed NF4 bytes each layer computes with equal the loaded ones
+             at every forward (kernels/gpu/shard_check.py), and the steps train
+    nf4      kernels/bench_nf4.py at 4096->11008 and 11008->4096 (1 and 4096 tokens) and 8192->28672 (Llama 70B)
+    train    kernels/bench_train.py on a Llama-3.2-1B-shaped model: engines and kernel choices beside HF Trainer
+    plan     dtune plan --validate: predicted vs max_memory_allocated on the same shapes
+
+Writes into OUT_DIR, as it goes: ``results.json`` (everything: environment, each stage's status, figures and raw
+output files, rewritten after every stage), ``tests.xml`` (JUnit) and, from check.sh, ``check.log``. Ends with
+one summary table. Exit status 0 only if every stage passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import pkgutil
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = [
+    "torch",
+    "triton",
+    "transformers",
+    "accelerate",
+    "peft",
+    "bitsandbytes",
+    "deepspeed",
+    "hydra-core",
+    "omegaconf",
+    "antlr4-python3-runtime",
+    "submitit",
+    "hydra-submitit-launcher",
+    "datasets",
+    "safetensors",
+    "pydantic",
+    "numpy",
+    "pytest",
+    "pytest-xdist",
+    "flash-attn",
+    "wandb",
+]
+OPTIONAL = {"pytest-xdist", "flash-attn", "wandb"}  # dtune runs without these (wandb only for logger.wandb=true)
+
+
+@dataclass
+class Stage:
+    name: str
+    limit: float  # seconds on the GPU machine
+    what: str
+    commands: list[list[str]]
+    status: str = "not run"
+    seconds: float = 0.0
+    figures: dict[str, Any] = field(default_factory=dict)
+    tail: str = ""
+
+
+def run_command(cmd: list[str], timeout: float, env: dict[str, str], log: Any) -> tuple[int | None, str]:
+    """Run ``cmd`` in its own process group, streaming its output into ``log``; kill the group at ``timeout``.
+    Returns (exit code or None on timeout, the whole output)."""
+    print(f"$ {' '.join(cmd)}", file=log, flush=True)
+    out: list[str] = []
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + timeout
+
+    def kill() -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    timer = threading.Timer(max(timeout, 1), kill)
+    timer.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.append(line)
+            log.write(line)
+            log.flush()
+        proc.wait()
+    finally:
+        timer.cancel()
+    timed_out = time.monotonic() >= deadline and proc.returncode in (-signal.SIGKILL, 137)
+    return (None if timed_out else proc.returncode), "".join(out)
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def env_stage(dry_run: bool) -> tuple[str, dict[str, Any]]:
+    """Versions, device and driver; import every dtune module and the libraries the engines load lazily."""
+    import torch
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda_available": torch.cuda.is_available(),
+        "torch_cuda": torch.version.cuda,
+        "versions": versions(),
+        "cpu_count": os.cpu_count(),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(
+            device=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+            multiprocessors=props.multi_processor_count,
+        )
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            query = "name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit,temperature.gpu"
+            res = subprocess.run([smi, f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True)
+            info["nvidia_smi"] = res.stdout.strip() or res.stderr.strip()
+    failures = {}
+    import dtune
+
+    modules = [m.name for m in pkgutil.walk_packages(dtune.__path__, "dtune.") if not m.name.rsplit(".", 1)[-1].startswith("_")]
+    # What the engines and kernels import inside functions: a missing wheel shows here, not an hour into a run.
+    lazy = [
+        "bitsandbytes",
+        "deepspeed",
+        "deepspeed.utils",
+        "hydra",
+        "omegaconf",
+        "submitit",
+        "hydra_plugins.hydra_submitit_launcher",
+        "datasets",
+        "peft",
+        "accelerate",
+        "safetensors",
+        "triton",
+    ]
+    for name in [*modules, *lazy]:
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # any failure to import is what this stage reports
+            failures[name] = f"{type(err).__name__}: {err}"
+    info["imports_checked"] = len(modules) + len(lazy)
+    info["import_failures"] = failures
+    if "wandb" in sys.modules:
+        failures["wandb"] = "imported by dtune although logger.wandb is off"
+    missing = [p for p, v in info["versions"].items() if v is None and p not in OPTIONAL]
+    info["missing_packages"] = missing
+    if not dry_run and not torch.cuda.is_available():
+        failures["cuda"] = "torch sees no CUDA device"
+    return ("pass" if not failures and not missing else "fail"), info
+
+
+def junit_figures(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root)
+    counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    failed = []
+    for case in root.iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            node = case.find("failure") if case.find("failure") is not None else case.find("error")
+            failed.append(f"{case.get('classname')}::{case.get('name')}: {(node.get('message') or '')[:300]}")
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    counts["failed"] = failed[:30]
+    return counts
+
+
+def verbose_figures(output: str) -> dict[str, Any]:
+    """Outcome counts from pytest -v lines ("tests/x.py::name PASSED", or "[gw0] ... PASSED tests/x.py::name")."""
+    found = re.findall(r"(PASSED|FAILED|ERROR|SKIPPED|XFAIL)\b.*?(tests/\S+)|(tests/\S+) (PASSED|FAILED|ERROR|SKIPPED)", output)
+    outcome: dict[str, str] = {}
+    for a, b, c, d in found:
+        outcome[b or c] = a or d
+    counts = {k.lower(): sum(1 for v in outcome.values() if v == k) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+    return {
+        "tests": len(outcome),
+        "passed": counts["passed"],
+        "failures": counts["failed"],
+        "errors": counts["error"],
+        "skipped": counts["skipped"],
+        "failed": [k for k, v in outcome.items() if v in ("FAILED", "ERROR")][:30],
+        "partial": True,
+    }
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("{") and line.endswith("}"):
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
+    return rows
+
+
+def build_stages(args: argparse.Namespace, work: Path, py: str) -> list[Stage]:
+    dry = args.dry_run
+    torchrun = [py, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1"]
+    tests = ["tests/test_kernels.py", "tests/test_packing.py"]
+    pytest = [py, "-m", "pytest", *tests, "-p", "no:cacheprovider", "-v", "-rfE", f"--junitxml={args.out / 'tests.xml'}"]
+    if dry:  # the interpreter is slow: one test of each kind
+        pytest += ["-k", "bit_exact and bfloat16-True-64 or opcheck or training_through or packed"]
+    elif importlib.util.find_spec("xdist"):
+        pytest += ["-n", "8"]  # the first launch of every kernel config compiles: 16 cores share that
+    model = "builtin:tiny-llama" if dry else "builtin:shape-llama-1b"
+    shard_overrides = [f"model.name_or_path={model}", "train.max_steps=3", "data.train_size=16", "data.eval_size=4"]
+    shard_overrides += ["train.precision=fp32"] if dry else ["train.precision=bf16", "data.max_seq_len=512"]
+    shard = [
+        [
+            *torchrun,
+            "--master_port",
+            str(29760 + i),
+            "kernels/gpu/shard_check.py",
+            "--engine",
+            e,
+            "--out",
+            str(work / f"shard-{e}.json"),
+            *shard_overrides,
+        ]
+        for i, e in enumerate(("fsdp2", "zero3"))
+    ]
+    if dry:
+        nf4 = [py, "kernels/bench_nf4.py", "--smoke", "--out", str(work / "nf4.json")]
+        train = [
+            py,
+            "kernels/bench_train.py",
+            "--smoke",
+            "--engines",
+            "ddp,fsdp2",
+            "--kernels",
+            "bnb,triton",
+            "--out",
+            str(work / "train.json"),
+        ]
+        plan = [py, "-m", "dtune", "plan", "--validate", "--grid", "gpu", "--shapes", "", "--json", str(work / "plan.json")]
+    else:
+        nf4 = [py, "kernels/bench_nf4.py", "--shapes", "4096x11008", "11008x4096", "8192x28672", "--tokens", "1", "4096"]
+        nf4 += ["--lora-ranks", "16", "--reps", "20", "--warmup", "5", "--out", str(work / "nf4.json")]
+        # First what decides quant.fuse_lora's default (the three kernel paths beside HF), then the sharding engines.
+        common = ["--model", model, "--steps", "8", "--warmup", "3", "--micro", "4", "--seq", "1024", "--timeout", "60"]
+        common += ["--out", str(work / "train.json")]
+        train = [py, "kernels/bench_train.py", *common, "--engines", "ddp", "--kernels", "bnb,triton,triton+lora"]
+        sharded = [py, "kernels/bench_train.py", *common, "--engines", "zero3,fsdp2", "--kernels", "bnb", "--no-hf", "--merge"]
+        plan = [py, "-m", "dtune", "plan", "--validate", "--grid", "gpu", "--shapes", "1b", "--json", str(work / "plan.json")]
+    return [
+        Stage("env", 30, "device, versions, imports", []),
+        Stage("tests", 130, "CUDA test subset (kernels, custom ops, QLoRA steps bnb/triton/fuse_lora, packing)", [pytest]),
+        Stage("shard", 80, "FSDP2 + ZeRO-3 on one rank: packed NF4 bytes unchanged, steps train", shard),
+        Stage("nf4", 80, "bench_nf4: 4096x11008 @ 1/4096 tokens, 70B 8192x28672, LoRA r16", [nf4]),
+        Stage(
+            "train",
+            110,
+            "bench_train: 1B-shaped QLoRA, engines x kernels beside HF Trainer",
+            [train] if dry else [train, sharded],
+        ),
+        Stage("plan", 50, "dtune plan --validate: predicted vs measured peak", [plan]),
+    ]
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def figures_of(stage: Stage, work: Path, output: str, out_dir: Path) -> dict[str, Any]:
+    if stage.name == "tests":
+        # JUnit is written at the end; a stage cut short leaves only the verbose lines to count.
+        return junit_figures(out_dir / "tests.xml") or verbose_figures(output)
+    if stage.name == "shard":
+        return {e: read_json(work / f"shard-{e}.json") for e in ("fsdp2", "zero3")}
+    if stage.name == "nf4":
+        data = read_json(work / "nf4.json")
+        return {"targets": data.get("targets"), "raw": data} if data else {}
+    if stage.name == "train":
+        data = read_json(work / "train.json")
+        rows = data["rows"] if data else [r for r in json_lines(output) if "engine" in r]
+        return {"rows": rows, "meta": data.get("meta") if data else None}
+    if stage.name == "plan":
+        data = read_json(work / "plan.json")
+        rows = data["rows"] if data else []
+        return {"rows": rows, "largest_deviation": max((abs(r["measured"] / r["predicted"] - 1) for r in rows), default=None)}
+    return {}
+
+
+def stage_passed(stage: Stage, codes: list[int | None]) -> str:
+    if any(c is None for c in codes):
+        return "timeout"
+    if any(c != 0 for c in codes):
+        return "fail"
+    if stage.name == "tests" and (
+        stage.figures.get("failures") or stage.figures.get("errors") or not stage.figures.get("passed")
+    ):
+        return "fail"
+    if stage.name == "train" and (not stage.figures["rows"] or any("error" in r for r in stage.figures["rows"])):
+        return "fail"
+    return "pass"
+
+
+def key_figures(stage: Stage) -> str:
+    f = stage.figures
+    try:
+        if stage.name == "env":
+            return f"{f.get('device', 'cpu')}, torch {f['versions']['torch']}, triton {f['versions']['triton']}, bnb {f['versions']['bitsandbytes']}"
+        if stage.name == "tests" and f:
+            return f"{f['passed']} passed, {f['failures'] + f['errors']} failed, {f['skipped']} skipped"
+        if stage.name == "shard":
+            return "; ".join(
+                f"{e}: {r['mismatched_bytes']} of {r['packed_bytes']:,} bytes changed ({r['nan_bit_patterns_in_reference']} NaN patterns)"
+                for e, r in f.items()
+                if r
+            )
+        if stage.name == "nf4" and f.get("targets"):
+            return "; ".join(str(t) for t in f["targets"])[:300]
+        if stage.name == "train":
+            return "; ".join(
+                f"{r['engine']} {r['tokens_per_s']:,.0f} tok/s {r['peak_memory_bytes'] / 2**30:.1f} GiB"
+                if "tokens_per_s" in r
+                else f"{r['engine']} failed"
+                for r in f["rows"]
+            )
+        if stage.name == "plan" and f.get("largest_deviation") is not None:
+            return f"{len(f['rows'])} configs, largest deviation {f['largest_deviation']:.1%}"
+    except (KeyError, TypeError) as err:
+        return f"(figures incomplete: {err})"
+    return ""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="output folder (created)")
+    parser.add_argument("--dry-run", action="store_true", help="no GPU: Triton interpreter, smoke sizes, every stage")
+    parser.add_argument("--budget", type=float, default=450, help="seconds for all stages together (GPU machine)")
+    parser.add_argument("--only", help="comma-separated stages to run (default: all)")
+    parser.add_argument("--scale", type=float, default=None, help="multiply every time limit (default 1; 8 with --dry-run)")
+    args = parser.parse_args()
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    scale = args.scale or (8.0 if args.dry_run else 1.0)  # the interpreter on two CPU cores is that much slower
+    py = sys.executable
+    env = dict(os.environ)
+    cache = Path(env.setdefault("DTUNE_CACHE", str(Path(tempfile.gettempdir()) / "dtune-gpu-cache")))
+    tokenizer = Path(env.get("DTUNE_ASSETS", REPO / ".whl" / "assets")) / "smollm2-135m-instruct"
+    seeded = cache / "models" / "smollm2-135m-instruct"
+    if tokenizer.is_dir() and not seeded.exists():  # the built-in models are built from this tokenizer alone
+        shutil.copytree(tokenizer, seeded)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        WANDB_MODE="disabled",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        DTUNE_CACHE=str(cache),
+    )
+    if args.dry_run:
+        env.update(TRITON_INTERPRET="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    else:
+        env.setdefault("DS_ACCELERATOR", "cuda")
+    os.environ.update(env)
+    work = Path(tempfile.mkdtemp(prefix="dtune-gpu-check-"))
+    stages = build_stages(args, work, py)
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {s.name for s in stages}
+        if unknown:
+            parser.error(f"--only: unknown stages {sorted(unknown)}")
+        stages = [s for s in stages if s.name in wanted or s.name == "env"]
+    results: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dry_run": args.dry_run}
+    start = time.monotonic()
+    budget = args.budget * scale
+
+    def save() -> None:
+        results["stages"] = {
+            s.name: {"status": s.status, "seconds": round(s.seconds, 1), "what": s.what, "figures": s.figures, "tail": s.tail}
+            for s in stages
+        }
+        results["elapsed_s"] = round(time.monotonic() - start, 1)
+        tmp = args.out / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        tmp.replace(args.out / "results.json")
+
+    log = sys.stdout
+    for stage in stages:
+        left = budget - (time.monotonic() - start)
+        print(f"\n===== stage {stage.name}: {stage.what} (limit {min(stage.limit * scale, left):.0f} s)", flush=True)
+        t0 = time.monotonic()
+        if left < 5:
+            stage.status = "skipped (budget spent)"
+            save()
+            continue
+        if stage.name == "env":
+            stage.status, stage.figures = env_stage(args.dry_run)
+            results["env"] = stage.figures
+            print(json.dumps(stage.figures, indent=1), flush=True)
+        else:
+            codes, output = [], ""
+            limit = min(stage.limit * scale, left)
+            for cmd in stage.commands:
+                remaining = limit - (time.monotonic() - t0)
+                if remaining < 2:
+                    codes.append(None)
+                    break
+                code, text = run_command(cmd, remaining, env, log)
+                codes.append(code)
+                output += text
+            stage.figures = figures_of(stage, work, output, args.out)
+            stage.tail = output[-3000:]
+            stage.status = stage_passed(stage, codes)
+        stage.seconds = time.monotonic() - t0
+        print(f"===== stage {stage.name}: {stage.status.upper()} in {stage.seconds:.0f} s", flush=True)
+        save()
+
+    print(f"\n{'stage':<8}{'result':<10}{'seconds':>8}  key figures")
+    for s in stages:
+        print(f"{s.name:<8}{s.status:<10}{s.seconds:>8.0f}  {key_figures(s)}")
+    print(f"total {time.monotonic() - start:.0f} s; everything in {args.out / 'results.json'}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(s.status == "pass" for s in stages) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Rehearse the GPU check here, without a GPU: a fresh virtual environment holding the GPU machine's versions that
+# matter (triton 3.6, transformers 5.17, accelerate 1.15, huggingface-hub 1.33, tokenizers 0.23, and the nearest
+# torch this machine has), plus only the wheels of .whl/ (from fetch.sh), installed by check.sh itself with
+# --no-index --no-deps; then `check.sh --dry-run` (Triton's interpreter, smoke sizes, every stage end to end).
+# It fails on a missing wheel, a missing import or an API that differs on those versions.
+#   bash kernels/gpu/rehearse.sh [OUT_DIR]        # default OUT_DIR: /tmp/dtune-rehearsal
+# Deviations from the GPU machine, forced by what installs here: Python 3.11 (this machine's torch build is for
+# 3.11; a 3.12 torch from PyPI is a multi-GB CUDA build), so the two wheels of .whl/ built for one Python version
+# (pydantic-core, multiprocess) are replaced by the same versions built for 3.11; every other wheel is the one carried.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+REPO=$(pwd)
+OUT="${1:-${TMPDIR:-/tmp}/dtune-rehearsal}"
+VENV="${DTUNE_REHEARSAL_VENV:-$REPO/.rehearsal-venv}"
+PY="${PYTHON:-python3}"
+[[ -d .whl ]] || bash kernels/gpu/fetch.sh
+
+# The GPU machine's image (the device tool's KINDS.md, 2026-11): only what dtune uses.
+DEVICE_PACKAGES=(
+    "torch==${DTUNE_REHEARSAL_TORCH:-2.13.0}" triton==3.6.0 transformers==5.17.0 accelerate==1.15.0 peft==0.21.2
+    safetensors==0.8.0 huggingface-hub==1.33.0 tokenizers==0.23.2 numpy pandas pyarrow pytest pytest-xdist tqdm
+    matplotlib psutil msgpack ninja einops py-cpuinfo nvidia-ml-py cloudpickle pyyaml requests xxhash fsspec jinja2
+    sentencepiece
+)
+t0=$(date +%s)
+[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q "${DEVICE_PACKAGES[@]}"
+echo "rehearsal venv ready in $(( $(date +%s) - t0 )) s: $("$VENV/bin/python" -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)')"
+
+# The carried wheels, with the per-Python-version ones swapped for this Python's build of the same version.
+WHEELS="$REPO/.rehearsal-wheels"
+rm -rf "$WHEELS"
+mkdir -p "$WHEELS"
+pyver=$("$VENV/bin/python" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
+for w in .whl/*.whl; do
+    name=$(basename "$w")
+    if [[ "$name" == *-cp312-* || "$name" == *-py312-* ]] && [[ "$pyver" != 312 ]]; then
+        spec=$(echo "$name" | awk -F- '{print $1"=="$2}')
+        "$VENV/bin/python" -m pip download -q --no-deps --only-binary=:all: -d "$WHEELS" "$spec"
+    else
+        cp "$w" "$WHEELS/"
+    fi
+done
+mkdir -p "$WHEELS/assets"
+cp -r .whl/assets/. "$WHEELS/assets/"
+DTUNE_WHEELS="$WHEELS" PYTHON="$VENV/bin/python" DTUNE_GPU_SITE="$REPO/.rehearsal-site" \
+    bash kernels/gpu/check.sh "$OUT" --dry-run "${@:2}"
