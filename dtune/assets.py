@@ -60,12 +60,12 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _build_once(dest: Path, build: Callable[[Path], None]) -> Path:
-    """Run ``build(tmp_dir)`` once per cache, then atomically rename the result to ``dest``."""
-    if (dest / "config.json").exists():
+def _build_once(dest: Path, build: Callable[[Path], None], marker: str = "config.json") -> Path:
+    """Run ``build(tmp_dir)`` once per cache, then atomically rename the result to ``dest`` (built: ``marker`` exists)."""
+    if (dest / marker).exists():
         return dest
     with _locked(dest.with_name(dest.name + ".lock")):
-        if (dest / "config.json").exists():  # another process built it while we waited
+        if (dest / marker).exists():  # another process built it while we waited
             return dest
         tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
         tmp.chmod(0o755)
@@ -107,12 +107,23 @@ def _build_smollm2(out: Path) -> None:
     )
 
 
+def _build_smollm2_tokenizer(out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m-instruct")).save_pretrained(out)
+
+
+def smollm2_tokenizer() -> Path:
+    """SmolLM2's tokenizer files alone (what the random built-in models use), cached apart from its weights so that
+    a machine without the model package can be given just these (the GPU check carries them)."""
+    return _build_once(cache_dir() / "models" / "smollm2-tokenizer", _build_smollm2_tokenizer, "tokenizer_config.json")
+
+
 def _build_tiny_llama(out: Path) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer_src = resolve_model("builtin:smollm2-135m-instruct")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_src)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer())
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -165,7 +176,7 @@ def _build_shaped_llama(size: str) -> Callable[[Path], None]:
         import torch
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m-instruct"))
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer())
         config = LlamaConfig(
             vocab_size=128256,  # Llama 3's; the SmolLM2 tokenizer's ids (< 49152) index into it
             num_key_value_heads=8,

