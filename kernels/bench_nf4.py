@@ -375,20 +375,26 @@ def main(argv: list[str] | None = None) -> None:
         "lora": [],
         "dequant": [],
     }
-    for k, n in dict.fromkeys(shapes):  # unique, in order
-        result["linear"] += bench_linear(k, n, tokens, timer, device, gen)
-        print(f"done {k}->{n}", file=sys.stderr, flush=True)
-    for k, n in lora_shapes if ranks and lora_tokens else []:
-        result["lora"] += bench_lora(k, n, lora_tokens, ranks, timer, device, gen)
-        print(f"done LoRA {k}->{n}", file=sys.stderr, flush=True)
-    result["copy_GBps"] = copy_bandwidth(timer, device, copy_bytes)
-    result["dequant"] = [bench_dequant(k, n, timer, device, gen) for k, n in dequant_shapes]
-    result["targets"] = targets(result)
     out = args.out or Path(__file__).parent / "results" / (
         "smoke.json" if args.smoke else result["versions"]["device"].replace(" ", "_").lower() + ".json"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+
+    def save() -> None:  # after every shape: a run cut short by a time limit keeps what it measured
+        out.write_text(json.dumps(result, indent=1) + "\n")
+
+    for k, n in dict.fromkeys(shapes):  # unique, in order
+        result["linear"] += bench_linear(k, n, tokens, timer, device, gen)
+        print(f"done {k}->{n}", file=sys.stderr, flush=True)
+        save()
+    for k, n in lora_shapes if ranks and lora_tokens else []:
+        result["lora"] += bench_lora(k, n, lora_tokens, ranks, timer, device, gen)
+        print(f"done LoRA {k}->{n}", file=sys.stderr, flush=True)
+        save()
+    result["copy_GBps"] = copy_bandwidth(timer, device, copy_bytes)
+    result["dequant"] = [bench_dequant(k, n, timer, device, gen) for k, n in dequant_shapes]
+    result["targets"] = targets(result)
+    save()
     print_table(result)
     print(f"\nwrote {out}")
 

@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from dtune.subproc import run_bounded
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINES = ["ddp", "zero2", "zero3", "zero3_offload", "fsdp2"]  # those that run on one GPU (zero1 = ddp there)
@@ -110,9 +110,13 @@ def run_dtune(engine: str, kernel: str, args: argparse.Namespace, workdir: Path)
         str(29700 + ENGINES.index(engine)),
     ]
     cmd += ["-m", "dtune.train", *dtune_overrides(args, corpus), f"engine={engine}", *KERNELS[kernel], f"hydra.run.dir={out}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    if proc.returncode != 0:
-        return {"engine": name, "kernel": kernel, "error": proc.stderr[-2000:]}
+    code, output = run_bounded(cmd, args.timeout)  # torchrun's worker has a session of its own: kill the tree
+    if code != 0:
+        return {
+            "engine": name,
+            "kernel": kernel,
+            "error": output[-2000:] if code is not None else f"timed out after {args.timeout} s",
+        }
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "train/tokens_per_s_per_device" in r and r["step"] > args.warmup]
     results = json.loads((out / "results.json").read_text())
@@ -249,15 +253,9 @@ def main() -> None:
                 rows.append(run_dtune(engine, kernel, args, Path(tmp)))
                 print(json.dumps(rows[-1]), flush=True)
         if not args.no_hf:
-            worker = subprocess.run(
-                [sys.executable, __file__, *sys.argv[1:], "--hf-worker", str(corpus)],
-                capture_output=True,
-                text=True,
-                timeout=args.timeout,
-                env=os.environ,
-            )
-            line = next((x for x in worker.stdout.splitlines() if x.startswith("RESULT ")), None)
-            rows.append(json.loads(line[7:]) if line else {"engine": "hf_trainer", "error": worker.stderr[-2000:]})
+            _, output = run_bounded([sys.executable, __file__, *sys.argv[1:], "--hf-worker", str(corpus)], args.timeout)
+            line = next((x for x in output.splitlines() if x.startswith("RESULT ")), None)
+            rows.append(json.loads(line[7:]) if line else {"engine": "hf_trainer", "error": output[-2000:]})
     new = {r["engine"] for r in rows}
     rows = [r for r in earlier if r["engine"] not in new] + rows
     hf = next((r for r in rows if r["engine"] == "hf_trainer"), {})

@@ -16,6 +16,7 @@ The same arithmetic, in the same order, as ``bitsandbytes.functional.dequantize_
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -35,9 +36,50 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def autotune_candidates(configs: list) -> list:
+    """The autotune configs to try: all, or the first ``$DTUNE_NF4_AUTOTUNE_CONFIGS`` of them (each config is one
+    compile on first launch; correctness runs on a GPU set 1-2 to stay within minutes, benchmarks keep all)."""
+    limit = os.environ.get("DTUNE_NF4_AUTOTUNE_CONFIGS")
+    if not limit:
+        return configs
+    if not limit.isdigit() or int(limit) < 1:
+        raise ValueError(f"DTUNE_NF4_AUTOTUNE_CONFIGS: expected a positive integer, got {limit!r}")
+    return configs[: int(limit)]
+
+
 def use_triton(t: torch.Tensor) -> bool:
-    """Kernels run on CUDA tensors, and on CPU tensors under the interpreter; otherwise the references run."""
-    return HAS_TRITON and (t.is_cuda or interpreting())
+    """Kernels run on CUDA tensors, and on CPU tensors under the interpreter; otherwise the references run.
+
+    Raises:
+        RuntimeError: under the interpreter, a Triton/NumPy pair whose interpreter cannot run these kernels.
+    """
+    if not HAS_TRITON:
+        return False
+    if t.is_cuda:
+        return True
+    if interpreting():
+        _check_interpreter()
+        return True
+    return False
+
+
+@functools.cache
+def _check_interpreter() -> None:
+    """Triton's interpreter before 3.9 reads a scalar kernel argument with ``int()`` of a 1-element array, which
+    NumPy 2.4 made an error: every ``range(0, K, BLOCK)`` then fails with "only 0-dimensional arrays can be
+    converted to Python scalars" (seen with Triton 3.6.0 + NumPy 2.4.6; compiled kernels are not affected)."""
+    import numpy
+
+    def version(text: str) -> tuple[int, int]:
+        major, minor = (int("".join(c for c in part if c.isdigit()) or 0) for part in text.split(".")[:2])
+        return major, minor
+
+    if version(triton.__version__) < (3, 9) and version(numpy.__version__) >= (2, 4):
+        raise RuntimeError(
+            f"TRITON_INTERPRET=1: Triton {triton.__version__}'s interpreter cannot run with NumPy {numpy.__version__} "
+            "(scalar arguments become 1-element arrays that NumPy >= 2.4 refuses to convert); install 'numpy<2.4' or "
+            "triton>=3.9. Kernels compiled for a GPU are not affected."
+        )
 
 
 @dataclass(frozen=True)

@@ -25,23 +25,25 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from dtune.kernels.nf4 import nf4_tile, nf4_values, round_like
+    from dtune.kernels.nf4 import autotune_candidates, nf4_tile, nf4_values, round_like
 
     def _configs() -> list[triton.Config]:
         if interpreting():
             return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 2})]
-        return [
-            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s)
-            for bn, bk, sk, w, s in [
-                (64, 128, 4, 4, 3),
-                (32, 256, 4, 4, 3),
-                (64, 256, 2, 4, 3),
-                (128, 128, 2, 8, 3),
-                (32, 128, 8, 4, 4),
-                (16, 256, 8, 4, 4),
-                (64, 64, 8, 4, 4),
+        return autotune_candidates(
+            [
+                triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s)
+                for bn, bk, sk, w, s in [
+                    (64, 128, 4, 4, 3),
+                    (32, 256, 4, 4, 3),
+                    (64, 256, 2, 4, 3),
+                    (128, 128, 2, 8, 3),
+                    (32, 128, 8, 4, 4),
+                    (16, 256, 8, 4, 4),
+                    (64, 64, 8, 4, 4),
+                ]
             ]
-        ]
+        )
 
     @triton.autotune(configs=_configs(), key=["M", "N", "K"], reset_to_zero=["partial_ptr"])
     @triton.jit

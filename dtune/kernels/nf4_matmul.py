@@ -34,15 +34,17 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from dtune.kernels.nf4 import cast_out, nf4_tile, nf4_values, round_like
+    from dtune.kernels.nf4 import autotune_candidates, cast_out, nf4_tile, nf4_values, round_like
 
     def _configs(tiles: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
         if interpreting():  # one config (autotune cannot run here); the interpreter pays per program and K-step
             return [triton.Config({"BLOCK_M": 32, "BLOCK_A": 64, "BLOCK_B": 64, "GROUP_M": 4}, num_warps=4)]
-        return [
-            triton.Config({"BLOCK_M": bm, "BLOCK_A": ba, "BLOCK_B": bb, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, ba, bb, w, s in tiles
-        ]
+        return autotune_candidates(
+            [
+                triton.Config({"BLOCK_M": bm, "BLOCK_A": ba, "BLOCK_B": bb, "GROUP_M": 8}, num_warps=w, num_stages=s)
+                for bm, ba, bb, w, s in tiles
+            ]
+        )
 
     # (BLOCK_M, BLOCK_A = output tile width, BLOCK_B = reduction tile, warps, stages), for Hopper-class GPUs.
     _TILES = [

@@ -18,7 +18,9 @@ them the check would prove nothing) and writes one JSON with per-engine totals, 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
+import logging
 import re
 import shutil
 import sys
@@ -54,8 +56,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", required=True, choices=["ddp", "zero3", "zero3_offload", "fsdp2"])
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument(
+        "--dump-stacks-every", type=float, default=30, help="seconds: print every thread's stack this often (0: never)"
+    )
     parser.add_argument("overrides", nargs="*", help="dtune config overrides (model, steps, ...)")
     args = parser.parse_args()
+    # dtune's phase messages (plan, data, load, shard, steps) and, if it hangs, where: a time-limited GPU call then
+    # still says where a run stopped.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.dump_stacks_every > 0:
+        faulthandler.dump_traceback_later(args.dump_stacks_every, repeat=True)
 
     import dtune.model
     from dtune.model import load_base
@@ -139,6 +149,7 @@ def main() -> int:
         f"{mismatched} of {total:,} packed bytes changed ({nan_patterns:,} NaN patterns at risk), losses {losses}",
         flush=True,
     )
+    faulthandler.cancel_dump_traceback_later()
     from dtune.engine import shutdown_distributed
 
     shutdown_distributed(exit_code=0 if report["passed"] else 1)

@@ -1,0 +1,142 @@
+"""The GPU check kit (kernels/gpu/): what it relies on, checked here; the rehearsal runs the whole kit on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from dtune.subproc import run_bounded
+from tests.conftest import REPO
+
+
+def test_time_limit_holds_when_a_grandchild_in_its_own_session_keeps_the_pipe(tmp_path: Path):
+    """torchrun's workers have sessions of their own: killing torchrun alone left one holding the GPU and the pipe,
+    and the stage ran 5 minutes past its limit on the H200. The whole tree goes, and the call returns on time."""
+    pid_file = tmp_path / "grandchild.pid"
+    parent = (
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; print(\"grandchild up\", flush=True); time.sleep(120)'], "
+        "start_new_session=True); "
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid)); print('parent up', flush=True); time.sleep(120)"
+    )
+    lines: list[str] = []
+    start = time.monotonic()
+    code, output = run_bounded([sys.executable, "-c", parent], timeout=3, on_line=lines.append)
+    assert time.monotonic() - start < 15
+    assert code is None  # timed out
+    assert "parent up" in output and lines  # streamed as it came
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while psutil.pid_exists(grandchild) and psutil.Process(grandchild).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the grandchild outlived the time limit"
+        time.sleep(0.1)
+
+
+def test_exit_status_and_output_of_a_command_that_finishes():
+    code, output = run_bounded([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"], 30)
+    assert code == 3 and "out" in output and "err" in output
+
+
+def test_interpreter_check_names_the_triton_numpy_pair_that_cannot_run(monkeypatch):
+    """Triton 3.6's interpreter + NumPy 2.4 fails inside every kernel with a bare TypeError; dtune says why first."""
+    import numpy
+    import triton
+
+    from dtune.kernels import nf4
+
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    nf4._check_interpreter.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"Triton 3\.6\.0's interpreter cannot run with NumPy 2\.4\.6.*numpy<2\.4"):
+            nf4._check_interpreter()
+        monkeypatch.setattr(numpy, "__version__", "2.3.5")
+        nf4._check_interpreter.cache_clear()
+        nf4._check_interpreter()  # the pair the rehearsal runs
+        monkeypatch.setattr(triton, "__version__", "3.9.0")
+        monkeypatch.setattr(numpy, "__version__", "2.4.6")
+        nf4._check_interpreter.cache_clear()
+        nf4._check_interpreter()
+    finally:
+        nf4._check_interpreter.cache_clear()
+
+
+def test_autotune_candidates_follow_the_environment(monkeypatch):
+    from dtune.kernels.nf4 import autotune_candidates
+
+    configs = list(range(7))
+    monkeypatch.delenv("DTUNE_NF4_AUTOTUNE_CONFIGS", raising=False)
+    assert autotune_candidates(configs) == configs
+    monkeypatch.setenv("DTUNE_NF4_AUTOTUNE_CONFIGS", "2")
+    assert autotune_candidates(configs) == [0, 1]
+    monkeypatch.setenv("DTUNE_NF4_AUTOTUNE_CONFIGS", "two")
+    with pytest.raises(ValueError, match="DTUNE_NF4_AUTOTUNE_CONFIGS"):
+        autotune_candidates(configs)
+
+
+def test_plan_validation_grids():
+    from dtune.errors import ConfigError
+    from dtune.plan import VALIDATION_GRID, validation_grid
+
+    gpu = validation_grid("gpu", ["1b"], cuda=False)
+    assert [name for name, _ in gpu][-1].startswith("Llama-1B") and len(gpu) == 4
+    assert all("model=tiny_llama" in o or "builtin:shape-llama-1b" in " ".join(o) for _, o in gpu)  # no SmolLM2 needed
+    assert validation_grid("auto", ["1b", "8b"], cuda=False) == VALIDATION_GRID
+    assert len(validation_grid("auto", ["1b", "8b"], cuda=True)) == len(VALIDATION_GRID) + 3
+    with pytest.raises(ConfigError, match="--shapes"):
+        validation_grid("gpu", ["70b"], cuda=True)
+
+
+def test_a_run_without_wandb_does_not_import_it(tmp_path: Path):
+    """wandb is not carried to the GPU machine: with logger.wandb=false dtune must run without it."""
+    code = (
+        "import sys; sys.modules['wandb'] = None\n"  # any import of wandb now raises ImportError
+        "from tests.conftest import compose_config, tiny_overrides\n"
+        "from dtune.train import run\n"
+        f"run(compose_config(tiny_overrides(__import__('pathlib').Path({str(tmp_path)!r}), 'train.max_steps=1')), "
+        f"__import__('pathlib').Path({str(tmp_path)!r}))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "metrics.jsonl").is_file()
+
+
+def _pypi_reachable() -> bool:
+    try:
+        urllib.request.urlopen("https://pypi.org/simple/pip/", timeout=10)
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_rehearsal_runs_every_stage_of_the_gpu_check(tmp_path: Path):
+    """kernels/gpu/rehearse.sh: a fresh venv with the GPU machine's versions (triton 3.6, transformers 5.17, ...)
+    plus only the fetched wheels, then check.sh --dry-run: every stage passes end to end."""
+    if not _pypi_reachable():
+        pytest.skip("the rehearsal installs the GPU machine's versions from PyPI, which is not reachable here")
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DS_ACCELERATOR", "PYTHONPATH")}
+    env["DTUNE_CACHE"] = str(tmp_path / "cache")
+    proc = subprocess.run(
+        ["bash", "kernels/gpu/rehearse.sh", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800
+    )
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+    stages = {name: s["status"] for name, s in results.get("stages", {}).items()}
+    assert proc.returncode == 0, f"{stages}\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+    assert stages == dict.fromkeys(["env", "tests", "shard", "nf4", "train", "plan"], "pass")
+    env_info = results["env"]
+    assert env_info["versions"]["triton"] == "3.6.0" and env_info["versions"]["transformers"] == "5.17.0"
+    assert not env_info["import_failures"] and not env_info["missing_packages"]
+    shard = results["stages"]["shard"]["figures"]
+    assert all(shard[e]["passed"] and shard[e]["mismatched_bytes"] == 0 for e in ("fsdp2", "zero3"))
+    assert (out / "check.log").is_file() and (out / "tests.xml").is_file()
