@@ -30,6 +30,7 @@ import math
 import re
 import sys
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -583,8 +584,11 @@ def validation_grid(which: str, shapes: list[str], cuda: bool) -> tuple[tuple[st
     return VALIDATION_GRID + shaped
 
 
-def validate_plans(grid: tuple[tuple[str, list[str]], ...], extra: list[str]) -> list[dict[str, Any]]:
-    """Predicted beside measured peak for each config of ``grid`` (one process, this machine)."""
+def validate_plans(
+    grid: tuple[tuple[str, list[str]], ...], extra: list[str], on_row: Callable[[list[dict[str, Any]]], None] | None = None
+) -> list[dict[str, Any]]:
+    """Predicted beside measured peak for each config of ``grid`` (one process, this machine); ``on_row`` gets the
+    rows so far after each one (a time-limited run keeps what it measured)."""
     rows = []
     for name, overrides in grid:
         cfg = compose(["logger=none", *overrides, *extra])
@@ -592,6 +596,8 @@ def validate_plans(grid: tuple[tuple[str, list[str]], ...], extra: list[str]) ->
         ((kind, measured),) = measure(cfg).items()
         rows.append({"config": name, "overrides": overrides, "predicted": predicted, "measured": measured, "kind": kind})
         print(f"{name:<36}{predicted / GiB:>10.3f} G{measured / GiB:>10.3f} G{measured / predicted:>9.1%}", flush=True)
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -635,16 +641,16 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"{'config':<36}{'predicted':>12}{'measured':>12}{'ratio':>9}")
             grid = validation_grid(args.grid, [x for x in args.shapes.split(",") if x], torch.cuda.is_available())
-            rows = validate_plans(grid, args.overrides)
+            meta = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+            def write(rows: list[dict[str, Any]]) -> None:
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+            rows = validate_plans(grid, args.overrides, on_row=write)
             worst = max(abs(r["measured"] / r["predicted"] - 1) for r in rows)
             print(f"largest deviation: {worst:.1%} ({rows[0]['kind']}, {platform.processor() or platform.machine()})")
-            if args.json:
-                meta = {
-                    "torch": torch.__version__,
-                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                }
-                with open(args.json, "w") as f:
-                    json.dump({"meta": meta, "rows": rows}, f, indent=2)
             return 0
         cfg = compose(args.overrides)
         world = args.world_size or cfg.launcher.nproc_per_node * cfg.launcher.nnodes

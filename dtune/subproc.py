@@ -3,8 +3,8 @@
 ``subprocess.run(..., timeout=...)`` kills only the child it started. A launcher such as torchrun starts its workers
 in sessions of their own; killed at the limit, it leaves them running, holding the GPU and the output pipe, and
 ``run`` then waits for that pipe to close: the time limit does not hold (seen on an H200: a ZeRO-3 worker kept a
-benchmark stage alive five minutes past its limit). :func:`run_bounded` kills every descendant and never waits on
-the pipe past the limit.
+benchmark stage alive five minutes past its limit). :func:`run_bounded` kills every descendant it has seen and never
+waits on the pipe past the limit.
 """
 
 from __future__ import annotations
@@ -14,21 +14,29 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL process ``pid`` and all its descendants, those in sessions of their own included."""
-    import psutil
 
+def _descendants(pid: int) -> list[psutil.Process]:
     try:
-        root = psutil.Process(pid)
-        procs = [*root.children(recursive=True), root]
-    except psutil.NoSuchProcess:
-        procs = []
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def kill_tree(pid: int, known: dict[int, psutil.Process] | None = None) -> None:
+    """SIGKILL process ``pid``, its descendants, and the processes in ``known`` (descendants seen earlier, which
+    may have been re-parented since); psutil checks each one's identity, so a reused pid is never hit."""
+    procs = {p.pid: p for p in _descendants(pid)}
+    procs.update(known or {})
+    with contextlib.suppress(psutil.Error):
+        procs[pid] = psutil.Process(pid)
+    for p in procs.values():
+        with contextlib.suppress(psutil.Error):
             p.kill()
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)  # what is left of its process group
@@ -41,7 +49,8 @@ def run_bounded(
     cwd: str | Path | None = None,
     on_line: Callable[[str], None] | None = None,
 ) -> tuple[int | None, str]:
-    """Run ``cmd`` (stdout and stderr together), passing each output line to ``on_line`` as it comes.
+    """Run ``cmd`` (stdout and stderr together, decoded as UTF-8 with bad bytes replaced), passing each output line
+    to ``on_line`` as it comes.
 
     Returns:
         (exit status, or None if it ran past ``timeout`` seconds and was killed; everything it printed).
@@ -49,7 +58,14 @@ def run_bounded(
     """
     out: list[str] = []
     proc = subprocess.Popen(
-        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        encoding="utf-8",
+        errors="replace",
+        start_new_session=True,
     )
 
     def pump() -> None:
@@ -61,10 +77,21 @@ def run_bounded(
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
-    try:
-        code: int | None = proc.wait(timeout=max(timeout, 0.1))
-    except subprocess.TimeoutExpired:
-        code = None
-    kill_tree(proc.pid)
+    seen: dict[int, psutil.Process] = {}
+    deadline = time.monotonic() + max(timeout, 0.1)
+    code: int | None = None
+    while True:
+        # Descendants are noted while the command runs: once it exits, those in their own sessions are re-parented
+        # and could no longer be found from its pid.
+        seen.update((p.pid, p) for p in _descendants(proc.pid))
+        try:
+            code = proc.wait(timeout=min(0.5, max(deadline - time.monotonic(), 0.01)))
+            break
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                break
+    kill_tree(proc.pid, seen)
+    if code is None:
+        proc.wait()
     reader.join(timeout=5)  # a killed descendant's pipe closes at once; never wait longer than this
     return code, "".join(out)

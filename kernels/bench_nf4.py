@@ -381,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:  # after every shape: a run cut short by a time limit keeps what it measured
+        result["targets"] = targets(result)
         out.write_text(json.dumps(result, indent=1) + "\n")
 
     for k, n in dict.fromkeys(shapes):  # unique, in order
@@ -393,7 +394,6 @@ def main(argv: list[str] | None = None) -> None:
         save()
     result["copy_GBps"] = copy_bandwidth(timer, device, copy_bytes)
     result["dequant"] = [bench_dequant(k, n, timer, device, gen) for k, n in dequant_shapes]
-    result["targets"] = targets(result)
     save()
     print_table(result)
     print(f"\nwrote {out}")

@@ -79,7 +79,7 @@ class Stage:
     figures: dict[str, Any] = field(default_factory=dict)
     tail: str = ""
     env: dict[str, str] = field(default_factory=dict)  # added to the environment of its commands
-    fair: bool = False  # each command gets an equal share of the stage's time left (else the first takes what it needs)
+    caps: list[float | None] = field(default_factory=list)  # per command, seconds at most (x scale); None: what is left
 
 
 def run_command(cmd: list[str], timeout: float, env: dict[str, str], log: Any) -> tuple[int | None, str]:
@@ -129,8 +129,13 @@ def env_stage(dry_run: bool) -> tuple[str, dict[str, Any]]:
         smi = shutil.which("nvidia-smi")
         if smi:
             query = "name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit,temperature.gpu"
-            res = subprocess.run([smi, f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True)
-            info["nvidia_smi"] = res.stdout.strip() or res.stderr.strip()
+            try:
+                res = subprocess.run(
+                    [smi, f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True, timeout=15
+                )
+                info["nvidia_smi"] = res.stdout.strip() or res.stderr.strip()
+            except subprocess.TimeoutExpired:
+                info["nvidia_smi"] = "no answer in 15 s"
     failures = {}
     import dtune
 
@@ -210,76 +215,75 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 
 
 def build_stages(args: argparse.Namespace, work: Path, py: str) -> list[Stage]:
+    """The stages and their commands. Limits are seconds on the H200 (x8 with --dry-run); ``caps`` bound single
+    commands so that one that hangs leaves time to the next."""
     dry = args.dry_run
     torchrun = [py, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1"]
+    env_cmd = [py, str(Path(__file__).resolve()), str(args.out), "--env-stage", str(work / "env.json")]
+    env_cmd += ["--dry-run"] if dry else []
     tests = ["tests/test_kernels.py", "tests/test_packing.py"]
     pytest = [py, "-m", "pytest", *tests, "-p", "no:cacheprovider", "-v", "-rfE", f"--junitxml={args.out / 'tests.xml'}"]
     if args.tests_k:
         pytest += ["-k", args.tests_k]
     elif dry:  # the interpreter is slow: one test of each kind
         pytest += ["-k", "bit_exact and dtype1 and storage1 and shape0 or opcheck or training_through or packed"]
-    elif importlib.util.find_spec("xdist"):
+    if not dry and importlib.util.find_spec("xdist"):
         pytest += ["-n", "8"]  # the first launch of every kernel config compiles: 16 cores share that
     model = "builtin:tiny-llama" if dry else "builtin:shape-llama-1b"
+    build = [py, "-c", f"from dtune.assets import resolve_model; print(resolve_model({model!r}))"]
     shard_overrides = [f"model.name_or_path={model}", "train.max_steps=3", "data.train_size=16", "data.eval_size=4"]
-    # bf16 storage everywhere: packed bytes read as bf16 hold NaN bit patterns, which is what the check is about.
+    # bf16 storage: packed bytes read as bf16 hold NaN bit patterns, which is what the check is about.
     shard_overrides += ["train.precision=bf16"] if dry else ["train.precision=bf16", "data.max_seq_len=512"]
-    shard = [
-        [
-            *torchrun,
-            "--master_port",
-            str(29760 + i),
-            "kernels/gpu/shard_check.py",
-            "--engine",
-            e,
-            "--out",
-            str(work / f"shard-{e}.json"),
-            *shard_overrides,
-        ]
-        for i, e in enumerate(("zero3", "fsdp2"))  # ZeRO-3 first: it hung on the H200 (2026-11-30), with stack dumps now
-    ]
+
+    def shard(engine: str, port: int) -> list[str]:
+        out = str(work / f"shard-{engine}.json")
+        return [*torchrun, "--master_port", str(port), "kernels/gpu/shard_check.py", "--engine", engine, "--out", out]
+
+    # FSDP2 first (it passed on the H200 in ~35 s); then ZeRO-3, which hung there, with stack dumps every 10 s.
+    shard_cmds = [build, [*shard("fsdp2", 29760), *shard_overrides]]
+    shard_cmds += [[*shard("zero3", 29761), "--dump-stacks-every", "10", *shard_overrides]]
     if dry:
-        nf4 = [py, "kernels/bench_nf4.py", "--smoke", "--out", str(work / "nf4.json")]
-        train = [
-            py,
-            "kernels/bench_train.py",
-            "--smoke",
+        nf4 = [[py, "kernels/bench_nf4.py", "--smoke", "--out", str(work / "nf4.json")]]
+        train = [py, "kernels/bench_train.py", "--smoke", "--engines", "ddp,fsdp2", "--kernels", "bnb,triton"]
+        train += ["--out", str(work / "train.json")]
+        plan = [py, "-m", "dtune", "plan", "--validate", "--grid", "gpu", "--shapes", "", "--json", str(work / "plan.json")]
+    else:
+        # The training shape with LoRA first (what decides quant.fuse_lora), then the 70B shape alone.
+        first, *more = args.nf4_shapes.split(",")
+        timing = ["--tokens", "1", "4096", "--reps", "20", "--warmup", "5"]
+        nf4 = [[py, "kernels/bench_nf4.py", "--shapes", first, *timing, "--lora-ranks", "16", "--out", str(work / "nf4.json")]]
+        if more:
+            nf4 += [
+                [py, "kernels/bench_nf4.py", "--shapes", *more, *timing, "--lora-ranks", "--out", str(work / "nf4-more.json")]
+            ]
+        train = [py, "kernels/bench_train.py", "--model", model, "--steps", "8", "--warmup", "3", "--micro", "4", "--seq", "1024"]
+        train += [
+            "--timeout",
+            "45",
             "--engines",
-            "ddp,fsdp2",
+            args.train_engines,
             "--kernels",
-            "bnb,triton",
+            args.train_kernels,
             "--out",
             str(work / "train.json"),
         ]
-        plan = [py, "-m", "dtune", "plan", "--validate", "--grid", "gpu", "--shapes", "", "--json", str(work / "plan.json")]
-    else:
-        nf4 = [py, "kernels/bench_nf4.py", "--shapes", *args.nf4_shapes.split(","), "--tokens", "1", "4096"]
-        nf4 += ["--lora-ranks", "16", "--reps", "20", "--warmup", "5", "--out", str(work / "nf4.json")]
-        # First what decides quant.fuse_lora's default (the three kernel paths beside HF), then the sharding engines.
-        common = ["--model", model, "--steps", "8", "--warmup", "3", "--micro", "4", "--seq", "1024", "--timeout", "60"]
-        common += ["--out", str(work / "train.json")]
-        train = [py, "kernels/bench_train.py", *common, "--engines", "ddp", "--kernels", "bnb,triton,triton+lora"]
-        sharded = [py, "kernels/bench_train.py", *common, "--engines", "zero3,fsdp2", "--kernels", "bnb", "--no-hf", "--merge"]
         plan = [py, "-m", "dtune", "plan", "--validate", "--grid", "gpu", "--shapes", "1b", "--json", str(work / "plan.json")]
     return [
-        Stage("env", 30, "device, versions, imports", []),
+        Stage("env", 25, "device, versions, imports", [env_cmd]),
         Stage(
             "tests",
-            150,
+            120,
             "CUDA test subset (kernels, custom ops, QLoRA steps bnb/triton/fuse_lora, packing)",
             [pytest],
             # Each autotune config compiles on first launch: the correctness tests try the first two (measured on
             # the H200 with all seven: 125 tests in 130 s, 64% of the stage); the nf4 stage autotunes over all.
             env={"DTUNE_NF4_AUTOTUNE_CONFIGS": "2"},
         ),
-        Stage("shard", 70, "ZeRO-3 + FSDP2 on one rank: packed NF4 bytes unchanged, steps train", shard, fair=True),
-        Stage("nf4", 70, "bench_nf4: 4096x11008 @ 1/4096 tokens, 70B 8192x28672, LoRA r16", [nf4]),
         Stage(
-            "train",
-            110,
-            "bench_train: 1B-shaped QLoRA, engines x kernels beside HF Trainer",
-            [train] if dry else [train, sharded],
+            "shard", 90, "FSDP2 + ZeRO-3 on one rank: packed NF4 bytes unchanged, steps train", shard_cmds, caps=[25, 45, None]
         ),
+        Stage("nf4", 80, "bench_nf4: 4096x11008 @ 1/4096 tokens + LoRA r16, then 70B 8192x28672", nf4, caps=[55, None]),
+        Stage("train", 120, "bench_train: 1B-shaped QLoRA, kernel paths beside HF Trainer", [train]),
         Stage("plan", 40, "dtune plan --validate: predicted vs measured peak", [plan]),
     ]
 
@@ -292,19 +296,28 @@ def read_json(path: Path) -> Any:
 
 
 def figures_of(stage: Stage, work: Path, output: str, out_dir: Path) -> dict[str, Any]:
+    try:
+        return _figures_of(stage, work, output, out_dir)
+    except Exception as err:  # a malformed result file must not end the run: the next stages still go
+        return {"figures_error": f"{type(err).__name__}: {err}"}
+
+
+def _figures_of(stage: Stage, work: Path, output: str, out_dir: Path) -> dict[str, Any]:
+    if stage.name == "env":
+        return read_json(work / "env.json") or {}
     if stage.name == "tests":
         # JUnit is written at the end; a stage cut short leaves only the verbose lines to count.
         return junit_figures(out_dir / "tests.xml") or verbose_figures(output)
     if stage.name == "shard":
         return {e: read_json(work / f"shard-{e}.json") for e in ("fsdp2", "zero3")}
     if stage.name == "nf4":  # written after every shape: a stage cut short keeps the shapes it finished
-        data = read_json(work / "nf4.json")
-        return {"targets": data.get("targets"), "complete": "targets" in data, "raw": data} if data else {}
+        data, more = read_json(work / "nf4.json"), read_json(work / "nf4-more.json")
+        return {"targets": (data or {}).get("targets"), "raw": data, "raw_more_shapes": more} if data or more else {}
     if stage.name == "train":
         data = read_json(work / "train.json")
         rows = data["rows"] if data else [r for r in json_lines(output) if "engine" in r]
         return {"rows": rows, "meta": data.get("meta") if data else None}
-    if stage.name == "plan":
+    if stage.name == "plan":  # written after every config
         data = read_json(work / "plan.json")
         rows = data["rows"] if data else []
         return {"rows": rows, "largest_deviation": max((abs(r["measured"] / r["predicted"] - 1) for r in rows), default=None)}
@@ -314,6 +327,8 @@ def figures_of(stage: Stage, work: Path, output: str, out_dir: Path) -> dict[str
 def stage_passed(stage: Stage, codes: list[int | None]) -> str:
     if any(c is None for c in codes):
         return "timeout"
+    if stage.name == "env" and not stage.figures:
+        return "fail"
     if any(c != 0 for c in codes):
         return "fail"
     if stage.name == "tests" and (
@@ -358,15 +373,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="output folder (created)")
     parser.add_argument("--dry-run", action="store_true", help="no GPU: Triton interpreter, smoke sizes, every stage")
-    parser.add_argument("--budget", type=float, default=460, help="seconds for all stages together (GPU machine)")
+    parser.add_argument("--budget", type=float, default=470, help="seconds for all stages together (GPU machine)")
     parser.add_argument("--only", help="comma-separated stages to run (default: all)")
     parser.add_argument("--tests-k", help="pytest -k expression for the tests stage (default: all of its tests)")
     parser.add_argument(
-        "--nf4-shapes", default="4096x11008,11008x4096,8192x28672", help="the nf4 stage's KxN shapes, comma-separated"
+        "--nf4-shapes",
+        default="4096x11008,8192x28672",
+        help="the nf4 stage's KxN shapes, comma-separated (the first also with LoRA)",
     )
+    parser.add_argument("--train-engines", default="ddp", help="the train stage's engines (bench_train --engines)")
+    parser.add_argument(
+        "--train-kernels", default="bnb,triton,triton+lora", help="the train stage's kernel paths (bench_train --kernels)"
+    )
+    parser.add_argument("--env-stage", type=Path, help=argparse.SUPPRESS)  # run the env stage here, write this JSON
     parser.add_argument("--limits", help="per-stage limits in seconds, e.g. tests=100,nf4=60 (default: each stage's own)")
     parser.add_argument("--scale", type=float, default=None, help="multiply every time limit (default 1; 8 with --dry-run)")
     args = parser.parse_args()
+    if args.env_stage:  # in a process of its own, so that its limit holds (an import or nvidia-smi can hang)
+        status, info = env_stage(args.dry_run)
+        args.env_stage.write_text(json.dumps(info, indent=1, default=str) + "\n")
+        print(json.dumps(info, indent=1, default=str), flush=True)
+        return 0 if status == "pass" else 1
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     scale = args.scale or (8.0 if args.dry_run else 1.0)  # the interpreter on two CPU cores is that much slower
@@ -420,6 +447,7 @@ def main() -> int:
         tmp.replace(args.out / "results.json")
 
     log = sys.stdout
+    save()  # a call cut short before the first stage ends still returns a results.json
     for stage in stages:
         left = budget - (time.monotonic() - start)
         print(f"\n===== stage {stage.name}: {stage.what} (limit {min(stage.limit * scale, left):.0f} s)", flush=True)
@@ -428,26 +456,26 @@ def main() -> int:
             stage.status = "skipped (budget spent)"
             save()
             continue
+        if stage.name == "tests":
+            (args.out / "tests.xml").unlink(missing_ok=True)  # an earlier run's would be read as this one's
+        codes, output = [], ""
+        limit = min(stage.limit * scale, left)
+        for i, cmd in enumerate(stage.commands):
+            remaining = limit - (time.monotonic() - t0)
+            cap = stage.caps[i] if i < len(stage.caps) else None
+            if cap is not None:
+                remaining = min(remaining, cap * scale)
+            if remaining < 2:
+                codes.append(None)
+                break
+            code, text = run_command(cmd, remaining, {**env, **stage.env}, log)
+            codes.append(code)
+            output += text
+        stage.figures = figures_of(stage, work, output, args.out)
+        stage.tail = output[-3000:]
+        stage.status = stage_passed(stage, codes)
         if stage.name == "env":
-            stage.status, stage.figures = env_stage(args.dry_run)
             results["env"] = stage.figures
-            print(json.dumps(stage.figures, indent=1), flush=True)
-        else:
-            codes, output = [], ""
-            limit = min(stage.limit * scale, left)
-            for i, cmd in enumerate(stage.commands):
-                remaining = limit - (time.monotonic() - t0)
-                if stage.fair:  # a fair share of what is left: one command that hangs cannot starve the next
-                    remaining /= len(stage.commands) - i
-                if remaining < 2:
-                    codes.append(None)
-                    break
-                code, text = run_command(cmd, remaining, {**env, **stage.env}, log)
-                codes.append(code)
-                output += text
-            stage.figures = figures_of(stage, work, output, args.out)
-            stage.tail = output[-3000:]
-            stage.status = stage_passed(stage, codes)
         stage.seconds = time.monotonic() - t0
         print(f"===== stage {stage.name}: {stage.status.upper()} in {stage.seconds:.0f} s", flush=True)
         save()

@@ -20,7 +20,7 @@ PY="${PYTHON:-python3}"
 
 # The GPU machine's image (the device tool's KINDS.md, 2026-11): only what dtune uses.
 DEVICE_PACKAGES=(
-    "torch==${DTUNE_REHEARSAL_TORCH:-2.13.0}" triton==3.6.0 transformers==5.17.0 accelerate==1.15.0 peft==0.21.2
+    "${DTUNE_REHEARSAL_TORCH:-torch==2.13.0}" triton==3.6.0 transformers==5.17.0 accelerate==1.15.0 peft==0.21.2
     safetensors==0.8.0 huggingface-hub==1.33.0 tokenizers==0.23.2 "numpy<2.4" pandas pyarrow pytest pytest-xdist tqdm
     matplotlib psutil msgpack ninja einops py-cpuinfo nvidia-ml-py cloudpickle pyyaml requests xxhash fsspec jinja2
     sentencepiece
@@ -29,10 +29,12 @@ t0=$(date +%s)
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "${DEVICE_PACKAGES[@]}"
-# Strict: what the GPU machine lacks must come from .whl alone, so remove any copy a device package pulled in here.
-mapfile -t carried < <(awk '!/^#/ && NF {split($1, a, "=="); print a[1]}' kernels/gpu/wheels.txt)
-"$VENV/bin/python" -m pip uninstall -q -y "${carried[@]}" 2>/dev/null || true
 echo "rehearsal venv ready in $(( $(date +%s) - t0 )) s: $("$VENV/bin/python" -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)')"
+
+# Strict: what the GPU machine lacks must come from .whl alone, so remove any copy a device package pulled in here
+# (not those carried only as a newer version of what the machine has: marked `upgrade` in wheels.txt).
+mapfile -t carried < <(awk '!/^#/ && NF && $2 != "upgrade" {split($1, a, "=="); print a[1]}' kernels/gpu/wheels.txt)
+"$VENV/bin/python" -m pip uninstall -q -y "${carried[@]}" 2>/dev/null || true
 
 # The carried wheels, with the per-Python-version ones swapped for this Python's build of the same version.
 WHEELS="$REPO/.rehearsal-wheels"
