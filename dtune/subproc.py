@@ -48,9 +48,15 @@ def run_bounded(
     env: dict[str, str] | None = None,
     cwd: str | Path | None = None,
     on_line: Callable[[str], None] | None = None,
+    last_words: int | None = None,
+    grace: float = 3.0,
 ) -> tuple[int | None, str]:
     """Run ``cmd`` (stdout and stderr together, decoded as UTF-8 with bad bytes replaced), passing each output line
     to ``on_line`` as it comes.
+
+    At the time limit, if ``last_words`` is a signal (e.g. ``signal.SIGABRT``, on which Python with
+    ``PYTHONFAULTHANDLER=1`` prints every thread's stack), it goes to the whole tree ``grace`` seconds before the
+    kill: the output then says where a command that hung was stuck.
 
     Returns:
         (exit status, or None if it ran past ``timeout`` seconds and was killed; everything it printed).
@@ -90,6 +96,14 @@ def run_bounded(
         except subprocess.TimeoutExpired:
             if time.monotonic() >= deadline:
                 break
+    if code is None and last_words is not None:
+        for p in [*seen.values(), *_descendants(proc.pid)]:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(last_words)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(proc.pid, last_words)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
     kill_tree(proc.pid, seen)
     if code is None:
         proc.wait()

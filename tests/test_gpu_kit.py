@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -63,6 +64,15 @@ def test_what_a_finished_command_leaves_running_is_killed(tmp_path: Path):
     while _alive(left):
         assert time.monotonic() < deadline, "the command's leftover process is still running"
         time.sleep(0.1)
+
+
+def test_a_command_that_hangs_prints_where_before_it_is_killed():
+    """The GPU kit's stages: SIGABRT at the limit, and Python's fault handler names the function that hung."""
+    code = "import time\ndef stuck_in_here():\n    time.sleep(120)\nstuck_in_here()\n"
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    status, output = run_bounded([sys.executable, "-c", code], timeout=3, env=env, last_words=signal.SIGABRT)
+    assert status is None
+    assert "stuck_in_here" in output and "Fatal Python error: Aborted" in output
 
 
 def test_exit_status_and_output_of_a_command_that_finishes():

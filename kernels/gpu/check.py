@@ -32,7 +32,9 @@ import os
 import pkgutil
 import platform
 import re
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -93,7 +95,9 @@ def run_command(cmd: list[str], timeout: float, env: dict[str, str], log: Any) -
         log.write(line)
         log.flush()
 
-    return run_bounded(cmd, timeout, env=env, cwd=REPO, on_line=write)
+    # At the limit: SIGABRT first (PYTHONFAULTHANDLER=1 makes every Python process print its threads' stacks), the
+    # kill 3 s later.
+    return run_bounded(cmd, timeout, env=env, cwd=REPO, on_line=write, last_words=signal.SIGABRT)
 
 
 def versions() -> dict[str, str | None]:
@@ -239,9 +243,9 @@ def build_stages(args: argparse.Namespace, work: Path, py: str) -> list[Stage]:
         out = str(work / f"shard-{engine}.json")
         return [*torchrun, "--master_port", str(port), "kernels/gpu/shard_check.py", "--engine", engine, "--out", out]
 
-    # FSDP2 first (it passed on the H200 in ~35 s); then ZeRO-3, which hung there, with stack dumps every 10 s.
+    # FSDP2 first (it passed on the H200 in ~35 s); then ZeRO-3, which hung there (stacks printed at its limit).
     shard_cmds = [build, [*shard("fsdp2", 29760), *shard_overrides]]
-    shard_cmds += [[*shard("zero3", 29761), "--dump-stacks-every", "10", *shard_overrides]]
+    shard_cmds += [[*shard("zero3", 29761), *shard_overrides]]
     if dry:
         nf4 = [[py, "kernels/bench_nf4.py", "--smoke", "--out", str(work / "nf4.json")]]
         train = [py, "kernels/bench_train.py", "--smoke", "--engines", "ddp,fsdp2", "--kernels", "bnb,triton"]
@@ -410,6 +414,7 @@ def main() -> int:
         WANDB_MODE="disabled",
         TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
+        PYTHONFAULTHANDLER="1",
         DTUNE_CACHE=str(cache),
     )
     if args.dry_run:
@@ -417,6 +422,7 @@ def main() -> int:
     else:
         env.setdefault("DS_ACCELERATOR", "cuda")
     os.environ.update(env)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # SIGABRT at a time limit must not write GB-sized core files
     work = Path(tempfile.mkdtemp(prefix="dtune-gpu-check-"))
     stages = build_stages(args, work, py)
     if args.only:

@@ -18,7 +18,6 @@ them the check would prove nothing) and writes one JSON with per-engine totals, 
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import json
 import logging
 import re
@@ -56,16 +55,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", required=True, choices=["ddp", "zero3", "zero3_offload", "fsdp2"])
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument(
-        "--dump-stacks-every", type=float, default=30, help="seconds: print every thread's stack this often (0: never)"
-    )
     parser.add_argument("overrides", nargs="*", help="dtune config overrides (model, steps, ...)")
     args = parser.parse_args()
-    # dtune's phase messages (plan, data, load, shard, steps) and, if it hangs, where: a time-limited GPU call then
-    # still says where a run stopped.
+    # dtune's phase messages (plan, data, load, shard, steps): a time-limited GPU call then says how far a run got.
+    # Where it hangs, check.py's time limit sends SIGABRT first, and PYTHONFAULTHANDLER=1 prints every stack.
+    # (Periodic dumps from a watchdog thread are not safe: one crashed a run inside a torch.compile'd frame.)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.dump_stacks_every > 0:
-        faulthandler.dump_traceback_later(args.dump_stacks_every, repeat=True)
 
     import dtune.model
     from dtune.model import load_base
@@ -149,7 +144,6 @@ def main() -> int:
         f"{mismatched} of {total:,} packed bytes changed ({nan_patterns:,} NaN patterns at risk), losses {losses}",
         flush=True,
     )
-    faulthandler.cancel_dump_traceback_later()
     from dtune.engine import shutdown_distributed
 
     shutdown_distributed(exit_code=0 if report["passed"] else 1)
