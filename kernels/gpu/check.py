@@ -339,9 +339,9 @@ def stage_passed(stage: Stage, codes: list[int | None]) -> str:
         stage.figures.get("failures") or stage.figures.get("errors") or not stage.figures.get("passed")
     ):
         return "fail"
-    if stage.name == "train" and (not stage.figures["rows"] or any("error" in r for r in stage.figures["rows"])):
+    if stage.name == "train" and (not stage.figures.get("rows") or any("error" in r for r in stage.figures["rows"])):
         return "fail"
-    return "pass"
+    return "fail" if "figures_error" in stage.figures else "pass"
 
 
 def key_figures(stage: Stage) -> str:
@@ -368,7 +368,7 @@ def key_figures(stage: Stage) -> str:
             )
         if stage.name == "plan" and f.get("largest_deviation") is not None:
             return f"{len(f['rows'])} configs, largest deviation {f['largest_deviation']:.1%}"
-    except (KeyError, TypeError) as err:
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
         return f"(figures incomplete: {err})"
     return ""
 
