@@ -230,7 +230,7 @@ def build_stages(args: argparse.Namespace, work: Path, py: str) -> list[Stage]:
     if args.tests_k:
         pytest += ["-k", args.tests_k]
     elif dry:  # the interpreter is slow: one test of each kind
-        pytest += ["-k", "bit_exact and dtype1 and storage1 and shape0 or opcheck or training_through or packed"]
+        pytest += ["-k", "bit_exact and dtype1 and storage1 and shape0 or opcheck or training_through or packed_row"]
     if not dry and importlib.util.find_spec("xdist"):
         pytest += ["-n", "8"]  # the first launch of every kernel config compiles: 16 cores share that
     model = "builtin:tiny-llama" if dry else "builtin:shape-llama-1b"
@@ -248,7 +248,8 @@ def build_stages(args: argparse.Namespace, work: Path, py: str) -> list[Stage]:
     shard_cmds += [[*shard("zero3", 29761), *shard_overrides]]
     if dry:
         nf4 = [[py, "kernels/bench_nf4.py", "--smoke", "--out", str(work / "nf4.json")]]
-        train = [py, "kernels/bench_train.py", "--smoke", "--engines", "ddp,fsdp2", "--kernels", "bnb,triton"]
+        # (FSDP2 under these versions: the shard stage; tests/test_bench.py runs the harness's engines on CPU)
+        train = [py, "kernels/bench_train.py", "--smoke", "--engines", "ddp", "--kernels", "bnb,triton"]
         train += ["--out", str(work / "train.json")]
         plan = [py, "-m", "dtune", "plan", "--validate", "--grid", "gpu", "--shapes", "", "--json", str(work / "plan.json")]
     else:
