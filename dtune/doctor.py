@@ -40,7 +40,8 @@ PACKAGES = ("dtune", "transformers", "peft", "bitsandbytes", "accelerate", "deep
 SLOW_LINK = 0.5  # a link slower than this fraction of the median link is reported as a problem
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """The installed version of a distribution, or None where it is not installed."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -62,7 +63,7 @@ def local_report() -> dict[str, Any]:
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "env": {k: os.environ[k] for k in RENDEZVOUS_VARS if k in os.environ},
         "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")},
-        "packages": {p: _version(p) for p in PACKAGES},
+        "packages": {p: package_version(p) for p in PACKAGES},
     }
     if cuda:
         free, total = torch.cuda.mem_get_info()

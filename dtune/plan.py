@@ -555,15 +555,16 @@ VALIDATION_GRID = (
 )
 
 
+# On a GPU, --validate adds Llama-3-shaped models with random weights (builtin:shape-llama-*, built on first use):
+# (size, micro-batch, sequence length).
 GPU_VALIDATION_SHAPES = (("1b", 4, 2048), ("3b", 2, 2048), ("8b", 2, 2048), ("8b", 1, 4096))
-# On a GPU, --validate adds Llama-3-shaped models with random weights (builtin:shape-llama-*, built on first use).
-GPU_VALIDATION_GRID = tuple(
-    (
+
+
+def _shaped_row(size: str, micro: int, seq: int) -> tuple[str, list[str]]:
+    return (
         f"Llama-{size.upper()}-shaped, {micro}x{seq}",
         [f"model.name_or_path=builtin:shape-llama-{size}", f"train.micro_batch_size={micro}", f"data.max_seq_len={seq}"],
     )
-    for size, micro, seq in GPU_VALIDATION_SHAPES
-)
 
 
 def validation_grid(which: str, shapes: list[str], cuda: bool) -> tuple[tuple[str, list[str]], ...]:
@@ -576,7 +577,7 @@ def validation_grid(which: str, shapes: list[str], cuda: bool) -> tuple[tuple[st
     known = {size for size, _, _ in GPU_VALIDATION_SHAPES}
     if set(shapes) - known:
         raise ConfigError(f"--shapes: unknown {sorted(set(shapes) - known)}; choose from {sorted(known)}")
-    shaped = tuple(row for row, (size, _, _) in zip(GPU_VALIDATION_GRID, GPU_VALIDATION_SHAPES, strict=True) if size in shapes)
+    shaped = tuple(_shaped_row(*shape) for shape in GPU_VALIDATION_SHAPES if shape[0] in shapes)
     if which == "cpu" or (which == "auto" and not cuda):
         return VALIDATION_GRID
     if which == "gpu":

@@ -69,12 +69,9 @@ def _check_interpreter() -> None:
     NumPy 2.4 made an error: every ``range(0, K, BLOCK)`` then fails with "only 0-dimensional arrays can be
     converted to Python scalars" (seen with Triton 3.6.0 + NumPy 2.4.6; compiled kernels are not affected)."""
     import numpy
+    from packaging.version import Version
 
-    def version(text: str) -> tuple[int, int]:
-        major, minor = (int("".join(c for c in part if c.isdigit()) or 0) for part in text.split(".")[:2])
-        return major, minor
-
-    if version(triton.__version__) < (3, 9) and version(numpy.__version__) >= (2, 4):
+    if Version(triton.__version__).release[:2] < (3, 9) and Version(numpy.__version__).release[:2] >= (2, 4):
         raise RuntimeError(
             f"TRITON_INTERPRET=1: Triton {triton.__version__}'s interpreter cannot run with NumPy {numpy.__version__} "
             "(scalar arguments become 1-element arrays that NumPy >= 2.4 refuses to convert); install 'numpy<2.4' or "

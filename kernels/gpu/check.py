@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -100,26 +99,18 @@ def run_command(cmd: list[str], timeout: float, env: dict[str, str], log: Any) -
     return run_bounded(cmd, timeout, env=env, cwd=REPO, on_line=write, last_words=signal.SIGABRT)
 
 
-def versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for name in PACKAGES:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 def env_stage(dry_run: bool) -> tuple[str, dict[str, Any]]:
     """Versions, device and driver; import every dtune module and the libraries the engines load lazily."""
     import torch
+
+    from dtune.doctor import package_version
 
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cuda_available": torch.cuda.is_available(),
         "torch_cuda": torch.version.cuda,
-        "versions": versions(),
+        "versions": {name: package_version(name) for name in PACKAGES},
         "cpu_count": os.cpu_count(),
     }
     if torch.cuda.is_available():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 import shutil
 import sys
@@ -135,7 +136,7 @@ def main() -> int:
         "worst_layers": sorted(((e["mismatched_bytes"], k) for k, e in seen.items()), reverse=True)[:5],
         "losses": losses,
     }
-    finite = bool(losses) and all(x == x and abs(x) != float("inf") for x in losses)
+    finite = bool(losses) and all(math.isfinite(x) for x in losses)
     report["passed"] = mismatched == 0 and report["shape_mismatches"] == 0 and not unchecked and len(reference) > 0 and finite
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     verdict = "PASS" if report["passed"] else "FAIL"
