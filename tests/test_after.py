@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,13 +14,7 @@ from safetensors.torch import load_file
 from dtune.adapters import load_trained, locate
 from dtune.errors import DtuneError
 from dtune.train import run
-from tests.conftest import compose_config, tiny_overrides, write_jsonl
-from tests.test_distributed import COMMON, ENV, torchrun
-from tests.test_distributed import run as run_ok
-
-
-def dtune(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dtune", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+from tests.helpers import COMMON, compose_config, dtune, run_ok, tiny_overrides, torchrun, write_jsonl
 
 
 @pytest.fixture(scope="module")

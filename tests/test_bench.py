@@ -7,8 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO
-from tests.test_distributed import ENV
+from tests.helpers import ENV, REPO
 
 
 def test_train_benchmark_harness_runs(tmp_path: Path):

@@ -22,7 +22,7 @@ from dtune.checkpoint import (
 from dtune.config import first_host, slurm_process_env
 from dtune.errors import DtuneError
 from dtune.train import run
-from tests.conftest import compose_config, tiny_overrides
+from tests.helpers import compose_config, tiny_overrides
 
 
 def metrics(out: Path) -> list[dict]:

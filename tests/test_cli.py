@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_jsonl
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
-SMOKE = ["debug=smoke", "train.precision=fp32"]
+from tests.helpers import ENV, SMOKE, write_jsonl
 
 
 def dtune(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

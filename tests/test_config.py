@@ -13,7 +13,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from dtune.config import conf_dir, validate
 from dtune.errors import ConfigError
-from tests.conftest import REPO, compose_config
+from tests.helpers import REPO, compose_config
 
 GROUPS = ["model", "data", "lora", "quant", "engine", "optim", "logger", "launcher", "experiment", "debug"]
 

@@ -11,7 +11,7 @@ from dtune.config import DataConfig
 from dtune.data import IGNORE, Renderer, collate, train_batches
 from dtune.errors import DataError
 from dtune.sources import read_jsonl, rotten_tomatoes, split_rows
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 GOOD = {"prompt": "What is 2+2?", "completion": "4"}
 

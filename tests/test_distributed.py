@@ -7,9 +7,7 @@ output directory of the job.
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,21 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-# Global batch 4 per step: 2 ranks x 2 samples, or 1 rank x 2 micro-batches of 2. A checkpoint after step 2 (and
-# the last, 3): the resume tests go on from it on the other world size.
-COMMON = ["debug=smoke", "train.precision=fp32", "optim.lr=1e-2", "train.micro_batch_size=2", "train.checkpoint_every=2"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(cmd: list[str], cwd: Path) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+from tests.helpers import COMMON, ENV, REPO, TORCHRUN, free_port, torchrun
+from tests.helpers import run_ok as run
 
 
 def losses(out: Path, after: int = 0) -> list[float]:
@@ -55,14 +40,6 @@ def assert_same_run(out: Path, single: Path, resumed_at: int = 0) -> None:
     assert ours.keys() == ref.keys()
     for key in ref:
         torch.testing.assert_close(ours[key], ref[key], rtol=1e-4, atol=1e-6)
-
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-
-
-def torchrun(nproc: int) -> list[str]:
-    """torchrun with ``nproc`` processes on this host, on a free port."""
-    return [*TORCHRUN, "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
 
 
 @pytest.mark.parametrize("engine", ["ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2"])
@@ -154,7 +131,6 @@ def test_two_nodes_through_a_localhost_rendezvous(tmp_path: Path, single: Path):
 
 def test_launch_script_runs_a_two_process_job(tmp_path: Path, single: Path):
     """launch/torchrun.sh as a user calls it: the job's output dir is named by JOB_ID, in the caller's directory."""
-    from tests.conftest import REPO
 
     env = {**ENV, "NPROC_PER_NODE": "2", "JOB_ID": "script-test", "MASTER_PORT": str(free_port()), "PYTHON": sys.executable}
     proc = subprocess.run(

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from dtune.doctor import diagnose
-from tests.test_distributed import ENV, TORCHRUN, free_port
+from tests.helpers import ENV, TORCHRUN, free_port
 
 
 def check_report(report: dict) -> None:

@@ -12,7 +12,7 @@ from dtune.data import Example, collate
 from dtune.flops import FlopCounts, attention_pairs, device_peak_flops
 from dtune.model import build_model
 from dtune.train import run, throughput
-from tests.conftest import compose_config, tiny_overrides
+from tests.helpers import compose_config, tiny_overrides
 
 
 def test_flop_counts_of_the_tiny_qlora_model(tmp_path: Path):

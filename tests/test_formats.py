@@ -12,7 +12,7 @@ from dtune.data import IGNORE, Renderer
 from dtune.errors import DataError
 from dtune.formats import row_from_obj
 from dtune.sources import read_jsonl
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 
 def trained_text(tokenizer, example) -> list[str]:

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from dtune.subproc import run_bounded
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_time_limit_holds_when_a_grandchild_in_its_own_session_keeps_the_pipe(tmp_path: Path):
@@ -134,7 +134,7 @@ def test_a_run_without_wandb_does_not_import_it(tmp_path: Path):
     """wandb is not carried to the GPU machine: with logger.wandb=false dtune must run without it."""
     code = (
         "import sys; sys.modules['wandb'] = None\n"  # any import of wandb now raises ImportError
-        "from tests.conftest import compose_config, tiny_overrides\n"
+        "from tests.helpers import compose_config, tiny_overrides\n"
         "from dtune.train import run\n"
         f"run(compose_config(tiny_overrides(__import__('pathlib').Path({str(tmp_path)!r}), 'train.max_steps=1')), "
         f"__import__('pathlib').Path({str(tmp_path)!r}))\n"

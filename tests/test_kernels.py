@@ -284,7 +284,7 @@ def test_fused_lora_layer_equals_peft_and_falls_back_where_it_must(tmp_path: Pat
     """A FusedLoraLinear4bit gives PEFT's own output and gradients; disabled adapters and dropout take PEFT's path."""
     from dtune.model import build_model
     from dtune.quant import FusedLoraLinear4bit, _peft_lora4bit_class
-    from tests.conftest import compose_config, tiny_overrides
+    from tests.helpers import compose_config, tiny_overrides
 
     cfg = compose_config(tiny_overrides(tmp_path, "quant=nf4_triton", "quant.fuse_lora=true"))
     model = build_model(cfg, torch.device(DEVICE))
@@ -347,7 +347,7 @@ def test_training_through_fused_kernels_equals_bitsandbytes(tmp_path: Path, vari
             return _op(*args, **kwargs)
 
         monkeypatch.setattr(dtune.quant, name, counted)
-    from tests.conftest import compose_config, tiny_overrides
+    from tests.helpers import compose_config, tiny_overrides
 
     fused = {"bnb": [], "triton": ["quant.kernel=triton"], "triton_lora": ["quant.kernel=triton", "quant.fuse_lora=true"]}
     losses = {}
@@ -379,7 +379,7 @@ def test_benchmark_harness_runs_end_to_end(tmp_path: Path):
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     out = tmp_path / "smoke.json"
     proc = subprocess.run(
@@ -408,7 +408,7 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path: Path):
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     out = tmp_path / "compile.json"
     cmd = [sys.executable, str(REPO / "kernels" / "compile_nf4.py"), "--arch", "90", "--first", "--out", str(out)]

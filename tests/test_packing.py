@@ -11,7 +11,7 @@ from dtune.data import IGNORE, collate, load_data
 from dtune.loss import CompletionLoss
 from dtune.model import build_model, load_tokenizer
 from dtune.packing import block_causal_mask, pack, real_tokens, segment_ids
-from tests.conftest import compose_config, tiny_overrides
+from tests.helpers import compose_config, tiny_overrides
 
 
 def test_mask_is_block_diagonal_causal_and_padding_safe():

@@ -11,8 +11,7 @@ import pytest
 
 from dtune.errors import ConfigError
 from dtune.plan import VALIDATION_GRID, GiB, fit, make_plan, measure, parse_bytes
-from tests.conftest import compose_config
-from tests.test_cli import ENV, SMOKE
+from tests.helpers import ENV, SMOKE, compose_config
 
 LLAMA_8B = {
     "architectures": ["LlamaForCausalLM"],

@@ -7,7 +7,6 @@ srun -> launch/torchrun.sh (torchrun) -> the two dtune processes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -18,35 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from tests.test_distributed import ENV, free_port
+from tests.helpers import ENV, REPO, SMOKE, checkpoint_state, free_port, signal_after_step, train_records
 
-SMOKE = ["debug=smoke", "train.precision=fp32", "optim.lr=1e-3", "train.micro_batch_size=2", "train.checkpoint_every=0"]
-
-
-def train_records(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line being written
-            records.append(json.loads(line))
-    return [r for r in records if "train/loss" in r]
-
-
-def signal_after_step(proc: subprocess.Popen, out: Path, step: int, sig: int, pid: int | None = None) -> None:
-    deadline = time.monotonic() + 300
-    while not any(r["step"] >= step for r in train_records(out)):
-        assert proc.poll() is None, f"the run ended before it was signalled:\n{proc.communicate()[1][-3000:]}"
-        assert time.monotonic() < deadline, "the run never reached the step to signal at"
-        time.sleep(0.05)
-    os.kill(pid or proc.pid, sig)
-
-
-def checkpoint_state(out: Path) -> dict:
-    (newest,) = sorted((out / "checkpoints").glob("step-*"))
-    return json.loads((newest / "trainer_state.json").read_text())
+# Slow enough to be signalled mid-run; no interval checkpoints (the one found is the preemption's).
+SMOKE = [*SMOKE, "optim.lr=1e-3", "train.micro_batch_size=2", "train.checkpoint_every=0"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])

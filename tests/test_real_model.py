@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dtune.train import run
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 pytestmark = [
     pytest.mark.slow,

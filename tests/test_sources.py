@@ -11,7 +11,7 @@ import pytest
 from dtune.config import DataConfig, MixSource
 from dtune.errors import DataError
 from dtune.sources import read_source, split_rows
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 
 def records(tag: str, n: int) -> list[dict[str, str]]:

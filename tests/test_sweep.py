@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from dtune.config import conf_dir
 from dtune.sweep import format_table, summarize
-from tests.test_distributed import ENV
+from tests.helpers import ENV
 
 
 def test_local_multirun_runs_each_combination_in_one_wandb_group_and_writes_a_summary(tmp_path: Path):

@@ -15,7 +15,7 @@ from dtune.evaluate import _score_choices
 from dtune.loss import CompletionLoss
 from dtune.model import build_model, load_tokenizer, pin_cpu_4bit_layout
 from dtune.train import accumulate_gradients, run
-from tests.conftest import compose_config, tiny_overrides
+from tests.helpers import compose_config, tiny_overrides
 
 # First three training losses of `debug=smoke train.precision=fp32 optim.lr=1e-2` (seed 0; a high lr so that
 # every step moves the loss well beyond the tolerance). A change here means the data order, rendering, adapter
