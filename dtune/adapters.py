@@ -21,8 +21,11 @@ import torch
 from torch import nn
 
 from dtune.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS, checkpoints
-from dtune.config import DtuneConfig
 from dtune.errors import DtuneError
+from dtune.model import model_dir, pin_cpu_4bit_layout, quantization_config
+from dtune.runtime import quiet_libraries
+from dtune.schema import DtuneConfig
+from dtune.units import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +63,7 @@ def trained_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def locate_args(args: argparse.Namespace) -> Trained:
     """:func:`locate` for what :func:`trained_parser` parsed; also quiets the libraries' per-load notices."""
-    from dtune.train import _quiet_libraries
-
-    _quiet_libraries()
+    quiet_libraries()
     return locate(args.run, args.base, args.allow_pickle)
 
 
@@ -140,8 +141,6 @@ def load_base(
     """The base as it was trained (4-bit when ``quantized``), in eval mode, from safetensors unless allowed."""
     from transformers import AutoModelForCausalLM
 
-    from dtune.model import DTYPES, model_dir, pin_cpu_4bit_layout, quantization_config
-
     cfg = trained.cfg
     directory = model_dir(cfg)
     if not allow_pickle and not any(directory.glob("*.safetensors")):
@@ -166,8 +165,6 @@ def load_base(
 def load_trained(trained: Trained, device: torch.device, allow_pickle: bool = False) -> nn.Module:
     """Base (4-bit, as trained) + adapter, ready for inference."""
     from peft import PeftModel
-
-    from dtune.model import pin_cpu_4bit_layout
 
     base = load_base(trained, device, allow_pickle=allow_pickle)
     check_compatible(trained.adapter_dir, base)

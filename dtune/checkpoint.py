@@ -25,10 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ import torch
 from torch import nn
 
 from dtune.errors import DtuneError
+from dtune.fsutil import recover, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -84,38 +83,13 @@ def save_adapter(model: nn.Module, dest: Path, state: dict[str, torch.Tensor] | 
 
     state = {k: v.detach().cpu() for k, v in adapter_state(model).items()} if state is None else state
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model, state_dict=state).items()}
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
-    try:
+    with staged_dir(dest) as tmp:
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         verify_adapter(tmp, expected)
-        old = None
-        if dest.exists():
-            old = dest.with_name(f"{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or a directory (its entries) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    """Flush every file under ``path`` and the directories themselves (before the renaming that publishes)."""
-    for item in [*sorted(path.rglob("*")), path]:
-        _fsync(item)
 
 
 def checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -130,15 +104,6 @@ def checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _recover(root: Path) -> None:
-    """A writer killed between moving the old copy of a step aside and publishing its new one leaves the old copy,
-    whole, as ``.step-N.tmp-old-*``: put it back."""
-    for moved in root.glob(".step-*.tmp-old-*"):
-        final = root / moved.name[1:].split(".tmp-")[0]
-        if not final.exists() and (moved / TRAINER_STATE).is_file():
-            os.replace(moved, final)
-
-
 def find_resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
     """The checkpoint ``train.resume`` points at, or None to start from scratch.
 
@@ -148,7 +113,7 @@ def find_resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
     checkpoints (a fresh run would mix its checkpoints and metrics with theirs).
     """
     if (output_dir / CHECKPOINTS).is_dir():
-        _recover(output_dir / CHECKPOINTS)
+        recover(output_dir / CHECKPOINTS)
     here = checkpoints(output_dir / CHECKPOINTS)
     if resume is None or resume in ("none", "never", "false"):
         if here:
@@ -188,28 +153,17 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint for ``step`` atomically under ``root``; keep the newest ``keep``. Rank 0 only."""
     root.mkdir(parents=True, exist_ok=True)
-    _recover(root)
-    for stale in root.glob(".step-*.tmp-*"):  # left by a writer that was killed
+    recover(root)
+    for stale in root.glob(".step-*.tmp-*"):  # a killed writer's (the run holds its output dir's lock)
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
+    # The same step saved again (a finished run resumed) replaces it.
+    with staged_dir(final) as tmp:
         save_adapter(peft_model, tmp / "adapter", adapter)
         torch.save(optimizer, tmp / OPTIMIZER)
         torch.save(rng, tmp / RNG)
         (tmp / CONFIG).write_text(config_yaml)
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
-        _fsync_tree(tmp)
-        old = None
-        if final.exists():  # the same step saved again (a finished run resumed): replace it
-            old = root / f".{final.name}.tmp-old-{os.getpid()}"
-            os.replace(final, old)  # a kill from here to the next rename leaves it as the only copy: see below
-        os.replace(tmp, final)
-        _fsync(root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for _, old in checkpoints(root)[: -max(keep, 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return final

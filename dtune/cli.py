@@ -6,8 +6,11 @@
 
 from __future__ import annotations
 
-import os
 import sys
+from importlib import import_module
+from importlib.metadata import version
+
+from dtune.runtime import offline_defaults
 
 USAGE = """usage: dtune <command> [args]
 
@@ -23,11 +26,14 @@ commands:
 
 Run 'dtune train --help' for the config groups and their options."""
 
-
-def offline_defaults() -> None:
-    """dtune never downloads at run time: models are local directories or built-ins (a user may still opt in)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+COMMANDS = {
+    "train": "dtune.commands.train",
+    "plan": "dtune.commands.plan",
+    "merge": "dtune.commands.merge",
+    "generate": "dtune.commands.generate",
+    "eval": "dtune.commands.eval",
+    "doctor": "dtune.commands.doctor",
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,30 +42,17 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     command, rest = args[0], args[1:]
-    if command == "train":
+    if command in COMMANDS:
         offline_defaults()
-        from dtune import train
-
-        sys.argv = ["dtune train", *rest]  # Hydra reads its overrides from sys.argv
-        train.main()
-    elif command == "plan":
-        offline_defaults()
-        from dtune import plan
-
-        sys.exit(plan.main(rest))
-    elif command in ("merge", "generate", "eval"):
-        offline_defaults()
-        from importlib import import_module
-
-        module = import_module({"merge": "dtune.merge", "generate": "dtune.generate", "eval": "dtune.evaluate"}[command])
-        sys.exit(module.main(rest))
-    elif command == "doctor":
-        from dtune import doctor
-
-        sys.exit(doctor.main(rest))
+        # Imported on demand: each command's module pulls in torch, transformers or DeepSpeed, which `dtune --help`
+        # and `dtune version` should not wait for.
+        module = import_module(COMMANDS[command])
+        if command == "train":
+            sys.argv = ["dtune train", *rest]  # Hydra reads its overrides from sys.argv
+            module.main()
+        else:
+            sys.exit(module.main(rest))
     elif command in ("version", "--version"):
-        from importlib.metadata import version
-
         print(f"dtune {version('dtune')}")
     else:
         print(f"dtune: error: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)

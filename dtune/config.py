@@ -10,236 +10,19 @@ The training code receives a plain :class:`DtuneConfig` (``to_dataclass``), neve
 
 from __future__ import annotations
 
-import os
-import re
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from dtune.distributed.env import job_dir_name, rank_suffix
 from dtune.errors import ConfigError
-
-PRECISIONS = ("bf16", "fp16", "fp32")
-QUANT_TYPES = ("nf4", "fp4", "none")
-KERNELS = ("bnb", "triton")
-ENGINES = ("ddp", "deepspeed", "fsdp2")
-SCHEDULES = ("cosine", "linear", "constant")
-WANDB_MODES = ("auto", "online", "offline", "disabled")
-OVERLONG = ("truncate", "drop", "error")
-
-
-@dataclass
-class ModelConfig:
-    name_or_path: str = "builtin:smollm2-135m-instruct"
-    """A local Hugging Face model directory, or ``builtin:<name>`` (see dtune.assets)."""
-    attn_implementation: str = "sdpa"
-    """Attention backend passed to transformers (sdpa, eager, flash_attention_2)."""
-    gradient_checkpointing: bool = True
-    """Recompute each decoder layer's activations in backward instead of storing them."""
-    trust_remote_code: bool = False
-    """Allow model code from the model directory (off: only transformers' own architectures)."""
-
-
-@dataclass
-class MixSource:
-    path: str = "???"
-    """A data file or save_to_disk folder (or builtin:<name>)."""
-    weight: float = 1.0
-    """Share of the training rows: weight / sum of weights."""
-    format: str | None = None
-    """Record format of this source (null: data.format)."""
-
-
-@dataclass
-class DataConfig:
-    source: str = "builtin:rotten_tomatoes"
-    """A .jsonl/.json/.parquet file or save_to_disk folder of records in ``format``, or ``builtin:<name>``."""
-    format: str = "prompt_completion"
-    """Record format of JSONL sources: prompt_completion, alpaca, chat or text (see dtune.formats)."""
-    train_on: str = "completion"
-    """Which tokens carry loss: completion (assistant turns) or all."""
-    eval_source: str | None = None
-    """Held-out JSONL file; when null, ``eval_size`` rows are held out from ``source``."""
-    eval_size: int = 96
-    """Rows held out from ``source`` for evaluation when ``eval_source`` is null."""
-    eval_fraction: float | None = None
-    """Hold out this fraction of the rows instead of eval_size (with data.mix: of each source)."""
-    mix: list[MixSource] = field(default_factory=list)
-    """Several sources mixed by weight (replaces ``source``), e.g. [{path: a.jsonl, weight: 3}, {path: b.parquet}]."""
-    train_size: int | None = None
-    """Use at most this many training rows (null: all)."""
-    max_seq_len: int = 256
-    """Longest tokenized sample; longer ones are handled per ``overlong``."""
-    overlong: str = "truncate"
-    """What to do with samples longer than max_seq_len: truncate, drop, or error."""
-    packing: bool = False
-    """Pack training samples into rows of max_seq_len tokens; attention stays within each sample."""
-    bad_rows: str = "error"
-    """A malformed record: error (stop, naming file and line) or skip (count it, warn, go on)."""
-    cache: bool = True
-    """Cache the tokenized data under dtune's cache dir, keyed by data, tokenizer and settings."""
-    chat_template: bool = True
-    """Render rows with the tokenizer's chat template (ChatML if it has none); false: plain prompt + completion."""
-    system_prompt: str | None = None
-    """Optional system message placed before each prompt (with chat_template)."""
-    choices: list[str] | None = None
-    """Closed answer set (e.g. [positive, negative]): evaluation then also reports accuracy."""
-    seed: int = 0
-    """Seed of the train/eval split and of the shuffle order."""
-
-
-@dataclass
-class LoraConfig:
-    r: int = 16
-    """Adapter rank."""
-    alpha: float = 32.0
-    """Scaling numerator: the adapter output is multiplied by alpha / r."""
-    dropout: float = 0.0
-    """Dropout on the adapter input."""
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-    """Names of the linear layers that get adapters (["all-linear"] for every linear but the output head)."""
-    bias: str = "none"
-    """Which biases train: none, all or lora_only (PEFT's ``bias``)."""
-
-
-@dataclass
-class QuantConfig:
-    quant_type: str = "nf4"
-    """4-bit data type of the frozen base (nf4, fp4), or none for an unquantized base."""
-    double_quant: bool = True
-    """Quantize the per-block absmax constants too (about 0.37 bits/parameter saved)."""
-    kernel: str = "bnb"
-    """Matmul of the 4-bit base layers: bnb (bitsandbytes dequantize + matmul) or triton (dtune's fused NF4
-    kernels; on CPU their pure-torch references run)."""
-    fuse_lora: bool = False
-    """With kernel=triton: each LoRA adapter runs inside its base layer's fused kernel (the low-rank term added in
-    the matmul's epilogue, forward and input gradient) instead of as PEFT's separate matmuls and adds. Layers with
-    LoRA dropout (lora.dropout > 0), DoRA or adapter biases keep PEFT's path."""
-
-
-@dataclass
-class EngineConfig:
-    strategy: str = "ddp"
-    """ddp (data parallel; one process trains plainly), deepspeed (ZeRO, stage below) or fsdp2 (fully_shard)."""
-    zero_stage: int = 0
-    """With deepspeed: 1 shards optimizer states, 2 also gradients, 3 also parameters (the 4-bit base too)."""
-    offload_optimizer: bool = False
-    """With deepspeed: keep optimizer states (and fp32 master weights) in CPU memory."""
-    offload_params: bool = False
-    """With deepspeed ZeRO-3: keep parameters in CPU memory, fetched for each layer's forward and backward."""
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 2e-4
-    """Peak learning rate, reached after warmup."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay (AdamW)."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """Adam beta1, beta2."""
-    eps: float = 1e-8
-    """Adam epsilon."""
-    warmup_steps: int = 3
-    """Linear warmup from 0 to lr over this many optimizer steps."""
-    schedule: str = "cosine"
-    """Decay after warmup: cosine, linear or constant."""
-    min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of lr (cosine and linear)."""
-    max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm to this value (null: no clipping)."""
-
-
-@dataclass
-class LoggerConfig:
-    wandb: bool = True
-    """Log to Weights & Biases (one run per job, from rank 0)."""
-    mode: str = "auto"
-    """W&B mode: auto (online with an API key, else offline), online, offline, disabled."""
-    project: str = "dtune"
-    """W&B project."""
-    entity: str | None = None
-    """W&B entity (team or user); null: the key's default."""
-    group: str | None = None
-    """W&B group (sweeps put their runs in one group)."""
-    tags: list[str] = field(default_factory=list)
-    """W&B tags."""
-    log_every: int = 1
-    """Log training metrics every this many optimizer steps."""
-    plot: bool = True
-    """Write loss_curve.png into the output directory at the end."""
-    progress: bool = True
-    """Show a progress bar (rank 0)."""
-
-
-@dataclass
-class LauncherConfig:
-    name: str = "local"
-    """How the job is started: local (this process), torchrun or slurm."""
-    nproc_per_node: int = 1
-    """Processes (GPUs) per node."""
-    nnodes: int = 1
-    """Number of nodes."""
-
-
-@dataclass
-class TrainConfig:
-    seed: int = 0
-    """Seed of model init (adapters), dropout and data order."""
-    max_steps: int = 20
-    """Optimizer steps to run."""
-    micro_batch_size: int = 8
-    """Samples per forward/backward on one process."""
-    grad_accum_steps: int = 2
-    """Micro-batches accumulated per optimizer step."""
-    precision: str = "bf16"
-    """Compute dtype of the base and autocast: bf16, fp16 or fp32. Adapters stay in fp32."""
-    eval_every: int = 10
-    """Evaluate every this many steps (0: only before and after training)."""
-    eval_batch_size: int = 16
-    """Samples per evaluation forward."""
-    save_adapter: bool = True
-    """Write the trained adapter (PEFT format) to <output_dir>/adapter."""
-    checkpoint_every: int = 100
-    """Write a checkpoint (adapter, optimizer, schedule, data position, RNG) every this many steps (0: only at the
-    end and on preemption signals) to <output_dir>/checkpoints/step-<N>."""
-    keep_checkpoints: int = 2
-    """How many of the newest checkpoints to keep."""
-    resume: str | None = "auto"
-    """auto: go on from the newest complete checkpoint in the output dir, if there is one (so a requeued job resumes
-    by itself); a path: from that checkpoint or run dir; null: start fresh (refused if the output dir holds
-    checkpoints)."""
-    output_dir: str | None = None
-    """Where outputs go; null: Hydra's run directory."""
-    loss_chunk_tokens: int = 4096
-    """Compute the loss of more labelled tokens than this per micro-batch in chunks whose logits are recomputed in
-    backward (peak logits memory: one chunk); 0: all at once."""
-    gpu_mem: str | None = None
-    """Memory of one GPU to check the memory plan against before training (e.g. 80GiB); null: the GPU's own (no
-    check on the CPU). See `dtune plan`."""
-    force: bool = False
-    """Train even when the memory plan predicts the config does not fit."""
-    peak_tflops: float | None = None
-    """Peak dense TFLOP/s of one device at train.precision, for MFU; null: looked up by GPU name (see dtune.flops)."""
-
-
-@dataclass
-class DtuneConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    name: str = "dtune"
-    """Run name (W&B run name and output folder label)."""
+from dtune.schema import ENGINES, KERNELS, OVERLONG, PRECISIONS, QUANT_TYPES, SCHEDULES, WANDB_MODES, DtuneConfig
 
 
 def conf_dir() -> Path:
@@ -251,72 +34,6 @@ def conf_dir() -> Path:
     if (here / "conf" / "config.yaml").is_file():
         return here / "conf"
     raise ConfigError(f"config: dtune's conf/ directory is missing (looked beside and inside {here})")
-
-
-def job_dir_name() -> str:
-    """One output folder name per job, the same on every rank, so that all ranks share one Hydra output directory.
-
-    DTUNE_JOB_ID if set; the Slurm job (and array task) id; torchrun's rendezvous id (``--rdzv-id``); under plain
-    torchrun, the start time of the torchrun process that all local ranks share; otherwise the current time.
-    """
-    env = os.environ
-    if env.get("DTUNE_JOB_ID"):
-        return env["DTUNE_JOB_ID"]
-    if env.get("SLURM_JOB_ID"):
-        task = env.get("SLURM_ARRAY_TASK_ID")
-        return f"slurm-{env['SLURM_JOB_ID']}" + (f"_{task}" if task else "")
-    run_id = env.get("TORCHELASTIC_RUN_ID")
-    if run_id and run_id != "none":
-        return f"torchrun-{run_id}"
-    started = _parent_start_time() if "LOCAL_RANK" in env else None
-    return time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(started))
-
-
-def _parent_start_time() -> float | None:
-    """Wall-clock start of the parent process (Linux /proc), or None."""
-    try:
-        fields = Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks = int(fields[19])  # field 22, starttime, counted after the ")" that ends the command name
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-
-
-def rank_suffix() -> str:
-    """'' on rank 0, '_rank<N>' elsewhere: per-rank log files in the shared output directory."""
-    rank = int(os.environ.get("RANK", slurm_process_env().get("RANK", "0")))
-    return "" if rank == 0 else f"_rank{rank}"
-
-
-def slurm_process_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """torch.distributed's variables for a process started by ``srun`` alone, one task per GPU (as submitit does).
-
-    Empty when torchrun set them already (RANK present) or when the step has one task.
-    """
-    env = dict(os.environ) if env is None else env
-    if "RANK" in env or int(env.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
-        return {}
-    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
-    tasks_per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_STEP_TASKS_PER_NODE", "1")
-    return {
-        "RANK": env["SLURM_PROCID"],
-        "WORLD_SIZE": env["SLURM_NTASKS"],
-        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-        "LOCAL_WORLD_SIZE": tasks_per_node.split("(")[0].split(",")[0],
-        "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodes),
-        # One port per job (jobs sharing a node must not collide), the same on every task.
-        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000),
-    }
-
-
-def first_host(nodelist: str) -> str:
-    """The first host of a Slurm node list: 'gpu[003-006,010],cpu1' -> 'gpu003' (what `scontrol show hostnames` lists
-    first)."""
-    match = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?", nodelist)
-    assert match is not None  # the pattern matches any string, if only with empty groups
-    prefix, ranges = match.groups()
-    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
 
 
 def register_configs() -> None:
@@ -411,7 +128,6 @@ def validate(cfg: DtuneConfig) -> None:
 
     _one_of(e, "logger.mode", cfg.logger.mode, WANDB_MODES)
     _positive(e, "logger.log_every", cfg.logger.log_every)
-    _one_of(e, "launcher.name", cfg.launcher.name, ("local", "torchrun", "slurm"))
     _positive(e, "launcher.nproc_per_node", cfg.launcher.nproc_per_node)
     _positive(e, "launcher.nnodes", cfg.launcher.nnodes)
     if e:
@@ -424,3 +140,19 @@ def to_dataclass(cfg: DictConfig) -> DtuneConfig:
     if not isinstance(obj, DtuneConfig):  # composed without the schema (a user's own config.yaml)
         raise ConfigError("config: the primary config must list 'dtune_schema' first in its defaults")
     return obj
+
+
+def compose(overrides: list[str], check: bool = True) -> DtuneConfig:
+    """The typed config ``dtune train <overrides>`` runs with, composed outside a Hydra job (commands, benchmarks,
+    tests). ``check``: also run :func:`validate` (off only to test validation itself).
+
+    Raises :class:`~dtune.errors.ConfigError` naming the bad override, key or value.
+    """
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            cfg = to_dataclass(hydra_compose(config_name="config", overrides=list(overrides)))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"overrides: {str(err).splitlines()[0]}") from None
+    if check:
+        validate(cfg)
+    return cfg

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dtune.data import IGNORE, Example, collate
-from dtune.engine import Engine
+from dtune.distributed.engine import Engine
 
 
 def _first_tokens_distinct(ex: Example) -> bool:
@@ -75,92 +75,3 @@ def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id:
     if scored:
         metrics["eval/accuracy"] = correct / scored
     return metrics
-
-
-# --------------------------------------------------------------------------------------------- dtune eval
-
-
-def compare(
-    model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, engine: Engine
-) -> dict[str, dict[str, float]]:
-    """The same evaluation with the adapter (``model`` is a PeftModel) and with it switched off: the base."""
-    from dtune.loss import CompletionLoss
-
-    loss_model = CompletionLoss(model)
-    tuned = evaluate(loss_model, examples, batch_size, pad_id, engine)
-    with model.disable_adapter():
-        base = evaluate(loss_model, examples, batch_size, pad_id, engine)
-    return {"base": base, "adapter": tuned}
-
-
-def format_compare(results: dict[str, dict[str, dict[str, float]]]) -> str:
-    lines = [f"{'set':<10}{'metric':<12}{'base':>12}{'adapter':>12}{'change':>12}"]
-    for name, pair in results.items():
-        for key, before in pair["base"].items():
-            after, metric = pair["adapter"][key], key.split("/")[-1]
-            if metric == "accuracy":
-                lines.append(f"{name:<10}{metric:<12}{before:>12.1%}{after:>12.1%}{(after - before) * 100:>+8.1f} pts")
-            else:
-                lines.append(f"{name:<10}{metric:<12}{before:>12.4g}{after:>12.4g}{(after - before) / before:>+11.1%}")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``dtune eval RUN [data.key=value ...]``: held-out loss/perplexity (and accuracy) of base and base+adapter side
-    by side on the run's data (or the data the overrides name), and a forgetting check: the same on general text."""
-    import json
-    import sys
-    from dataclasses import replace
-
-    from omegaconf import OmegaConf
-
-    from dtune.adapters import load_trained, locate_args, trained_parser
-    from dtune.config import DataConfig, DtuneConfig
-    from dtune.data import load_data
-    from dtune.errors import ConfigError, user_errors
-    from dtune.model import load_tokenizer
-
-    parser = trained_parser("dtune eval", "Held-out loss of the base and of base + adapter, side by side.")
-    parser.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.eval_source=test.jsonl")
-    parser.add_argument("--general", default="builtin:hamlet", help="general text for the forgetting check ('' to skip)")
-    parser.add_argument("--general-rows", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--json", help="write the figures here")
-    args = parser.parse_args(argv)
-    with user_errors():
-        trained = locate_args(args)
-        cfg = trained.cfg
-        if args.overrides:
-            if bad := [o for o in args.overrides if not o.startswith("data.") or "=" not in o]:
-                raise ConfigError(f"overrides: only data.key=value settings apply to dtune eval; got {bad}")
-            merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(args.overrides))
-            cfg = OmegaConf.to_object(merged)
-            assert isinstance(cfg, DtuneConfig)
-        cfg.logger.wandb = False
-        # One process, whatever engine trained it (fsdp2 would want torchrun; the adapter is whole on disk).
-        cfg.engine = replace(cfg.engine, strategy="ddp", zero_stage=0, offload_optimizer=False, offload_params=False)
-        engine = Engine(cfg)
-        tokenizer = load_tokenizer(cfg)
-        _, task, _ = load_data(cfg.data, tokenizer)
-        model = load_trained(replace(trained, cfg=cfg), engine.device, args.allow_pickle)
-        results = {"task": compare(model, task, args.batch_size, tokenizer.pad_token_id, engine)}
-        if args.general:
-            general = DataConfig(
-                source=args.general,
-                format="text",
-                eval_size=args.general_rows,
-                max_seq_len=cfg.data.max_seq_len,
-                choices=None,
-            )
-            _, text, _ = load_data(general, tokenizer)
-            results["general"] = compare(model, text, args.batch_size, tokenizer.pad_token_id, engine)
-        print(
-            f"{trained.adapter_dir} on {cfg.model.name_or_path}; task: {len(task)} held-out rows of {cfg.data.source}"
-            + (f"; general: {args.general_rows} rows of {args.general}" if args.general else "")
-        )
-        print(format_compare(results))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
-        sys.stdout.flush()
-    return 0

@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from dtune.assets import resolve_model
-from dtune.config import DtuneConfig
 from dtune.errors import ConfigError
+from dtune.quant import fuse_lora_layers, use_fused_kernels
+from dtune.schema import DtuneConfig
+from dtune.units import DTYPES
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def model_dir(cfg: DtuneConfig) -> Path:
@@ -79,8 +79,6 @@ def load_base(cfg: DtuneConfig, device: torch.device | None) -> nn.Module:
     )
     pin_cpu_4bit_layout(model)
     if cfg.quant.kernel == "triton":
-        from dtune.quant import use_fused_kernels
-
         log.info("quant.kernel=triton: %d NF4 layers use dtune's fused kernels", use_fused_kernels(model))
     model.train()  # from_pretrained returns eval mode; see pin_cpu_4bit_layout
     return model
@@ -128,8 +126,6 @@ def build_model(cfg: DtuneConfig, device: torch.device | None) -> nn.Module:
     """Base (4-bit or plain) + LoRA, in train mode, on ``device``."""
     model = add_lora(cfg, load_base(cfg, device))
     if cfg.quant.fuse_lora:
-        from dtune.quant import fuse_lora_layers
-
         fused = fuse_lora_layers(model)
         if fused:
             log.info("quant.fuse_lora: %d LoRA layers run inside the fused NF4 kernels", fused)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from dtune.config import OptimConfig
+from dtune.schema import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -13,7 +13,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from dtune.config import DtuneConfig, LoggerConfig
+from dtune.fsutil import atomic_write_text
+from dtune.schema import DtuneConfig, LoggerConfig
+from dtune.sweep import sweep_job
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +48,13 @@ class Tracker:
         if resume_step is not None and path.is_file():
             # Steps after the checkpoint were logged by the run that stopped; they are run again now.
             self.history = [r for r in _read_jsonl(path) if r.get("step", 0) <= resume_step]
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-            os.replace(tmp, path)
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.history))
         # Line-buffered, so the file is readable while the run goes on.
         self._metrics = open(path, "a" if resume_step is not None else "w", buffering=1)  # noqa: SIM115 (closed in finish)
         self.wandb_run = None
         mode = self._mode = wandb_mode(cfg.logger)
         if mode != "disabled":
             import wandb
-
-            from dtune.sweep import sweep_job
 
             sweep = sweep_job()
             config = asdict(cfg)

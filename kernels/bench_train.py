@@ -135,9 +135,9 @@ def run_hf(args: argparse.Namespace, corpus: Path) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
+    from dtune.config import compose
     from dtune.data import IGNORE, collate, load_data
     from dtune.model import DTYPES, load_tokenizer, model_dir, pin_cpu_4bit_layout, quantization_config
-    from dtune.plan import compose
 
     cfg = compose(dtune_overrides(args, corpus))
     tokenizer = load_tokenizer(cfg)

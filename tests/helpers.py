@@ -14,7 +14,8 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from dtune.config import DtuneConfig, conf_dir, to_dataclass
+from dtune.config import conf_dir, to_dataclass
+from dtune.schema import DtuneConfig
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -67,8 +67,8 @@ def test_merge_from_checkpoints_written_under_sharded_engines(tmp_path: Path, en
 
 
 def test_generate_streams_the_trained_models_greedy_answers(trained_run: Path, tmp_path: Path):
+    from dtune.commands.generate import generate
     from dtune.data import Renderer
-    from dtune.generate import generate
     from dtune.model import load_tokenizer
 
     prompts_file = write_jsonl(
@@ -150,9 +150,9 @@ def test_bad_inputs_are_clear_errors(trained_run: Path, tmp_path: Path):
 
 
 def test_generation_stops_where_training_taught_the_answer_to_end(tokenizer):
-    from dtune.config import DataConfig
+    from dtune.commands.generate import end_of_turn, render
     from dtune.data import Renderer
-    from dtune.generate import end_of_turn, render
+    from dtune.schema import DataConfig
 
     chat = Renderer(tokenizer, DataConfig())
     assert end_of_turn(chat) == "<|im_end|>"  # ChatML's end of turn, which the training labels include

@@ -19,7 +19,7 @@ from dtune.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from dtune.config import first_host, slurm_process_env
+from dtune.distributed.env import first_host, slurm_process_env
 from dtune.errors import DtuneError
 from dtune.train import run
 from tests.helpers import compose_config, tiny_overrides

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from dtune.config import DataConfig
 from dtune.data import IGNORE, Renderer, collate, train_batches
+from dtune.data.sources import read_jsonl, rotten_tomatoes, split_rows
 from dtune.errors import DataError
-from dtune.sources import read_jsonl, rotten_tomatoes, split_rows
+from dtune.schema import DataConfig
 from tests.helpers import write_jsonl
 
 GOOD = {"prompt": "What is 2+2?", "completion": "4"}

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dtune.doctor import diagnose
+from dtune.commands.doctor import diagnose
 from tests.helpers import ENV, TORCHRUN, free_port
 
 
@@ -23,7 +23,7 @@ def check_report(report: dict) -> None:
 
 def test_doctor_under_torchrun(tmp_path: Path):
     out = tmp_path / "doctor.json"
-    cmd = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "dtune.doctor"]
+    cmd = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "dtune", "doctor"]
     proc = subprocess.run([*cmd, "--sizes", "64K,1M", "--json", str(out)], env=ENV, capture_output=True, text=True, timeout=300)
     # A failing rank's own traceback comes first in stderr, torchrun's summary last: show both.
     assert proc.returncode == 0, proc.stderr[:4000] + "\n[...]\n" + proc.stderr[-1500:]
@@ -58,7 +58,7 @@ def test_doctor_started_by_srun(tmp_path: Path):
 def test_a_missing_rank_is_a_clear_error(tmp_path: Path):
     env = {**ENV, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     proc = subprocess.run(
-        [sys.executable, "-m", "dtune.doctor", "--timeout", "3"], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "dtune", "doctor", "--timeout", "3"], env=env, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2 and "dtune doctor: error on" in proc.stderr and "RANK=0" in proc.stderr
 

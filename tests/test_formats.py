@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from dtune.config import DataConfig
 from dtune.data import IGNORE, Renderer
+from dtune.data.formats import row_from_obj
+from dtune.data.sources import read_jsonl
 from dtune.errors import DataError
-from dtune.formats import row_from_obj
-from dtune.sources import read_jsonl
+from dtune.schema import DataConfig
 from tests.helpers import write_jsonl
 
 

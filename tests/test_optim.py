@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from dtune.config import OptimConfig
 from dtune.optim import build_optimizer, build_scheduler, lr_factor
+from dtune.schema import OptimConfig
 
 
 def lrs(cfg: OptimConfig, steps: int) -> list[float]:

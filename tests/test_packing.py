@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from dtune.data import IGNORE, collate, load_data
+from dtune.data.packing import block_causal_mask, pack, real_tokens, segment_ids
 from dtune.loss import CompletionLoss
 from dtune.model import build_model, load_tokenizer
-from dtune.packing import block_causal_mask, pack, real_tokens, segment_ids
 from tests.helpers import compose_config, tiny_overrides
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dtune.errors import ConfigError
-from dtune.plan import VALIDATION_GRID, GiB, fit, make_plan, measure, parse_bytes
+from dtune.plan import VALIDATION_GRID, fit, make_plan, measure
+from dtune.units import GiB, parse_bytes
 from tests.helpers import ENV, SMOKE, compose_config
 
 LLAMA_8B = {
@@ -96,12 +96,6 @@ def test_training_refuses_a_config_predicted_not_to_fit(tmp_path: Path):
     forced = subprocess.run([*cmd, "train.force=true"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert forced.returncode == 0, forced.stderr[-3000:]
     assert "memory plan (per GPU)" in (tmp_path / "run" / "dtune.log").read_text()
-
-
-def test_gpu_memory_sizes():
-    assert parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("40GB") == 40 * 10**9 and parse_bytes("24G") == 24 * 2**30
-    with pytest.raises(ConfigError, match="--gpu-mem"):
-        parse_bytes("lots")
 
 
 def test_a_llama3_shaped_random_model_is_planned_within_ten_percent(tmp_path: Path, monkeypatch):

@@ -136,7 +136,7 @@ def test_slurm_job_forwards_the_warning_requeues_and_the_requeued_job_resumes(tm
 def test_a_handler_installed_before_dtune_is_called_after_the_checkpoint():
     """Under submitit, its USR2 handler (requeue, exit) was there first: dtune's replaces it while training and hands
     the signal on only once the checkpoint is written (Preempted.chain); afterwards the old handler is back."""
-    from dtune.preempt import Preempted, Preemption
+    from dtune.distributed.preempt import Preempted, Preemption
 
     calls = []
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from dtune.config import DataConfig, MixSource
+from dtune.data.sources import read_source, split_rows
 from dtune.errors import DataError
-from dtune.sources import read_source, split_rows
+from dtune.schema import DataConfig, MixSource
 from tests.helpers import write_jsonl
 
 
@@ -83,7 +83,7 @@ def test_tokenized_data_is_cached_and_rebuilt_when_inputs_change(tmp_path: Path,
     import os
     import time
 
-    import dtune.data as data
+    import dtune.data.load as data
 
     monkeypatch.setenv("DTUNE_CACHE", str(tmp_path / "cache"))
     src = write_jsonl(tmp_path / "d.jsonl", records("d", 30))
@@ -110,7 +110,7 @@ def test_tokenized_data_is_cached_and_rebuilt_when_inputs_change(tmp_path: Path,
 
 
 def test_bad_rows_skip_counts_and_warns(tmp_path: Path, tokenizer, caplog, monkeypatch):
-    import dtune.data as data
+    import dtune.data.load as data
 
     monkeypatch.setenv("DTUNE_CACHE", str(tmp_path / "cache"))
     src = write_jsonl(tmp_path / "d.jsonl", [*records("d", 12), '{"prompt": "x"', {"prompt": "y"}])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dtune.data import load_data, train_batches
-from dtune.engine import Engine
+from dtune.distributed.engine import Engine
 from dtune.evaluate import _score_choices
 from dtune.loss import CompletionLoss
 from dtune.model import build_model, load_tokenizer, pin_cpu_4bit_layout

@@ -103,7 +103,7 @@ def env_stage(dry_run: bool) -> tuple[str, dict[str, Any]]:
     """Versions, device and driver; import every dtune module and the libraries the engines load lazily."""
     import torch
 
-    from dtune.doctor import package_version
+    from dtune.commands.doctor import package_version
 
     info: dict[str, Any] = {
         "python": platform.python_version(),

@@ -64,8 +64,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     import dtune.model
+    from dtune.config import compose
     from dtune.model import load_base
-    from dtune.plan import compose
     from dtune.train import run
 
     cfg = compose(
@@ -145,7 +145,7 @@ def main() -> int:
         f"{mismatched} of {total:,} packed bytes changed ({nan_patterns:,} NaN patterns at risk), losses {losses}",
         flush=True,
     )
-    from dtune.engine import shutdown_distributed
+    from dtune.distributed.env import shutdown_distributed
 
     shutdown_distributed(exit_code=0 if report["passed"] else 1)
     return 0 if report["passed"] else 1

@@ -17,13 +17,14 @@ from typing import Any
 import torch
 
 from dtune.adapters import load_trained, locate_args, trained_parser
+from dtune.data.formats import row_from_obj
+from dtune.data.render import Renderer
 from dtune.errors import DataError, user_errors
+from dtune.model import load_tokenizer
 
 
 def read_prompts(path: Path) -> list[str]:
     """Prompts of a JSONL file: ``prompt`` fields, or the user turns of any dtune record format."""
-    from dtune.formats import row_from_obj
-
     prompts = []
     for i, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -42,28 +43,28 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def render(renderer: Any, prompt: str, system: str | None) -> tuple[str, bool]:
+def render(renderer: Renderer, prompt: str, system: str | None) -> tuple[str, bool]:
     """The text the model sees before its answer, as training rendered prompts; and whether it is templated."""
     if not renderer.cfg.chat_template or renderer.cfg.format == "text":  # trained on plain text
         return prompt, False
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return renderer._chat(messages, generation_prompt=True), True
+    return renderer.chat(messages, generation_prompt=True), True
 
 
-def end_of_turn(renderer: Any) -> str | None:
+def end_of_turn(renderer: Renderer) -> str | None:
     """What the chat template writes after an assistant's answer (``<|im_end|>`` for ChatML): training taught the model
     to emit it, so generation stops there. None for plain-text runs (they stop at the tokenizer's eos)."""
     if not renderer.cfg.chat_template or renderer.cfg.format == "text":
         return None
     marker = "\u2063answer\u2063"  # text no template adds itself
-    full = renderer._chat([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}])
+    full = renderer.chat([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}])
     tail = full[full.index(marker) + len(marker) :].strip()
     return tail.split()[0] if tail else None
 
 
 def generate(
     model: Any,
-    renderer: Any,
+    renderer: Renderer,
     prompts: list[str],
     max_new_tokens: int = 256,
     temperature: float = 0.0,
@@ -126,8 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-chat-template", action="store_true", help="feed prompts as plain text")
     parser.add_argument("--out", help="write {prompt, answer} JSONL here")
     args = parser.parse_args(argv)
-    from dtune.data import Renderer
-    from dtune.model import load_tokenizer
 
     with user_errors():
         prompts = list(args.prompt) + (read_prompts(Path(args.prompts)) if args.prompts else [])

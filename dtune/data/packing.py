@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from dtune.data import IGNORE, Example
+from dtune.data.examples import IGNORE, Example
 
 
 def pack(examples: list[Example], max_len: int) -> list[Example]:

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from dtune.fsutil import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 REQUEUE_EXIT = 75
@@ -91,11 +93,7 @@ def write_status(status: str, step: int | None, output_dir: str, signal_name: st
     if not path or int(os.environ.get("RANK", "0")) != 0:
         return
     record = {"status": status, "step": step, "signal": signal_name, "output_dir": output_dir}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, "w") as f:
-        f.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(record) + "\n")
 
 
 def under_submitit() -> bool:

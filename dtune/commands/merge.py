@@ -21,7 +21,8 @@ import torch
 
 from dtune.adapters import Trained, check_compatible, load_base, locate_args, trained_parser
 from dtune.errors import DtuneError, user_errors
-from dtune.model import DTYPES
+from dtune.model import model_dir
+from dtune.units import CONFIG_DTYPE, DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,6 @@ def merge(
 ) -> Path:
     from peft import PeftModel
     from transformers import AutoConfig, AutoTokenizer
-
-    from dtune.model import model_dir
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -56,7 +55,7 @@ def merge(
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(merged.config, attr):
             delattr(merged.config, attr)
-    merged.config.dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    merged.config.dtype = CONFIG_DTYPE[dtype]
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))

@@ -10,9 +10,9 @@ import random
 from pathlib import Path
 
 from dtune.assets import BUILTIN_PREFIX, package_dir
-from dtune.config import DataConfig
+from dtune.data.formats import Row, row_from_obj
 from dtune.errors import DataError
-from dtune.formats import Row, row_from_obj
+from dtune.schema import DataConfig
 
 
 class BadRows:

@@ -1,6 +1,6 @@
 """``dtune doctor``: check a cluster allocation before training on it.
 
-Run it the way training runs -- ``torchrun --nproc_per_node 8 -m dtune.doctor``, ``launch/torchrun.sh``-style on
+Run it the way training runs -- ``torchrun --nproc_per_node 8 -m dtune doctor``, ``launch/torchrun.sh``-style on
 every node, or ``srun --ntasks-per-node 8 dtune doctor`` (ranks from Slurm's variables). Every rank reports its host,
 devices and versions; rank 0 checks that they agree, times a barrier, measures all-reduce bandwidth over a range of
 sizes, and sends a message along every link of the ring (rank r -> r+1) to find the slowest one. Exit status 1 when
@@ -22,6 +22,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from dtune.distributed.env import slurm_process_env
+from dtune.errors import DtuneError
+from dtune.units import parse_bytes
 
 RENDEZVOUS_VARS = (
     "RANK",
@@ -74,8 +78,6 @@ def local_report() -> dict[str, Any]:
 
 def init(timeout_s: float) -> torch.device:
     """Join the job's process group (env:// rendezvous; Slurm's variables when srun started the ranks)."""
-    from dtune.config import slurm_process_env
-
     os.environ.update(slurm_process_env())
     cuda = torch.cuda.is_available()
     device = torch.device("cpu")
@@ -220,12 +222,6 @@ def run(sizes: list[int], iters: int, link_bytes: int, timeout_s: float) -> dict
     return result
 
 
-def parse_size(text: str) -> int:
-    units = {"K": 2**10, "M": 2**20, "G": 2**30}
-    text = text.strip().upper().removesuffix("IB").removesuffix("B")
-    return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="dtune doctor", description=__doc__.split("\n\n")[0])
@@ -236,8 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the full report to this file (rank 0)")
     args = parser.parse_args(argv)
     try:
-        result = run([parse_size(s) for s in args.sizes.split(",")], args.iters, parse_size(args.link_size), args.timeout)
-    except (RuntimeError, ValueError) as err:  # rendezvous timeouts, unreachable MASTER_ADDR, bad sizes
+        sizes = [parse_bytes(s, "--sizes") for s in args.sizes.split(",")]
+        result = run(sizes, args.iters, parse_bytes(args.link_size, "--link-size"), args.timeout)
+    except (RuntimeError, ValueError, DtuneError) as err:  # rendezvous timeouts, unreachable MASTER_ADDR, bad sizes
         print(f"dtune doctor: error on {socket.gethostname()} (RANK={os.environ.get('RANK', '?')}): {err}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

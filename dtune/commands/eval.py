@@ -1,0 +1,81 @@
+"""``dtune eval RUN``: base and base + adapter side by side on held-out data and on general text."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+
+from omegaconf import OmegaConf
+from torch import nn
+
+from dtune.adapters import load_trained, locate_args, trained_parser
+from dtune.data.examples import Example
+from dtune.data.load import load_data
+from dtune.distributed.engine import Engine
+from dtune.errors import ConfigError, user_errors
+from dtune.evaluate import evaluate
+from dtune.fsutil import atomic_write_text
+from dtune.loss import CompletionLoss
+from dtune.model import load_tokenizer
+from dtune.report import comparison_table
+from dtune.schema import DataConfig, DtuneConfig
+
+
+def compare(
+    model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, engine: Engine
+) -> dict[str, dict[str, float]]:
+    """The same evaluation with the adapter (``model`` is a PeftModel) and with it switched off: the base."""
+    loss_model = CompletionLoss(model)
+    tuned = evaluate(loss_model, examples, batch_size, pad_id, engine)
+    with model.disable_adapter():
+        base = evaluate(loss_model, examples, batch_size, pad_id, engine)
+    return {"base": base, "adapter": tuned}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``dtune eval RUN [data.key=value ...]``: held-out loss/perplexity (and accuracy) of base and base+adapter side
+    by side on the run's data (or the data the overrides name), and a forgetting check: the same on general text."""
+    parser = trained_parser("dtune eval", "Held-out loss of the base and of base + adapter, side by side.")
+    parser.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.eval_source=test.jsonl")
+    parser.add_argument("--general", default="builtin:hamlet", help="general text for the forgetting check ('' to skip)")
+    parser.add_argument("--general-rows", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args(argv)
+    with user_errors():
+        trained = locate_args(args)
+        cfg = trained.cfg
+        if args.overrides:
+            if bad := [o for o in args.overrides if not o.startswith("data.") or "=" not in o]:
+                raise ConfigError(f"overrides: only data.key=value settings apply to dtune eval; got {bad}")
+            merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(args.overrides))
+            cfg = OmegaConf.to_object(merged)
+            assert isinstance(cfg, DtuneConfig)
+        cfg.logger.wandb = False
+        # One process, whatever engine trained it (fsdp2 would want torchrun; the adapter is whole on disk).
+        cfg.engine = replace(cfg.engine, strategy="ddp", zero_stage=0, offload_optimizer=False, offload_params=False)
+        engine = Engine(cfg)
+        tokenizer = load_tokenizer(cfg)
+        _, task, _ = load_data(cfg.data, tokenizer)
+        model = load_trained(replace(trained, cfg=cfg), engine.device, args.allow_pickle)
+        results = {"task": compare(model, task, args.batch_size, tokenizer.pad_token_id, engine)}
+        if args.general:
+            general = DataConfig(
+                source=args.general,
+                format="text",
+                eval_size=args.general_rows,
+                max_seq_len=cfg.data.max_seq_len,
+                choices=None,
+            )
+            _, text, _ = load_data(general, tokenizer)
+            results["general"] = compare(model, text, args.batch_size, tokenizer.pad_token_id, engine)
+        print(
+            f"{trained.adapter_dir} on {cfg.model.name_or_path}; task: {len(task)} held-out rows of {cfg.data.source}"
+            + (f"; general: {args.general_rows} rows of {args.general}" if args.general else "")
+        )
+        print(comparison_table([(name, pair["base"], pair["adapter"]) for name, pair in results.items()], ("base", "adapter")))
+        if args.json:
+            atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+        sys.stdout.flush()
+    return 0

@@ -1,0 +1,56 @@
+"""``dtune train [hydra overrides]`` (also ``python -m dtune.train``): compose the config with Hydra, run
+:func:`dtune.train.run`, report how the run ended to the launcher (``$DTUNE_STATUS_FILE``, exit 75 to requeue), and
+end the process group cleanly."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from dtune.config import conf_dir, to_dataclass, validate
+from dtune.distributed.env import shutdown_distributed
+from dtune.distributed.preempt import REQUEUE_EXIT, Preempted, under_submitit, write_status
+from dtune.errors import user_errors
+from dtune.schema import DtuneConfig
+from dtune.train.loop import run
+
+log = logging.getLogger("dtune")
+
+
+def job_output_dir(cfg: DtuneConfig) -> Path:
+    """``train.output_dir``, or Hydra's run directory of this job."""
+    if cfg.train.output_dir:
+        return Path(cfg.train.output_dir)
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+@hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
+def main(dict_cfg: DictConfig) -> None:
+    stopped: Preempted | None = None
+    with user_errors():
+        cfg = to_dataclass(dict_cfg)
+        validate(cfg)
+        output_dir = job_output_dir(cfg)
+        try:
+            run(cfg, output_dir)
+            write_status("done", cfg.train.max_steps, str(output_dir))
+        except Preempted as err:
+            log.warning(
+                "stopped at step %d on %s: checkpoint written; exit %d asks the launcher to requeue",
+                err.step,
+                err.signal_name,
+                REQUEUE_EXIT,
+            )
+            write_status("preempted", err.step, str(output_dir), err.signal_name)
+            stopped = err
+    # Under submitit the task returns (its result is recorded) and submitit's own handler requeues the job.
+    submitit = under_submitit()
+    shutdown_distributed(
+        exit_code=REQUEUE_EXIT if stopped else 0, then=stopped.chain if stopped else None, exit_process=not submitit
+    )
+    if stopped and not submitit:
+        raise SystemExit(REQUEUE_EXIT)

@@ -1,0 +1,109 @@
+"""Batches: collate Examples into padded tensors, and the resumable per-rank order of optimizer steps."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import torch
+
+from dtune.data.examples import IGNORE, Example
+from dtune.data.packing import block_causal_mask, position_ids, segment_ids
+from dtune.errors import DataError
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sample. Returns input_ids, attention_mask, labels: [batch, seq].
+
+    With packed rows, also position_ids [batch, seq] restarting per sample, and attention_mask becomes the
+    block-diagonal causal mask [batch, 1, seq, seq].
+    """
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(e.segments for e in examples):
+        segments = [e.segments or [len(e.input_ids)] for e in examples]
+        batch["position_ids"] = position_ids(segments, width)
+        batch["attention_mask"] = block_causal_mask(segment_ids(segments, width))
+    return batch
+
+
+class StepSampler:
+    """Endless optimizer steps: for each, this rank's ``grad_accum_steps`` micro-batches.
+
+    The global order of samples is a function of (seed, epoch) alone; each step takes the next
+    micro_batch_size * grad_accum_steps * world_size samples and rank r gets the r-th share. So a step sees the same
+    samples on any number of ranks (2 ranks x 1 micro-batch = 1 rank x 2 micro-batches). The ragged tail of an epoch
+    is dropped. The position (epoch, step in epoch) is state: :meth:`state_dict` / :meth:`load_state_dict` resume
+    with the next step, without replaying earlier ones, on any world size with the same global batch.
+    """
+
+    def __init__(
+        self,
+        examples: list[Example],
+        micro_batch_size: int,
+        grad_accum_steps: int,
+        seed: int,
+        pad_id: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.examples, self.micro, self.seed, self.pad_id, self.rank = examples, micro_batch_size, seed, pad_id, rank
+        self.per_rank = micro_batch_size * grad_accum_steps
+        self.per_step = self.per_rank * world_size
+        if len(examples) < self.per_step:
+            raise DataError(
+                f"train.micro_batch_size: {micro_batch_size} x train.grad_accum_steps {grad_accum_steps} x {world_size} "
+                f"ranks needs {self.per_step} samples per step; there are {len(examples)} training samples"
+            )
+        self.epoch, self.index = 0, 0
+        self._order: tuple[int, list[int]] | None = None
+
+    def order(self, epoch: int) -> list[int]:
+        if self._order is None or self._order[0] != epoch:
+            order = list(range(len(self.examples)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def __iter__(self) -> StepSampler:
+        return self
+
+    def __next__(self) -> list[dict[str, torch.Tensor]]:
+        if (self.index + 1) * self.per_step > len(self.examples):
+            self.epoch, self.index = self.epoch + 1, 0
+        start = self.index * self.per_step + self.rank * self.per_rank
+        mine = self.order(self.epoch)[start : start + self.per_rank]
+        self.index += 1
+        return [
+            collate([self.examples[i] for i in mine[j : j + self.micro]], self.pad_id)
+            for j in range(0, self.per_rank, self.micro)
+        ]
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "seed": self.seed,
+            "samples_per_step": self.per_step,
+            "num_samples": len(self.examples),
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key, mine in (("seed", self.seed), ("samples_per_step", self.per_step), ("num_samples", len(self.examples))):
+            if state[key] != mine:
+                raise DataError(f"resume: the data sampler was saved with {key}={state[key]}, this run has {mine}")
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+def train_batches(examples: list[Example], batch_size: int, seed: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless single micro-batches on one rank (the order of :func:`StepSampler` with no accumulation)."""
+    for (batch,) in StepSampler(examples, batch_size, 1, seed, pad_id):
+        yield batch

@@ -1,0 +1,142 @@
+"""Activation bytes of one decoder layer, measured: the layer of the model's own class, with this run's LoRA
+targets and compute dtype, runs forward and backward on the CPU while :class:`LiveTensorBytes` counts the storages
+alive."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from dtune.errors import ConfigError
+from dtune.plan.shape import decoder_layers
+from dtune.schema import DtuneConfig
+from dtune.units import DTYPES
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of tensor storages alive, and their peak, for tensors made or registered while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ids: set[int] = set()
+        self.current = 0
+        self.peak = 0
+
+    def track(self, tensor: Any) -> None:
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            return
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._ids:
+            return
+        size = storage.nbytes()
+        self._ids.add(key)
+        self.current += size
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._free, key, size)
+
+    def _free(self, key: int, size: int) -> None:
+        self._ids.discard(key)
+        self.current -= size
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            self.track(tensor)
+        return out
+
+
+def probe_activations(cfg: DtuneConfig, model: nn.Module, config: Any) -> dict[str, float]:
+    """Bytes per token of one decoder layer: left saved for backward by its forward, and at its peak in backward
+    (recomputation under gradient checkpointing runs the forward again there). Measured on the CPU with this run's
+    compute dtype and LoRA targets; the frozen base layers stand in unquantized (bitsandbytes' matmul keeps the same
+    input for backward)."""
+    dtype = DTYPES[cfg.train.precision]
+    quantized = cfg.quant.quant_type != "none"
+    layers = decoder_layers(model)
+    if not layers:
+        raise ConfigError(f"model: {type(model).__name__} names no decoder-layer class (_no_split_modules): cannot probe it")
+    layer_cls = type(layers[0])
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text._attn_implementation = cfg.model.attn_implementation  # eager keeps s^2 attention probabilities, sdpa does not
+    rotary_cls = type(getattr(getattr(model, "model", model), "rotary_emb", None))
+    with torch.random.fork_rng(devices=[]):  # the caller's random streams (rank 0's dropout) stay as they were
+        return _probe(cfg, layer_cls, text, rotary_cls, dtype, quantized)
+
+
+def _probe(
+    cfg: DtuneConfig, layer_cls: type, text: Any, rotary_cls: type, dtype: torch.dtype, quantized: bool
+) -> dict[str, float]:
+    torch.manual_seed(0)
+    with torch.device("meta"):  # allocate without initialising (a 70B layer has 0.9B weights), then fill
+        layer = layer_cls(text, layer_idx=0)
+    layer = layer.to_empty(device="cpu").to(dtype)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    rotary = rotary_cls(config=text) if rotary_cls is not type(None) else None
+    for module in list(layer.modules()):
+        if quantized and type(module) is nn.Linear:  # 4-bit layers return their input's dtype, as bitsandbytes' do
+            module.__class__ = _Linear4bitStandIn
+    for p in layer.parameters():
+        p.requires_grad_(False)
+        if quantized and p.dim() < 2:
+            p.data = p.data.float()  # upcast like prepare_model_for_kbit_training (a 16-bit base stays as loaded)
+    targets = list(cfg.lora.target_modules)
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        bias=cfg.lora.bias,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+    )
+    layer = inject_adapter_in_model(lora, layer)
+    for name, p in layer.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+
+    # The residual stream: fp32 when the embeddings were upcast (4-bit bases), else the base's dtype.
+    residual_dtype = torch.float32 if quantized else dtype
+
+    def run(tokens: int) -> tuple[int, int]:
+        hidden = torch.randn(1, tokens, text.hidden_size, dtype=residual_dtype, requires_grad=True)
+        position_ids = torch.arange(tokens)[None]
+        kwargs: dict[str, Any] = {"position_ids": position_ids}
+        if rotary is not None:
+            try:
+                kwargs["position_embeddings"] = rotary(hidden, position_ids)
+            except TypeError as err:  # e.g. per-layer-type rotary embeddings (Gemma 3)
+                raise ConfigError(
+                    f"model: cannot probe {layer_cls.__name__}: its rotary embedding takes other arguments ({err})"
+                ) from None
+        live = LiveTensorBytes()
+        with live, torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            before = live.current
+            out = layer(hidden, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            saved = live.current - before
+            live.reset_peak()
+            out.float().sum().backward()
+        return saved, live.peak - before
+
+    (s1, p1), (s2, p2) = run(32), run(96)
+    return {"saved_per_token": (s2 - s1) / 64, "backward_peak_per_token": (p2 - p1) / 64}
+
+
+class _Linear4bitStandIn(nn.Linear):
+    """A frozen linear layer with bitsandbytes' Linear4bit dtype behaviour: computes in the weight's dtype and returns
+    the input's (fp32 in, fp32 out). Its autograd keeps what bitsandbytes' keeps for the input gradient: nothing of
+    the input (the packed weight, alive anyway, is the probe's unquantized one here)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)

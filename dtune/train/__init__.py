@@ -1,0 +1,11 @@
+"""Fine-tuning, in torchtitan's shape: the loop (``loop``), one optimizer step (``step``), what a run carries from
+step to step (``state``), its checkpoints (``checkpointer``) and its figures (``metrics``).
+
+``python -m dtune.train`` is ``dtune train`` (see :mod:`dtune.commands.train`).
+"""
+
+from dtune.train.loop import run
+from dtune.train.metrics import throughput
+from dtune.train.step import accumulate_gradients, train_step
+
+__all__ = ["accumulate_gradients", "run", "throughput", "train_step"]

@@ -1,0 +1,250 @@
+"""The training loop: build the run, evaluate, step, log, checkpoint, evaluate again, save the adapter.
+
+One explicit loop (:meth:`Trainer.fit`); one optimizer step is :func:`dtune.train.step.train_step`; the learning
+rate schedule is stepped here, after each optimizer step; checkpoints are the :class:`Checkpointer`'s; a
+preemption signal is honoured at a step boundary, in one place (:meth:`Trainer.stop_if_preempted`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from dtune.checkpoint import save_adapter
+from dtune.config import validate
+from dtune.data.batching import StepSampler
+from dtune.data.load import load_data
+from dtune.distributed.engine import Engine
+from dtune.distributed.preempt import Preempted, Preemption
+from dtune.evaluate import evaluate
+from dtune.flops import FlopCounts, device_peak_flops, peak_memory_bytes
+from dtune.fsutil import OutputLock, atomic_write_text
+from dtune.loss import CompletionLoss
+from dtune.model import build_model, load_tokenizer
+from dtune.optim import build_optimizer, build_scheduler
+from dtune.plan.memory import check_fits
+from dtune.report import comparison_table, format_metrics
+from dtune.runtime import console_warnings_only, quiet_libraries
+from dtune.schema import DtuneConfig
+from dtune.tracking import NullTracker, Tracker
+from dtune.train.checkpointer import Checkpointer, Stateful
+from dtune.train.metrics import progress_fields, throughput
+from dtune.train.state import TrainState
+from dtune.train.step import StepResult, train_step
+
+log = logging.getLogger("dtune")
+
+
+def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
+    """Fine-tune per ``cfg``, writing everything into ``output_dir``. Returns the results written to results.json.
+
+    Raises :class:`~dtune.errors.ConfigError` when another live run writes into ``output_dir`` (its lock names the
+    holder), and :class:`~dtune.distributed.preempt.Preempted` when a preemption signal arrived: after writing a
+    checkpoint if training had begun, at once if it arrived while the run was still setting up.
+    """
+    validate(cfg)
+    quiet_libraries()
+    engine = Engine(cfg)
+    torch.manual_seed(cfg.train.seed)
+    if not engine.is_main:
+        console_warnings_only()
+    lock = OutputLock(output_dir)
+    engine.on_main(lambda: lock.acquire() and None)  # refused on every rank when another run holds the directory
+    try:
+        with Preemption() as preemption:  # from here on a stop signal is honoured at the next step boundary
+            # Know before loading: the memory plan (rank 0, sent to all), refusing a config predicted not to fit.
+            table = engine.on_main(lambda: check_fits(cfg, engine.world_size))
+            if table:
+                log.info("memory plan (per GPU):\n%s", table)
+            return Trainer(cfg, output_dir, engine, preemption).fit()
+    finally:
+        lock.release()
+
+
+class Trainer:
+    """One run of the loop. Built by :meth:`setup`; :meth:`fit` trains to ``train.max_steps`` and finishes."""
+
+    def __init__(self, cfg: DtuneConfig, output_dir: Path, engine: Engine, preemption: Preemption) -> None:
+        self.cfg, self.output_dir, self.engine, self.preemption = cfg, output_dir, engine, preemption
+        self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+        self.checkpointer = Checkpointer(cfg, output_dir, engine, self.config_yaml)
+
+    def setup(self) -> None:
+        """Data, model, optimizer, schedule and data order; the checkpoint's state put back when resuming."""
+        cfg, engine = self.cfg, self.engine
+        resume = self.checkpointer.load()
+        tokenizer = load_tokenizer(cfg)
+        train_set, self.eval_set, self.data_stats = load_data(cfg.data, tokenizer, engine)
+        log.info("data: %d training and %d held-out samples from %s", len(train_set), len(self.eval_set), cfg.data.source)
+        self.pad_id = tokenizer.pad_token_id
+        model = build_model(cfg, engine.load_device)
+        self.flops = FlopCounts.of(model)
+        self.peak_flops = device_peak_flops(cfg.train.precision, cfg.train.peak_tflops)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if engine.is_main:  # written once the inputs proved good: a run that fails on bad input overwrites nothing
+            atomic_write_text(self.output_dir / "config_resolved.yaml", self.config_yaml)
+        # FSDP2 shards here; the optimizer must see the sharded params.
+        loss_model = engine.shard(CompletionLoss(model, cfg.train.loss_chunk_tokens))
+        optimizer = build_optimizer(loss_model, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+        loss_model, optimizer = engine.prepare(loss_model, optimizer)
+        sampler = StepSampler(
+            train_set,
+            cfg.train.micro_batch_size,
+            cfg.train.grad_accum_steps,
+            cfg.train.seed,
+            self.pad_id,
+            engine.rank,
+            engine.world_size,
+        )
+        self.parts = Stateful(loss_model, optimizer, scheduler, sampler)
+        self.held = engine.local_bytes(loss_model)
+        log.info(
+            "rank %d holds %.1f MiB of frozen and %.2f MiB of trainable parameters (%s)",
+            engine.rank,
+            self.held["frozen"] / 2**20,
+            self.held["trainable"] / 2**20,
+            cfg.engine.strategy,
+        )
+        self.state = self.checkpointer.restore(*resume, self.parts) if resume else TrainState()
+        self.start_step = self.state.step
+        if engine.is_main:
+            self.tracker: Tracker | NullTracker = Tracker(
+                cfg, self.output_dir, resume_step=self.state.resumed_from_step, run_id=self.state.wandb_id
+            )
+        else:
+            self.tracker = NullTracker()
+        self.state.wandb_id = self.tracker.run_id
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.parts.model, self.eval_set, self.cfg.train.eval_batch_size, self.pad_id, self.engine)
+
+    def fit(self) -> dict[str, Any]:
+        self.setup()
+        if self.state.before is None:
+            self.state.before = self.evaluate()
+            self.tracker.log(self.state.before, step=0)
+            log.info("eval before training: %s", format_metrics(self.state.before))
+        max_steps = self.cfg.train.max_steps
+        self.bar = tqdm(
+            total=max_steps,
+            initial=self.state.step,
+            desc="train",
+            disable=not (self.engine.is_main and self.cfg.logger.progress),
+            dynamic_ncols=True,
+        )
+        if self.engine.device.type == "cuda":  # peak memory of the training steps, not of loading or evaluation
+            torch.cuda.reset_peak_memory_stats(self.engine.device)
+        started = time.perf_counter()
+        self.stop_if_preempted()
+        while self.state.step < max_steps:
+            self.step()
+            self.stop_if_preempted()
+            if self.checkpointer.due(self.state.step):
+                self.checkpointer.save(self.state, self.parts, "interval")
+        self.bar.close()
+        return self.finish(time.perf_counter() - started)
+
+    def step(self) -> None:
+        """One optimizer step, the schedule's step, the metrics and the progress bar; a mid-run evaluation when due."""
+        t0 = time.perf_counter()
+        lr = self.parts.scheduler.get_last_lr()[0]
+        result = train_step(
+            self.parts.model, self.parts.optimizer, next(self.parts.sampler), self.engine, self.cfg.optim.max_grad_norm
+        )
+        self.parts.scheduler.step()
+        state = self.state
+        state.step += 1
+        state.tokens_seen += result.tokens
+        state.segment_tokens += result.tokens
+        metrics = self.step_metrics(result, lr, time.perf_counter() - t0)
+        self.bar.set_postfix(progress_fields(metrics))
+        self.bar.update(1)
+        every = self.cfg.train.eval_every
+        if every and state.step % every == 0 and state.step < self.cfg.train.max_steps:
+            mid = self.evaluate()
+            self.tracker.log(mid, step=state.step)
+            self.bar.write(f"step {state.step}: {format_metrics(mid)}")
+
+    def step_metrics(self, result: StepResult, lr: float, elapsed: float) -> dict[str, float]:
+        """The step's figures, logged every ``logger.log_every`` steps, on the first and on the last."""
+        state, world = self.state, self.engine.world_size
+        metrics = {
+            "train/loss": result.loss,
+            "train/lr": lr,
+            "train/grad_norm": result.grad_norm,
+            "train/tokens_per_s": result.tokens / elapsed,
+            "train/tokens_per_s_per_device": result.tokens / elapsed / world,
+            "train/tokens": state.tokens_seen,
+            **throughput(
+                self.flops.step(result.tokens, result.labelled, result.attention_pairs), elapsed, world, self.peak_flops
+            ),
+        }
+        step = state.step
+        if step % self.cfg.logger.log_every == 0 or step == self.cfg.train.max_steps or step == self.start_step + 1:
+            peak, _ = peak_memory_bytes(self.engine.device)
+            state.peak_memory = max(state.peak_memory, self.engine.max(peak))  # the fullest rank
+            metrics["train/peak_mem_gib"] = state.peak_memory / 2**30
+            self.tracker.log(metrics, step=step)
+        return metrics
+
+    def stop_if_preempted(self) -> None:
+        """The one preemption exit: when any rank received a stop signal, every rank stops here, after writing a
+        checkpoint if this process trained a step (a signal while setting up leaves nothing new to save).
+
+        Raises :class:`~dtune.distributed.preempt.Preempted`.
+        """
+        if not self.engine.any(self.preemption.requested):
+            return
+        self.bar.close()
+        if self.state.step > self.start_step:
+            received = self.preemption.received
+            self.checkpointer.save(
+                self.state, self.parts, f"preempted: {received.name if received else 'signal on another rank'}"
+            )
+        self.tracker.preempted()
+        self.tracker.finish()
+        raise Preempted(self.state.step, self.preemption.received, self.preemption.previous_handler())
+
+    def finish(self, train_time: float) -> dict[str, Any]:
+        """Evaluate after training, write the final checkpoint, the adapter and results.json; the before/after table."""
+        state, engine, max_steps = self.state, self.engine, self.cfg.train.max_steps
+        after = self.evaluate()
+        self.tracker.log(after, step=max_steps)
+        adapter = self.checkpointer.save(state, self.parts, "end")
+        rate = state.segment_tokens / max(train_time, 1e-9)
+        results: dict[str, Any] = {
+            "before": state.before,
+            "after": after,
+            "steps": max_steps,
+            "resumed_from_step": state.resumed_from_step,
+            "train_tokens": state.tokens_seen,
+            "train_time_s": round(train_time, 2),
+            "tokens_per_s": round(rate, 1),
+            "tokens_per_s_per_device": round(rate / engine.world_size, 1),
+            # Over the logged training steps, the fullest rank: CUDA max_memory_allocated, or the process's peak RSS.
+            "peak_memory": {"bytes": int(state.peak_memory), "kind": peak_memory_bytes(engine.device)[1]},
+            "flop_counts": asdict(self.flops),
+            "data": asdict(self.data_stats),
+            "param_bytes_rank0": self.held,
+            "wandb": self.tracker.info,
+        }
+        if self.cfg.train.save_adapter and engine.is_main:
+            results["adapter"] = str(save_adapter(engine.unwrap(self.parts.model).model, self.output_dir / "adapter", adapter))
+        engine.barrier()
+        if engine.is_main:
+            table = comparison_table([("held-out", state.before or {}, after)])
+            log.info("held-out evaluation (%d samples), before and after training:\n%s", self.data_stats.eval_rows, table)
+            atomic_write_text(self.output_dir / "results.json", json.dumps(results, indent=2) + "\n")
+            self.tracker.summary({f"final/{k}": v for k, v in after.items()})
+            log.info("outputs in %s", self.output_dir)
+        self.tracker.finish()
+        return results
