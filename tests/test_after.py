@@ -29,6 +29,7 @@ def logits_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits.float()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("dtype, tol", [("fp32", 1e-4), ("bf16", 3e-2)])
 def test_merged_model_gives_the_logits_of_base_plus_adapter(trained_run: Path, tmp_path: Path, dtype: str, tol: float):
     from transformers import AutoModelForCausalLM
@@ -50,6 +51,7 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(trained_run: Path, t
         assert (logits_of(reference, ids) - theirs).abs().max() > 10 * tol  # the adapter changes the model
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
 def test_merge_from_checkpoints_written_under_sharded_engines(tmp_path: Path, engine: str):
     from transformers import AutoModelForCausalLM
@@ -66,6 +68,7 @@ def test_merge_from_checkpoints_written_under_sharded_engines(tmp_path: Path, en
     torch.testing.assert_close(logits_of(model, ids), logits_of(reference, ids), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.integration
 def test_generate_streams_the_trained_models_greedy_answers(trained_run: Path, tmp_path: Path):
     from dtune.commands.generate import generate
     from dtune.data import Renderer
@@ -95,6 +98,7 @@ def test_generate_streams_the_trained_models_greedy_answers(trained_run: Path, t
     assert generate(model, renderer, [a["prompt"] for a in answers], max_new_tokens=5) == [a["answer"] for a in answers]
 
 
+@pytest.mark.integration
 def test_eval_compares_base_and_adapter_on_task_and_general_text(trained_run: Path, tmp_path: Path):
     report = tmp_path / "eval.json"
     proc = dtune("eval", str(trained_run), "--general-rows", "4", "--json", str(report), cwd=tmp_path)
@@ -109,6 +113,7 @@ def test_eval_compares_base_and_adapter_on_task_and_general_text(trained_run: Pa
     assert got["general"]["adapter"]["eval/loss"] != got["general"]["base"]["eval/loss"]
 
 
+@pytest.mark.integration
 def test_bad_inputs_are_clear_errors(trained_run: Path, tmp_path: Path):
     from dtune.assets import resolve_model
 

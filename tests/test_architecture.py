@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import REPO
 
 PACKAGE = REPO / "dtune"
@@ -100,3 +102,14 @@ def test_no_module_outgrows_350_lines():
         if not name.startswith("dtune.kernels") and (n := len(p.read_text().splitlines())) > LARGEST_MODULE
     }
     assert not large, f"modules over {LARGEST_MODULE} lines: {large}"
+
+
+def test_every_package_and_config_group_ships():
+    """pyproject lists packages explicitly (conf/ is remapped into dtune/conf); a new folder missing from the list
+    would be left out of the wheel."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    code = {module_name(p) for p in PACKAGE.rglob("__init__.py")}
+    conf = {"dtune.conf." + ".".join(d.relative_to(REPO / "conf").parts) for d in (REPO / "conf").rglob("*") if d.is_dir()}
+    assert listed == code | conf | {"dtune.conf"}

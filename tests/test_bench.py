@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ENV, REPO
 
 
+@pytest.mark.integration
 def test_train_benchmark_harness_runs(tmp_path: Path):
     out = tmp_path / "train.json"
     bench = [sys.executable, str(REPO / "kernels" / "bench_train.py"), "--smoke", "--out", str(out)]

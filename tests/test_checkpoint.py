@@ -49,6 +49,7 @@ def full_run(tmp_path_factory) -> tuple[Path, dict]:
     return out, run(cfg, out)
 
 
+@pytest.mark.integration
 def test_checkpoints_are_complete_and_kept_every_n_steps(full_run):
     out, results = full_run
     found = checkpoints(out / CHECKPOINTS)
@@ -69,6 +70,7 @@ def test_checkpoints_are_complete_and_kept_every_n_steps(full_run):
     assert final.keys() == ckpt.keys() and all(torch.equal(final[k], ckpt[k]) for k in final)
 
 
+@pytest.mark.integration
 def test_resumed_run_equals_the_uninterrupted_run_bit_for_bit(full_run, tmp_path: Path):
     """Stopped after step 2 (its later checkpoints and results lost), resumed with train.resume=auto: the same losses
     after step 2, the same adapter, and the same W&B run, exactly."""
@@ -99,6 +101,7 @@ def test_resumed_run_equals_the_uninterrupted_run_bit_for_bit(full_run, tmp_path
     assert not (out / CHECKPOINTS / ".step-00000004.tmp-dead").exists()  # cleaned by the next save
 
 
+@pytest.mark.integration
 def test_changed_settings_refuse_to_resume(full_run, tmp_path: Path):
     ref, _ = full_run
     newest = checkpoints(ref / CHECKPOINTS)[-1][1]
@@ -147,6 +150,7 @@ def test_a_checkpoint_moved_aside_by_a_killed_save_is_put_back(tmp_path: Path):
     assert find_resume_checkpoint("auto", tmp_path) == moved and not aside.exists()
 
 
+@pytest.mark.integration
 def test_a_failed_save_leaves_the_previous_checkpoints_intact(full_run, tmp_path: Path, monkeypatch):
     ref, _ = full_run
     root = tmp_path / CHECKPOINTS

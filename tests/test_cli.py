@@ -21,6 +21,7 @@ def rows(n: int) -> list[dict[str, str]]:
     return [{"prompt": f"Is {i} even? Answer yes or no.", "completion": "yes" if i % 2 == 0 else "no"} for i in range(n)]
 
 
+@pytest.mark.integration
 def test_smoke_run_leaves_a_complete_output_dir(tmp_path: Path):
     out = tmp_path / "run"
     proc = dtune(*SMOKE, "logger=wandb", f"hydra.run.dir={out}", cwd=tmp_path)
@@ -43,6 +44,7 @@ def test_smoke_run_leaves_a_complete_output_dir(tmp_path: Path):
     assert json.loads((out / "results.json").read_text())["steps"] == 3
 
 
+@pytest.mark.integration
 def test_python_dash_m_dtune_train_and_own_data(tmp_path: Path):
     train = write_jsonl(tmp_path / "train.jsonl", rows(24))
     evals = write_jsonl(tmp_path / "eval.jsonl", rows(6))
@@ -64,6 +66,7 @@ def test_python_dash_m_dtune_train_and_own_data(tmp_path: Path):
     assert results["data"]["train_rows"] == 24 and results["data"]["eval_rows"] == 6
 
 
+@pytest.mark.integration
 def test_user_config_dir_adds_an_experiment(tmp_path: Path):
     mine = tmp_path / "my_conf" / "experiment"
     mine.mkdir(parents=True)
@@ -86,28 +89,33 @@ def assert_clean_failure(proc: subprocess.CompletedProcess[str], *needles: str) 
     assert "Traceback" not in text, f"a traceback reached the user:\n{text[-2000:]}"
 
 
+@pytest.mark.integration
 def test_missing_data_file(tmp_path: Path):
     proc = dtune(*SMOKE, "data=jsonl", "data.source=nowhere.jsonl", cwd=tmp_path)
     assert_clean_failure(proc, "data.source: data file not found: nowhere.jsonl")
     assert proc.returncode == 2
 
 
+@pytest.mark.integration
 def test_malformed_json_line(tmp_path: Path):
     path = write_jsonl(tmp_path / "bad.jsonl", [*rows(5), '{"prompt": "x", "completion": "y"', *rows(3)])
     proc = dtune(*SMOKE, "data=jsonl", f"data.source={path}", cwd=tmp_path)
     assert_clean_failure(proc, f"{path}:6: malformed JSON")
 
 
+@pytest.mark.integration
 def test_unknown_config_key(tmp_path: Path):
     proc = dtune(*SMOKE, "optim.learning_rate=1e-4", cwd=tmp_path)
     assert_clean_failure(proc, "learning_rate", "optim")
 
 
+@pytest.mark.integration
 def test_wrong_type(tmp_path: Path):
     proc = dtune(*SMOKE, "lora.r=sixteen", cwd=tmp_path)
     assert_clean_failure(proc, "lora.r")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("override,message", [("optim.lr=-1e-4", "optim.lr: must be > 0"), ("lora.r=0", "lora.r: must be > 0")])
 def test_impossible_values(tmp_path: Path, override: str, message: str):
     proc = dtune(*SMOKE, override, cwd=tmp_path)
@@ -115,6 +123,7 @@ def test_impossible_values(tmp_path: Path, override: str, message: str):
     assert proc.returncode == 2
 
 
+@pytest.mark.integration
 def test_full_traceback_on_request(tmp_path: Path):
     proc = subprocess.run(
         [sys.executable, "-m", "dtune", "train", *SMOKE, "lora.r=0"],
@@ -127,6 +136,7 @@ def test_full_traceback_on_request(tmp_path: Path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "lora.r" in proc.stderr
 
 
+@pytest.mark.integration
 def test_failed_run_leaves_earlier_outputs_intact(tmp_path: Path):
     """A run that fails on bad input, pointed at the directory of a finished run, corrupts nothing there."""
     out = tmp_path / "run"
@@ -137,6 +147,7 @@ def test_failed_run_leaves_earlier_outputs_intact(tmp_path: Path):
     assert {p: p.read_bytes() for p in (out / "adapter").iterdir()} == before
 
 
+@pytest.mark.integration
 def test_console_script_usage_and_unknown_command(tmp_path: Path):
     script = Path(sys.executable).parent / "dtune"
     assert script.is_file(), "the dtune console script is not installed"
@@ -146,6 +157,7 @@ def test_console_script_usage_and_unknown_command(tmp_path: Path):
     assert bad.returncode == 2 and "unknown command 'trian'" in bad.stderr
 
 
+@pytest.mark.integration
 def test_train_help_lists_the_config_groups(tmp_path: Path):
     proc = subprocess.run(
         [sys.executable, "-m", "dtune", "train", "--help"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120
@@ -155,6 +167,7 @@ def test_train_help_lists_the_config_groups(tmp_path: Path):
         assert group in proc.stdout, group
 
 
+@pytest.mark.integration
 def test_fsdp2_without_a_launcher_is_a_clear_error(tmp_path: Path):
     proc = dtune(*SMOKE, "engine=fsdp2", cwd=tmp_path)
     assert_clean_failure(proc, "engine.strategy=fsdp2: needs a process group")

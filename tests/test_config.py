@@ -92,6 +92,7 @@ def test_all_problems_are_reported_at_once():
     assert "optim.lr" in str(err.value) and "lora.r" in str(err.value)
 
 
+@pytest.mark.integration
 def test_installed_wheel_ships_the_configs(tmp_path: Path):
     """A non-editable install finds conf/ inside the package (dtune/conf), and it composes."""
     subprocess.run(

@@ -42,6 +42,7 @@ def assert_same_run(out: Path, single: Path, resumed_at: int = 0) -> None:
         torch.testing.assert_close(ours[key], ref[key], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("engine", ["ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2"])
 def test_two_ranks_match_one_rank(tmp_path: Path, single: Path, engine: str):
     """4-bit NF4 base + LoRA on 2 ranks: same losses and adapter as 1 rank (ZeRO-3 and FSDP2 shard the 4-bit base too)."""
@@ -77,6 +78,7 @@ def test_two_ranks_match_one_rank(tmp_path: Path, single: Path, engine: str):
     assert_same_run(resumed, single, resumed_at=2)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
 def test_fused_lora_kernels_under_sharded_engines(tmp_path: Path, single: Path, engine: str):
     """quant=nf4_triton with the LoRA path fused, 2 ranks: the fused layer reads its adapter weights directly (not
@@ -98,6 +100,7 @@ def test_fused_lora_kernels_under_sharded_engines(tmp_path: Path, single: Path, 
     assert_same_run(out, single)
 
 
+@pytest.mark.integration
 def test_two_nodes_through_a_localhost_rendezvous(tmp_path: Path, single: Path):
     """Two "nodes" of one process each, joined by torchrun's c10d rendezvous; both find the same output dir."""
     port = free_port()
@@ -129,6 +132,7 @@ def test_two_nodes_through_a_localhost_rendezvous(tmp_path: Path, single: Path):
     assert_same_run(out, single)
 
 
+@pytest.mark.integration
 def test_launch_script_runs_a_two_process_job(tmp_path: Path, single: Path):
     """launch/torchrun.sh as a user calls it: the job's output dir is named by JOB_ID, in the caller's directory."""
 
@@ -154,6 +158,7 @@ def test_launch_script_runs_a_two_process_job(tmp_path: Path, single: Path):
     assert two_nodes.returncode == 2 and "set JOB_ID" in two_nodes.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("launcher", ["accelerate", "dtune-script"])
 def test_accelerate_launch_and_the_dtune_script_under_torchrun(tmp_path: Path, single: Path, launcher: str):
     out = tmp_path / launcher
@@ -180,6 +185,7 @@ def test_accelerate_launch_and_the_dtune_script_under_torchrun(tmp_path: Path, s
     assert_same_run(out, single)
 
 
+@pytest.mark.integration
 def test_one_rank_checkpoint_resumes_on_two_ranks(tmp_path: Path, single: Path):
     out = tmp_path / "resumed-on-2"
     launch = torchrun(2)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from dtune.commands.doctor import diagnose
 from tests.helpers import ENV, TORCHRUN, free_port
 
@@ -21,6 +23,7 @@ def check_report(report: dict) -> None:
     assert report["barrier_ms"] > 0
 
 
+@pytest.mark.integration
 def test_doctor_under_torchrun(tmp_path: Path):
     out = tmp_path / "doctor.json"
     cmd = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "dtune", "doctor"]
@@ -31,6 +34,7 @@ def test_doctor_under_torchrun(tmp_path: Path):
     check_report(json.loads(out.read_text()))
 
 
+@pytest.mark.integration
 def test_doctor_started_by_srun(tmp_path: Path):
     """srun --ntasks 2 dtune doctor: no torchrun; each task finds its rank and the rendezvous in SLURM_* variables."""
     out = tmp_path / "doctor.json"
@@ -55,6 +59,7 @@ def test_doctor_started_by_srun(tmp_path: Path):
     check_report(json.loads(out.read_text()))
 
 
+@pytest.mark.integration
 def test_a_missing_rank_is_a_clear_error(tmp_path: Path):
     env = {**ENV, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     proc = subprocess.run(

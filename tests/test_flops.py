@@ -58,6 +58,7 @@ def test_mfu_needs_a_known_peak():
         assert device_peak_flops("bf16") is None  # a CPU has no entry: MFU is not reported
 
 
+@pytest.mark.integration
 def test_run_reports_throughput_mfu_and_peak_memory(tmp_path: Path):
     cfg = compose_config(tiny_overrides(tmp_path, "train.peak_tflops=0.5"))
     results = run(cfg, tmp_path)

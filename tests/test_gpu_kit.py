@@ -18,6 +18,7 @@ from dtune.subproc import run_bounded
 from tests.helpers import REPO
 
 
+@pytest.mark.integration
 def test_time_limit_holds_when_a_grandchild_in_its_own_session_keeps_the_pipe(tmp_path: Path):
     """torchrun's workers have sessions of their own: killing torchrun alone left one holding the GPU and the pipe,
     and the stage ran 5 minutes past its limit on the H200. The whole tree goes, and the call returns on time."""
@@ -48,6 +49,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.integration
 def test_what_a_finished_command_leaves_running_is_killed(tmp_path: Path):
     """A command that exits at once but leaves a worker in its own session behind (as a crashed launcher can)."""
     pid_file = tmp_path / "left.pid"
@@ -66,6 +68,7 @@ def test_what_a_finished_command_leaves_running_is_killed(tmp_path: Path):
         time.sleep(0.1)
 
 
+@pytest.mark.integration
 def test_a_command_that_hangs_prints_where_before_it_is_killed():
     """The GPU kit's stages: SIGABRT at the limit, and Python's fault handler names the function that hung."""
     code = "import time\ndef stuck_in_here():\n    time.sleep(120)\nstuck_in_here()\n"
@@ -75,6 +78,7 @@ def test_a_command_that_hangs_prints_where_before_it_is_killed():
     assert "stuck_in_here" in output and "Fatal Python error: Aborted" in output
 
 
+@pytest.mark.integration
 def test_exit_status_and_output_of_a_command_that_finishes():
     code, output = run_bounded([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"], 30)
     assert code == 3 and "out" in output and "err" in output
@@ -130,6 +134,7 @@ def test_plan_validation_grids():
         validation_grid("gpu", ["70b"], cuda=True)
 
 
+@pytest.mark.integration
 def test_a_run_without_wandb_does_not_import_it(tmp_path: Path):
     """wandb is not carried to the GPU machine: with logger.wandb=false dtune must run without it."""
     code = (
@@ -153,6 +158,7 @@ def _pypi_reachable() -> bool:
         return False
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_rehearsal_runs_every_stage_of_the_gpu_check(tmp_path: Path):
     """kernels/gpu/rehearse.sh: a fresh venv with the GPU machine's versions (triton 3.6, transformers 5.17, ...)

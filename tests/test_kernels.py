@@ -267,12 +267,24 @@ def test_custom_op_autograd_matches_reference_and_passes_opcheck():
 
 
 def test_torch_compile_sees_one_op():
+    """Dynamo traces the NF4 matmul as one opaque custom op (no graph break, no decomposition into its parts), and
+    the compiled function computes what eager does."""
     n, k = 64, 64
     _, packed, state = quantize((n, k))
     w = NF4Weight.from_bnb(packed, state)
     x = torch.randn(4, k, device=DEVICE)
-    compiled = torch.compile(lambda t: nf4_linear(t, w) * 2, backend="aot_eager", fullgraph=True)
+    graphs = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda t: nf4_linear(t, w) * 2, backend=capture, fullgraph=True)
     torch.testing.assert_close(compiled(x), nf4_linear(x, w) * 2)
+    (graph,) = graphs
+    ops = [node.target for node in graph.graph.nodes if node.op == "call_function"]
+    dtune_ops = [op for op in ops if "dtune" in str(op)]
+    assert [str(op) for op in dtune_ops] == ["dtune.nf4_linear.default"], ops
 
 
 def test_kernels_really_run_here():
@@ -330,6 +342,7 @@ def test_fused_lora_layer_equals_peft_and_falls_back_where_it_must(tmp_path: Pat
     assert fuse_lora_layers(build_model(dropout, torch.device(DEVICE))) == 0  # plain LoRA only: nothing switched
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("variant", ["triton", "triton_lora"])
 def test_training_through_fused_kernels_equals_bitsandbytes(tmp_path: Path, variant: str, monkeypatch):
     """Three QLoRA steps with quant.kernel=triton (and with the LoRA path fused too) give bitsandbytes' losses."""
@@ -372,6 +385,7 @@ def test_training_through_fused_kernels_equals_bitsandbytes(tmp_path: Path, vari
     assert losses["bnb"][0] - losses["bnb"][2] > 0.05  # the steps really trained
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU run the real benchmark instead")
 def test_benchmark_harness_runs_end_to_end(tmp_path: Path):
     """The GPU benchmark's --smoke mode: same code path on tiny shapes, JSON with every figure it promises."""
@@ -400,6 +414,7 @@ def test_benchmark_harness_runs_end_to_end(tmp_path: Path):
     assert "ours/bf16" in proc.stdout
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the kernels compile and run for real above")
 def test_kernels_compile_for_hopper_without_spills(tmp_path: Path):
     """The interpreter accepts code the GPU compiler rejects: compile the training, LoRA, decode and dequantize

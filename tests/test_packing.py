@@ -48,6 +48,7 @@ def test_packed_row_gives_each_samples_loss_alone(tiny, attn):
     assert int(packed["tokens"].sum()) == counted
 
 
+@pytest.mark.integration
 def test_packed_training_run(tmp_path: Path):
     """A short run with data.packing=true trains on fewer, fuller rows and its loss falls."""
     import json

@@ -27,6 +27,7 @@ LLAMA_8B = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("overrides", [o for _, o in VALIDATION_GRID], ids=[n for n, _ in VALIDATION_GRID])
 def test_predicted_peak_is_within_ten_percent_of_the_measured_one(overrides: list[str]):
     """The run's real peak of live tensor bytes (two optimizer steps, counted at the dispatcher on the CPU)."""
@@ -45,6 +46,7 @@ def llama_8b(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.integration  # probes an 8B-sized decoder layer on the CPU: about a minute
 def test_an_8b_plan_from_its_config_alone(llama_8b: Path):
     base = ["logger=none", f"model.name_or_path={llama_8b}", "data.max_seq_len=2048", "train.micro_batch_size=4"]
     one = make_plan(compose_config(base), world_size=1)
@@ -78,6 +80,7 @@ def test_an_8b_plan_from_its_config_alone(llama_8b: Path):
     assert any(i.startswith(f"train.micro_batch_size={largest} ") for i in ideas)
 
 
+@pytest.mark.integration
 def test_dtune_plan_command(llama_8b: Path, tmp_path: Path):
     cmd = [sys.executable, "-m", "dtune", "plan", "--gpu-mem", "80GiB", f"model.name_or_path={llama_8b}", "logger=none"]
     fits = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
@@ -87,6 +90,7 @@ def test_dtune_plan_command(llama_8b: Path, tmp_path: Path):
     assert small.returncode == 1 and "does NOT fit in 8.0 GiB" in small.stdout
 
 
+@pytest.mark.integration
 def test_training_refuses_a_config_predicted_not_to_fit(tmp_path: Path):
     cmd = [sys.executable, "-m", "dtune.train", *SMOKE, "train.gpu_mem=700MiB", f"hydra.run.dir={tmp_path / 'run'}"]
     refused = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
@@ -98,6 +102,7 @@ def test_training_refuses_a_config_predicted_not_to_fit(tmp_path: Path):
     assert "memory plan (per GPU)" in (tmp_path / "run" / "dtune.log").read_text()
 
 
+@pytest.mark.integration
 def test_a_llama3_shaped_random_model_is_planned_within_ten_percent(tmp_path: Path, monkeypatch):
     """The builder of builtin:shape-llama-* (GPU benchmarks) on a small shape with Llama 3's 128k vocabulary."""
     from dtune import assets
@@ -122,6 +127,7 @@ def test_a_llama3_shaped_random_model_is_planned_within_ten_percent(tmp_path: Pa
     )
 
 
+@pytest.mark.integration
 def test_chunked_loss_lowers_the_peak_as_planned():
     """1,024 labelled tokens at once vs in chunks of 128: the measured peak falls, and each plan stays within 10%."""
     base = ["logger=none", "model=smollm2_135m", "train.micro_batch_size=4", "data.max_seq_len=256", "data.train_on=all"]

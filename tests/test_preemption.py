@@ -23,6 +23,7 @@ from tests.helpers import ENV, REPO, SMOKE, checkpoint_state, free_port, signal_
 SMOKE = [*SMOKE, "optim.lr=1e-3", "train.micro_batch_size=2", "train.checkpoint_every=0"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_signalled_run_checkpoints_exits_75_and_resumes_exactly(tmp_path: Path, sig: int):
     cmd = [sys.executable, "-m", "dtune.train", *SMOKE, "train.max_steps=120", "train.grad_accum_steps=2"]
@@ -53,6 +54,7 @@ def test_signalled_run_checkpoints_exits_75_and_resumes_exactly(tmp_path: Path, 
     assert results["after"] == json.loads((ref / "results.json").read_text())["after"]
 
 
+@pytest.mark.integration
 def test_a_signal_while_setting_up_stops_at_once_without_a_checkpoint(tmp_path: Path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "dtune.train", *SMOKE, f"hydra.run.dir={out}"]
@@ -84,6 +86,7 @@ def _fake_slurm(bin_dir: Path, log: Path) -> None:
         (bin_dir / tool).chmod(0o755)
 
 
+@pytest.mark.integration
 def test_slurm_job_forwards_the_warning_requeues_and_the_requeued_job_resumes(tmp_path: Path):
     log = tmp_path / "slurm.log"
     _fake_slurm(tmp_path / "bin", log)

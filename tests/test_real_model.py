@@ -20,6 +20,7 @@ pytestmark = [
 ]
 
 
+@pytest.mark.integration
 def test_short_qlora_run_on_smollm2_learns_sentiment(tmp_path: Path):
     cfg = compose_config(
         [

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 from dtune.config import conf_dir
@@ -15,6 +16,7 @@ from dtune.sweep import format_table, summarize
 from tests.helpers import ENV
 
 
+@pytest.mark.integration
 def test_local_multirun_runs_each_combination_in_one_wandb_group_and_writes_a_summary(tmp_path: Path):
     sweep = tmp_path / "sweep"
     cmd = [

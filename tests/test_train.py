@@ -30,6 +30,7 @@ def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
     return out, run(cfg, out)
 
 
+@pytest.mark.integration
 def test_seeded_run_pins_its_first_losses(tiny_run):
     out, _ = tiny_run
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -37,6 +38,7 @@ def test_seeded_run_pins_its_first_losses(tiny_run):
     assert losses == pytest.approx(PINNED_LOSSES, abs=2e-3)
 
 
+@pytest.mark.integration
 def test_run_writes_metrics_results_plot_and_adapter(tiny_run):
     out, results = tiny_run
     assert (out / "adapter" / "adapter_config.json").is_file()
@@ -176,6 +178,7 @@ def test_trained_adapter_round_trips_through_peft_with_the_same_logits(tmp_path:
     assert not torch.allclose(trained, base_logits, atol=1e-3), "training did not move the adapter"
 
 
+@pytest.mark.integration
 def test_run_adapter_is_complete_peft(tiny_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -189,6 +192,7 @@ def test_run_adapter_is_complete_peft(tiny_run):
     assert n_lora == 2 * 7 * 2  # A and B, 7 projections, 2 layers
 
 
+@pytest.mark.integration
 def test_a_16bit_base_stays_16bit_and_trains(tmp_path: Path):
     """quant=none: plain LoRA on a bf16 base. The frozen base keeps its dtype (no 4-bit-style fp32 upcast, which
     doubled its memory), the adapters are fp32 and trainable, and a few steps lower the loss."""
