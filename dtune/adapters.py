@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 from dtune.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS, checkpoints
+from dtune.config import load_saved
 from dtune.errors import DtuneError
-from dtune.model import model_dir, pin_cpu_4bit_layout, quantization_config
+from dtune.model import load_base as load_model_base
+from dtune.model import pin_cpu_4bit_layout
 from dtune.runtime import quiet_libraries
 from dtune.schema import DtuneConfig
-from dtune.units import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,10 @@ class Trained:
 
 
 def _run_config(path: Path) -> tuple[DtuneConfig, str] | None:
-    from omegaconf import OmegaConf
-
     for name in ("config.yaml", "config_resolved.yaml"):
         file = path / name
         if file.is_file():
-            merged = OmegaConf.merge(OmegaConf.structured(DtuneConfig), OmegaConf.load(file))
-            return OmegaConf.to_object(merged), str(file)
+            return load_saved(file), str(file)
     return None
 
 
@@ -138,28 +136,11 @@ def check_compatible(adapter: Path, base: nn.Module) -> None:
 def load_base(
     trained: Trained, device: torch.device, quantized: bool = True, allow_pickle: bool = False, dtype: Any = None
 ) -> nn.Module:
-    """The base as it was trained (4-bit when ``quantized``), in eval mode, from safetensors unless allowed."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = trained.cfg
-    directory = model_dir(cfg)
-    if not allow_pickle and not any(directory.glob("*.safetensors")):
-        pickled = sorted(p.name for p in directory.glob("*.bin"))
-        detail = f" (it holds pickled {', '.join(pickled[:2])}: pass --allow-pickle if you trust them)" if pickled else ""
-        raise DtuneError(f"{directory}: no safetensors weights{detail}")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            directory,
-            quantization_config=quantization_config(cfg) if quantized else None,
-            dtype=dtype or DTYPES[cfg.train.precision],
-            device_map={"": device},
-            use_safetensors=None if allow_pickle else True,  # None: safetensors first, pickles allowed
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
-    except OSError as err:
-        raise DtuneError(f"{directory}: cannot load the base model ({err})") from None
-    pin_cpu_4bit_layout(model)
-    return model.eval()
+    """The base as it was trained (4-bit when ``quantized``; the run's attention and kernel settings), in eval mode,
+    from safetensors unless ``allow_pickle``. See :func:`dtune.model.load_base`."""
+    return load_model_base(
+        trained.cfg, device, quantized=quantized, dtype=dtype, safetensors_only=not allow_pickle, training=False
+    )
 
 
 def load_trained(trained: Trained, device: torch.device, allow_pickle: bool = False) -> nn.Module:

@@ -156,3 +156,19 @@ def compose(overrides: list[str], check: bool = True) -> DtuneConfig:
     if check:
         validate(cfg)
     return cfg
+
+
+def load_saved(path: Path) -> DtuneConfig:
+    """The typed config a run saved (``config_resolved.yaml``, a checkpoint's ``config.yaml``), merged over the schema's
+    defaults so that a file from an older dtune gains the fields added since. Not re-validated: it was when it ran,
+    and a check added later must not lock a trained adapter out of merge, generate and eval.
+
+    Raises :class:`~dtune.errors.ConfigError` naming the file when it does not fit the schema.
+    """
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(DtuneConfig), OmegaConf.load(path))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: not a dtune config ({str(err).splitlines()[0]})") from None
+    obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, DtuneConfig)  # merged over the structured schema
+    return obj

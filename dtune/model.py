@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dtune.assets import resolve_model
-from dtune.errors import ConfigError
+from dtune.errors import ConfigError, DtuneError
 from dtune.quant import fuse_lora_layers, use_fused_kernels
 from dtune.schema import DtuneConfig
 from dtune.units import DTYPES
@@ -65,23 +65,48 @@ def pin_cpu_4bit_layout(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_base(cfg: DtuneConfig, device: torch.device | None) -> nn.Module:
-    """device None: let the engine place it (ZeRO-3 loads through deepspeed.zero.Init, partitioned at load)."""
+def load_base(
+    cfg: DtuneConfig,
+    device: torch.device | None,
+    *,
+    quantized: bool = True,
+    dtype: torch.dtype | None = None,
+    safetensors_only: bool = False,
+    training: bool = True,
+) -> nn.Module:
+    """The base model of ``cfg`` -- for training and for inference alike: 4-bit per ``quant`` (unless not
+    ``quantized``), ``model.attn_implementation``, dtune's fused kernels with ``quant.kernel=triton``.
+
+    ``device`` None lets the engine place it (ZeRO-3 loads through deepspeed.zero.Init, partitioned at load).
+    ``dtype``: of the unquantized parameters (default: ``train.precision``). ``safetensors_only``: refuse pickled
+    weights. Returned in train mode, or eval mode when not ``training``.
+
+    Raises :class:`~dtune.errors.DtuneError` when the weights cannot be read (or are pickled only and refused).
+    """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir(cfg),
-        quantization_config=quantization_config(cfg),
-        dtype=DTYPES[cfg.train.precision],
-        device_map=None if device is None else {"": device},
-        attn_implementation=cfg.model.attn_implementation,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    directory = model_dir(cfg)
+    if safetensors_only and not any(directory.glob("*.safetensors")):
+        pickled = sorted(p.name for p in directory.glob("*.bin"))
+        detail = f" (it holds pickled {', '.join(pickled[:2])}: pass --allow-pickle if you trust them)" if pickled else ""
+        raise DtuneError(f"{directory}: no safetensors weights{detail}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            directory,
+            quantization_config=quantization_config(cfg) if quantized else None,
+            dtype=dtype or DTYPES[cfg.train.precision],
+            device_map=None if device is None else {"": device},
+            attn_implementation=cfg.model.attn_implementation,
+            use_safetensors=True if safetensors_only else None,  # None: safetensors first, pickles allowed
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    except OSError as err:
+        raise DtuneError(f"{directory}: cannot load the base model ({err})") from None
     pin_cpu_4bit_layout(model)
-    if cfg.quant.kernel == "triton":
+    if quantized and cfg.quant.kernel == "triton":
         log.info("quant.kernel=triton: %d NF4 layers use dtune's fused kernels", use_fused_kernels(model))
-    model.train()  # from_pretrained returns eval mode; see pin_cpu_4bit_layout
-    return model
+    # from_pretrained returns eval mode; training needs train mode before wrapping (see pin_cpu_4bit_layout).
+    return model.train() if training else model.eval()
 
 
 def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:

@@ -7,7 +7,8 @@ called directly: Accelerate's FSDP plugin is not applied on CPU, and this way on
 on CPU and GPU alike.
 
 The training loop talks to an :class:`Engine` only -- prepare, accumulate, backward, step, reduce, gather -- and
-never asks which strategy is on.
+never asks which strategy is on. What a checkpoint holds is read and restored through
+:class:`~dtune.distributed.full_state.FullState`, the strategy-specific half of the same seam.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def deepspeed_config(cfg: DtuneConfig) -> dict[str, Any]:
 
 
 class Engine:
+    """Device, precision and strategy of this process, and the collectives of its job.
+
+    Raises :class:`~dtune.errors.ConfigError` when the launch does not give the engine asked for (Accelerate falls
+    back silently to one process or to DDP), or fp16 without CUDA, or FSDP2 without a process group.
+    """
+
     def __init__(self, cfg: DtuneConfig) -> None:
         from accelerate import Accelerator, DeepSpeedPlugin
         from accelerate.state import AcceleratorState
