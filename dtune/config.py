@@ -152,10 +152,27 @@ def compose(overrides: list[str], check: bool = True) -> DtuneConfig:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
             cfg = to_dataclass(hydra_compose(config_name="config", overrides=list(overrides)))
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(f"overrides: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"overrides: {_composition_error(err)}") from None
     if check:
         validate(cfg)
     return cfg
+
+
+def _composition_error(err: BaseException) -> str:
+    """Hydra's message and its cause's (OmegaConf names the key: ``Key 'lrr' not in 'OptimConfig' (full_key:
+    optim.lrr)``), without the config search path; the available options when a group option is unknown."""
+    parts = []
+    for e in (err, err.__cause__):
+        if e is None:
+            continue
+        text = str(e).split("Config search path:")[0]
+        lines = [
+            line.strip()
+            for line in text.splitlines()
+            if line.strip() and not line.strip().startswith(("reference_type", "object_type"))
+        ]
+        parts.append(" ".join(lines))
+    return "; ".join(parts)
 
 
 def load_saved(path: Path) -> DtuneConfig:

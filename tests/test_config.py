@@ -8,8 +8,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from hydra.errors import ConfigCompositionException
-from omegaconf.errors import ConfigKeyError, ValidationError
 
 from dtune.config import conf_dir, validate
 from dtune.errors import ConfigError
@@ -52,16 +50,20 @@ def test_command_line_overrides_reach_the_typed_config():
 
 
 def test_misspelt_key_fails_naming_it():
-    with pytest.raises(ConfigCompositionException) as err:
+    with pytest.raises(ConfigError, match=r"Could not override 'optim.lrr'.*Key 'lrr' not in 'OptimConfig' full_key: optim.lrr"):
         compose_config(["optim.lrr=1e-3"])
-    assert "lrr" in str(err.value) or "lrr" in str(err.value.__cause__)
 
 
 def test_wrong_type_fails_naming_the_field():
-    with pytest.raises((ConfigCompositionException, ValidationError, ConfigKeyError)) as err:
+    with pytest.raises(
+        ConfigError, match=r"Value 'many' of type 'str' could not be converted to Integer full_key: train.max_steps"
+    ):
         compose_config(["train.max_steps=many"])
-    text = f"{err.value} {err.value.__cause__}"
-    assert "max_steps" in text
+
+
+def test_unknown_option_lists_the_available_ones():
+    with pytest.raises(ConfigError, match=r"Could not find 'engine/zero9' Available options in 'engine': ddp fsdp2 zero1"):
+        compose_config(["engine=zero9"])
 
 
 @pytest.mark.parametrize(
