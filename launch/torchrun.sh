@@ -13,7 +13,8 @@
 # network namespaces): the workers would be told to meet at an address only the first node can reach. With
 # LOCAL_ADDR set, this node hosts the rendezvous store (--rdzv-conf is_host) exactly when LOCAL_ADDR is MASTER_ADDR,
 # so give the rendezvous node's MASTER_ADDR in the same form (an IP address on every node): whichever node owns the
-# endpoint must serve it, whatever its NODE_RANK (c10d ranks nodes by arrival, not by NODE_RANK).
+# endpoint must serve it, whatever its NODE_RANK (c10d ranks nodes by arrival, not by NODE_RANK). gloo is bound to
+# the interface holding LOCAL_ADDR too (GLOO_SOCKET_IFNAME).
 # Arguments are dtune overrides (key=value). Sweeps: dtune train --multirun (launcher=slurm on a cluster), not torchrun.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -40,6 +41,12 @@ if [[ -n "${LOCAL_ADDR:-}" ]]; then
     is_host=false
     [[ "$LOCAL_ADDR" == "$MASTER_ADDR" ]] && is_host=true
     ADDR_ARGS=(--local-addr "$LOCAL_ADDR" --rdzv-conf "is_host=$is_host")
+    # gloo (CPU collectives) binds to the address of this host's name, loopback there too: bind it to the interface
+    # that holds LOCAL_ADDR (an IP address) unless GLOO_SOCKET_IFNAME says otherwise. NCCL does not go by the name.
+    if [[ -z "${GLOO_SOCKET_IFNAME:-}" ]] && command -v ip >/dev/null; then
+        ifname="$(ip -o addr show | awk -v a="$LOCAL_ADDR" '{ split($4, p, "/") } p[1] == a { print $2; exit }')"
+        if [[ -n "$ifname" ]]; then export GLOO_SOCKET_IFNAME="$ifname"; fi
+    fi
 fi
 
 # SIGUSR1/SIGUSR2 (Slurm's and submitit's warnings) and SIGTERM are forwarded to the dtune processes, which finish

@@ -2,7 +2,8 @@
 each (NNODES=2, NODE_RANK 0 and 1, one process per node), a 2-rank ZeRO-3 run to its end.
 
 Both namespaces share this host's name, which resolves to loopback in each (as on clusters whose hostnames map to
-127.0.1.1): the run only comes together with LOCAL_ADDR, i.e. torchrun's --local-addr and --rdzv-conf is_host.
+127.0.1.1): the run only comes together with LOCAL_ADDR (torchrun's --local-addr and --rdzv-conf is_host, gloo bound
+to the veth); without it the two nodes never meet.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def test_two_nodes_in_network_namespaces_train_zero3_over_the_veth(tmp_path: Pat
     assert results["steps"] == 3
     assert (out / "dtune_rank1.log").is_file()  # the second rank ran, on the other node
     for log in logs:
-        rdzv = re.search(r"Rendezvous complete.*?master_addr=(\S+) .*?group_world_size=(\d+)", log)
+        rdzv = re.search(r"Rendezvous complete for workers.*?master_addr=(\S+).*?group_world_size=(\d+)", log, re.DOTALL)
         assert rdzv, log[-3000:]
         assert rdzv.group(1) == addrs[0] and rdzv.group(2) == "2"
     # The 4-bit base is ~12 MB (results: param_bytes_rank0); ZeRO-3 moves a good part of it across each step.
