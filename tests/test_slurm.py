@@ -248,7 +248,7 @@ def test_a_sweep_through_submitit_runs_each_job_on_slurm(slurm: Slurm, tmp_path:
         "hydra.launcher.tasks_per_node=1",
         "hydra.launcher.cpus_per_task=1",
         "hydra.launcher.timeout_min=5",
-        "hydra.launcher.setup=[export OMP_NUM_THREADS=1]",
+        "hydra.launcher.setup=['export OMP_NUM_THREADS=1']",
         f"hydra.sweep.dir={sweep}",
         *SMOKE,
         "lora.r=2,4",
@@ -260,5 +260,11 @@ def test_a_sweep_through_submitit_runs_each_job_on_slurm(slurm: Slurm, tmp_path:
         results = json.loads((sweep / run / "results.json").read_text())
         assert results["steps"] == 3
         assert f"lora.r={rank}" in (sweep / run / ".hydra" / "overrides.yaml").read_text()
-    job_ids = {p.name for p in (sweep / ".submitit").iterdir() if p.name[0].isdigit()}
-    assert len(job_ids) == 2, job_ids  # one Slurm job per run
+    # One Slurm job per run (submitit submits them as one job array), each completed: submitit returns once the
+    # results are written, while the jobs may still be exiting.
+    tasks = sorted(p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
+    assert len(tasks) == 2, tasks
+    for task in tasks:
+        assert (
+            slurm.wait_until_ended(task, sweep / ".submitit" / task / f"{task}_0_log.err", timeout=60)["JobState"] == "COMPLETED"
+        )
