@@ -11,14 +11,18 @@
 #
 # srun runs in a session (and process group) of its own. srun answers SIGTERM, SIGHUP and SIGQUIT by SIGKILLing its
 # tasks at once ("srun: forcing job termination"; it resets an inherited SIG_IGN, so `trap '' TERM` cannot stop it),
-# and `scancel --signal=TERM --full` signals the batch step's whole process group (slurmstepd: killpg), srun included,
+# and `scancel --signal=TERM --full` signals the batch step's process group (22.05 slurmstepd: killpg), srun included,
 # but no other step: dtune never saw the TERM and died without a checkpoint (exit 137). Out of that group, srun is not
 # signalled; this shell traps the TERM and hands it to the training step itself (scancel, steps only), as Slurm does
-# on preemption. (At a time limit Slurm signals every process of the batch step, srun too: the --signal warning of the
-# sbatch scripts is what gets a checkpoint written before it.)
+# on preemption. (At a time limit Slurm signals every process of the batch step, srun too, under proctrack/cgroup and
+# linuxproc: the --signal warning of the sbatch scripts is what gets a checkpoint written before it.)
 #
 # Environment: DTUNE_REPO (the checkout; default: the directory sbatch was called from), NPROC_PER_NODE
 # (default: the GPUs Slurm gave each node), MASTER_PORT (default: derived from the job id).
+# LOCAL_ADDR (launch/torchrun.sh) is not set here: it is each node's own address, and this shell runs on the first
+# node only; the nodes meet at the first node's name, which on a Slurm cluster resolves to an address the others
+# reach. Where node names resolve to loopback instead, torchrun.sh's LOCAL_ADDR must be set on each node (and
+# MASTER_ADDR to the first node's address), e.g. from a wrapper that srun starts in place of torchrun.sh.
 set -uo pipefail
 REPO="${DTUNE_REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}"
 if [[ ! -f "$REPO/launch/torchrun.sh" ]]; then
