@@ -216,7 +216,7 @@ def test_a_term_to_the_job_checkpoints_and_the_requeued_job_resumes(slurm: Slurm
     """`scancel --signal=TERM --full` signals the batch step's process group, srun included (on a TERM, srun SIGKILLs
     its tasks unless job.sh keeps it out of that group); plain `scancel --signal=TERM` (as preemption does) signals
     the steps only. Either way dtune checkpoints on SIGTERM, job.sh requeues and the job resumes to the end."""
-    steps = 300
+    steps = 200
     cluster = _submit_env(slurm)
     job_id = cluster.sbatch(tmp_path, "--time=10", *RUN, f"train.max_steps={steps}")
     out, log = tmp_path / "outputs" / f"slurm-{job_id}", tmp_path / f"slurm-{job_id}.out"
