@@ -10,7 +10,7 @@
 # SHUTDOWN_TIMEOUT: seconds the dtune processes get to checkpoint after a stop signal (default 170).
 # LOCAL_ADDR: the address the other nodes reach this node at (torchrun --local-addr; default: torchrun looks up this
 # host's name). Needed where a node's hostname resolves to loopback (127.0.1.1, or one name shared by containers or
-# network namespaces): the workers would be told to meet at an address only the first node can reach. With
+# network namespaces): each node would advertise a name that every node resolves to itself. With
 # LOCAL_ADDR set, this node hosts the rendezvous store (--rdzv-conf is_host) exactly when LOCAL_ADDR is MASTER_ADDR,
 # so give the rendezvous node's MASTER_ADDR in the same form (an IP address on every node): whichever node owns the
 # endpoint must serve it, whatever its NODE_RANK (c10d ranks nodes by arrival, not by NODE_RANK). gloo is bound to

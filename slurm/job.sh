@@ -55,7 +55,8 @@ on_usr1() {
 trap on_usr1 USR1
 on_term() {
     # Preemption and plain scancel --signal=TERM signal the training step directly and not this shell; a TERM here
-    # came to the batch step (scancel --full): pass it on to the training step (all its processes, on every node).
+    # came to the batch step (scancel --full): pass it on to the training step (all its processes, on every node);
+    # if scancel cannot reach slurmctld, as USR1 through srun (srun forwards it; dtune stops on it the same way).
     echo "dtune: TERM received; dtune checkpoints after the current step and stops"
     scancel --signal=TERM "$SLURM_JOB_ID" || kill -s USR1 "$srun_pid" 2>/dev/null
 }
