@@ -8,6 +8,13 @@
 # NPROC_PER_NODE: processes per node (default: visible GPUs, or 1). MASTER_PORT: default 29500. JOB_ID: the
 # rendezvous id, also the name of the job's output directory (outputs/torchrun-<JOB_ID>), the same on all nodes.
 # SHUTDOWN_TIMEOUT: seconds the dtune processes get to checkpoint after a stop signal (default 170).
+# LOCAL_ADDR: the address the other nodes reach this node at (torchrun --local-addr; default: torchrun looks up this
+# host's name). Needed where a node's hostname resolves to loopback (127.0.1.1, or one name shared by containers or
+# network namespaces): each node would advertise a name that every node resolves to itself. With
+# LOCAL_ADDR set, this node hosts the rendezvous store (--rdzv-conf is_host) exactly when LOCAL_ADDR is MASTER_ADDR,
+# so give the rendezvous node's MASTER_ADDR in the same form (an IP address on every node): whichever node owns the
+# endpoint must serve it, whatever its NODE_RANK (c10d ranks nodes by arrival, not by NODE_RANK). gloo is bound to
+# the interface holding LOCAL_ADDR too (GLOO_SOCKET_IFNAME).
 # Arguments are dtune overrides (key=value). Sweeps: dtune train --multirun (launcher=slurm on a cluster), not torchrun.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -29,10 +36,23 @@ if [[ "$NNODES" -gt 1 && -z "${JOB_ID_SET:-}" && "$JOB_ID" == dtune-2* ]]; then
     exit 2
 fi
 
+ADDR_ARGS=() # expanded as ${ADDR_ARGS[@]+...}: bash < 4.4 calls an empty array unbound under set -u
+if [[ -n "${LOCAL_ADDR:-}" ]]; then
+    is_host=false
+    [[ "$LOCAL_ADDR" == "$MASTER_ADDR" ]] && is_host=true
+    ADDR_ARGS=(--local-addr "$LOCAL_ADDR" --rdzv-conf "is_host=$is_host")
+    # gloo (CPU collectives) binds to the address of this host's name, loopback there too: bind it to the interface
+    # that holds LOCAL_ADDR (an IP address) unless GLOO_SOCKET_IFNAME says otherwise. NCCL does not go by the name.
+    if [[ -z "${GLOO_SOCKET_IFNAME:-}" ]] && command -v ip >/dev/null; then
+        ifname="$(ip -o addr show | awk -v a="$LOCAL_ADDR" '{ split($4, p, "/") } p[1] == a { print $2; exit }')"
+        if [[ -n "$ifname" ]]; then export GLOO_SOCKET_IFNAME="$ifname"; fi
+    fi
+fi
+
 # SIGUSR1/SIGUSR2 (Slurm's and submitit's warnings) and SIGTERM are forwarded to the dtune processes, which finish
 # their step, write a checkpoint and exit 75; torchrun waits SHUTDOWN_TIMEOUT seconds for them before killing them.
 exec "$PYTHON" -m torch.distributed.run \
     --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
-    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$JOB_ID" \
+    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$JOB_ID" ${ADDR_ARGS[@]+"${ADDR_ARGS[@]}"} \
     --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 --shutdown-timeout "${SHUTDOWN_TIMEOUT:-170}" \
     -m dtune.train "$@"

@@ -9,8 +9,20 @@
 # that stopped on a signal Slurm sent to its processes directly (preemption) is requeued too: dtune reports its
 # ending in $DTUNE_STATUS_FILE.
 #
+# srun runs in a session (and process group) of its own. srun answers SIGTERM, SIGHUP and SIGQUIT by SIGKILLing its
+# tasks at once ("srun: forcing job termination"; it resets an inherited SIG_IGN, so `trap '' TERM` cannot stop it),
+# and `scancel --signal=TERM --full` signals the batch step's process group (22.05 slurmstepd: killpg), srun included,
+# but no other step: dtune never saw the TERM and died without a checkpoint (exit 137). Out of that group, srun is not
+# signalled; this shell traps the TERM and hands it to the training step itself (scancel, steps only), as Slurm does
+# on preemption. (At a time limit Slurm signals every process of the batch step, srun too, under proctrack/cgroup and
+# linuxproc: the --signal warning of the sbatch scripts is what gets a checkpoint written before it.)
+#
 # Environment: DTUNE_REPO (the checkout; default: the directory sbatch was called from), NPROC_PER_NODE
 # (default: the GPUs Slurm gave each node), MASTER_PORT (default: derived from the job id).
+# LOCAL_ADDR (launch/torchrun.sh) is not set here: it is each node's own address, and this shell runs on the first
+# node only; the nodes meet at the first node's name, which on a Slurm cluster resolves to an address the others
+# reach. Where node names resolve to loopback instead, torchrun.sh's LOCAL_ADDR must be set on each node (and
+# MASTER_ADDR to the first node's address), e.g. from a wrapper that srun starts in place of torchrun.sh.
 set -uo pipefail
 REPO="${DTUNE_REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}"
 if [[ ! -f "$REPO/launch/torchrun.sh" ]]; then
@@ -41,11 +53,18 @@ on_usr1() {
     kill -s USR1 "$srun_pid" 2>/dev/null
 }
 trap on_usr1 USR1
-# SIGTERM (preemption, scancel) reaches the job's processes from Slurm itself; this shell only stays alive to
-# requeue if dtune reports a checkpointed stop.
-trap 'echo "dtune: TERM received"' TERM
+on_term() {
+    # Preemption and plain scancel --signal=TERM signal the training step directly and not this shell; a TERM here
+    # came to the batch step (scancel --full): pass it on to the training step (all its processes, on every node);
+    # if scancel cannot reach slurmctld, as USR1 through srun (srun forwards it; dtune stops on it the same way).
+    echo "dtune: TERM received; dtune checkpoints after the current step and stops"
+    scancel --signal=TERM "$SLURM_JOB_ID" || kill -s USR1 "$srun_pid" 2>/dev/null
+}
+trap on_term TERM
 
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash "$REPO/launch/torchrun.sh" train.resume=auto "$@" &
+# setsid: srun in its own process group, out of reach of a TERM sent to this shell's group (see above). No job
+# control here, so the background child is no group leader and setsid execs srun without forking: $! is srun.
+setsid srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash "$REPO/launch/torchrun.sh" train.resume=auto "$@" &
 srun_pid=$!
 rc=0
 while :; do

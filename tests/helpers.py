@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -107,3 +108,20 @@ def checkpoint_state(out: Path) -> dict:
     """trainer_state.json of the run's only (newest kept) checkpoint."""
     (newest,) = sorted((out / "checkpoints").glob("step-*"))
     return json.loads((newest / "trainer_state.json").read_text())
+
+
+SLURM_TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo")
+
+
+def real_slurm_unavailable() -> str | None:
+    """Why the real-Slurm tests (tests/test_slurm.py) cannot run here, or None where they can: their fixture starts
+    munged, slurmctld and slurmd as root, after installing Debian's packages with apt-get if they are missing."""
+    if not sys.platform.startswith("linux"):
+        return "real Slurm: Linux only"
+    if os.geteuid() != 0:
+        return "real Slurm: needs root to start munged, slurmctld and slurmd"
+    if all(shutil.which(tool) for tool in SLURM_TOOLS):
+        return None
+    if not (shutil.which("apt-get") and shutil.which("dpkg")):
+        return "real Slurm: not installed, and no apt-get/dpkg to install slurmctld, slurmd and munge"
+    return None
