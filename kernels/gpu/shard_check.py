@@ -63,7 +63,7 @@ def main() -> int:
     # (Periodic dumps from a watchdog thread are not safe: one crashed a run inside a torch.compile'd frame.)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    import dtune.model
+    import dtune.train.loop
     from dtune.config import compose
     from dtune.model import load_base
     from dtune.train import run
@@ -101,7 +101,7 @@ def main() -> int:
 
         return watched
 
-    real_build = dtune.model.build_model
+    real_build = dtune.train.loop.build_model
 
     def build_and_watch(*a: object, **k: object) -> torch.nn.Module:
         model = real_build(*a, **k)
@@ -112,7 +112,7 @@ def main() -> int:
                 module.forward = watch(module, layer_key(name), module.forward)
         return model
 
-    dtune.model.build_model = build_and_watch  # dtune.train imports build_model at call time
+    dtune.train.loop.build_model = build_and_watch  # the name the training loop calls
     out_dir = args.out.with_suffix("")
     shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run: an earlier one's checkpoint would be resumed
     run(cfg, out_dir)
