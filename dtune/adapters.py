@@ -15,7 +15,6 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -134,7 +133,11 @@ def check_compatible(adapter: Path, base: nn.Module) -> None:
 
 
 def load_base(
-    trained: Trained, device: torch.device, quantized: bool = True, allow_pickle: bool = False, dtype: Any = None
+    trained: Trained,
+    device: torch.device,
+    quantized: bool = True,
+    allow_pickle: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """The base as it was trained (4-bit when ``quantized``; the run's attention and kernel settings), in eval mode,
     from safetensors unless ``allow_pickle``. See :func:`dtune.model.load_base`."""
