@@ -162,18 +162,24 @@ def _pypi_reachable() -> bool:
 @pytest.mark.slow
 def test_rehearsal_runs_every_stage_of_the_gpu_check(tmp_path: Path):
     """kernels/gpu/rehearse.sh: a fresh venv with the GPU machine's versions (triton 3.6, transformers 5.17, ...)
-    plus only the fetched wheels, then check.sh --dry-run: every stage passes end to end."""
+    plus only the fetched wheels, then check.sh --dry-run: its stages pass end to end. The train stage (the end-to-end
+    benchmark, 85 s here) is left out: tests/test_bench.py runs the same harness, and the suite must stay short."""
     if not _pypi_reachable():
         pytest.skip("the rehearsal installs the GPU machine's versions from PyPI, which is not reachable here")
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DS_ACCELERATOR", "PYTHONPATH")}
     env["DTUNE_CACHE"] = str(tmp_path / "cache")
     # The dry run's own budget (stages' limits x 8 for the interpreter) stays inside the test's limit.
-    code, output = run_bounded(["bash", "kernels/gpu/rehearse.sh", str(out), "--budget", "180"], 2400, env=env, cwd=REPO)
+    code, output = run_bounded(
+        ["bash", "kernels/gpu/rehearse.sh", str(out), "--budget", "180", "--only", "env,tests,shard,nf4,plan"],
+        2400,
+        env=env,
+        cwd=REPO,
+    )
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     stages = {name: s["status"] for name, s in results.get("stages", {}).items()}
     assert code == 0, f"{stages}\n{output[-6000:]}"
-    assert stages == dict.fromkeys(["env", "tests", "shard", "nf4", "train", "plan"], "pass")
+    assert stages == dict.fromkeys(["env", "tests", "shard", "nf4", "plan"], "pass")
     env_info = results["env"]
     assert env_info["versions"]["triton"] == "3.6.0" and env_info["versions"]["transformers"] == "5.17.0"
     assert not env_info["import_failures"] and not env_info["missing_packages"]
