@@ -21,8 +21,7 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     # PEFT calls transformers' renamed gradient-checkpointing methods; the notice is theirs to act on, not the user's.
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    # bitsandbytes looks for an optional CPU kernel package on every load and says so at WARNING.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # (bitsandbytes' optional-kernel notice is silenced in dtune/__init__.py, before bitsandbytes is first imported.)
 
 
 def console_warnings_only() -> None:
