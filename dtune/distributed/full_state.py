@@ -24,8 +24,14 @@ class FullState:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.strategy = engine.strategy
-        self.device = engine.device
+
+    @property
+    def strategy(self) -> str:
+        return self.engine.strategy
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
 
     def _trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
         return {name: p for name, p in self.engine.unwrap(model).named_parameters() if p.requires_grad}

@@ -57,7 +57,11 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
     if not engine.is_main:
         console_warnings_only()
     lock = OutputLock(output_dir)
-    engine.on_main(lambda: lock.acquire() and None)  # refused on every rank when another run holds the directory
+
+    def take_lock() -> None:  # rank 0 holds it; a refusal is raised on every rank
+        lock.acquire()
+
+    engine.on_main(take_lock)
     try:
         with Preemption() as preemption:  # from here on a stop signal is honoured at the next step boundary
             # Know before loading: the memory plan (rank 0, sent to all), refusing a config predicted not to fit.
