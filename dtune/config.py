@@ -20,6 +20,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dtune.data.formats import FORMATS
 from dtune.distributed.env import job_dir_name, rank_suffix
 from dtune.errors import ConfigError
 from dtune.schema import ENGINES, KERNELS, OVERLONG, PRECISIONS, QUANT_TYPES, SCHEDULES, WANDB_MODES, DtuneConfig
@@ -112,7 +113,7 @@ def validate(cfg: DtuneConfig) -> None:
     _positive(e, "data.eval_size", cfg.data.eval_size, allow_zero=True)
     _positive(e, "data.train_size", cfg.data.train_size)
     _one_of(e, "data.overlong", cfg.data.overlong, OVERLONG)
-    _one_of(e, "data.format", cfg.data.format, ("prompt_completion", "alpaca", "chat", "text"))
+    _one_of(e, "data.format", cfg.data.format, FORMATS)
     _one_of(e, "data.train_on", cfg.data.train_on, ("completion", "all"))
     _one_of(e, "data.bad_rows", cfg.data.bad_rows, ("error", "skip"))
     if cfg.data.format == "text" and cfg.data.choices:

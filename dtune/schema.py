@@ -44,7 +44,8 @@ class DataConfig:
     source: str = "builtin:rotten_tomatoes"
     """A .jsonl/.json/.parquet file or save_to_disk folder of records in ``format``, or ``builtin:<name>``."""
     format: str = "prompt_completion"
-    """Record format of JSONL sources: prompt_completion, alpaca, chat or text (see dtune.data.formats)."""
+    """Record format of the sources: prompt_completion, alpaca, chat (OpenAI messages, tools), sharegpt or text
+    (see dtune.data.formats)."""
     train_on: str = "completion"
     """Which tokens carry loss: completion (assistant turns) or all."""
     eval_source: str | None = None

@@ -32,3 +32,26 @@ def tokenizer():
     from dtune.assets import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model("builtin:tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def family_dir(tmp_path_factory):
+    """``family_dir(name)``: the tiny random model of a family in tests/families.py, built once per session."""
+    from tests.families import build_family
+
+    built: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in built:
+            built[name] = build_family(name, tmp_path_factory.mktemp(f"family-{name}"))
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def family_tokenizer(family_dir):
+    """``family_tokenizer(name)``: the tokenizer (with its family's chat template) of ``family_dir(name)``."""
+    from transformers import AutoTokenizer
+
+    return lambda name: AutoTokenizer.from_pretrained(family_dir(name))

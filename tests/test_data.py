@@ -192,8 +192,11 @@ def test_chat_template_refusals_name_the_row(tokenizer):
     import copy
 
     from dtune.data import Row
+    from dtune.errors import ConfigError
 
     strict = copy.deepcopy(tokenizer)
     strict.chat_template = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}{{ m['content'] }}{% endfor %}"
-    with pytest.raises(DataError, match=r"c\.jsonl:4: the chat template refuses this conversation"):
-        Renderer(strict, DataConfig(system_prompt="Be brief.", choices=None))(Row.single("hi", "yo", "c.jsonl:4"))
+    with pytest.raises(ConfigError, match=r"data\.system_prompt: the chat template takes no system message"):
+        Renderer(strict, DataConfig(system_prompt="Be brief.", choices=None))  # refused once, at start
+    with pytest.raises(DataError, match=r"c\.jsonl:4: the chat template refuses this conversation: no system"):
+        Renderer(strict, DataConfig(choices=None))(Row.single("hi", "yo", "c.jsonl:4", system="Be brief."))

@@ -21,7 +21,7 @@ from dtune.schema import DataConfig
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when tokenization or the cached layout changes
+CACHE_VERSION = 2  # bump when tokenization or the cached layout changes
 
 
 def cache_key(cfg: DataConfig, tokenizer: Any) -> str:
@@ -45,12 +45,14 @@ def _tokenize(cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], list[Exam
     bad = BadRows(cfg.bad_rows)
     train_rows, eval_rows = split_rows(cfg, bad)
     renderer = Renderer(tokenizer, cfg)
-    train = build_examples(train_rows, renderer, "training")
-    evals = build_examples(eval_rows, renderer, "evaluation")
+    train = build_examples(train_rows, renderer, "training", bad)
+    evals = build_examples(eval_rows, renderer, "evaluation", bad)
     stats = renderer.stats
     stats.skipped = bad.count
     if bad.count:
         log.warning("data: skipped %d bad rows (data.bad_rows=skip); the first: %s", bad.count, bad.first)
+    if bad.unknown.counts:
+        log.warning("data: keys that data.format=%s does not read were ignored: %s", cfg.format, bad.unknown.summary())
     stats.train_rows, stats.eval_rows = len(train), len(evals)
     if cfg.packing:
         train = pack(train, cfg.max_seq_len)

@@ -1,29 +1,51 @@
 """Rendering: a Row becomes an Example -- chat template, tokenization, loss mask from character spans, truncation.
 
-Each row is rendered to text once, and the loss mask comes from character spans of that rendering (the completion
-starts where the rendered prompt ends), mapped to tokens through the tokenizer's offsets -- never by searching the
-token stream for a response template. Every error names the file and line at fault.
+Each row is rendered to text once, and the loss mask comes from character spans of *that* rendering, mapped to
+tokens through the tokenizer's offsets -- never from renders of the conversation's prefixes (templates rewrite
+earlier turns: Qwen3 drops their reasoning and writes an empty think block on the last turn only) and never by
+searching the token stream for a response template. Every error names the file and line at fault.
+
+Which characters of an assistant turn are trained (the rule, for every template):
+
+* the turn's content as the template wrote it (trimmed, reasoning dropped, ...), found by rendering the same
+  conversation with that content replaced by a marker: what precedes and follows the marker is what precedes and
+  follows the content;
+* before it, whatever the template writes between the turn's header and the content (scaffolding such as the empty
+  ``<think>\n\n</think>\n\n``): the turn starts where the generation prompt ends, because ``dtune generate``
+  feeds the generation prompt and the model must write the rest itself;
+* after it, the template's end-of-turn marker (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ``</s>``): the
+  model learns to stop. Not the newline the template writes after it.
+
+An assistant turn with no user turn before it (a greeting that opens the conversation) is context, not trained;
+nor is a turn marked ``"train": false``. Tool calls are trained as the template renders them; tool results are not.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from jinja2 import TemplateError
 
 from dtune.data.examples import IGNORE, DataStats, Example
 from dtune.data.formats import CHATML, Row
-from dtune.errors import DataError
+from dtune.data.sources import BadRows
+from dtune.errors import ConfigError, DataError
 from dtune.schema import DataConfig
+
+MARKER = "\ue000dtune\ue001"  # private-use characters: no dataset or template writes them
 
 
 class Renderer:
     """Turns a Row into an Example: template, tokenization, loss mask from character spans, truncation.
 
-    Messages are rendered with the tokenizer's chat template (ChatML when it has none); each assistant turn's span
-    is where the rendering of the conversation up to that turn extends the rendering up to its generation prompt.
-    With ``data.chat_template=false`` a single-turn row is plain ``prompt + completion + eos``. Tokens overlapping a
-    trained span are labelled; ``data.train_on=all`` trains on every token.
+    Messages are rendered with the tokenizer's chat template (ChatML when it has none), tools passed to it; the
+    trained spans follow the rule in the module docstring. With ``data.chat_template=false`` a single-turn row is
+    plain ``prompt + completion + eos``. Tokens overlapping a trained span are labelled; ``data.train_on=all`` trains
+    on every token.
+
+    Raises ConfigError at construction for a setting no row can satisfy (``data.system_prompt`` on a template that
+    refuses or drops a system message), DataError naming the row for a row the template refuses.
     """
 
     def __init__(self, tokenizer: Any, cfg: DataConfig) -> None:
@@ -33,16 +55,38 @@ class Renderer:
         self.cfg = cfg
         self.template = getattr(tokenizer, "chat_template", None) or CHATML
         self.stats = DataStats()
+        self.end_of_turn = self._end_of_turn() if cfg.chat_template else None
+        if cfg.system_prompt and cfg.chat_template:
+            self._check_system_prompt(cfg.system_prompt)
 
-    def chat(self, messages: list[dict[str, str]], generation_prompt: bool = False, where: str = "") -> str:
+    def chat(
+        self, messages: list[dict[str, Any]], generation_prompt: bool = False, where: str = "", tools: list | None = None
+    ) -> str:
         """``messages`` rendered with the chat template as training renders them (``generation_prompt``: ending with
         the assistant's turn opened). Raises DataError naming ``where`` when the template refuses them."""
         try:
             return self.tok.apply_chat_template(
-                messages, chat_template=self.template, add_generation_prompt=generation_prompt, tokenize=False
+                messages, chat_template=self.template, add_generation_prompt=generation_prompt, tokenize=False, tools=tools
             )
-        except TemplateError as err:  # templates refuse e.g. a system turn or non-alternating roles
+        except (TemplateError, ValueError, TypeError, KeyError, IndexError) as err:  # e.g. roles that do not alternate
             raise DataError(f"{where}: the chat template refuses this conversation: {err}") from None
+
+    def _end_of_turn(self) -> str | None:
+        """What the template writes right after an answer (``<|im_end|>``), up to the first whitespace; None if
+        nothing."""
+        probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": MARKER}]
+        full = self.chat(probe, where="data.chat_template (probe conversation)")
+        tail = full[full.index(MARKER) + len(MARKER) :].strip()
+        return tail.split()[0] if tail else None
+
+    def _check_system_prompt(self, system: str) -> None:
+        probe = [{"role": "system", "content": system}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        try:
+            text = self.chat(probe)
+        except DataError as err:
+            raise ConfigError(f"data.system_prompt: the chat template takes no system message ({err})") from None
+        if system.strip() not in text:
+            raise ConfigError("data.system_prompt: the chat template drops the system message; no row would see it")
 
     def _texts(self, row: Row) -> tuple[str, list[tuple[int, int]], int, bool]:
         """(full text, trained character spans, end of the last prompt, whether the text is templated)."""
@@ -52,37 +96,80 @@ class Renderer:
         messages = list(row.messages)
         if self.cfg.system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": self.cfg.system_prompt})
+        shift = len(messages) - len(row.messages)
         if not self.cfg.chat_template:
             if [m["role"] for m in messages] != ["user", "assistant"]:
                 raise DataError(f"{row.where}: data.chat_template=false takes single-turn rows (one user, one assistant)")
             prompt, full = messages[0]["content"], messages[0]["content"] + messages[1]["content"] + (self.tok.eos_token or "")
             return full, [(len(prompt), len(full))], len(prompt), False
-        full = self.chat(messages, where=row.where)
-        spans, prompt_end = [], 0
+        full = self.chat(messages, where=row.where, tools=row.tools)
+        if row.tools and not all(_tool_name(t) in full for t in row.tools):
+            raise DataError(f"{row.where}: the chat template does not render the row's tools (no tool support)")
+        spans, prompt_end, seen_user = [], 0, False
         for i, m in enumerate(messages):
-            if m["role"] != "assistant":
+            seen_user = seen_user or m["role"] == "user"
+            if m["role"] != "assistant" or not seen_user or (i - shift) in row.untrained:
                 continue
-            head = self.chat(messages[:i], generation_prompt=True, where=row.where)
-            upto = self.chat(messages[: i + 1], where=row.where)
-            if not (upto.startswith(head) and full.startswith(upto)):
-                raise DataError("data.chat_template: the template does not render conversations as prefixes of each other")
-            # The answer and its end-of-turn token, not the template's trailing newline.
-            spans.append((len(head), len(upto.rstrip())))
-            prompt_end = len(head)
+            start, end = self._turn(messages, i, full, row)
+            spans.append((start, end))
+            prompt_end = start
+        if not spans:
+            raise DataError(f"{row.where}: no assistant turn to train on (each follows no user turn, or is opted out)")
         return full, spans, prompt_end, True
 
+    def _turn(self, messages: list[dict[str, Any]], i: int, full: str, row: Row) -> tuple[int, int]:
+        """Character span of assistant turn ``i`` in ``full`` (see the module docstring)."""
+        at = f"{row.where}: messages[{i}]"
+        content: tuple[int, int] | None = None
+        marked = [*messages[:i], {**messages[i], "content": MARKER}, *messages[i + 1 :]]
+        try:
+            variant = self.chat(marked, where=at, tools=row.tools)
+        except DataError:
+            variant = ""
+        k = variant.find(MARKER)
+        if k >= 0 and variant.count(MARKER) == 1:
+            before, after = variant[:k], variant[k + len(MARKER) :]
+            if full.startswith(before) and full.endswith(after) and k <= len(full) - len(after):
+                content = (k, len(full) - len(after))
+        start = content[0] if content else None
+        try:
+            header = self.chat(messages[:i], generation_prompt=True, where=at, tools=row.tools)
+        except DataError:
+            header = None
+        if header is not None and full.startswith(header) and (content is None or len(header) <= content[0]):
+            start = len(header)
+        if start is None:
+            raise DataError(f"{at}: cannot find this assistant turn in the chat template's rendering of the conversation")
+        after_content = content[1] if content else start
+        if self.end_of_turn:
+            j = full.find(self.end_of_turn, after_content)
+            if j >= 0:
+                return start, j + len(self.end_of_turn)
+        if content is None:
+            raise DataError(f"{at}: cannot find where this assistant turn ends in the chat template's rendering")
+        return start, content[1]
+
     def _encode(self, row: Row) -> tuple[list[int], list[int], int]:
+        """Token ids, labels and prompt length. The text is tokenized piece by piece, cut where trained spans start
+        and end, so that the prompt's tokens are exactly those of the prompt tokenized alone -- what ``dtune
+        generate`` feeds (tokenizing the whole text can merge across the boundary: ``"\\n\\n"`` + ``"7"``)."""
         full, spans, prompt_end, templated = self._texts(row)
         if self.cfg.train_on == "all":
             spans = [(0, len(full))]
-        enc = self.tok(full, add_special_tokens=not templated, return_offsets_mapping=True)
-        ids: list[int] = enc["input_ids"]
-        labels, prompt_len = [], 0
-        for tok_id, (start, stop) in zip(ids, enc["offset_mapping"], strict=True):
-            trained = stop > start and any(stop > a and start < b for a, b in spans)
-            labels.append(tok_id if trained else IGNORE)
-            if stop <= prompt_end:
-                prompt_len += 1
+        cuts = sorted({0, len(full), prompt_end, *(x for span in spans for x in span)})
+        pieces = [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
+        encoded = self.tok([full[a:b] for a, b in pieces], add_special_tokens=False)["input_ids"]
+        if not templated:  # the tokenizer's own BOS (and whatever else it adds), as generate gets it
+            encoded[0] = self.tok(full[pieces[0][0] : pieces[0][1]], add_special_tokens=True)["input_ids"]
+        ids: list[int] = []
+        labels: list[int] = []
+        prompt_len = 0
+        for (a, b), piece in zip(pieces, encoded, strict=True):
+            trained = any(a >= lo and b <= hi for lo, hi in spans)
+            ids += piece
+            labels += piece if trained else [IGNORE] * len(piece)
+            if b <= prompt_end:
+                prompt_len = len(ids)
         return ids, labels, prompt_len
 
     def __call__(self, row: Row) -> Example | None:
@@ -114,8 +201,24 @@ class Renderer:
         return [t for t, lab in zip(ids[prompt_len:], labels[prompt_len:], strict=True) if lab != IGNORE]
 
 
-def build_examples(rows: list[Row], renderer: Renderer, what: str) -> list[Example]:
-    examples = [ex for ex in (renderer(r) for r in rows) if ex is not None]
+def _tool_name(tool: Any) -> str:
+    fn = tool.get("function", tool) if isinstance(tool, dict) else tool
+    return str(fn.get("name", "")) if isinstance(fn, dict) else ""
+
+
+def build_examples(rows: list[Row], renderer: Renderer, what: str, bad: BadRows | None = None) -> list[Example]:
+    """Examples of ``rows``; a row the template or tokenizer cannot make into one raises DataError naming it, or is
+    counted and skipped (``bad``, data.bad_rows=skip)."""
+    bad = bad or BadRows()
+    examples = []
+    for row in rows:
+        try:
+            example = renderer(row)
+        except DataError as err:
+            bad(err)
+            continue
+        if example is not None:
+            examples.append(example)
     if not examples:
-        raise DataError(f"data: no {what} sample is left after tokenization (all longer than data.max_seq_len?)")
+        raise DataError(f"data: no {what} sample is left after tokenization (all bad, or longer than data.max_seq_len?)")
     return examples

@@ -10,17 +10,18 @@ import random
 from pathlib import Path
 
 from dtune.assets import BUILTIN_PREFIX, package_dir
-from dtune.data.formats import Row, row_from_obj
+from dtune.data.formats import Row, UnknownKeys, row_from_obj
 from dtune.errors import DataError
 from dtune.schema import DataConfig
 
 
 class BadRows:
     """What happens to a malformed record: ``error`` stops the run naming it; ``skip`` counts it and goes on
-    (the count and the first problem are logged as a warning)."""
+    (the count and the first problem are logged as a warning). Also counts the record keys no format reads."""
 
     def __init__(self, mode: str = "error") -> None:
         self.mode, self.count, self.first = mode, 0, ""
+        self.unknown = UnknownKeys()
 
     def __call__(self, err: DataError) -> None:
         if self.mode != "skip":
@@ -29,9 +30,9 @@ class BadRows:
         self.first = self.first or str(err)
 
 
-def _jsonl_record(raw: bytes, where: str, fmt: str) -> Row | None:
+def _jsonl_record(raw: bytes, where: str, fmt: str, unknown: UnknownKeys) -> Row | None:
     try:
-        line = raw.decode("utf-8")
+        line = raw.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark (Windows editors write one)
     except UnicodeDecodeError as err:
         raise DataError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
     if not line.strip():
@@ -40,7 +41,7 @@ def _jsonl_record(raw: bytes, where: str, fmt: str) -> Row | None:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
         raise DataError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
-    return row_from_obj(obj, where, fmt)
+    return row_from_obj(obj, where, fmt, unknown)
 
 
 def read_jsonl(path: str, field_name: str, fmt: str = "prompt_completion", bad: BadRows | None = None) -> list[Row]:
@@ -53,7 +54,7 @@ def read_jsonl(path: str, field_name: str, fmt: str = "prompt_completion", bad: 
     with open(p, "rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
             try:
-                row = _jsonl_record(raw, f"{p}:{lineno}", fmt)
+                row = _jsonl_record(raw, f"{p}:{lineno}", fmt, bad.unknown)
             except DataError as err:
                 bad(err)
                 continue
@@ -136,7 +137,7 @@ def _records(path: Path, field_name: str):
             raise DataError(f"{path}: not a readable Parquet file ({err})") from None
         return ((f"{path}: row {i}", rec) for i, rec in enumerate(table.to_pylist()))
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
     except json.JSONDecodeError as err:
@@ -159,7 +160,7 @@ def read_source(path: str, field_name: str, fmt: str, bad: BadRows | None = None
     rows = []
     for where, rec in _records(p, field_name):
         try:
-            rows.append(row_from_obj(rec, where, fmt))
+            rows.append(row_from_obj(rec, where, fmt, bad.unknown))
         except DataError as err:
             bad(err)
     if not rows:

@@ -1,0 +1,210 @@
+"""Chat templates of every family, and the formats users bring: what is trained is exactly each assistant turn as
+it appears in the final rendering, and every failure names the row."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from dtune.data import IGNORE, Renderer
+from dtune.data.formats import row_from_obj
+from dtune.data.load import load_data
+from dtune.data.sources import BadRows, read_jsonl
+from dtune.errors import ConfigError, DataError
+from dtune.schema import DataConfig
+from tests.families import FAMILIES
+from tests.helpers import write_jsonl
+
+PICK = {
+    "messages": [
+        {"role": "user", "content": "Pick a colour."},
+        {"role": "assistant", "content": "Teal."},
+        {"role": "user", "content": "And a fruit?"},
+        {"role": "assistant", "content": "Plum."},
+    ]
+}
+PRIME = {"messages": [{"role": "user", "content": "Name a prime below 10."}, {"role": "assistant", "content": "7"}]}
+GREETING = {
+    "messages": [
+        {"role": "assistant", "content": "Hello, how can I help?"},
+        {"role": "user", "content": "Opening hours?"},
+        {"role": "assistant", "content": "9 to 5."},
+    ]
+}
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+TOOL_ROW = {
+    "tools": [WEATHER_TOOL],
+    "messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}],
+        },
+        {"role": "tool", "content": "-3 C, snow"},
+        {"role": "assistant", "content": "Snowing, -3 C."},
+    ],
+}
+
+
+def trained_runs(tok, example) -> list[str]:
+    """The labelled text, decoded run by run."""
+    runs, current = [], []
+    for t, lab in zip(example.input_ids, example.labels, strict=True):
+        if lab != IGNORE:
+            current.append(t)
+        elif current:
+            runs.append(tok.decode(current))
+            current = []
+    if current:
+        runs.append(tok.decode(current))
+    return runs
+
+
+def render(tok, obj, fmt="chat", **cfg):
+    return Renderer(tok, DataConfig(format=fmt, choices=None, **cfg))(row_from_obj(obj, "rows.jsonl:1", fmt))
+
+
+def test_qwen3_template_trains_each_turn_as_finally_rendered(family_tokenizer):
+    """Fault 1: the think block on the last turn only, so prefixes do not render as prefixes."""
+    tok = family_tokenizer("qwen3")
+    assert trained_runs(tok, render(tok, PICK)) == ["Teal.<|im_end|>", "<think>\n\n</think>\n\nPlum.<|im_end|>"]
+    assert trained_runs(tok, render(tok, PRIME)) == ["<think>\n\n</think>\n\n7<|im_end|>"]
+    # Earlier reasoning is dropped by the template: what is trained is what the sequence holds.
+    reasoned = json.loads(json.dumps(PICK))
+    reasoned["messages"][1]["content"] = "<think>\nBlue-green.\n</think>\n\nTeal."
+    reasoned["messages"][3]["content"] = "<think>\nSomething purple.\n</think>\n\nPlum."
+    ex = render(tok, reasoned)
+    assert "Blue-green" not in tok.decode(ex.input_ids)
+    assert trained_runs(tok, ex) == ["Teal.<|im_end|>", "<think>\nSomething purple.\n</think>\n\nPlum.<|im_end|>"]
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_family_trains_answers_and_end_of_turn_only(family_tokenizer, name):
+    tok = family_tokenizer(name)
+    fam = FAMILIES[name]
+    runs = trained_runs(tok, render(tok, PICK))
+    assert len(runs) == 2, runs
+    assert "Teal." in runs[0] and "Plum." in runs[1] and runs[1].endswith(fam.end_of_turn)
+    for run in runs:  # nothing of the user turns or headers
+        assert "colour" not in run and "fruit" not in run and "user" not in run
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_training_and_generate_render_the_prompt_alike(family_tokenizer, name):
+    """The tokens before the last answer are the tokens ``dtune generate`` feeds for the same prompt."""
+    from dtune.commands.generate import render as generate_render
+
+    tok = family_tokenizer(name)
+    system = "Be brief." if FAMILIES[name].system else None
+    renderer = Renderer(tok, DataConfig(format="chat", choices=None, system_prompt=system))
+    ex = renderer(row_from_obj(PRIME, "p:1", "chat"))
+    text, templated = generate_render(renderer, "Name a prime below 10.", system)
+    assert templated
+    assert tok(text, add_special_tokens=False)["input_ids"] == ex.input_ids[: ex.prompt_len]
+
+
+def test_a_leading_assistant_turn_is_context_or_a_named_error(family_tokenizer, tokenizer):
+    """Fault 2: a conversation opened by the assistant."""
+    ex = render(tokenizer, GREETING)  # ChatML takes it: the greeting is context, the answer is trained
+    assert trained_runs(tokenizer, ex) == ["9 to 5.<|im_end|>"]
+    assert "Hello, how can I help?" in tokenizer.decode(ex.input_ids)
+    gemma = family_tokenizer("gemma3")  # roles must alternate from the user: a named, skippable error
+    with pytest.raises(DataError, match=r"rows\.jsonl:1: the chat template refuses this conversation: Conversation roles"):
+        render(gemma, GREETING)
+
+
+def test_template_failures_are_skippable_rows(tmp_path: Path, family_tokenizer):
+    tok = family_tokenizer("gemma3")
+    path = write_jsonl(tmp_path / "rows.jsonl", [PICK, GREETING, PRIME, PICK])
+    cfg = DataConfig(source=str(path), format="chat", eval_size=1, choices=None, cache=False, bad_rows="skip")
+    train, evals, stats = load_data(cfg, tok)
+    assert stats.skipped == 1 and len(train) + len(evals) == 3
+    with pytest.raises(DataError, match=r"rows\.jsonl:2: the chat template refuses"):
+        load_data(DataConfig(source=str(path), format="chat", eval_size=1, choices=None, cache=False), tok)
+
+
+@pytest.mark.parametrize("name", ["mistral"])
+def test_a_system_prompt_the_template_cannot_take_is_refused_at_start(family_tokenizer, name):
+    with pytest.raises(ConfigError, match=r"data\.system_prompt: the chat template takes no system message"):
+        Renderer(family_tokenizer(name), DataConfig(system_prompt="Be brief.", choices=None))
+    Renderer(family_tokenizer("gemma3"), DataConfig(system_prompt="Be brief.", choices=None))  # folds it: fine
+
+
+def test_tool_calls_are_trained_and_tool_results_are_not(family_tokenizer):
+    tok = family_tokenizer("qwen2")
+    ex = render(tok, TOOL_ROW)
+    text = tok.decode(ex.input_ids)
+    assert '"name": "get_weather"' in text and "<tools>" in text  # the template's own tool rendering
+    runs = trained_runs(tok, ex)
+    assert len(runs) == 2 and "<tool_call>" in runs[0] and '"city": "Oslo"' in runs[0] and runs[0].endswith("<|im_end|>")
+    assert runs[1] == "Snowing, -3 C.<|im_end|>"
+    assert all("snow" not in r for r in runs[:1])  # the tool's result is context
+
+
+def test_a_template_without_tool_support_refuses_tool_rows(family_tokenizer):
+    with pytest.raises(DataError, match=r"rows\.jsonl:1: the chat template does not render the row's tools"):
+        render(family_tokenizer("phi3"), TOOL_ROW)
+
+
+def test_sharegpt_rows_render_like_openai_messages(family_tokenizer):
+    tok = family_tokenizer("qwen2")
+    share = {
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Pick a colour."},
+            {"from": "gpt", "value": "Teal."},
+        ],
+        "id": "x1",
+    }
+    openai = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Pick a colour."},
+            {"role": "assistant", "content": "Teal."},
+        ]
+    }
+    a, b = render(tok, share, "sharegpt"), render(tok, openai)
+    assert (a.input_ids, a.labels) == (b.input_ids, b.labels)
+
+
+def test_content_parts_opt_outs_and_alpaca_history(tokenizer):
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Pick "}, {"type": "text", "text": "one."}]}, {"role": "assistant", "content": [{"type": "text", "text": "Teal."}]}]}
+    assert trained_runs(tokenizer, render(tokenizer, parts)) == ["Teal.<|im_end|>"]
+    opted = json.loads(json.dumps(PICK))
+    opted["messages"][1]["train"] = False
+    assert trained_runs(tokenizer, render(tokenizer, opted)) == ["Plum.<|im_end|>"]
+    alpaca = {"system": "Be brief.", "history": [["Pick a colour.", "Teal."]], "instruction": "And a fruit?", "output": "Plum."}
+    ex = render(tokenizer, alpaca, "alpaca")
+    assert trained_runs(tokenizer, ex) == ["Teal.<|im_end|>", "Plum.<|im_end|>"]
+    assert "Be brief." in tokenizer.decode(ex.input_ids)
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}, {"role": "assistant", "content": "A cat."}]}
+    with pytest.raises(DataError, match=r"rows\.jsonl:1: messages\[0\]: content\[0\] is a 'image_url' part"):
+        render(tokenizer, image)
+
+
+@pytest.mark.parametrize("content", ["", "   \n"])
+def test_an_empty_assistant_turn_is_refused_or_skipped(tmp_path: Path, content):
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": content}]}
+    path = write_jsonl(tmp_path / "e.jsonl", [PRIME, row])
+    with pytest.raises(DataError, match=r"e\.jsonl:2: messages\[1\]: the assistant turn is empty"):
+        read_jsonl(str(path), "data.source", "chat")
+    bad = BadRows("skip")
+    assert len(read_jsonl(str(path), "data.source", "chat", bad)) == 1 and bad.count == 1
+
+
+def test_bom_crlf_and_unknown_keys(tmp_path: Path, tokenizer, caplog):
+    path = tmp_path / "win.jsonl"
+    lines = [json.dumps({**PRIME, "id": i, "source": "web"}) for i in range(4)]
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    bad = BadRows()
+    rows = read_jsonl(str(path), "data.source", "chat", bad)
+    assert len(rows) == 4 and rows[0].messages[1]["content"] == "7"
+    assert bad.unknown.counts == {"id": 4, "source": 4}
+    cfg = DataConfig(source=str(path), format="chat", eval_size=1, choices=None, cache=False)
+    with caplog.at_level(logging.WARNING):
+        load_data(cfg, tokenizer)
+    assert "does not read were ignored: 'id' in 4 rows" in caplog.text
