@@ -137,10 +137,28 @@ def validate(cfg: DtuneConfig) -> None:
 
 def to_dataclass(cfg: DictConfig) -> DtuneConfig:
     """Resolve interpolations and convert the composed config to the typed dataclass tree, once, at the entry."""
+    if unknown := _unknown_keys(cfg, OmegaConf.structured(DtuneConfig)):
+        raise ConfigError(
+            f"config: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} (added with '+'? dtune reads only "
+            "the keys of its schema; see `dtune train --cfg job` for them)"
+        )
     obj = OmegaConf.to_object(cfg)
     if not isinstance(obj, DtuneConfig):  # composed without the schema (a user's own config.yaml)
         raise ConfigError("config: the primary config must list 'dtune_schema' first in its defaults")
     return obj
+
+
+def _unknown_keys(node: DictConfig, schema: DictConfig, prefix: str = "") -> list[str]:
+    """Keys of ``node`` that the schema lacks, as dotted paths. Hydra's ``+key=value`` adds keys past the struct flag,
+    and converting to the dataclass would drop them silently."""
+    found = []
+    for key in node:
+        path = f"{prefix}{key}"
+        if key not in schema:
+            found.append(path)
+        elif isinstance(node[key], DictConfig) and isinstance(schema[key], DictConfig):
+            found += _unknown_keys(node[key], schema[key], path + ".")
+    return found
 
 
 def compose(overrides: list[str], check: bool = True) -> DtuneConfig:

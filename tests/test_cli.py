@@ -89,6 +89,12 @@ def assert_clean_failure(proc: subprocess.CompletedProcess[str], *needles: str) 
     assert "Traceback" not in text, f"a traceback reached the user:\n{text[-2000:]}"
 
 
+def test_a_plus_added_key_stops_the_run_before_training(tmp_path: Path):
+    proc = dtune(*SMOKE, "+no_such_key=1", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert_clean_failure(proc, "config: unknown key no_such_key")
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
 @pytest.mark.integration
 def test_missing_data_file(tmp_path: Path):
     proc = dtune(*SMOKE, "data=jsonl", "data.source=nowhere.jsonl", cwd=tmp_path)

@@ -54,6 +54,13 @@ def test_misspelt_key_fails_naming_it():
         compose_config(["optim.lrr=1e-3"])
 
 
+@pytest.mark.parametrize("override,key", [("+no_such_key=1", "no_such_key"), ("+optim.lr_typo=2", "optim.lr_typo")])
+def test_keys_added_with_plus_fail_naming_them(override: str, key: str):
+    """Hydra's ``+`` adds keys past the schema's struct flag; dtune must not train while ignoring them."""
+    with pytest.raises(ConfigError, match=rf"config: unknown key {key} \(added with '\+'"):
+        compose_config([override])
+
+
 def test_wrong_type_fails_naming_the_field():
     with pytest.raises(
         ConfigError, match=r"Value 'many' of type 'str' could not be converted to Integer full_key: train.max_steps"
