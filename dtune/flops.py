@@ -96,13 +96,11 @@ class FlopCounts:
 def attention_pairs(batch: dict[str, torch.Tensor]) -> int:
     """Sum of squared sample lengths in a collated batch; for packed rows, per packed sample (position ids restart
     at each; the padding at a row's end, which restarts them too, is left out)."""
-    mask = batch["attention_mask"]
-    if mask.dim() == 2:
-        lengths = mask.sum(dim=1)
+    lengths = batch["attention_mask"].sum(dim=1)
+    if "position_ids" not in batch:
         return int((lengths * lengths).sum())
-    real = mask.diagonal(dim1=-2, dim2=-1).sum(dim=-1).reshape(-1).tolist()
     total = 0
-    for row, used in zip(batch["position_ids"], real, strict=True):
+    for row, used in zip(batch["position_ids"], lengths.tolist(), strict=True):
         bounds = [*(row == 0).nonzero()[:, 0].tolist(), row.numel()]
         total += sum(max(0, min(end, used) - start) ** 2 for start, end in itertools.pairwise(bounds))
     return total

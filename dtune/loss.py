@@ -35,18 +35,6 @@ class CompletionLoss(nn.Module):
         self._softcap = getattr(base.config, "final_logit_softcapping", None)
         self._config = base.config
 
-    def _packed_mask(self, mask: torch.Tensor) -> torch.Tensor | None:
-        """The block-diagonal mask of packed rows, in the form the attention backend takes: bool for SDPA; None for
-        flash-attention (its variable-length kernel finds the samples from the restarting position ids); an
-        additive float mask for eager attention."""
-        impl = str(getattr(self._config, "_attn_implementation", "sdpa"))
-        if impl == "sdpa":
-            return mask
-        if impl.startswith("flash"):
-            return None
-        dtype = self._head.weight.dtype if self._head.weight.dtype.is_floating_point else torch.float32
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-
     def _token_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.logits(hidden), targets, reduction="none")
 
@@ -60,19 +48,21 @@ class CompletionLoss(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         labels: torch.Tensor,
         gather_at: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """input_ids, labels: [batch, seq]; attention_mask: [batch, seq], or [batch, 1, seq, seq] for packed rows
-        (with position_ids: [batch, seq]); gather_at: [batch] positions or None.
+        """input_ids, labels, attention_mask: [batch, seq]; gather_at: [batch] positions or None. position_ids
+        [batch, seq] come with packed rows: the model then gets no attention mask and finds the samples from the
+        restarting position ids, each layer with its own (sliding-window or full) causal mask -- see
+        dtune.data.packing.
 
         Returns ``loss_sum`` and ``tokens``, both [batch] (summed cross-entropy and count of labelled tokens per
         row), and with ``gather_at`` the fp32 logits there, ``logits_at``: [batch, vocab].
         """
-        if attention_mask.dim() == 4:
-            attention_mask = self._packed_mask(attention_mask)
+        if position_ids is not None:
+            attention_mask = None
         hidden = self._decoder(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state

@@ -8,15 +8,16 @@ from collections.abc import Iterator
 import torch
 
 from dtune.data.examples import IGNORE, Example
-from dtune.data.packing import block_causal_mask, position_ids, segment_ids
+from dtune.data.packing import position_ids
 from dtune.errors import DataError
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sample. Returns input_ids, attention_mask, labels: [batch, seq].
 
-    With packed rows, also position_ids [batch, seq] restarting per sample, and attention_mask becomes the
-    block-diagonal causal mask [batch, 1, seq, seq].
+    With packed rows, also position_ids [batch, seq] restarting per sample (and at the padding): the model is then
+    given no attention mask and builds the per-sample masks from them (see dtune.data.packing); attention_mask
+    still marks the real tokens, for counting.
     """
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -31,7 +32,6 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     if any(e.segments for e in examples):
         segments = [e.segments or [len(e.input_ids)] for e in examples]
         batch["position_ids"] = position_ids(segments, width)
-        batch["attention_mask"] = block_causal_mask(segment_ids(segments, width))
     return batch
 
 

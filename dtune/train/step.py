@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from dtune.data.examples import IGNORE
-from dtune.data.packing import real_tokens
 from dtune.distributed.engine import Engine
 from dtune.flops import attention_pairs
 
@@ -69,7 +68,7 @@ def train_step(
     if len(batches) != engine.grad_accum_steps:
         raise ValueError(f"train_step: {len(batches)} micro-batches for grad_accum_steps={engine.grad_accum_steps}")
     # Counted on the CPU batches (no device synchronisation), reduced over ranks in one all-reduce.
-    counts = torch.tensor([[int(real_tokens(b["attention_mask"])), int(labelled_tokens(b)), attention_pairs(b)] for b in batches])
+    counts = torch.tensor([[int(b["attention_mask"].sum()), int(labelled_tokens(b)), attention_pairs(b)] for b in batches])
     tokens, labelled, pairs = (int(v) for v in engine.sum(counts.sum(dim=0).to(engine.device)))
     micro = [{k: v.to(engine.device) for k, v in b.items()} for b in batches]
     loss = accumulate_gradients(loss_model, micro, engine, torch.tensor(labelled))
