@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dtune.assets import resolve_model
+from dtune.data.formats import CHATML
 from dtune.errors import ConfigError, DtuneError
 from dtune.quant import fuse_lora_layers, use_fused_kernels
 from dtune.schema import DtuneConfig
@@ -31,9 +32,13 @@ def model_dir(cfg: DtuneConfig) -> Path:
 
 
 def load_tokenizer(cfg: DtuneConfig) -> Any:
+    """The base's tokenizer, with a padding token (its eos when it has none) and a chat template (ChatML when it has
+    none): the template training renders with, which merge and the saved adapter carry."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir(cfg), trust_remote_code=cfg.model.trust_remote_code)
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = CHATML
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padded positions are masked out of attention and loss anyway
     return tok

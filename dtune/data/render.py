@@ -201,6 +201,18 @@ class Renderer:
         return [t for t, lab in zip(ids[prompt_len:], labels[prompt_len:], strict=True) if lab != IGNORE]
 
 
+def prompt_format(cfg: Any, tokenizer: Any) -> dict[str, Any]:
+    """How a run's prompts were rendered, for what it exports (merged model, adapter): whether the chat template
+    (the tokenizer's, saved beside) was used, its end-of-turn marker, the system prompt. ``cfg``: a DtuneConfig."""
+    data = cfg.data
+    templated = bool(data.chat_template) and data.format != "text"
+    if not templated:
+        note = "trained on plain text without a chat template: prompt it with plain text, it ends answers with eos"
+        return {"chat_template": False, "end_of_turn": None, "system_prompt": None, "note": note}
+    renderer = Renderer(tokenizer, data)
+    return {"chat_template": True, "end_of_turn": renderer.end_of_turn, "system_prompt": data.system_prompt}
+
+
 def _tool_name(tool: Any) -> str:
     fn = tool.get("function", tool) if isinstance(tool, dict) else tool
     return str(fn.get("name", "")) if isinstance(fn, dict) else ""
