@@ -143,13 +143,44 @@ def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
         bias=cfg.lora.bias,
         task_type="CAUSAL_LM",
     )
+    projections = layer_projections(base)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # adapter init depends on the seed only, not on what ran before
         try:
             model = get_peft_model(base, lora)
         except ValueError as err:  # PEFT: "Target modules {...} not found in the base model"
             raise ConfigError(f"lora.target_modules: {err}") from None
+    warn_partial_targets(cfg.lora.target_modules, projections, model.base_model.targeted_module_names, type(base).__name__)
     return model
+
+
+def layer_projections(model: nn.Module) -> set[str]:
+    """Names (the last part) of the linear layers inside the decoder layers: q_proj, qkv_proj, gate_up_proj, ..."""
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and ".layers." in f".{name}"
+    }
+
+
+def warn_partial_targets(targets: list[str], projections: set[str], targeted: list[str], arch: str) -> None:
+    """Warn when some of ``targets`` match no layer while some projections get no adapter: a target list written for
+    another family (Phi-3's fused qkv_proj and gate_up_proj with Llama's names leave only o_proj and down_proj
+    adapted)."""
+    if list(targets) == ["all-linear"]:
+        return
+    hit = {name.rsplit(".", 1)[-1] for name in targeted}
+    missing = [t for t in targets if t not in hit]
+    left = sorted(projections - hit)
+    if missing and left:
+        log.warning(
+            "lora.target_modules: %s match no layer of %s; adapters go on %s only, and %s get none. "
+            "lora.target_modules=[all-linear] adapts every linear projection of any family",
+            ", ".join(missing),
+            arch,
+            ", ".join(sorted(hit)) or "nothing",
+            ", ".join(left),
+        )
 
 
 def build_model(cfg: DtuneConfig, device: torch.device | None) -> nn.Module:

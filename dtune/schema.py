@@ -86,10 +86,10 @@ class LoraConfig:
     """Scaling numerator: the adapter output is multiplied by alpha / r."""
     dropout: float = 0.0
     """Dropout on the adapter input."""
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-    """Names of the linear layers that get adapters (["all-linear"] for every linear but the output head)."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Names of the linear layers that get adapters, e.g. [q_proj, v_proj]; [all-linear]: every linear layer but the
+    output head, whatever the family calls them (q/k/v/o_proj and gate/up/down_proj in Llama, qkv_proj and
+    gate_up_proj in Phi-3)."""
     bias: str = "none"
     """Which biases train: none, all or lora_only (PEFT's ``bias``)."""
 
