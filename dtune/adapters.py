@@ -23,7 +23,7 @@ from dtune.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS, check
 from dtune.config import load_saved
 from dtune.errors import DtuneError
 from dtune.model import load_base as load_model_base
-from dtune.model import pin_cpu_4bit_layout
+from dtune.model import freeze_as_trained, pin_cpu_4bit_layout
 from dtune.runtime import quiet_libraries
 from dtune.schema import DtuneConfig
 
@@ -147,10 +147,10 @@ def load_base(
 
 
 def load_trained(trained: Trained, device: torch.device, allow_pickle: bool = False) -> nn.Module:
-    """Base (4-bit, as trained) + adapter, ready for inference."""
+    """Base (4-bit, frozen and upcast as trained) + adapter, ready for inference: it computes what training did."""
     from peft import PeftModel
 
-    base = load_base(trained, device, allow_pickle=allow_pickle)
+    base = freeze_as_trained(trained.cfg, load_base(trained, device, allow_pickle=allow_pickle))
     check_compatible(trained.adapter_dir, base)
     model = PeftModel.from_pretrained(base, trained.adapter_dir, is_trainable=False)
     pin_cpu_4bit_layout(model)

@@ -114,6 +114,23 @@ def load_base(
     return model.train() if training else model.eval()
 
 
+def freeze_as_trained(cfg: DtuneConfig, base: nn.Module, checkpointing: bool = False) -> nn.Module:
+    """Freeze the base as training does, so that evaluation and generation compute what training computed: a 4-bit
+    base through PEFT's ``prepare_model_for_kbit_training`` (its non-quantized parameters -- embeddings, norms, head
+    -- upcast to fp32; a bf16 norm gives other losses), a 16-bit base as loaded. ``checkpointing``: also enable
+    gradient checkpointing (training)."""
+    from peft import prepare_model_for_kbit_training
+
+    kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    if cfg.quant.quant_type != "none":
+        return prepare_model_for_kbit_training(base, use_gradient_checkpointing=checkpointing, **kwargs)
+    base.requires_grad_(False)
+    if checkpointing:
+        base.gradient_checkpointing_enable(**kwargs)
+        base.enable_input_require_grads()
+    return base
+
+
 def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
     """Freeze the base, enable checkpointing, attach LoRA.
 
@@ -122,16 +139,9 @@ def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
     upcasting all of it would double its memory, and under autocast every matmul would cast each weight back and
     keep that copy for backward (measured on SmolLM2-135M, 2 x 256 tokens: 2.8x the peak tensor memory).
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
-    checkpointing = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-    if cfg.quant.quant_type == "none":
-        base.requires_grad_(False)
-        if cfg.model.gradient_checkpointing:
-            base.gradient_checkpointing_enable(**checkpointing)
-            base.enable_input_require_grads()
-    else:
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.model.gradient_checkpointing, **checkpointing)
+    base = freeze_as_trained(cfg, base, checkpointing=cfg.model.gradient_checkpointing)
     targets: list[str] | str = list(cfg.lora.target_modules)
     if targets == ["all-linear"]:
         targets = "all-linear"

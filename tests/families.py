@@ -216,3 +216,18 @@ def build_family(name: str, out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+WORDS = "alpha beta gamma delta teal plum river stone cloud light north quiet amber seven".split()
+
+
+def chat_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` two-turn chat records of 5-30 words per turn (a deterministic mix of a small vocabulary)."""
+    import random
+
+    rng = random.Random(seed)
+
+    def words() -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30)))
+
+    return [{"messages": [{"role": "user", "content": words()}, {"role": "assistant", "content": words()}]} for _ in range(n)]

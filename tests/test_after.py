@@ -165,3 +165,23 @@ def test_generation_stops_where_training_taught_the_answer_to_end(tokenizer):
     assert templated and text.startswith("<|im_start|>system\nBe brief.") and text.endswith("<|im_start|>assistant\n")
     plain = Renderer(tokenizer, DataConfig(format="text"))  # trained on raw text: no template, eos ends it
     assert end_of_turn(plain) is None and render(plain, "Once upon", None) == ("Once upon", False)
+
+
+@pytest.mark.integration
+def test_eval_computes_what_training_measured(family_dir, tmp_path: Path):
+    """Fault 7: on Gemma-3 (sliding window, tied embeddings) in bf16, `dtune eval` must load and run the base as
+    training did -- the same held-out loss before and after -- and name the rows' real source."""
+    from tests.families import chat_rows
+
+    train = write_jsonl(tmp_path / "train.jsonl", chat_rows(40))
+    held = write_jsonl(tmp_path / "held.jsonl", chat_rows(8, seed=1))
+    out = tmp_path / "run"
+    data = ["data=jsonl", f"data.source={train}", f"data.eval_source={held}", "data.format=chat", "data.choices=null"]
+    overrides = ["debug=smoke", f"model.name_or_path={family_dir('gemma3')}", "train.precision=bf16", "optim.lr=1e-2", *data]
+    results = run(compose_config([*overrides, f"train.output_dir={out}"]), out)
+    proc = dtune("eval", str(out), "--general", "", "--json", str(tmp_path / "eval.json"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads((tmp_path / "eval.json").read_text())["task"]
+    assert figures["base"]["eval/loss"] == pytest.approx(results["before"]["eval/loss"], rel=1e-6)
+    assert figures["adapter"]["eval/loss"] == pytest.approx(results["after"]["eval/loss"], rel=1e-6)
+    assert f"8 held-out rows of {held}" in proc.stdout

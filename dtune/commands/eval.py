@@ -33,6 +33,14 @@ def compare(
     return {"base": base, "adapter": tuned}
 
 
+def held_out_source(data: DataConfig) -> str:
+    """Where the held-out rows come from, in words."""
+    if data.eval_source:
+        return data.eval_source
+    sources = [m.path for m in data.mix] if data.mix else [data.source]
+    return ", ".join(sources) + " (held out of the training source)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """``dtune eval RUN [data.key=value ...]``: held-out loss/perplexity (and accuracy) of base and base+adapter side
     by side on the run's data (or the data the overrides name), and a forgetting check: the same on general text."""
@@ -71,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             _, text, _ = load_data(general, tokenizer)
             results["general"] = compare(model, text, args.batch_size, tokenizer.pad_token_id, engine)
         print(
-            f"{trained.adapter_dir} on {cfg.model.name_or_path}; task: {len(task)} held-out rows of {cfg.data.source}"
+            f"{trained.adapter_dir} on {cfg.model.name_or_path}; task: {len(task)} held-out rows of {held_out_source(cfg.data)}"
             + (f"; general: {args.general_rows} rows of {args.general}" if args.general else "")
         )
         print(comparison_table([(name, pair["base"], pair["adapter"]) for name, pair in results.items()], ("base", "adapter")))

@@ -130,10 +130,11 @@ def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits.float()
 
 
-# Largest |merged - reference| logit difference allowed, as a fraction of the reference logits' standard deviation:
-# the rounding of the saved weights moves logits by well under 1% of their spread in bf16; a merge that changed what
-# the model computes (a tied head merged into the embedding) moves them by about their whole spread.
-LOGIT_TOLERANCE = {"fp32": 1e-3, "bf16": 0.05, "fp16": 0.02}
+# Largest |merged - reference| logit difference allowed, as a fraction of the reference logits' standard deviation.
+# Rounding the saved weights to bf16 moved logits by 0.07 of their spread on the tiny random test model (its logits
+# are nearly flat) and less on trained models; fp16 keeps 3 more mantissa bits. A merge that changed what the model
+# computes moves them by about their whole spread or more (5.4 for a LoRA on a tied head merged into the embedding).
+LOGIT_TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "fp16": 0.05}
 
 
 def verify_logits(path: Path, probes: list[torch.Tensor], reference: list[torch.Tensor], dtype: str) -> float:
