@@ -121,9 +121,12 @@ def check_compatible(adapter: Path, base: nn.Module) -> None:
         for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
             shape = tuple(f.get_slice(key).get_shape())
             name, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
+            name = name.replace(".base_layer", "")  # a wrapped parameter (PEFT's LoRA on fused MoE experts)
             module = modules.get(name)
-            if module is None or not hasattr(module, "in_features"):
+            if module is None:
                 raise DtuneError(f"{adapter}: adapter tensor {key} has no layer '{name}' in this base (made for {declared}?)")
+            if not hasattr(module, "in_features"):
+                continue  # a 3-D expert parameter, not a linear layer: PEFT checks its shapes when loading
             want = (shape[0], module.in_features) if kind.startswith("A") else (module.out_features, shape[1])
             if shape != want:
                 raise DtuneError(

@@ -27,6 +27,7 @@ import logging
 import math
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
 RNG = "rng.pt"
 CONFIG = "config.yaml"
+PROMPT_FORMAT = "prompt_format.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -72,10 +74,16 @@ def verify_adapter(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
         raise DtuneError(f"{weights}: adapter does not match the model (missing {missing}, wrong shapes {wrong})")
 
 
-def save_adapter(model: nn.Module, dest: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+def save_adapter(
+    model: nn.Module,
+    dest: Path,
+    state: dict[str, torch.Tensor] | None = None,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
     """Write the adapter of ``model`` (a PeftModel) to ``dest`` atomically; return ``dest``.
 
-    ``state``: full CPU tensors of :func:`adapter_state` (required when parameters are sharded).
+    ``state``: full CPU tensors of :func:`adapter_state` (required when parameters are sharded). ``extra``: writes
+    more files into the folder before it is published (the tokenizer and prompt format of a run's final adapter).
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +93,8 @@ def save_adapter(model: nn.Module, dest: Path, state: dict[str, torch.Tensor] | 
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model, state_dict=state).items()}
     with staged_dir(dest) as tmp:
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        if extra is not None:
+            extra(tmp)
         verify_adapter(tmp, expected)
     return dest
 

@@ -17,6 +17,9 @@ from dtune.train import run
 from tests.helpers import COMMON, compose_config, dtune, run_ok, tiny_overrides, torchrun, write_jsonl
 
 
+SMOKE_TIED = ["debug=smoke", "train.precision=fp32", "lora.target_modules=[q_proj,v_proj,lm_head]"]
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
@@ -185,3 +188,25 @@ def test_eval_computes_what_training_measured(family_dir, tmp_path: Path):
     assert figures["base"]["eval/loss"] == pytest.approx(results["before"]["eval/loss"], rel=1e-6)
     assert figures["adapter"]["eval/loss"] == pytest.approx(results["after"]["eval/loss"], rel=1e-6)
     assert f"8 held-out rows of {held}" in proc.stdout
+
+
+@pytest.mark.integration
+def test_an_adapter_on_a_tied_head_merges_into_what_was_trained(tmp_path: Path):
+    """Fault 3: LoRA on lm_head of the tied-embedding default family. The merge must not fold the head's adapter
+    into the shared embedding: the merged input embedding is the base's, the head is base + adapter, and the logits
+    are base + adapter's."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    trained = dtune("train", *SMOKE_TIED, "optim.lr=1e-2", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    proc = dtune("merge", str(out), "--out", str(tmp_path / "merged"), "--dtype", "fp32", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    reference = load_trained(locate(out), torch.device("cpu"))
+    base = reference.get_base_model()
+    assert not json.loads((tmp_path / "merged" / "config.json").read_text()).get("tie_word_embeddings", True)
+    torch.testing.assert_close(merged.get_input_embeddings().weight, base.get_input_embeddings().weight.float())
+    assert not torch.equal(merged.get_output_embeddings().weight, merged.get_input_embeddings().weight)
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits_of(merged, ids), logits_of(reference, ids), rtol=1e-4, atol=1e-4)

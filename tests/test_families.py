@@ -3,6 +3,7 @@ family's chat template (tests/families.py), through render -> training steps -> 
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -35,3 +36,58 @@ def test_a_target_list_for_another_family_is_warned_about(family_dir, tmp_path: 
     assert adapted(model) == {"o_proj", "down_proj"}
     assert "q_proj, k_proj, v_proj, gate_proj, up_proj match no layer of Phi3ForCausalLM" in caplog.text
     assert "gate_up_proj, qkv_proj get none" in caplog.text
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_renders_trains_merges_and_generates(family_dir, family, tmp_path: Path):
+    """Each family through the whole path: its template renders the chat rows, 3 QLoRA steps train, merge writes a
+    model that verifies (logits) and carries the template and the end-of-turn stop, generate answers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dtune.adapters import load_trained, locate
+    from dtune.commands.generate import generate
+    from dtune.commands.merge import merge
+    from dtune.data import Renderer
+    from dtune.train import run
+    from tests.families import chat_rows
+    from tests.helpers import write_jsonl
+
+    fam = FAMILIES[family]
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(24))
+    out = tmp_path / "run"
+    overrides = [f"model.name_or_path={family_dir(family)}", "data=jsonl", f"data.source={data}", "data.format=chat"]
+    cfg = compose_config(tiny_overrides(out, *overrides, "data.eval_size=4", "data.choices=null", "optim.lr=1e-2"))
+    results = run(cfg, out)
+    assert results["after"]["eval/loss"] < results["before"]["eval/loss"]
+    adapter_tok = AutoTokenizer.from_pretrained(out / "adapter")
+    assert adapter_tok.chat_template == fam.template  # the adapter carries the template training used
+    assert json.loads((out / "adapter" / "prompt_format.json").read_text())["end_of_turn"] == fam.end_of_turn
+
+    merged_dir = merge(locate(out), tmp_path / "merged", dtype="fp32")
+    merged_tok = AutoTokenizer.from_pretrained(merged_dir)
+    assert merged_tok.chat_template == fam.template
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    eot = merged_tok.convert_tokens_to_ids(fam.end_of_turn)
+    assert eot in merged.generation_config.eos_token_id and merged_tok.eos_token_id in merged.generation_config.eos_token_id
+
+    # A plain transformers generate on the merged model stops at the end-of-turn token (forced at the 3rd token).
+    prompt = merged_tok.apply_chat_template([{"role": "user", "content": "Pick a colour."}], add_generation_prompt=True, tokenize=False)
+    ids = merged_tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    class EndAtThird:
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] - ids.shape[1] == 2:
+                scores[:] = -float("inf")
+                scores[:, eot] = 0.0
+            return scores
+
+    from transformers import LogitsProcessorList
+
+    out_ids = merged.generate(ids, max_new_tokens=10, do_sample=False, logits_processor=LogitsProcessorList([EndAtThird()]))
+    assert out_ids.shape[1] - ids.shape[1] == 3 and int(out_ids[0, -1]) == eot
+
+    trained = locate(out)
+    model = load_trained(trained, torch.device("cpu"))
+    renderer = Renderer(AutoTokenizer.from_pretrained(out / "adapter"), trained.cfg.data)
+    answers = generate(model, renderer, ["Pick a colour."], max_new_tokens=4)
+    assert len(answers) == 1 and isinstance(answers[0], str)

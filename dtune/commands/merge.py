@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dtune.adapters import Trained, check_compatible, load_base, locate_args, trained_parser
-from dtune.checkpoint import ADAPTER_WEIGHTS
+from dtune.checkpoint import ADAPTER_WEIGHTS, PROMPT_FORMAT
 from dtune.data.render import prompt_format
 from dtune.errors import DtuneError, user_errors
 from dtune.fsutil import staged_dir
@@ -77,6 +77,7 @@ def merge(
         record = {"base": trained.cfg.model.name_or_path, "adapter": str(trained.adapter_dir), "into": into, "dtype": dtype}
         record.update(prompt=prompt, untied_embeddings=untied)
         (tmp / "dtune_merge.json").write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / PROMPT_FORMAT).write_text(json.dumps(prompt, indent=2) + "\n")
         _verify(tmp)
         verify_logits(tmp, probes, reference, dtype)
     AutoConfig.from_pretrained(out)

@@ -18,10 +18,11 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from dtune.checkpoint import save_adapter
+from dtune.checkpoint import PROMPT_FORMAT, save_adapter
 from dtune.config import validate
 from dtune.data.batching import StepSampler
 from dtune.data.load import load_data
+from dtune.data.render import prompt_format
 from dtune.distributed.engine import Engine
 from dtune.distributed.preempt import Preempted, Preemption
 from dtune.evaluate import evaluate
@@ -85,7 +86,7 @@ class Trainer:
         """Data, model, optimizer, schedule and data order; the checkpoint's state put back when resuming."""
         cfg, engine = self.cfg, self.engine
         resume = self.checkpointer.load()
-        tokenizer = load_tokenizer(cfg)
+        self.tokenizer = tokenizer = load_tokenizer(cfg)
         train_set, self.eval_set, self.data_stats = load_data(cfg.data, tokenizer, engine)
         log.info("data: %d training and %d held-out samples from %s", len(train_set), len(self.eval_set), cfg.data.source)
         self.pad_id = tokenizer.pad_token_id
@@ -218,6 +219,13 @@ class Trainer:
         self.tracker.finish()
         raise Preempted(self.state.step, self.preemption.received, self.preemption.previous_handler())
 
+    def export_prompt_format(self, folder: Path) -> None:
+        """The tokenizer with the chat template training rendered with, and how prompts were rendered
+        (``prompt_format.json``: templated or plain, end-of-turn marker, system prompt), beside the adapter."""
+        self.tokenizer.save_pretrained(folder)
+        fmt = prompt_format(self.cfg, self.tokenizer)
+        atomic_write_text(folder / PROMPT_FORMAT, json.dumps(fmt, indent=2) + "\n")
+
     def finish(self, train_time: float) -> dict[str, Any]:
         """Evaluate after training, write the final checkpoint, the adapter and results.json; the before/after table."""
         state, engine, max_steps = self.state, self.engine, self.cfg.train.max_steps
@@ -242,7 +250,8 @@ class Trainer:
             "wandb": self.tracker.info,
         }
         if self.cfg.train.save_adapter and engine.is_main:
-            results["adapter"] = str(save_adapter(engine.unwrap(self.parts.model).model, self.output_dir / "adapter", adapter))
+            model = engine.unwrap(self.parts.model).model
+            results["adapter"] = str(save_adapter(model, self.output_dir / "adapter", adapter, self.export_prompt_format))
         engine.barrier()
         if engine.is_main:
             table = comparison_table([("held-out", state.before or {}, after)])
