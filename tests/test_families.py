@@ -91,3 +91,23 @@ def test_family_renders_trains_merges_and_generates(family_dir, family, tmp_path
     renderer = Renderer(AutoTokenizer.from_pretrained(out / "adapter"), trained.cfg.data)
     answers = generate(model, renderer, ["Pick a colour."], max_new_tokens=4)
     assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_family_trains_sharded_on_two_ranks(family_dir, family, engine, tmp_path: Path):
+    """Two families (qkv bias and untied head; sliding window and tied embeddings) under 2-rank ZeRO-3 and FSDP2,
+    then merged from what the sharded run saved."""
+    from dtune.adapters import locate
+    from dtune.commands.merge import merge
+    from tests.families import chat_rows
+    from tests.helpers import COMMON, run_ok, torchrun, write_jsonl
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(24))
+    out = tmp_path / "run"
+    overrides = [f"model.name_or_path={family_dir(family)}", "data=jsonl", f"data.source={data}", "data.format=chat", "data.choices=null"]
+    run_ok([*torchrun(2), "-m", "dtune.train", *COMMON, *overrides, "data.eval_size=4", f"engine={engine}", f"hydra.run.dir={out}"], tmp_path)
+    results = json.loads((out / "results.json").read_text())
+    assert results["after"]["eval/loss"] < results["before"]["eval/loss"]
+    merge(locate(out), tmp_path / "merged", dtype="fp32")  # verifies the merged logits against base + adapter
