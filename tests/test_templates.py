@@ -208,3 +208,12 @@ def test_bom_crlf_and_unknown_keys(tmp_path: Path, tokenizer, caplog):
     with caplog.at_level(logging.WARNING):
         load_data(cfg, tokenizer)
     assert "does not read were ignored: 'id' in 4 rows" in caplog.text
+
+
+def test_generate_reads_prompts_from_every_record_format(tmp_path: Path):
+    from dtune.commands.generate import read_prompts
+
+    share = {"conversations": [{"from": "human", "value": "Pick a colour."}, {"from": "gpt", "value": "Teal."}]}
+    alpaca = {"instruction": "Name a fruit", "output": "Plum"}
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}, PRIME, share, alpaca])
+    assert read_prompts(path) == ["Hi", "Name a prime below 10.", "Pick a colour.", "Name a fruit"]

@@ -33,10 +33,13 @@ def read_prompts(path: Path) -> list[str]:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{i}: malformed JSON: {err.msg} (column {err.colno})") from None
-        if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+        if isinstance(obj.get("prompt"), str):
             prompts.append(obj["prompt"])
             continue
-        row = row_from_obj(obj, f"{path}:{i}", "chat" if isinstance(obj, dict) and "messages" in obj else "alpaca")
+        fmt = next((f for key, f in (("messages", "chat"), ("conversations", "sharegpt")) if key in obj), "alpaca")
+        row = row_from_obj(obj, f"{path}:{i}", fmt)
         prompts.append(next(m["content"] for m in row.messages if m["role"] == "user"))
     if not prompts:
         raise DataError(f"{path}: no prompts")
@@ -56,10 +59,7 @@ def end_of_turn(renderer: Renderer) -> str | None:
     to emit it, so generation stops there. None for plain-text runs (they stop at the tokenizer's eos)."""
     if not renderer.cfg.chat_template or renderer.cfg.format == "text":
         return None
-    marker = "\u2063answer\u2063"  # text no template adds itself
-    full = renderer.chat([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}])
-    tail = full[full.index(marker) + len(marker) :].strip()
-    return tail.split()[0] if tail else None
+    return renderer.end_of_turn
 
 
 def generate(
