@@ -31,3 +31,5 @@ class DataStats:
     dropped: int = 0
     packed_rows: int = 0
     skipped: int = 0
+    ignored_keys: str = ""
+    """Record keys the format does not read, with counts (warned about on every load, cached or not)."""

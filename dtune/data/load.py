@@ -51,8 +51,7 @@ def _tokenize(cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], list[Exam
     stats.skipped = bad.count
     if bad.count:
         log.warning("data: skipped %d bad rows (data.bad_rows=skip); the first: %s", bad.count, bad.first)
-    if bad.unknown.counts:
-        log.warning("data: keys that data.format=%s does not read were ignored: %s", cfg.format, bad.unknown.summary())
+    stats.ignored_keys = bad.unknown.summary()
     stats.train_rows, stats.eval_rows = len(train), len(evals)
     if cfg.packing:
         train = pack(train, cfg.max_seq_len)
@@ -86,6 +85,8 @@ def load_data(cfg: DataConfig, tokenizer: Any, engine: Engine | None = None) -> 
         if engine is not None:
             engine.barrier()
         train, evals, stats = _load(path)
+    if stats.ignored_keys:
+        log.warning("data: keys that data.format=%s does not read were ignored: %s", cfg.format, stats.ignored_keys)
     if stats.truncated or stats.dropped:
         log.warning(
             "data: %d samples truncated and %d dropped at data.max_seq_len=%d (data.overlong=%s)",
