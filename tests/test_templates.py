@@ -217,3 +217,25 @@ def test_generate_reads_prompts_from_every_record_format(tmp_path: Path):
     alpaca = {"instruction": "Name a fruit", "output": "Plum"}
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}, PRIME, share, alpaca])
     assert read_prompts(path) == ["Hi", "Name a prime below 10.", "Pick a colour.", "Name a fruit"]
+
+
+def test_a_tokenizer_that_prepends_spaces_is_labelled_through_offsets():
+    """SentencePiece-style tokenizers (Llama 2, Mistral v0.1) put a space before every separately tokenized text,
+    so dtune tokenizes their whole rendering at once; the answer and end of turn are still what is trained."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.families import MISTRAL
+
+    spm = Tokenizer(models.BPE(unk_token="<unk>"))
+    spm.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    spm.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "[INST]", "[/INST]"])
+    spm.train_from_iterator(["Pick a colour. Teal. And a fruit? Plum. Name a prime below 10. 7"] * 50, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = MISTRAL
+    renderer = Renderer(tok, DataConfig(format="chat", choices=None))
+    assert not renderer.piecewise
+    ex = renderer(row_from_obj(PICK, "p:1", "chat"))
+    assert [r.strip() for r in trained_runs(tok, ex)] == ["Teal.</s>", "Plum.</s>"]
+    assert tok.decode(ex.input_ids[: ex.prompt_len], skip_special_tokens=False).endswith("fruit? [/INST]")

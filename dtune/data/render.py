@@ -41,8 +41,8 @@ class Renderer:
 
     Messages are rendered with the tokenizer's chat template (ChatML when it has none), tools passed to it; the
     trained spans follow the rule in the module docstring. With ``data.chat_template=false`` a single-turn row is
-    plain ``prompt + completion + eos``. Tokens overlapping a trained span are labelled; ``data.train_on=all`` trains
-    on every token.
+    plain ``prompt + completion + eos``. The tokens of trained spans are labelled (see :meth:`_encode`);
+    ``data.train_on=all`` trains on every token.
 
     Raises ConfigError at construction for a setting no row can satisfy (``data.system_prompt`` on a template that
     refuses or drops a system message), DataError naming the row for a row the template refuses.
@@ -55,6 +55,7 @@ class Renderer:
         self.cfg = cfg
         self.template = getattr(tokenizer, "chat_template", None) or CHATML
         self.stats = DataStats()
+        self.piecewise = self._joins_cleanly()
         self.end_of_turn = self._end_of_turn() if cfg.chat_template else None
         if cfg.system_prompt and cfg.chat_template:
             self._check_system_prompt(cfg.system_prompt)
@@ -149,13 +150,25 @@ class Renderer:
             raise DataError(f"{at}: cannot find where this assistant turn ends in the chat template's rendering")
         return start, content[1]
 
+    def _joins_cleanly(self) -> bool:
+        """Whether text tokenized in pieces decodes to the pieces joined: not so for SentencePiece-style tokenizers
+        that prepend a space to every text they tokenize (Llama 2, Mistral v0.1: ``"a"`` + ``"b"`` -> ``"a b"``)."""
+        pieces = [self.tok(x, add_special_tokens=False)["input_ids"] for x in ("a", "b")]
+        return self.tok.decode(pieces[0] + pieces[1]) == "ab"
+
     def _encode(self, row: Row) -> tuple[list[int], list[int], int]:
-        """Token ids, labels and prompt length. The text is tokenized piece by piece, cut where trained spans start
-        and end, so that the prompt's tokens are exactly those of the prompt tokenized alone -- what ``dtune
-        generate`` feeds (tokenizing the whole text can merge across the boundary: ``"\\n\\n"`` + ``"7"``)."""
+        """Token ids, labels and prompt length.
+
+        The text is tokenized piece by piece, cut where trained spans start and end, so that the prompt's tokens are
+        exactly those of the prompt tokenized alone -- what ``dtune generate`` feeds (tokenizing the whole text can
+        merge across the boundary: ``"\\n\\n"`` + ``"7"``). Tokenizers that prepend a space to every piece tokenize
+        the whole text instead, and label the tokens that overlap a trained span (through their character offsets).
+        """
         full, spans, prompt_end, templated = self._texts(row)
         if self.cfg.train_on == "all":
             spans = [(0, len(full))]
+        if not self.piecewise:
+            return self._encode_whole(full, spans, prompt_end, templated)
         cuts = sorted({0, len(full), prompt_end, *(x for span in spans for x in span)})
         pieces = [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
         encoded = self.tok([full[a:b] for a, b in pieces], add_special_tokens=False)["input_ids"]
@@ -170,6 +183,19 @@ class Renderer:
             labels += piece if trained else [IGNORE] * len(piece)
             if b <= prompt_end:
                 prompt_len = len(ids)
+        return ids, labels, prompt_len
+
+    def _encode_whole(
+        self, full: str, spans: list[tuple[int, int]], prompt_end: int, templated: bool
+    ) -> tuple[list[int], list[int], int]:
+        enc = self.tok(full, add_special_tokens=not templated, return_offsets_mapping=True)
+        ids: list[int] = enc["input_ids"]
+        labels, prompt_len = [], 0
+        for tok_id, (start, stop) in zip(ids, enc["offset_mapping"], strict=True):
+            trained = stop > start and any(stop > a and start < b for a, b in spans)
+            labels.append(tok_id if trained else IGNORE)
+            if stop <= prompt_end:
+                prompt_len += 1
         return ids, labels, prompt_len
 
     def __call__(self, row: Row) -> Example | None:
