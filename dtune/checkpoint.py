@@ -90,9 +90,13 @@ def save_adapter(
     from peft import get_peft_model_state_dict
 
     state = {k: v.detach().cpu() for k, v in adapter_state(model).items()} if state is None else state
-    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model, state_dict=state).items()}
+    # The base's embeddings are frozen and never resized: not saved. (PEFT's "auto" would look the recorded base -- a
+    # Hub id or built-in name -- up on the Hub at every save to compare vocabulary sizes.)
+    expected = {
+        k: tuple(v.shape) for k, v in get_peft_model_state_dict(model, state_dict=state, save_embedding_layers=False).items()
+    }
     with staged_dir(dest) as tmp:
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True, save_embedding_layers=False)
         if extra is not None:
             extra(tmp)
         verify_adapter(tmp, expected)

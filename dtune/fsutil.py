@@ -101,6 +101,25 @@ def recover(parent: Path) -> None:
             shutil.rmtree(moved, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path`` (created with its folders) for the block; yield whether it had to wait
+    for another holder (who has, typically, just built or fetched what the caller is after). The kernel drops the
+    lock of a holder that dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        waited = False
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waited = True
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield waited
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 LOCK_FILE = ".dtune.lock"
 
 

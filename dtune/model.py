@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dtune.assets import resolve_model
+from dtune.assets import recorded_base, resolve_model
 from dtune.data.formats import CHATML
 from dtune.errors import ConfigError, DtuneError
 from dtune.quant import fuse_lora_layers, use_fused_kernels
@@ -25,9 +25,15 @@ log = logging.getLogger(__name__)
 
 
 def model_dir(cfg: DtuneConfig) -> Path:
-    path = resolve_model(cfg.model.name_or_path)
+    """The local directory of ``model.name_or_path``: a built-in's, a Hub model's snapshot (fetched on first use) or
+    the directory named. Raises ConfigError when it holds no model."""
+    name = cfg.model.name_or_path
+    path = resolve_model(name)
+    if not path.exists():
+        raise ConfigError(f"model.name_or_path: '{name}' is no local directory, nor a Hugging Face Hub id (owner/name)")
     if not (path / "config.json").is_file():
-        raise ConfigError(f"model.name_or_path: {path} is not a Hugging Face model directory (no config.json)")
+        of = "" if str(path) == name else f" (of {name})"
+        raise ConfigError(f"model.name_or_path: {path}{of} is not a Hugging Face model directory (no config.json)")
     return path
 
 
@@ -160,6 +166,9 @@ def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
             model = get_peft_model(base, lora)
         except ValueError as err:  # PEFT: "Target modules {...} not found in the base model"
             raise ConfigError(f"lora.target_modules: {err}") from None
+    recorded = recorded_base(cfg.model.name_or_path)
+    if recorded is not None:  # the Hub id or built-in name, not this machine's cache path: the adapter loads elsewhere
+        model.peft_config["default"].base_model_name_or_path, model.peft_config["default"].revision = recorded
     warn_partial_targets(cfg.lora.target_modules, projections, model.base_model.targeted_module_names, type(base).__name__)
     return model
 

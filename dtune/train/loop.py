@@ -29,7 +29,7 @@ from dtune.evaluate import evaluate
 from dtune.flops import FlopCounts, device_peak_flops, peak_memory_bytes
 from dtune.fsutil import OutputLock, atomic_write_text
 from dtune.loss import CompletionLoss
-from dtune.model import build_model, load_tokenizer
+from dtune.model import build_model, load_tokenizer, model_dir
 from dtune.optim import build_optimizer, build_scheduler
 from dtune.plan.memory import check_fits
 from dtune.report import comparison_table, format_metrics
@@ -65,6 +65,9 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
     engine.on_main(take_lock)
     try:
         with Preemption() as preemption:  # from here on a stop signal is honoured at the next step boundary
+            # Every rank resolves the base first: a Hub model is downloaded once per node, by the first rank there, while
+            # the others wait on its file lock (dtune.hub) -- not in a collective, which a long download would outlast.
+            model_dir(cfg)
             # Know before loading: the memory plan (rank 0, sent to all), refusing a config predicted not to fit.
             table = engine.on_main(lambda: check_fits(cfg, engine.world_size))
             if table:
