@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from dtune.model import build_model
 from dtune.plan import VALIDATION_GRID, fit, make_plan, measure
 from dtune.units import GiB, parse_bytes
+from tests.families import FAMILIES
 from tests.helpers import ENV, SMOKE, compose_config
 
 LLAMA_8B = {
@@ -37,6 +40,30 @@ def test_predicted_peak_is_within_ten_percent_of_the_measured_one(overrides: lis
     assert measured == pytest.approx(predicted, rel=0.10), (
         f"measured {measured / GiB:.3f} GiB, predicted {predicted / GiB:.3f} GiB"
     )
+
+
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")  # PEFT, on Qwen3-MoE
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_family_is_planned_with_the_adapters_peft_makes(family_dir, name: str):
+    """What ``dtune plan --gpu-mem`` runs (fit), on each family's tiny model: Gemma 3's per-layer-type rotary
+    embeddings and tied head, Qwen2's qkv bias, Qwen3's q/k norms, Phi-3's fused qkv_proj and gate_up_proj (which the
+    default targets do not name), Qwen3-MoE's experts fused into 3-D parameters (PEFT targets them as parameters)."""
+    cfg = compose_config(["logger=none", f"model.name_or_path={family_dir(name)}", "data.max_seq_len=128"])
+    plan, largest, _ = fit(cfg, 1, 8 * GiB)
+    assert all(size > 0 for part, size in plan.components.items() if part != "gathered shards"), plan.components
+    assert plan.needed > plan.peak > 0 and largest >= cfg.train.micro_batch_size
+    probe = plan.extra["probe"]
+    assert probe["backward_peak_per_token"] >= probe["saved_per_token"] > 0
+
+    model = build_model(cfg, torch.device("cpu"))  # the adapters and the upcast base a run trains
+    assert plan.extra["lora_params"] == model.get_nb_trainable_parameters()[0]
+    seen: set[int] = set()
+    other = 0
+    for p in model.parameters():
+        if id(p) not in seen and not p.requires_grad and type(p).__name__ != "Params4bit":
+            seen.add(id(p))
+            other += p.numel() * p.element_size()
+    assert plan.components["base (other)"] == other  # embeddings (tied or not), norms, biases, experts: in fp32
 
 
 @pytest.fixture

@@ -128,7 +128,7 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
         "engine": strategy if not zero else f"zero{zero}",
         "labelled_fraction": labelled_fraction(cfg),
     }
-    return Plan(components, notes, settings, w, extra={"probe": probe})
+    return Plan(components, notes, settings, w, extra={"probe": probe, "lora_params": n_lora})
 
 
 def fit(cfg: DtuneConfig, world_size: int, gpu_bytes: int) -> tuple[Plan, int, list[str]]:

@@ -1,9 +1,12 @@
-"""Activation bytes of one decoder layer, measured: the layer of the model's own class, with this run's LoRA
-targets and compute dtype, runs forward and backward on the CPU while :class:`LiveTensorBytes` counts the storages
+"""Activation bytes of a decoder layer, measured: the layer of the model's own class, with this run's LoRA
+adapters and compute dtype, runs forward and backward on the CPU while :class:`LiveTensorBytes` counts the storages
 alive."""
 
 from __future__ import annotations
 
+import copy
+import inspect
+import warnings
 import weakref
 from typing import Any
 
@@ -14,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from dtune.errors import ConfigError
-from dtune.plan.shape import decoder_layers
+from dtune.plan.shape import adapted, decoder_layers
 from dtune.schema import DtuneConfig
 from dtune.units import DTYPES
 
@@ -56,10 +59,12 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 def probe_activations(cfg: DtuneConfig, model: nn.Module, config: Any) -> dict[str, float]:
-    """Bytes per token of one decoder layer: left saved for backward by its forward, and at its peak in backward
+    """Bytes per token of a decoder layer: left saved for backward by its forward, and at its peak in backward
     (recomputation under gradient checkpointing runs the forward again there). Measured on the CPU with this run's
-    compute dtype and LoRA targets; the frozen base layers stand in unquantized (bitsandbytes' matmul keeps the same
-    input for backward)."""
+    compute dtype and LoRA adapters (as PEFT resolves them on the whole model); the frozen base layers stand in
+    unquantized (bitsandbytes' matmul keeps the same input for backward). Where layers differ in kind
+    (``config.layer_types``: Gemma 3's sliding and full attention), one layer of each kind is probed: saved bytes
+    are their mean over the model's layers, the peak the largest."""
     dtype = DTYPES[cfg.train.precision]
     quantized = cfg.quant.quant_type != "none"
     layers = decoder_layers(model)
@@ -69,37 +74,58 @@ def probe_activations(cfg: DtuneConfig, model: nn.Module, config: Any) -> dict[s
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     text._attn_implementation = cfg.model.attn_implementation  # eager keeps s^2 attention probabilities, sdpa does not
     rotary_cls = type(getattr(getattr(model, "model", model), "rotary_emb", None))
+    lora = adapted(cfg, model)[1]
+    kinds = layer_kinds(text)
     with torch.random.fork_rng(devices=[]):  # the caller's random streams (rank 0's dropout) stay as they were
-        return _probe(cfg, layer_cls, text, rotary_cls, dtype, quantized)
+        probes = [(n, _probe(layer_cls, index, text, rotary_cls, lora, dtype, quantized)) for index, n in kinds.items()]
+    return {
+        "saved_per_token": sum(n * probe["saved_per_token"] for n, probe in probes) / sum(kinds.values()),
+        "backward_peak_per_token": max(probe["backward_peak_per_token"] for _, probe in probes),
+    }
+
+
+def layer_kinds(text: Any) -> dict[int, int]:
+    """The index of the first decoder layer of each kind (``layer_types``), and how many layers are of that kind."""
+    types = list(getattr(text, "layer_types", None) or [])[: text.num_hidden_layers]
+    if not types:
+        return {0: text.num_hidden_layers}
+    return {types.index(kind): types.count(kind) for kind in dict.fromkeys(types)}
+
+
+def _position_embeddings(rotary: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor, layer_type: Any) -> Any:
+    """(cos, sin) as the model computes them for a layer: per layer type where its rotary embedding takes one
+    (transformers 5's Gemma 3: one inverse frequency per type, ``rotary_emb(x, position_ids, layer_type)``)."""
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        return rotary(hidden, position_ids, layer_type=layer_type)
+    return rotary(hidden, position_ids)
 
 
 def _probe(
-    cfg: DtuneConfig, layer_cls: type, text: Any, rotary_cls: type, dtype: torch.dtype, quantized: bool
+    layer_cls: type, index: int, text: Any, rotary_cls: type, lora: LoraConfig | None, dtype: torch.dtype, quantized: bool
 ) -> dict[str, float]:
     torch.manual_seed(0)
     with torch.device("meta"):  # allocate without initialising (a 70B layer has 0.9B weights), then fill
-        layer = layer_cls(text, layer_idx=0)
+        layer = layer_cls(text, layer_idx=index)
     layer = layer.to_empty(device="cpu").to(dtype)
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
     rotary = rotary_cls(config=text) if rotary_cls is not type(None) else None
+    packed = set()  # the weights bitsandbytes packs: those of the linear layers
     for module in list(layer.modules()):
         if quantized and type(module) is nn.Linear:  # 4-bit layers return their input's dtype, as bitsandbytes' do
             module.__class__ = _Linear4bitStandIn
+            packed.add(id(module.weight))
     for p in layer.parameters():
         p.requires_grad_(False)
-        if quantized and p.dim() < 2:
-            p.data = p.data.float()  # upcast like prepare_model_for_kbit_training (a 16-bit base stays as loaded)
-    targets = list(cfg.lora.target_modules)
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        bias=cfg.lora.bias,
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
-    )
-    layer = inject_adapter_in_model(lora, layer)
+        if quantized and id(p) not in packed:
+            # upcast like prepare_model_for_kbit_training: all but the packed weights (norms, biases, the fused 3-D
+            # experts of an MoE, its router); a 16-bit base stays as loaded
+            p.data = p.data.float()
+    if lora is not None:
+        with warnings.catch_warnings():  # PEFT's notes on patterns that name modules of other layers
+            warnings.simplefilter("ignore")
+            layer = inject_adapter_in_model(copy.deepcopy(lora), layer)
     for name, p in layer.named_parameters():
         if "lora_" in name:
             p.data = p.data.float()
@@ -107,6 +133,8 @@ def _probe(
 
     # The residual stream: fp32 when the embeddings were upcast (4-bit bases), else the base's dtype.
     residual_dtype = torch.float32 if quantized else dtype
+    layer_types = getattr(text, "layer_types", None)
+    layer_type = layer_types[index] if layer_types else None
 
     def run(tokens: int) -> tuple[int, int]:
         hidden = torch.randn(1, tokens, text.hidden_size, dtype=residual_dtype, requires_grad=True)
@@ -114,8 +142,8 @@ def _probe(
         kwargs: dict[str, Any] = {"position_ids": position_ids}
         if rotary is not None:
             try:
-                kwargs["position_embeddings"] = rotary(hidden, position_ids)
-            except TypeError as err:  # e.g. per-layer-type rotary embeddings (Gemma 3)
+                kwargs["position_embeddings"] = _position_embeddings(rotary, hidden, position_ids, layer_type)
+            except TypeError as err:
                 raise ConfigError(
                     f"model: cannot probe {layer_cls.__name__}: its rotary embedding takes other arguments ({err})"
                 ) from None

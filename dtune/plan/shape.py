@@ -3,18 +3,25 @@ QLoRA run holds them (4-bit packed base with double-quantization constants, the 
 
 from __future__ import annotations
 
+import copy
 import math
-import re
+import warnings
+import weakref
 from typing import Any
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from dtune.errors import ConfigError
 from dtune.model import model_dir
 from dtune.schema import DtuneConfig
 
 BLOCK = 64  # bitsandbytes 4-bit block size
+
+# adapted()'s answers per skeleton and LoRA settings (fit() plans one skeleton many times)
+_ADAPTED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[int, LoraConfig]]] = weakref.WeakKeyDictionary()
 
 
 def skeleton(cfg: DtuneConfig) -> tuple[nn.Module, Any]:
@@ -25,10 +32,56 @@ def skeleton(cfg: DtuneConfig) -> tuple[nn.Module, Any]:
     return model, config
 
 
-def _is_target(name: str, targets: list[str], head_name: str) -> bool:
-    if targets == ["all-linear"]:
-        return name != head_name
-    return any(name == t or name.endswith("." + t) or re.fullmatch(t, name) for t in targets)
+def lora_config(cfg: DtuneConfig) -> LoraConfig:
+    """The LoraConfig training builds from ``cfg.lora`` (:func:`dtune.model.add_lora`)."""
+    targets = list(cfg.lora.target_modules)
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        bias=cfg.lora.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def adapted(cfg: DtuneConfig, model: nn.Module) -> tuple[int, LoraConfig | None]:
+    """What PEFT makes of this run's LoRA settings on ``model`` (the meta-device skeleton): the number of parameters
+    it trains, and the LoraConfig that puts the same adapters on one decoder layer alone (the probe's), None when no
+    decoder layer gets any. PEFT itself attaches the adapters, to a copy of the skeleton, so the count is the one
+    training gets whatever the family: fused projections (Phi-3's qkv_proj) match only their own names; under
+    transformers 5 the experts of an MoE, fused into 3-D parameters, are targeted as parameters, gate and up at twice
+    the rank (PEFT's conversion of the v4 names); "all-linear" resolves to the model's linear layers.
+
+    Raises:
+        ConfigError: PEFT finds none of ``lora.target_modules`` in the model (as training would).
+    """
+    key = (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.bias, tuple(cfg.lora.target_modules))
+    known = _ADAPTED.setdefault(model, {})
+    if key not in known:
+        # On the meta device, adapters included (no initialisation); PEFT's notes on its conversion: training prints them
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                peft_model = get_peft_model(copy.deepcopy(model), lora_config(cfg))
+            except ValueError as err:  # "Target modules {...} not found in the base model"
+                raise ConfigError(f"lora.target_modules: {err}") from None
+        trainable, _ = peft_model.get_nb_trainable_parameters()
+        # What PEFT targeted, named from within the decoder layer that holds it (targets outside layers: none here).
+        layer_ids = {id(layer) for layer in decoder_layers(model)}
+        prefixes = [f"{name}." for name, module in model.named_modules() if id(module) in layer_ids]
+        tuner = peft_model.base_model
+
+        def in_layers(names: list[str]) -> set[str]:
+            return {name[len(prefix) :] for name in names for prefix in prefixes if name.startswith(prefix)}
+
+        one_layer = copy.deepcopy(peft_model.peft_config["default"])
+        one_layer.target_modules = in_layers(tuner.targeted_module_names)
+        parameters = in_layers(getattr(tuner, "targeted_parameter_names", []))  # PEFT >= 0.17: 3-D experts
+        if parameters:
+            one_layer.target_parameters = parameters
+        known[key] = (trainable, one_layer if one_layer.target_modules or parameters else None)
+    return known[key]
 
 
 def _quantized_bytes(numel: int, double_quant: bool) -> int:
@@ -40,23 +93,21 @@ def _quantized_bytes(numel: int, double_quant: bool) -> int:
 
 
 def parameter_bytes(cfg: DtuneConfig, model: nn.Module) -> dict[str, int]:
-    """Bytes of the 4-bit packed base, of the other base parameters, and the adapters' parameter count."""
+    """Bytes of the 4-bit packed base, of the other base parameters, and the adapters' parameter count (what PEFT
+    trains: :func:`adapted`)."""
     head = model.get_output_embeddings()
-    head_name = next((n for n, m in model.named_modules() if m is head), "lm_head")
     quantize = cfg.quant.quant_type != "none"
     # prepare_model_for_kbit_training upcasts a 4-bit base's other parameters to fp32; a 16-bit base stays as loaded.
     other_bytes = 4 if quantize or cfg.train.precision == "fp32" else 2
-    out = {"base_4bit": 0, "base_other": 0, "lora_params": 0, "largest_linear": 0, "layer_base": 0, "root_numel": 0}
+    n_lora = adapted(cfg, model)[0]
+    out = {"base_4bit": 0, "base_other": 0, "lora_params": n_lora, "largest_linear": 0, "layer_base": 0, "root_numel": 0}
     seen: set[int] = set()
-    targets = list(cfg.lora.target_modules)
     layers = decoder_layers(model)
     first_layer = {id(p) for p in layers[0].parameters()} if layers else set()
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
-    for name, module in model.named_modules():
+    for module in model.modules():
         if isinstance(module, nn.Linear):
             numel = module.in_features * module.out_features
-            if _is_target(name, targets, head_name):
-                out["lora_params"] += cfg.lora.r * (module.in_features + module.out_features)
             if quantize and module is not head:
                 size = _quantized_bytes(numel, cfg.quant.double_quant)
                 out["base_4bit"] += size
