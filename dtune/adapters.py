@@ -24,8 +24,8 @@ from dtune.assets import declared_base
 from dtune.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS, checkpoints
 from dtune.config import load_saved
 from dtune.errors import DtuneError
-from dtune.model import load_base as load_model_base
 from dtune.model import freeze_as_trained, pin_cpu_4bit_layout
+from dtune.model import load_base as load_model_base
 from dtune.runtime import quiet_libraries
 from dtune.schema import DtuneConfig
 

@@ -137,6 +137,21 @@ def freeze_as_trained(cfg: DtuneConfig, base: nn.Module, checkpointing: bool = F
     return base
 
 
+def lora_config(cfg: DtuneConfig) -> Any:
+    """PEFT's LoraConfig for ``cfg.lora`` (a causal-LM task), as training and the memory plan build it."""
+    from peft import LoraConfig
+
+    targets = list(cfg.lora.target_modules)
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        bias=cfg.lora.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
 def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
     """Freeze the base, enable checkpointing, attach LoRA.
 
@@ -145,20 +160,10 @@ def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
     upcasting all of it would double its memory, and under autocast every matmul would cast each weight back and
     keep that copy for backward (measured on SmolLM2-135M, 2 x 256 tokens: 2.8x the peak tensor memory).
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     base = freeze_as_trained(cfg, base, checkpointing=cfg.model.gradient_checkpointing)
-    targets: list[str] | str = list(cfg.lora.target_modules)
-    if targets == ["all-linear"]:
-        targets = "all-linear"
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=targets,
-        bias=cfg.lora.bias,
-        task_type="CAUSAL_LM",
-    )
+    lora = lora_config(cfg)
     projections = layer_projections(base)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # adapter init depends on the seed only, not on what ran before

@@ -218,7 +218,22 @@ def build_family(name: str, out: Path, seed: int = 0) -> Path:
     return out
 
 
-WORDS = "alpha beta gamma delta teal plum river stone cloud light north quiet amber seven".split()
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "teal",
+    "plum",
+    "river",
+    "stone",
+    "cloud",
+    "light",
+    "north",
+    "quiet",
+    "amber",
+    "seven",
+]
 
 
 def chat_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:

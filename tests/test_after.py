@@ -16,7 +16,6 @@ from dtune.errors import DtuneError
 from dtune.train import run
 from tests.helpers import COMMON, compose_config, dtune, run_ok, tiny_overrides, torchrun, write_jsonl
 
-
 SMOKE_TIED = ["debug=smoke", "train.precision=fp32", "lora.target_modules=[q_proj,v_proj,lm_head]"]
 
 

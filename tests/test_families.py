@@ -30,7 +30,9 @@ def test_default_targets_adapt_every_projection_of_every_family(family_dir, fami
 
 
 def test_a_target_list_for_another_family_is_warned_about(family_dir, tmp_path: Path, caplog):
-    cfg = compose_config(tiny_overrides(tmp_path, f"model.name_or_path={family_dir('phi3')}", f"lora.target_modules={LLAMA_NAMES}"))
+    cfg = compose_config(
+        tiny_overrides(tmp_path, f"model.name_or_path={family_dir('phi3')}", f"lora.target_modules={LLAMA_NAMES}")
+    )
     with caplog.at_level(logging.WARNING, logger="dtune.model"):
         model = build_model(cfg, torch.device("cpu"))
     assert adapted(model) == {"o_proj", "down_proj"}
@@ -72,8 +74,11 @@ def test_family_renders_trains_merges_and_generates(family_dir, family, tmp_path
     assert eot in merged.generation_config.eos_token_id and merged_tok.eos_token_id in merged.generation_config.eos_token_id
 
     # A plain transformers generate on the merged model stops at the end-of-turn token (forced at the 3rd token).
-    prompt = merged_tok.apply_chat_template([{"role": "user", "content": "Pick a colour."}], add_generation_prompt=True, tokenize=False)
+    prompt = merged_tok.apply_chat_template(
+        [{"role": "user", "content": "Pick a colour."}], add_generation_prompt=True, tokenize=False
+    )
     ids = merged_tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
     class EndAtThird:
         def __call__(self, input_ids, scores):
             if input_ids.shape[1] - ids.shape[1] == 2:
@@ -106,8 +111,17 @@ def test_family_trains_sharded_on_two_ranks(family_dir, family, engine, tmp_path
 
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(24))
     out = tmp_path / "run"
-    overrides = [f"model.name_or_path={family_dir(family)}", "data=jsonl", f"data.source={data}", "data.format=chat", "data.choices=null"]
-    run_ok([*torchrun(2), "-m", "dtune.train", *COMMON, *overrides, "data.eval_size=4", f"engine={engine}", f"hydra.run.dir={out}"], tmp_path)
+    overrides = [
+        f"model.name_or_path={family_dir(family)}",
+        "data=jsonl",
+        f"data.source={data}",
+        "data.format=chat",
+        "data.choices=null",
+    ]
+    run_ok(
+        [*torchrun(2), "-m", "dtune.train", *COMMON, *overrides, "data.eval_size=4", f"engine={engine}", f"hydra.run.dir={out}"],
+        tmp_path,
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["after"]["eval/loss"] < results["before"]["eval/loss"]
     merge(locate(out), tmp_path / "merged", dtype="fp32")  # verifies the merged logits against base + adapter

@@ -172,7 +172,12 @@ def test_sharegpt_rows_render_like_openai_messages(family_tokenizer):
 
 
 def test_content_parts_opt_outs_and_alpaca_history(tokenizer):
-    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Pick "}, {"type": "text", "text": "one."}]}, {"role": "assistant", "content": [{"type": "text", "text": "Teal."}]}]}
+    parts = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Pick "}, {"type": "text", "text": "one."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Teal."}]},
+        ]
+    }
     assert trained_runs(tokenizer, render(tokenizer, parts)) == ["Teal.<|im_end|>"]
     opted = json.loads(json.dumps(PICK))
     opted["messages"][1]["train"] = False
@@ -181,7 +186,12 @@ def test_content_parts_opt_outs_and_alpaca_history(tokenizer):
     ex = render(tokenizer, alpaca, "alpaca")
     assert trained_runs(tokenizer, ex) == ["Teal.<|im_end|>", "Plum.<|im_end|>"]
     assert "Be brief." in tokenizer.decode(ex.input_ids)
-    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}, {"role": "assistant", "content": "A cat."}]}
+    image = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": "x"}]},
+            {"role": "assistant", "content": "A cat."},
+        ]
+    }
     with pytest.raises(DataError, match=r"rows\.jsonl:1: messages\[0\]: content\[0\] is a 'image_url' part"):
         render(tokenizer, image)
 

@@ -144,8 +144,15 @@ def verify_logits(path: Path, probes: list[torch.Tensor], reference: list[torch.
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    worst = max(float((logits(model, ids) - ref).abs().max() / ref.std().clamp_min(1e-6)) for ids, ref in zip(probes, reference, strict=True))
-    log.info("merge: merged logits within %.2e of base + adapter's (relative to their spread; limit %.0e)", worst, LOGIT_TOLERANCE[dtype])
+    worst = max(
+        float((logits(model, ids) - ref).abs().max() / ref.std().clamp_min(1e-6))
+        for ids, ref in zip(probes, reference, strict=True)
+    )
+    log.info(
+        "merge: merged logits within %.2e of base + adapter's (relative to their spread; limit %.0e)",
+        worst,
+        LOGIT_TOLERANCE[dtype],
+    )
     if worst > LOGIT_TOLERANCE[dtype]:
         raise DtuneError(
             f"merge: the merged model's logits differ from base + adapter's by {worst:.3f} of their spread (limit "

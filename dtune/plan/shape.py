@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dtune.errors import ConfigError
-from dtune.model import model_dir
+from dtune.model import lora_config, model_dir
 from dtune.schema import DtuneConfig
 
 BLOCK = 64  # bitsandbytes 4-bit block size
@@ -30,19 +30,6 @@ def skeleton(cfg: DtuneConfig) -> tuple[nn.Module, Any]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     return model, config
-
-
-def lora_config(cfg: DtuneConfig) -> LoraConfig:
-    """The LoraConfig training builds from ``cfg.lora`` (:func:`dtune.model.add_lora`)."""
-    targets = list(cfg.lora.target_modules)
-    return LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
-        bias=cfg.lora.bias,
-        task_type="CAUSAL_LM",
-    )
 
 
 def adapted(cfg: DtuneConfig, model: nn.Module) -> tuple[int, LoraConfig | None]:
