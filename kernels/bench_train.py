@@ -132,12 +132,12 @@ def run_dtune(engine: str, kernel: str, args: argparse.Namespace, workdir: Path)
 
 def run_hf(args: argparse.Namespace, corpus: Path) -> dict[str, Any]:
     """HF Trainer in this process (started fresh by the parent): same model, tokens, batch and optimizer."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from dtune.config import compose
     from dtune.data import IGNORE, collate, load_data
-    from dtune.model import DTYPES, load_tokenizer, model_dir, pin_cpu_4bit_layout, quantization_config
+    from dtune.model import DTYPES, load_tokenizer, lora_config, model_dir, pin_cpu_4bit_layout, quantization_config
 
     cfg = compose(dtune_overrides(args, corpus))
     tokenizer = load_tokenizer(cfg)
@@ -150,10 +150,7 @@ def run_hf(args: argparse.Namespace, corpus: Path) -> dict[str, Any]:
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
     )
-    model = get_peft_model(
-        model,
-        LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM"),
-    )
+    model = get_peft_model(model, lora_config(cfg))  # the adapters dtune trains
 
     times: list[float] = []
 
