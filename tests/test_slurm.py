@@ -231,7 +231,10 @@ def test_a_term_to_the_job_checkpoints_and_the_requeued_job_resumes(slurm: Slurm
     assert "forcing job termination" not in text  # srun never took the TERM for the end of the job
     assert job["JobState"] == "COMPLETED" and int(job["Restarts"]) >= 1, text[-4000:]
     assert '"status": "preempted"' in text and '"signal": "SIGTERM"' in text, text[-4000:]
-    assert ("TERM received" in text) == bool(scancel)  # the batch shell is signalled by --full only
+    # The batch shell is signalled by --full only. After job.sh's own `scontrol requeue`, slurmctld TERMs the batch
+    # step it is ending: under load that can reach the shell before it exits, so only what precedes the requeue counts.
+    before_requeue = text.split(f"requeueing job {job_id}")[0]
+    assert ("TERM received" in before_requeue) == bool(scancel)
     results = _assert_resumed_to_the_end(out, steps, log)
     assert results["resumed_from_step"] >= 20
 
