@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from dtune.adapters import load_trained, locate
 from dtune.errors import DtuneError
 from dtune.train import run
-from tests.helpers import COMMON, compose_config, dtune, run_ok, tiny_overrides, torchrun, write_jsonl
+from tests.helpers import compose_config, dtune, tiny_overrides, write_jsonl
 
 SMOKE_TIED = ["debug=smoke", "train.precision=fp32", "lora.target_modules=[q_proj,v_proj,lm_head]"]
 
@@ -51,23 +51,6 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(trained_run: Path, t
     torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
     with reference.disable_adapter():
         assert (logits_of(reference, ids) - theirs).abs().max() > 10 * tol  # the adapter changes the model
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
-def test_merge_from_checkpoints_written_under_sharded_engines(tmp_path: Path, engine: str):
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path / "run"
-    run_ok([*torchrun(2), "-m", "dtune.train", *COMMON, f"engine={engine}", f"hydra.run.dir={out}"], tmp_path)
-    checkpoint = out / "checkpoints" / "step-00000002"
-    merged = tmp_path / "merged"
-    done = dtune("merge", str(checkpoint), "--out", str(merged), "--dtype", "fp32", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
-    reference = load_trained(locate(checkpoint), torch.device("cpu"))
-    ids = torch.arange(1, 17)[None]
-    torch.testing.assert_close(logits_of(model, ids), logits_of(reference, ids), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.integration

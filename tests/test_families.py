@@ -102,9 +102,12 @@ def test_family_renders_trains_merges_and_generates(family_dir, family, tmp_path
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
 @pytest.mark.parametrize("family", ["qwen2", "gemma3"])
 def test_family_trains_sharded_on_two_ranks(family_dir, family, engine, tmp_path: Path):
-    """Two families (qkv bias and untied head; sliding window and tied embeddings) under 2-rank ZeRO-3 and FSDP2,
-    then merged from what the sharded run saved."""
-    from dtune.adapters import locate
+    """Two families (qkv bias and untied head; sliding window and tied embeddings) under 2-rank ZeRO-3 and FSDP2, then
+    merged from the checkpoint the sharded run wrote after step 2 (the merge verifies its logits against base +
+    adapter, and those against the adapter loaded as trained)."""
+    from transformers import AutoModelForCausalLM
+
+    from dtune.adapters import load_trained, locate
     from dtune.commands.merge import merge
     from tests.families import chat_rows
     from tests.helpers import COMMON, run_ok, torchrun, write_jsonl
@@ -124,4 +127,11 @@ def test_family_trains_sharded_on_two_ranks(family_dir, family, engine, tmp_path
     )
     results = json.loads((out / "results.json").read_text())
     assert results["after"]["eval/loss"] < results["before"]["eval/loss"]
-    merge(locate(out), tmp_path / "merged", dtype="fp32")  # verifies the merged logits against base + adapter
+    checkpoint = out / "checkpoints" / "step-00000002"
+    merged = AutoModelForCausalLM.from_pretrained(
+        merge(locate(checkpoint), tmp_path / "merged", dtype="fp32"), dtype=torch.float32
+    )
+    reference = load_trained(locate(checkpoint), torch.device("cpu"))
+    ids = torch.arange(1, 17)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, reference(input_ids=ids).logits.float(), rtol=1e-4, atol=1e-4)
