@@ -77,7 +77,8 @@ class Row:
 
 
 class UnknownKeys:
-    """Counts record (and message) keys that the format does not read; :meth:`summary` says which and how often."""
+    """Counts record keys (and message keys, as ``messages[].key``) that the format does not read; :meth:`summary`
+    says which, how often and where first."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
@@ -90,7 +91,7 @@ class UnknownKeys:
             self.first.setdefault(name, where)
 
     def summary(self) -> str:
-        return ", ".join(f"'{k}' in {n} rows (first at {self.first[k]})" for k, n in self.counts.most_common())
+        return ", ".join(f"'{k}' {n} times (first at {self.first[k]})" for k, n in self.counts.most_common())
 
 
 def _string(obj: dict, key: str, where: str, required: bool = True) -> str:
@@ -129,7 +130,7 @@ def _content(value: Any, at: str) -> str:
     raise DataError(f"{at}: field 'content' must be a string or a list of text parts, got {type(value).__name__}")
 
 
-def _message(m: Any, at: str, role: str, content: Any, unknown: UnknownKeys | None) -> tuple[dict[str, Any], bool]:
+def _message(m: Any, at: str, role: str, content: Any) -> tuple[dict[str, Any], bool]:
     """One message as the template gets it, and whether it is trained (assistant turns unless opted out)."""
     out: dict[str, Any] = {"role": role, "content": _content(content, at)}
     trained = True
@@ -195,7 +196,7 @@ def _conversation(obj: dict, where: str, fmt: str, unknown: UnknownKeys | None) 
             extra = set(m) - {"from", "value", "tool_calls", "train", "weight", "name"}
         if extra and unknown is not None:
             unknown.note(extra, at, prefix=f"{key}[].")
-        message, trained = _message(m, at, role, content, unknown)
+        message, trained = _message(m, at, role, content)
         if not trained:
             untrained.add(len(out))
         out.append(message)
