@@ -12,8 +12,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from dtune.config import compose
+from dtune.data import IGNORE
 from dtune.schema import DtuneConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,6 +72,20 @@ def compose_config(overrides: list[str] | None = None) -> DtuneConfig:
 def tiny_overrides(tmp_path: Path, *extra: str) -> list[str]:
     """A seconds-long QLoRA run on the tiny random Llama, writing into tmp_path."""
     return ["debug=smoke", f"train.output_dir={tmp_path}", "train.precision=fp32", *extra]
+
+
+def trained_runs(tokenizer: Any, example: Any) -> list[str]:
+    """The labelled tokens of a rendered Example, decoded run by run (one run per trained span)."""
+    runs, current = [], []
+    for token, label in zip(example.input_ids, example.labels, strict=True):
+        if label != IGNORE:
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
 
 
 def write_jsonl(path: Path, rows: list[object]) -> Path:

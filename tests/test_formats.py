@@ -7,26 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from dtune.data import IGNORE, Renderer
+from dtune.data import Renderer
 from dtune.data.formats import row_from_obj
 from dtune.data.sources import read_jsonl
 from dtune.errors import DataError
 from dtune.schema import DataConfig
-from tests.helpers import write_jsonl
-
-
-def trained_text(tokenizer, example) -> list[str]:
-    """The labelled tokens, decoded run by run."""
-    runs, current = [], []
-    for tok, lab in zip(example.input_ids, example.labels, strict=True):
-        if lab != IGNORE:
-            current.append(tok)
-        elif current:
-            runs.append(tokenizer.decode(current))
-            current = []
-    if current:
-        runs.append(tokenizer.decode(current))
-    return runs
+from tests.helpers import trained_runs, write_jsonl
 
 
 def test_chat_trains_on_every_assistant_turn_and_nothing_else(tokenizer):
@@ -44,7 +30,7 @@ def test_chat_trains_on_every_assistant_turn_and_nothing_else(tokenizer):
         "chat",
     )
     ex = Renderer(tokenizer, DataConfig(format="chat", choices=None))(row)
-    assert trained_text(tokenizer, ex) == ["Hello!<|im_end|>", "4<|im_end|>"]
+    assert trained_runs(tokenizer, ex) == ["Hello!<|im_end|>", "4<|im_end|>"]
     assert tokenizer.decode(ex.input_ids[: ex.prompt_len]).endswith("2+2?<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -70,7 +56,7 @@ def test_builtin_chatml_when_the_tokenizer_has_no_template(tokenizer):
     bare.chat_template = None
     ex = Renderer(bare, DataConfig(choices=None))(row_from_obj({"prompt": "Q?", "completion": "A."}, "p:1", "prompt_completion"))
     assert bare.decode(ex.input_ids).startswith("<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n")
-    assert trained_text(bare, ex) == ["A.<|im_end|>"]
+    assert trained_runs(bare, ex) == ["A.<|im_end|>"]
 
 
 @pytest.mark.parametrize(

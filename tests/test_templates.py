@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from dtune.data import IGNORE, Renderer
+from dtune.data import Renderer
 from dtune.data.formats import row_from_obj
 from dtune.data.load import load_data
 from dtune.data.sources import BadRows, read_jsonl
 from dtune.errors import ConfigError, DataError
 from dtune.schema import DataConfig
 from tests.families import FAMILIES
-from tests.helpers import write_jsonl
+from tests.helpers import trained_runs, write_jsonl
 
 PICK = {
     "messages": [
@@ -48,20 +48,6 @@ TOOL_ROW = {
         {"role": "assistant", "content": "Snowing, -3 C."},
     ],
 }
-
-
-def trained_runs(tok, example) -> list[str]:
-    """The labelled text, decoded run by run."""
-    runs, current = [], []
-    for t, lab in zip(example.input_ids, example.labels, strict=True):
-        if lab != IGNORE:
-            current.append(t)
-        elif current:
-            runs.append(tok.decode(current))
-            current = []
-    if current:
-        runs.append(tok.decode(current))
-    return runs
 
 
 def render(tok, obj, fmt="chat", **cfg):
