@@ -48,7 +48,7 @@ def read_prompts(path: Path) -> list[str]:
 
 def render(renderer: Renderer, prompt: str, system: str | None) -> tuple[str, bool]:
     """The text the model sees before its answer, as training rendered prompts; and whether it is templated."""
-    if not renderer.cfg.chat_template or renderer.cfg.format == "text":  # trained on plain text
+    if not renderer.templated:  # trained on plain text
         return prompt, False
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     return renderer.chat(messages, generation_prompt=True), True
@@ -57,9 +57,7 @@ def render(renderer: Renderer, prompt: str, system: str | None) -> tuple[str, bo
 def end_of_turn(renderer: Renderer) -> str | None:
     """What the chat template writes after an assistant's answer (``<|im_end|>`` for ChatML): training taught the model
     to emit it, so generation stops there. None for plain-text runs (they stop at the tokenizer's eos)."""
-    if not renderer.cfg.chat_template or renderer.cfg.format == "text":
-        return None
-    return renderer.end_of_turn
+    return renderer.end_of_turn if renderer.templated else None
 
 
 def generate(

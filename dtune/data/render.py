@@ -31,7 +31,7 @@ from dtune.data.examples import IGNORE, DataStats, Example
 from dtune.data.formats import CHATML, Row
 from dtune.data.sources import BadRows
 from dtune.errors import ConfigError, DataError
-from dtune.schema import DataConfig
+from dtune.schema import DataConfig, DtuneConfig
 
 MARKER = "\ue000dtune\ue001"  # private-use characters: no dataset or template writes them
 
@@ -59,6 +59,11 @@ class Renderer:
         self.end_of_turn = self._end_of_turn() if cfg.chat_template else None
         if cfg.system_prompt and cfg.chat_template:
             self._check_system_prompt(cfg.system_prompt)
+
+    @property
+    def templated(self) -> bool:
+        """Whether prompts are rendered with the chat template (not for ``data.chat_template=false`` or text runs)."""
+        return bool(self.cfg.chat_template) and self.cfg.format != "text"
 
     def chat(
         self, messages: list[dict[str, Any]], generation_prompt: bool = False, where: str = "", tools: list | None = None
@@ -227,16 +232,14 @@ class Renderer:
         return [t for t, lab in zip(ids[prompt_len:], labels[prompt_len:], strict=True) if lab != IGNORE]
 
 
-def prompt_format(cfg: Any, tokenizer: Any) -> dict[str, Any]:
+def prompt_format(cfg: DtuneConfig, tokenizer: Any) -> dict[str, Any]:
     """How a run's prompts were rendered, for what it exports (merged model, adapter): whether the chat template
-    (the tokenizer's, saved beside) was used, its end-of-turn marker, the system prompt. ``cfg``: a DtuneConfig."""
-    data = cfg.data
-    templated = bool(data.chat_template) and data.format != "text"
-    if not templated:
+    (the tokenizer's, saved beside) was used, its end-of-turn marker, the system prompt."""
+    renderer = Renderer(tokenizer, cfg.data)
+    if not renderer.templated:
         note = "trained on plain text without a chat template: prompt it with plain text, it ends answers with eos"
         return {"chat_template": False, "end_of_turn": None, "system_prompt": None, "note": note}
-    renderer = Renderer(tokenizer, data)
-    return {"chat_template": True, "end_of_turn": renderer.end_of_turn, "system_prompt": data.system_prompt}
+    return {"chat_template": True, "end_of_turn": renderer.end_of_turn, "system_prompt": cfg.data.system_prompt}
 
 
 def _tool_name(tool: Any) -> str:
