@@ -10,6 +10,7 @@ The training code receives a plain :class:`DtuneConfig` (``to_dataclass``), neve
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dtune.data.formats import FORMATS
 from dtune.distributed.env import job_dir_name, rank_suffix
 from dtune.errors import ConfigError
-from dtune.schema import ENGINES, KERNELS, OVERLONG, PRECISIONS, QUANT_TYPES, SCHEDULES, WANDB_MODES, DtuneConfig
+from dtune.schema import ENGINES, KERNELS, LORA_INITS, OVERLONG, PRECISIONS, QUANT_TYPES, SCHEDULES, WANDB_MODES, DtuneConfig
 
 
 def conf_dir() -> Path:
@@ -59,6 +60,47 @@ def _positive(errors: list[str], name: str, value: float | int | None, allow_zer
         errors.append(f"{name}: must be {'>= 0' if allow_zero else '> 0'}; got {value}")
 
 
+def _adapter_variant_errors(cfg: DtuneConfig) -> list[str]:
+    """What PEFT cannot train among the adapter variants, each error naming its field and the reason."""
+    e: list[str] = []
+    lora, zero3 = cfg.lora, cfg.engine.strategy == "deepspeed" and cfg.engine.zero_stage == 3
+    _one_of(e, "lora.init", lora.init, LORA_INITS)
+    quantized = cfg.quant.quant_type != "none"
+    if lora.init in ("pissa", "olora") and quantized:
+        e.append(
+            f"lora.init: {lora.init} moves part of each base weight into the adapter, which needs the 16-bit weight: "
+            f"PEFT's PiSSA refuses a 4-bit base, and its OLoRA re-quantizes the residual, so the adapter would not "
+            f"reproduce training on the published 4-bit base. Use quant=none, or lora.init=loftq for a 4-bit base"
+        )
+    if lora.init == "loftq" and not quantized:
+        e.append("lora.init: loftq fits the adapter to the 4-bit quantization error; with quant=none there is none")
+    if lora.init == "loftq" and lora.use_dora:
+        e.append("lora.init: loftq with lora.use_dora: PEFT sets LoftQ's A and B after DoRA took its magnitudes from the base")
+    if lora.init in ("pissa", "olora", "loftq") and zero3:
+        e.append(
+            f"lora.init: {lora.init} reads each whole base weight when the adapters are made; ZeRO-3 partitions them at load"
+        )
+    for name, pattern in (("lora.rank_pattern", lora.rank_pattern), ("lora.alpha_pattern", lora.alpha_pattern)):
+        for key, value in pattern.items():
+            if value <= 0:
+                e.append(f"{name}: {key}: must be > 0; got {value}")
+            try:
+                re.compile(key)
+            except re.error as err:
+                e.append(f"{name}: {key!r} is not a regular expression ({err})")
+    if lora.layers_to_transform is not None and (not lora.layers_to_transform or min(lora.layers_to_transform) < 0):
+        e.append(f"lora.layers_to_transform: must list layer indices >= 0 (or be null); got {list(lora.layers_to_transform)}")
+    _positive(e, "optim.loraplus_lr_ratio", cfg.optim.loraplus_lr_ratio)
+    if not e:
+        from dtune.model import lora_config
+
+        try:  # PEFT's own checks of the combination, before anything loads
+            lora_config(cfg, projections={"q_proj"})
+        except ConfigError as err:
+            e.append(str(err))
+    return e
+
+
 def validate(cfg: DtuneConfig) -> None:
     """Range and cross-field checks. Raises ConfigError listing every problem, each naming its field."""
     e: list[str] = []
@@ -82,6 +124,7 @@ def validate(cfg: DtuneConfig) -> None:
     if not cfg.lora.target_modules:
         e.append("lora.target_modules: must name at least one module")
     _one_of(e, "lora.bias", cfg.lora.bias, ("none", "all", "lora_only"))
+    e.extend(_adapter_variant_errors(cfg))
 
     _one_of(e, "quant.quant_type", cfg.quant.quant_type, QUANT_TYPES)
     _one_of(e, "quant.kernel", cfg.quant.kernel, KERNELS)
@@ -156,6 +199,8 @@ def _unknown_keys(node: DictConfig, schema: DictConfig, prefix: str = "") -> lis
         path = f"{prefix}{key}"
         if key not in schema:
             found.append(path)
+        elif isinstance(schema[key], DictConfig) and OmegaConf.get_type(schema, str(key)) is dict:
+            continue  # a free-keyed field (lora.rank_pattern): its keys are the user's
         elif isinstance(node[key], DictConfig) and isinstance(schema[key], DictConfig):
             found += _unknown_keys(node[key], schema[key], path + ".")
     return found

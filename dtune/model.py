@@ -137,19 +137,44 @@ def freeze_as_trained(cfg: DtuneConfig, base: nn.Module, checkpointing: bool = F
     return base
 
 
-def lora_config(cfg: DtuneConfig) -> Any:
-    """PEFT's LoraConfig for ``cfg.lora`` (a causal-LM task), as training and the memory plan build it."""
+def lora_config(cfg: DtuneConfig, projections: set[str] | None = None) -> Any:
+    """PEFT's LoraConfig for ``cfg.lora`` (a causal-LM task), as training and the memory plan build it.
+
+    ``projections``: the base's decoder linear layer names (:func:`layer_projections`), which ``all-linear`` stands
+    for when ``lora.layers_to_transform`` is set (PEFT takes layer indices only with a list of names). LoftQ is
+    applied after the adapters exist (:func:`init_loftq`): the config says PEFT's default init.
+
+    Raises :class:`~dtune.errors.ConfigError` naming the field when PEFT refuses the combination.
+    """
     from peft import LoraConfig
 
-    targets = list(cfg.lora.target_modules)
-    return LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
-        bias=cfg.lora.bias,
-        task_type="CAUSAL_LM",
-    )
+    lora = cfg.lora
+    targets: str | list[str] = list(lora.target_modules)
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+        if lora.layers_to_transform is not None:
+            if projections is None:
+                raise ValueError("lora_config: lora.layers_to_transform with all-linear needs the base's projections")
+            targets = sorted(projections)
+    init: bool | str = {"default": True, "loftq": True}.get(lora.init, lora.init)
+    try:
+        return LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=targets,
+            bias=lora.bias,
+            use_dora=lora.use_dora,
+            use_rslora=lora.use_rslora,
+            init_lora_weights=init,
+            modules_to_save=list(lora.modules_to_save) or None,
+            layers_to_transform=list(lora.layers_to_transform) if lora.layers_to_transform is not None else None,
+            rank_pattern=dict(lora.rank_pattern),
+            alpha_pattern=dict(lora.alpha_pattern),
+            task_type="CAUSAL_LM",
+        )
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"lora: PEFT refuses this adapter configuration: {err}") from None
 
 
 def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
@@ -163,19 +188,63 @@ def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
     from peft import get_peft_model
 
     base = freeze_as_trained(cfg, base, checkpointing=cfg.model.gradient_checkpointing)
-    lora = lora_config(cfg)
     projections = layer_projections(base)
+    lora = lora_config(cfg, projections)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # adapter init depends on the seed only, not on what ran before
         try:
             model = get_peft_model(base, lora)
         except ValueError as err:  # PEFT: "Target modules {...} not found in the base model"
             raise ConfigError(f"lora.target_modules: {err}") from None
+    check_modules_to_save(model, cfg.lora.modules_to_save)
+    if cfg.lora.init == "loftq":
+        init_loftq(cfg, model)
+    for param in model.parameters():  # adapters, DoRA magnitudes and modules_to_save copies: fp32 masters
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
     recorded = recorded_base(cfg.model.name_or_path)
     if recorded is not None:  # the Hub id or built-in name, not this machine's cache path: the adapter loads elsewhere
         model.peft_config["default"].base_model_name_or_path, model.peft_config["default"].revision = recorded
     warn_partial_targets(cfg.lora.target_modules, projections, model.base_model.targeted_module_names, type(base).__name__)
     return model
+
+
+def check_modules_to_save(model: nn.Module, names: list[str]) -> None:
+    """Raise ConfigError when a ``lora.modules_to_save`` entry names a 4-bit layer (its packed weight cannot train)
+    or no module at all."""
+    if not names:
+        return
+    wrapped = [n for n, m in model.named_modules() if type(m).__name__ == "ModulesToSaveWrapper"]
+    for name in names:
+        hits = [w for w in wrapped if w == name or w.endswith(f".{name}")]
+        if not hits:
+            raise ConfigError(f"lora.modules_to_save: {name} names no module of {type(model.get_base_model()).__name__}")
+        for hit in hits:
+            module = model.get_submodule(hit).original_module
+            if any(type(p).__name__ == "Params4bit" for p in module.parameters()):
+                raise ConfigError(
+                    f"lora.modules_to_save: {hit} is a 4-bit quantized layer, which cannot train in full; give it an "
+                    "adapter (lora.target_modules) or keep it out of the quantized base"
+                )
+
+
+def init_loftq(cfg: DtuneConfig, model: nn.Module) -> None:
+    """LoftQ (Li et al. 2023, arXiv:2310.08659) for a 4-bit base, by PEFT's ``replace_lora_weights_loftq``: each
+    adapter is set to the rank-r SVD of the layer's quantization error W - dequant(Q(W)), W read from the base's
+    safetensors, so base + adapter starts nearer the 16-bit model. The base is not changed: the adapter applies to
+    the ordinary 4-bit base like any other.
+
+    Raises ConfigError when this process has no CUDA device (PEFT computes on CUDA) or the base has no safetensors.
+    """
+    from peft.utils.loftq_utils import replace_lora_weights_loftq
+
+    if not torch.cuda.is_available():
+        raise ConfigError("lora.init: loftq runs PEFT's LoftQ, which computes on a CUDA device; this machine has none")
+    directory = model_dir(cfg)
+    if not any(directory.glob("*.safetensors")):
+        raise ConfigError(f"lora.init: loftq reads the 16-bit weights from safetensors files; {directory} has none")
+    with torch.random.fork_rng(devices=[]):
+        replace_lora_weights_loftq(model, model_path=str(directory))
 
 
 def layer_projections(model: nn.Module) -> set[str]:

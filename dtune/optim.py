@@ -11,8 +11,26 @@ from dtune.schema import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters of ``model``; with ``loraplus_lr_ratio``, PEFT's LoRA+ groups (Hayou et
+    al. 2024, arXiv:2402.12354): B matrices and 1-D parameters (DoRA magnitudes, biases) at lr x ratio, A matrices
+    and the rest at lr. The schedule scales every group's lr by the same factor."""
+    kwargs = {"betas": (cfg.betas[0], cfg.betas[1]), "eps": cfg.eps}
+    if cfg.loraplus_lr_ratio is not None:
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizer = create_loraplus_optimizer(
+            model,
+            torch.optim.AdamW,
+            lr=cfg.lr,
+            loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+            loraplus_weight_decay=cfg.weight_decay,
+            **kwargs,
+        )
+        # Empty groups (no embedding adapters, no 1-D parameters) would only confuse ZeRO's flat partitions.
+        optimizer.param_groups = [g for g in optimizer.param_groups if g["params"]]
+        return optimizer
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -15,6 +15,7 @@ ENGINES = ("ddp", "deepspeed", "fsdp2")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 OVERLONG = ("truncate", "drop", "error")
+LORA_INITS = ("default", "gaussian", "loftq", "pissa", "olora")
 
 
 @dataclass
@@ -92,6 +93,29 @@ class LoraConfig:
     gate_up_proj in Phi-3)."""
     bias: str = "none"
     """Which biases train: none, all or lora_only (PEFT's ``bias``)."""
+    use_dora: bool = False
+    """DoRA (Liu et al. 2024, arXiv:2402.09353; PEFT's ``use_dora``): each adapted weight is split into a trained
+    magnitude vector (out_features values) and a direction the LoRA update moves. Slower per step than LoRA; runs
+    PEFT's path even with quant.fuse_lora."""
+    use_rslora: bool = False
+    """rsLoRA (Kalajdzievski 2023, arXiv:2312.03732): scale the adapter by alpha / sqrt(r) instead of alpha / r, so
+    higher ranks keep learning."""
+    init: str = "default"
+    """Adapter initialisation (PEFT's ``init_lora_weights``): default (A Kaiming-uniform, B zero), gaussian (A
+    normal with std 1/r), loftq (A, B fitted to the 4-bit quantization error of each weight, from the base's
+    safetensors: LoftQ, arXiv:2310.08659; CUDA only), pissa or olora (principal components or a QR factor moved out
+    of the base weight into the adapter; 16-bit base only: quant=none). Combinations PEFT cannot train are refused at
+    start, with the reason."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapters and saved with them (PEFT's ``modules_to_save``), e.g.
+    [lm_head] or [score]. Their parameters train in fp32: mind the memory (dtune plan counts them)."""
+    layers_to_transform: list[int] | None = None
+    """Decoder layer indices that get adapters (null: all), e.g. [20, 21, 22, 23] for the last four of 24."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Ranks other than ``r`` for the modules whose names match a key (a regular expression matched at the end of
+    the module name, PEFT's ``rank_pattern``), e.g. {down_proj: 8, 'layers.0.self_attn.q_proj': 64}."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Alphas other than ``alpha`` by module name, as rank_pattern."""
 
 
 @dataclass
@@ -139,6 +163,9 @@ class OptimConfig:
     """Final learning rate as a fraction of lr (cosine and linear)."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this value (null: no clipping)."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+ (Hayou et al. 2024, arXiv:2402.12354; PEFT's ``create_loraplus_optimizer``): the B matrices (and DoRA
+    magnitudes) learn at lr times this ratio, the A matrices at lr (e.g. 16); null: one learning rate for all."""
 
 
 @dataclass

@@ -15,13 +15,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dtune.errors import ConfigError
-from dtune.model import lora_config, model_dir
+from dtune.model import layer_projections, lora_config, model_dir
 from dtune.schema import DtuneConfig
 
 BLOCK = 64  # bitsandbytes 4-bit block size
 
 # adapted()'s answers per skeleton and LoRA settings (fit() plans one skeleton many times)
-_ADAPTED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[int, LoraConfig]]] = weakref.WeakKeyDictionary()
+_ADAPTED: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[int, LoraConfig]]] = weakref.WeakKeyDictionary()
 
 
 def skeleton(cfg: DtuneConfig) -> tuple[nn.Module, Any]:
@@ -43,14 +43,14 @@ def adapted(cfg: DtuneConfig, model: nn.Module) -> tuple[int, LoraConfig | None]
     Raises:
         ConfigError: PEFT finds none of ``lora.target_modules`` in the model (as training would).
     """
-    key = (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.bias, tuple(cfg.lora.target_modules))
+    key = repr(cfg.lora)  # every adapter setting (ranks, patterns, DoRA, modules_to_save) changes the count
     known = _ADAPTED.setdefault(model, {})
     if key not in known:
         # On the meta device, adapters included (no initialisation); PEFT's notes on its conversion: training prints them
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                peft_model = get_peft_model(copy.deepcopy(model), lora_config(cfg))
+                peft_model = get_peft_model(copy.deepcopy(model), lora_config(cfg, layer_projections(model)))
             except ValueError as err:  # "Target modules {...} not found in the base model"
                 raise ConfigError(f"lora.target_modules: {err}") from None
         trainable, _ = peft_model.get_nb_trainable_parameters()
@@ -64,6 +64,8 @@ def adapted(cfg: DtuneConfig, model: nn.Module) -> tuple[int, LoraConfig | None]
 
         one_layer = copy.deepcopy(peft_model.peft_config["default"])
         one_layer.target_modules = in_layers(tuner.targeted_module_names)
+        # The probe adapts one layer standing for all (the fullest: adapted, when only some layers are).
+        one_layer.layers_to_transform, one_layer.layers_pattern, one_layer.modules_to_save = None, None, None
         parameters = in_layers(getattr(tuner, "targeted_parameter_names", []))  # PEFT >= 0.17: 3-D experts
         if parameters:
             one_layer.target_parameters = parameters

@@ -1,0 +1,207 @@
+"""Adapter variants (DoRA, rsLoRA, inits, LoRA+, modules_to_save, layer and rank patterns): dtune builds exactly
+PEFT's own model for each, trains it as PEFT's own optimizer would, saves what PEFT loads and merges it, and refuses
+at start what PEFT cannot train."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtune.config import validate
+from dtune.errors import ConfigError
+from tests.helpers import compose_config
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+BASE = ["debug=smoke", "train.precision=fp32", "model.gradient_checkpointing=false"]
+
+# dtune's overrides -> the LoraConfig a PEFT user would write for the same adapter (beside r=16, alpha=32, all-linear).
+VARIANTS = {
+    "dora": (["lora.use_dora=true"], {"use_dora": True}),
+    "rslora": (["lora.use_rslora=true"], {"use_rslora": True}),
+    "gaussian": (["lora.init=gaussian"], {"init_lora_weights": "gaussian"}),
+    "pissa": (["lora.init=pissa", "quant=none"], {"init_lora_weights": "pissa"}),
+    "olora": (["lora.init=olora", "quant=none"], {"init_lora_weights": "olora"}),
+    "layers_and_patterns": (
+        ["lora.layers_to_transform=[1]", "+lora.rank_pattern={q_proj:4}", "+lora.alpha_pattern={down_proj:8}"],
+        {
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            "layers_to_transform": [1],
+            "rank_pattern": {"q_proj": 4},
+            "alpha_pattern": {"down_proj": 8},
+        },
+    ),
+    "modules_to_save": (["lora.modules_to_save=[lm_head]"], {"modules_to_save": ["lm_head"]}),
+    "loraplus": (["optim.loraplus_lr_ratio=16"], {}),
+}
+
+
+def peft_reference(cfg, peft_kwargs: dict) -> torch.nn.Module:
+    """The same base, frozen as dtune freezes it, with the adapter built by PEFT from a hand-written LoraConfig."""
+    from peft import LoraConfig, get_peft_model
+
+    from dtune.model import freeze_as_trained, load_base
+
+    base = freeze_as_trained(cfg, load_base(cfg, torch.device("cpu")))
+    kwargs = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "task_type": "CAUSAL_LM", **peft_kwargs}
+    torch.manual_seed(cfg.train.seed)
+    return get_peft_model(base, LoraConfig(**kwargs))
+
+
+def reference_optimizer(model, cfg, loraplus: bool) -> torch.optim.Optimizer:
+    if loraplus:
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=cfg.optim.lr, loraplus_lr_ratio=16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_each_variant_trains_exactly_as_peft_s_own_model(variant: str):
+    """Forward, 3 steps of gradients and the updated weights of dtune's model equal those of PEFT's own model built
+    from the LoraConfig a PEFT user would write (and PEFT's LoRA+ optimizer for LoRA+)."""
+    from dtune.model import build_model
+    from dtune.optim import build_optimizer
+
+    overrides, peft_kwargs = VARIANTS[variant]
+    cfg = compose_config([*BASE, "optim.lr=1e-2", *overrides])
+    validate(cfg)
+    ours = build_model(cfg, torch.device("cpu"))
+    theirs = peft_reference(cfg, peft_kwargs)
+    assert set(trainable(ours)) == set(trainable(theirs)) and trainable(ours)
+    opt_ours, opt_theirs = build_optimizer(ours, cfg.optim), reference_optimizer(theirs, cfg, variant == "loraplus")
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    for step in range(3):
+        losses = []
+        for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad()
+            out = model(input_ids=ids, labels=ids)
+            out.loss.backward()
+            losses.append(out)
+        if step == 0:
+            torch.testing.assert_close(losses[0].logits, losses[1].logits)
+        torch.testing.assert_close(losses[0].loss, losses[1].loss)
+        grads = {n: p.grad for n, p in trainable(theirs).items()}
+        for name, p in trainable(ours).items():
+            torch.testing.assert_close(p.grad, grads[name], msg=lambda m, name=name: f"{variant} step {step} {name}: {m}")
+        opt_ours.step()
+        opt_theirs.step()
+    for name, p in trainable(ours).items():
+        torch.testing.assert_close(p, trainable(theirs)[name])
+
+
+def test_loraplus_gives_b_matrices_the_higher_learning_rate():
+    from dtune.model import build_model
+    from dtune.optim import build_optimizer
+
+    cfg = compose_config([*BASE, "optim.loraplus_lr_ratio=16", "optim.lr=1e-3"])
+    model = build_model(cfg, torch.device("cpu"))
+    groups = build_optimizer(model, cfg.optim).param_groups
+    by_param = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for name, p in trainable(model).items():
+        assert by_param[id(p)] == pytest.approx(1.6e-2 if "lora_B" in name else 1e-3), name
+
+
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (["lora.init=pissa"], "PEFT's PiSSA refuses a 4-bit base"),
+        (["lora.init=olora"], "re-quantizes the residual"),
+        (["lora.init=loftq", "quant=none"], "with quant=none there is none"),
+        (["lora.init=loftq", "lora.use_dora=true"], "DoRA took its magnitudes"),
+        (["lora.init=gaussian", "lora.init=pissa", "quant=none", "engine=zero3"], "ZeRO-3 partitions them"),
+        (["lora.init=svd"], "lora.init: must be one of"),
+        (["+lora.rank_pattern={q_proj:0}"], "lora.rank_pattern: q_proj: must be > 0"),
+        (["lora.layers_to_transform=[-1]"], "lora.layers_to_transform"),
+        (["optim.loraplus_lr_ratio=0"], "optim.loraplus_lr_ratio"),
+    ],
+)
+def test_combinations_peft_cannot_train_are_refused_at_start_with_the_reason(overrides, says):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config([*BASE, *overrides]))
+    assert says in str(err.value)
+
+
+def test_a_pattern_that_is_no_regular_expression_is_named():
+    cfg = compose_config(BASE)
+    cfg.lora.alpha_pattern = {"q_(": 8.0}
+    with pytest.raises(ConfigError, match=r"lora.alpha_pattern: 'q_\(' is not a regular expression"):
+        validate(cfg)
+
+
+def test_loftq_without_a_gpu_and_4bit_modules_to_save_are_named_errors():
+    from dtune.model import build_model
+
+    if torch.cuda.is_available():
+        pytest.skip("LoftQ runs on a CUDA machine")
+    with pytest.raises(ConfigError, match="lora.init: loftq runs PEFT's LoftQ, which computes on a CUDA device"):
+        build_model(compose_config([*BASE, "lora.init=loftq"]), torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"lora.modules_to_save: .*q_proj is a 4-bit quantized layer"):
+        build_model(compose_config([*BASE, "lora.modules_to_save=[q_proj]", "lora.target_modules=[v_proj]"]), None)
+
+
+def test_fused_kernels_hand_dora_to_peft_and_fuse_rslora():
+    """quant.fuse_lora runs plain LoRA (rsLoRA is plain LoRA at another scale) inside the fused kernel and leaves
+    DoRA layers to PEFT; both compute what PEFT's path computes."""
+    from dtune.model import build_model
+    from dtune.quant import FusedLoraLinear4bit
+
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    for variant, fused in (("lora.use_rslora=true", True), ("lora.use_dora=true", False)):
+        logits = []
+        for kernel in (["quant=nf4_triton", "quant.fuse_lora=true"], ["quant=nf4_triton"]):
+            cfg = compose_config([*BASE, variant, *kernel, "optim.lr=1e-2"])
+            model = build_model(cfg, torch.device("cpu"))
+            with torch.no_grad():
+                for name, p in trainable(model).items():  # B away from zero, so the adapter counts
+                    if "lora_B" in name:
+                        p.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+            if "fuse_lora=true" in kernel[-1]:
+                assert any(isinstance(m, FusedLoraLinear4bit) for m in model.modules()) is fused, variant
+            logits.append(model(input_ids=ids).logits)
+        torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [
+            "lora.use_dora=true",
+            "lora.use_rslora=true",
+            "lora.layers_to_transform=[1]",
+            "+lora.rank_pattern={q_proj:4}",
+            "+lora.alpha_pattern={down_proj:8}",
+            "lora.modules_to_save=[lm_head]",
+            "optim.loraplus_lr_ratio=16",
+        ],
+        ["lora.init=pissa", "quant=none"],
+        ["lora.init=olora", "quant=none", "lora.init=olora"],
+    ],
+    ids=["dora-rslora-patterns-lm_head-loraplus", "pissa", "olora"],
+)
+def test_saved_variant_adapters_load_in_peft_evaluate_as_trained_and_merge(overrides, tmp_path: Path):
+    """Trained by `dtune train`, the adapter loads with PeftModel.from_pretrained (dtune eval's loader) and gives
+    training's held-out loss; `dtune merge` publishes it (merge checks base + adapter logits itself)."""
+    from dtune.commands import eval as eval_cmd
+    from dtune.commands import merge as merge_cmd
+    from dtune.train.loop import run
+
+    out = tmp_path / "run"
+    results = run(compose_config([*BASE, "optim.lr=1e-2", *overrides, f"train.output_dir={out}"]), out)
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    figures = tmp_path / "eval.json"
+    assert eval_cmd.main([str(out), "--general", "", "--json", str(figures)]) == 0
+    task = json.loads(figures.read_text())["task"]
+    assert task["adapter"]["eval/loss"] == pytest.approx(results["after"]["eval/loss"], rel=1e-5)
+    assert task["base"]["eval/loss"] == pytest.approx(results["before"]["eval/loss"], rel=1e-5)
+    assert merge_cmd.main([str(out), "--out", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
