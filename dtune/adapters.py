@@ -125,18 +125,26 @@ def check_compatible(adapter: Path, base: nn.Module) -> None:
     with safe_open(str(adapter / ADAPTER_WEIGHTS), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
             shape = tuple(f.get_slice(key).get_shape())
-            name, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
+            name, lora, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
+            if not lora:  # a module trained in full (lora.modules_to_save): the base's parameter, whole
+                name, _, kind = kind.rpartition(".")
             name = name.replace(".base_layer", "")  # a wrapped parameter (PEFT's LoRA on fused MoE experts)
             module = modules.get(name)
             if module is None:
                 raise DtuneError(f"{adapter}: adapter tensor {key} has no layer '{name}' in this base (made for {declared}?)")
-            if not hasattr(module, "in_features"):
+            if not lora:
+                param = getattr(module, kind, None)
+                want = tuple(param.shape) if isinstance(param, torch.Tensor) else None
+            elif not hasattr(module, "in_features"):
                 continue  # a 3-D expert parameter, not a linear layer: PEFT checks its shapes when loading
-            want = (shape[0], module.in_features) if kind.startswith("A") else (module.out_features, shape[1])
+            elif kind.startswith("magnitude_vector"):  # DoRA: one magnitude per output feature
+                want = (module.out_features,)
+            else:
+                want = (shape[0], module.in_features) if kind.startswith("A") else (module.out_features, shape[1])
             if shape != want:
                 raise DtuneError(
-                    f"{adapter}: {key} is {list(shape)} but layer '{name}' is {module.in_features}->{module.out_features} "
-                    f"in this base: the adapter was made for another base ({declared})"
+                    f"{adapter}: {key} is {list(shape)} but layer '{name}' wants {list(want or [])} in this base: the "
+                    f"adapter was made for another base ({declared})"
                 )
 
 
@@ -152,6 +160,20 @@ def load_base(
     return load_model_base(
         trained.cfg, device, quantized=quantized, dtype=dtype, safetensors_only=not allow_pickle, training=False
     )
+
+
+def mutates_base(adapter: Path) -> bool:
+    """Whether the adapter's init moved part of the base weights into it (PiSSA, OLoRA): PEFT then re-derives the
+    residual base when loading it, and the adapter switched off is not the base."""
+    init = json.loads((adapter / ADAPTER_CONFIG).read_text()).get("init_lora_weights")
+    return isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda"))
+
+
+def load_frozen_base(trained: Trained, device: torch.device, allow_pickle: bool = False) -> nn.Module:
+    """The base alone, frozen as training froze it, in eval mode."""
+    model = freeze_as_trained(trained.cfg, load_base(trained, device, allow_pickle=allow_pickle))
+    pin_cpu_4bit_layout(model)
+    return model.eval()
 
 
 def load_trained(trained: Trained, device: torch.device, allow_pickle: bool = False) -> nn.Module:

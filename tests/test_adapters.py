@@ -91,7 +91,9 @@ def test_each_variant_trains_exactly_as_peft_s_own_model(variant: str):
         torch.testing.assert_close(losses[0].loss, losses[1].loss)
         grads = {n: p.grad for n, p in trainable(theirs).items()}
         for name, p in trainable(ours).items():
-            torch.testing.assert_close(p.grad, grads[name], msg=lambda m, name=name: f"{variant} step {step} {name}: {m}")
+            torch.testing.assert_close(
+                p.grad, grads[name], msg=lambda m, name=name, step=step: f"{variant} step {step} {name}: {m}"
+            )
         opt_ours.step()
         opt_theirs.step()
     for name, p in trainable(ours).items():
@@ -142,7 +144,7 @@ def test_loftq_without_a_gpu_and_4bit_modules_to_save_are_named_errors():
 
     if torch.cuda.is_available():
         pytest.skip("LoftQ runs on a CUDA machine")
-    with pytest.raises(ConfigError, match="lora.init: loftq runs PEFT's LoftQ, which computes on a CUDA device"):
+    with pytest.raises(ConfigError, match=r"lora\.init: loftq runs PEFT's LoftQ, which computes on a CUDA device"):
         build_model(compose_config([*BASE, "lora.init=loftq"]), torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"lora.modules_to_save: .*q_proj is a 4-bit quantized layer"):
         build_model(compose_config([*BASE, "lora.modules_to_save=[q_proj]", "lora.target_modules=[v_proj]"]), None)

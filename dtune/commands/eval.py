@@ -9,7 +9,7 @@ from dataclasses import replace
 from omegaconf import OmegaConf
 from torch import nn
 
-from dtune.adapters import load_trained, locate_args, trained_parser
+from dtune.adapters import load_frozen_base, load_trained, locate_args, mutates_base, trained_parser
 from dtune.data.examples import Example
 from dtune.data.load import load_data
 from dtune.distributed.engine import Engine
@@ -23,14 +23,22 @@ from dtune.schema import DataConfig, DtuneConfig
 
 
 def compare(
-    model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, engine: Engine
+    model: nn.Module,
+    examples: list[Example],
+    batch_size: int,
+    pad_id: int,
+    engine: Engine,
+    base: nn.Module | None = None,
 ) -> dict[str, dict[str, float]]:
-    """The same evaluation with the adapter (``model`` is a PeftModel) and with it switched off: the base."""
-    loss_model = CompletionLoss(model)
-    tuned = evaluate(loss_model, examples, batch_size, pad_id, engine)
+    """The same evaluation with the adapter (``model`` is a PeftModel) and without: with it switched off, or on
+    ``base`` when given (an adapter whose init moved part of the base weights into it, PiSSA or OLoRA: switched off,
+    the base left is the residual, not the base)."""
+    tuned = evaluate(CompletionLoss(model), examples, batch_size, pad_id, engine)
+    if base is not None:
+        return {"base": evaluate(CompletionLoss(base), examples, batch_size, pad_id, engine), "adapter": tuned}
     with model.disable_adapter():
-        base = evaluate(loss_model, examples, batch_size, pad_id, engine)
-    return {"base": base, "adapter": tuned}
+        untuned = evaluate(CompletionLoss(model), examples, batch_size, pad_id, engine)
+    return {"base": untuned, "adapter": tuned}
 
 
 def held_out_source(data: DataConfig) -> str:
@@ -66,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(cfg)
         tokenizer = load_tokenizer(cfg)
         _, task, _ = load_data(cfg.data, tokenizer)
-        model = load_trained(replace(trained, cfg=cfg), engine.device, args.allow_pickle)
-        results = {"task": compare(model, task, args.batch_size, tokenizer.pad_token_id, engine)}
+        trained = replace(trained, cfg=cfg)
+        model = load_trained(trained, engine.device, args.allow_pickle)
+        base = load_frozen_base(trained, engine.device, args.allow_pickle) if mutates_base(trained.adapter_dir) else None
+        results = {"task": compare(model, task, args.batch_size, tokenizer.pad_token_id, engine, base)}
         if args.general:
             general = DataConfig(
                 source=args.general,
@@ -77,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 choices=None,
             )
             _, text, _ = load_data(general, tokenizer)
-            results["general"] = compare(model, text, args.batch_size, tokenizer.pad_token_id, engine)
+            results["general"] = compare(model, text, args.batch_size, tokenizer.pad_token_id, engine, base)
         print(
             f"{trained.adapter_dir} on {cfg.model.name_or_path}; task: {len(task)} held-out rows of {held_out_source(cfg.data)}"
             + (f"; general: {args.general_rows} rows of {args.general}" if args.general else "")
