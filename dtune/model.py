@@ -276,9 +276,30 @@ def warn_partial_targets(targets: list[str], projections: set[str], targeted: li
         )
 
 
+def gather_dora_layers_whole(model: nn.Module) -> None:
+    """Under ZeRO-3: gather each DoRA layer's parameters, its base weight included, for the layer's whole forward.
+
+    DoRA's forward reads the base weight again after the base layer ran (the norm of W + BA, PEFT's
+    ``DoraLinearLayer.forward``), when ZeRO-3 has already released it; as a DeepSpeed "leaf" module the LoRA layer's
+    parameters are gathered on entering it and released on leaving.
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "lora.use_dora: under ZeRO-3 DoRA needs a GPU: on the CPU, PEFT's DoRA replaces each 4-bit layer's weight "
+            "in every forward (peft.utils.integrations.dequantize_module_weight), which ZeRO-3's partitioning cannot follow"
+        )
+    classes = {type(m) for m in model.modules() if getattr(m, "lora_magnitude_vector", None)}
+    if classes:
+        set_z3_leaf_modules(model, list(classes))
+
+
 def build_model(cfg: DtuneConfig, device: torch.device | None) -> nn.Module:
     """Base (4-bit or plain) + LoRA, in train mode, on ``device``."""
     model = add_lora(cfg, load_base(cfg, device))
+    if cfg.lora.use_dora and device is None:  # ZeRO-3 (partitioned at load)
+        gather_dora_layers_whole(model)
     if cfg.quant.fuse_lora:
         fused = fuse_lora_layers(model)
         if fused:

@@ -33,13 +33,13 @@ def single(tmp_path_factory) -> Path:
     return out
 
 
-def assert_same_run(out: Path, single: Path, resumed_at: int = 0) -> None:
+def assert_same_run(out: Path, single: Path, resumed_at: int = 0, abs_tol: float = 1e-5) -> None:
     """Same losses after step ``resumed_at`` (and eval after) and the same final adapter."""
-    assert losses(out, after=resumed_at) == pytest.approx(losses(single, after=resumed_at), abs=1e-5)
+    assert losses(out, after=resumed_at) == pytest.approx(losses(single, after=resumed_at), abs=abs_tol)
     ours, ref = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (out, single))
     assert ours.keys() == ref.keys()
     for key in ref:
-        torch.testing.assert_close(ours[key], ref[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ours[key], ref[key], rtol=1e-4, atol=abs_tol / 10)
 
 
 @pytest.mark.integration
@@ -98,6 +98,30 @@ def test_fused_lora_kernels_under_sharded_engines(tmp_path: Path, single: Path, 
     fused = re.search(r"quant.fuse_lora: (\d+) LoRA layers run inside", (out / "dtune.log").read_text())
     assert fused and int(fused.group(1)) > 0
     assert_same_run(out, single)
+
+
+VARIANT = ["lora.use_dora=true", "lora.init=gaussian", "optim.loraplus_lr_ratio=4", "lora.modules_to_save=[lm_head]"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_adapter_variants_under_sharded_engines(tmp_path: Path, engine: str):
+    """DoRA (its magnitudes taken from the 4-bit weights, which ZeRO-3 partitions at load), a Gaussian init, LoRA+'s
+    parameter groups and a fully trained head on 2 ranks: the 1-rank run's losses and adapter."""
+    # On the CPU PEFT's DoRA swaps each 4-bit weight in every forward, which ZeRO-3 cannot follow: refused (a GPU's
+    # DoRA under ZeRO-3 is the GPU kit's to run).
+    variant = [v for v in VARIANT if engine != "zero3" or "dora" not in v]
+    alone = tmp_path / "one"
+    run([sys.executable, "-m", "dtune.train", *COMMON, *variant, "train.grad_accum_steps=2", f"hydra.run.dir={alone}"], tmp_path)
+    out = tmp_path / engine
+    run([*torchrun(2), "-m", "dtune.train", *COMMON, *variant, f"engine={engine}", f"hydra.run.dir={out}"], tmp_path)
+    # A whole head trained, B at LoRA+'s 4x lr: Adam amplifies the ranks' reduction order more than in plain LoRA.
+    assert_same_run(out, alone, abs_tol=1e-4)
+    if engine == "zero3":
+        refused = tmp_path / "dora"
+        cmd = [*torchrun(1), "-m", "dtune.train", *COMMON, *VARIANT, "engine=zero3", f"hydra.run.dir={refused}"]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+        assert proc.returncode != 0 and "lora.use_dora: under ZeRO-3 DoRA needs a GPU" in proc.stderr
 
 
 @pytest.mark.integration
