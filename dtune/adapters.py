@@ -125,6 +125,8 @@ def check_compatible(adapter: Path, base: nn.Module) -> None:
     with safe_open(str(adapter / ADAPTER_WEIGHTS), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
             shape = tuple(f.get_slice(key).get_shape())
+            if ".token_adapter." in key:  # rows of added tokens (model.add_tokens): PEFT checks their indices
+                continue
             name, lora, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
             if not lora:  # a module trained in full (lora.modules_to_save): the base's parameter, whole
                 name, _, kind = kind.rpartition(".")

@@ -91,6 +91,15 @@ def _adapter_variant_errors(cfg: DtuneConfig) -> list[str]:
     if lora.layers_to_transform is not None and (not lora.layers_to_transform or min(lora.layers_to_transform) < 0):
         e.append(f"lora.layers_to_transform: must list layer indices >= 0 (or be null); got {list(lora.layers_to_transform)}")
     _positive(e, "optim.loraplus_lr_ratio", cfg.optim.loraplus_lr_ratio)
+    if (cfg.model.add_tokens or cfg.model.add_special_tokens) and zero3:
+        e.append(
+            "model.add_tokens: not under ZeRO-3, which partitions the embedding at load: growing it and PEFT's trained "
+            "token rows (read outside the embedding's own forward) need it whole; use engine=fsdp2, which shards it"
+        )
+    if lora.modules_to_save and (cfg.model.add_tokens or cfg.model.add_special_tokens):
+        for name in lora.modules_to_save:
+            if name in ("embed_tokens", "lm_head"):
+                e.append(f"lora.modules_to_save: {name} trains in full; model.add_tokens would train some of its rows twice")
     if not e:
         from dtune.model import lora_config
 

@@ -45,6 +45,10 @@ def load_tokenizer(cfg: DtuneConfig) -> Any:
     tok = AutoTokenizer.from_pretrained(model_dir(cfg), trust_remote_code=cfg.model.trust_remote_code)
     if not getattr(tok, "chat_template", None):
         tok.chat_template = CHATML
+    if cfg.model.add_special_tokens:
+        tok.add_tokens(list(cfg.model.add_special_tokens), special_tokens=True)
+    if cfg.model.add_tokens:
+        tok.add_tokens(list(cfg.model.add_tokens))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padded positions are masked out of attention and loss anyway
     return tok
@@ -114,10 +118,32 @@ def load_base(
     except OSError as err:
         raise DtuneError(f"{directory}: cannot load the base model ({err})") from None
     pin_cpu_4bit_layout(model)
+    if cfg.model.add_tokens or cfg.model.add_special_tokens:
+        grow_vocabulary(cfg, model)
     if quantized and cfg.quant.kernel == "triton":
         log.info("quant.kernel=triton: %d NF4 layers use dtune's fused kernels", use_fused_kernels(model))
     # from_pretrained returns eval mode; training needs train mode before wrapping (see pin_cpu_4bit_layout).
     return model.train() if training else model.eval()
+
+
+def trained_token_ids(cfg: DtuneConfig, tokenizer: Any | None = None) -> list[int]:
+    """Vocabulary ids of ``model.add_tokens`` and ``model.add_special_tokens`` (after adding them), sorted."""
+    tokenizer = tokenizer or load_tokenizer(cfg)
+    names = [*cfg.model.add_special_tokens, *cfg.model.add_tokens]
+    return sorted(set(tokenizer.convert_tokens_to_ids(names)))
+
+
+def grow_vocabulary(cfg: DtuneConfig, model: nn.Module) -> None:
+    """Resize the embedding (and an untied head) to the tokenizer with ``model.add_tokens`` added. New rows start at
+    the mean of the old ones plus noise of their covariance (transformers' ``mean_resizing``), drawn from
+    ``train.seed``: the same on every rank and in every process that loads the base."""
+    size = len(load_tokenizer(cfg))
+    if size <= model.get_input_embeddings().weight.shape[0]:
+        return  # the tokens fit in the rows the base has (padded vocabularies): nothing grows
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        model.resize_token_embeddings(size, mean_resizing=True)
+    log.info("model.add_tokens: vocabulary grown to %d tokens", size)
 
 
 def freeze_as_trained(cfg: DtuneConfig, base: nn.Module, checkpointing: bool = False) -> nn.Module:
@@ -190,6 +216,8 @@ def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
     base = freeze_as_trained(cfg, base, checkpointing=cfg.model.gradient_checkpointing)
     projections = layer_projections(base)
     lora = lora_config(cfg, projections)
+    if cfg.model.add_tokens or cfg.model.add_special_tokens:
+        lora.trainable_token_indices = token_rows(cfg, base)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # adapter init depends on the seed only, not on what ran before
         try:
@@ -207,6 +235,18 @@ def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
         model.peft_config["default"].base_model_name_or_path, model.peft_config["default"].revision = recorded
     warn_partial_targets(cfg.lora.target_modules, projections, model.base_model.targeted_module_names, type(base).__name__)
     return model
+
+
+def token_rows(cfg: DtuneConfig, base: nn.Module) -> dict[str, list[int]]:
+    """PEFT's ``trainable_token_indices`` for the added tokens: their rows of the input embedding, and of the output
+    head when it is untied (a tied head follows the embedding inside PEFT), so that the model can also emit them."""
+    ids = trained_token_ids(cfg)
+    embed, head = base.get_input_embeddings(), base.get_output_embeddings()
+    names = {id(m): n.rsplit(".", 1)[-1] for n, m in base.named_modules()}
+    rows = {names[id(embed)]: ids}
+    if head is not None and head.weight.data_ptr() != embed.weight.data_ptr():
+        rows[names[id(head)]] = ids
+    return rows
 
 
 def check_modules_to_save(model: nn.Module, names: list[str]) -> None:

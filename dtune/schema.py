@@ -28,6 +28,14 @@ class ModelConfig:
     """Recompute each decoder layer's activations in backward instead of storing them."""
     trust_remote_code: bool = False
     """Allow model code from the model directory (off: only transformers' own architectures)."""
+    add_tokens: list[str] = field(default_factory=list)
+    """Tokens added to the vocabulary (e.g. domain words). The embedding (and an untied output head) grows by their
+    number and their rows train beside the adapters -- only those rows (PEFT's ``trainable_token_indices``) -- and
+    are saved in the adapter. Tokens the vocabulary has already: their rows train (e.g. never-trained reserved
+    tokens)."""
+    add_special_tokens: list[str] = field(default_factory=list)
+    """As add_tokens, as special tokens (never split, dropped when decoding with skip_special_tokens), e.g.
+    ['<|im_start|>', '<|im_end|>'] for ChatML on a base that lacks them."""
 
 
 @dataclass

@@ -207,3 +207,71 @@ def test_saved_variant_adapters_load_in_peft_evaluate_as_trained_and_merge(overr
     assert task["adapter"]["eval/loss"] == pytest.approx(results["after"]["eval/loss"], rel=1e-5)
     assert task["base"]["eval/loss"] == pytest.approx(results["before"]["eval/loss"], rel=1e-5)
     assert merge_cmd.main([str(out), "--out", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+
+
+NEW_TOKENS = ["model.add_special_tokens=['<|tool|>','<|end_tool|>']", "model.add_tokens=[dtuneword]"]
+
+
+def test_added_tokens_grow_the_vocabulary_and_train_only_their_rows(family_dir):
+    """Qwen2 (untied head): the embedding and the head grow by the new tokens, and the new rows of both -- nothing
+    else of them -- receive gradients."""
+    from dtune.model import build_model, load_tokenizer, trained_token_ids
+
+    cfg = compose_config([*BASE, f"model.name_or_path={family_dir('qwen2')}", *NEW_TOKENS])
+    validate(cfg)
+    tokenizer = load_tokenizer(cfg)
+    ids = trained_token_ids(cfg, tokenizer)
+    assert len(ids) == 3 and "<|tool|>" in tokenizer.tokenize("a <|tool|> b")
+    model = build_model(cfg, torch.device("cpu"))
+    base = model.get_base_model()
+    assert base.get_input_embeddings().weight.shape[0] == base.get_output_embeddings().weight.shape[0] == len(tokenizer)
+    rows = {n: p for n, p in trainable(model).items() if "token_adapter" in n}
+    assert sorted(n.split(".token_adapter")[0].rsplit(".", 1)[-1] for n in rows) == ["embed_tokens", "lm_head"]
+    assert all(tuple(p.shape) == (3, base.config.hidden_size) for p in rows.values())
+    assert all("lora_" in name or "token_adapter" in name for name in trainable(model))  # the rest stays frozen
+    batch = torch.tensor([[ids[0], 5, ids[1], 7, ids[2], 9]])
+    model(input_ids=batch, labels=batch).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum(dim=1).gt(0).all() for p in rows.values())
+
+
+def test_added_tokens_are_refused_under_zero3():
+    with pytest.raises(ConfigError, match=r"model\.add_tokens: not under ZeRO-3"):
+        validate(compose_config([*BASE, *NEW_TOKENS, "engine=zero3"]))
+
+
+@pytest.mark.integration
+def test_an_adapter_with_added_tokens_loads_in_peft_on_a_resized_base_and_merges(family_dir, tmp_path: Path):
+    """Trained with new tokens in its data, the adapter holds their rows; a PEFT user's load (the tokenizer saved
+    beside the adapter, the base resized to it, PeftModel.from_pretrained) computes what dtune's loader computes,
+    `dtune eval` gives training's loss, and the merge publishes the grown vocabulary."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dtune.adapters import load_trained, locate
+    from dtune.commands import eval as eval_cmd
+    from dtune.commands import merge as merge_cmd
+    from dtune.train.loop import run
+
+    out = tmp_path / "run"
+    model = f"model.name_or_path={family_dir('qwen2')}"
+    tokens = [*NEW_TOKENS, "data.system_prompt='Answer, then <|tool|> dtuneword <|end_tool|>.'"]
+    results = run(compose_config([*BASE, model, "optim.lr=1e-2", "quant=none", *tokens, f"train.output_dir={out}"]), out)
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert sum("token_adapter" in k for k in saved) == 2
+    tokenizer = AutoTokenizer.from_pretrained(out / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(family_dir("qwen2"), dtype=torch.float32)
+    base.resize_token_embeddings(len(tokenizer))
+    theirs = PeftModel.from_pretrained(base, out / "adapter").eval()
+    ours = load_trained(locate(out), torch.device("cpu"))
+    ids = tokenizer("Hi <|tool|> dtuneword <|end_tool|> there", return_tensors="pt").input_ids
+    assert ids.shape[1] <= 8  # the new tokens are single tokens
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits.float(), rtol=1e-4, atol=1e-4)
+    figures = tmp_path / "eval.json"
+    assert eval_cmd.main([str(out), "--general", "", "--json", str(figures)]) == 0
+    task = json.loads(figures.read_text())["task"]
+    assert task["adapter"]["eval/loss"] == pytest.approx(results["after"]["eval/loss"], rel=1e-5)
+    assert merge_cmd.main([str(out), "--out", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert merged.get_input_embeddings().weight.shape[0] == len(tokenizer)
