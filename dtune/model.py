@@ -17,6 +17,15 @@ from torch import nn
 from dtune.assets import recorded_base, resolve_model
 from dtune.data.formats import CHATML
 from dtune.errors import ConfigError, DtuneError
+from dtune.lora import (
+    check_modules_to_save,
+    gather_dora_layers_whole,
+    init_loftq,
+    layer_projections,
+    lora_config,
+    token_rows,
+    warn_partial_targets,
+)
 from dtune.quant import fuse_lora_layers, use_fused_kernels
 from dtune.schema import DtuneConfig
 from dtune.units import DTYPES
@@ -163,46 +172,6 @@ def freeze_as_trained(cfg: DtuneConfig, base: nn.Module, checkpointing: bool = F
     return base
 
 
-def lora_config(cfg: DtuneConfig, projections: set[str] | None = None) -> Any:
-    """PEFT's LoraConfig for ``cfg.lora`` (a causal-LM task), as training and the memory plan build it.
-
-    ``projections``: the base's decoder linear layer names (:func:`layer_projections`), which ``all-linear`` stands
-    for when ``lora.layers_to_transform`` is set (PEFT takes layer indices only with a list of names). LoftQ is
-    applied after the adapters exist (:func:`init_loftq`): the config says PEFT's default init.
-
-    Raises :class:`~dtune.errors.ConfigError` naming the field when PEFT refuses the combination.
-    """
-    from peft import LoraConfig
-
-    lora = cfg.lora
-    targets: str | list[str] = list(lora.target_modules)
-    if targets == ["all-linear"]:
-        targets = "all-linear"
-        if lora.layers_to_transform is not None:
-            if projections is None:
-                raise ValueError("lora_config: lora.layers_to_transform with all-linear needs the base's projections")
-            targets = sorted(projections)
-    init: bool | str = {"default": True, "loftq": True}.get(lora.init, lora.init)
-    try:
-        return LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=targets,
-            bias=lora.bias,
-            use_dora=lora.use_dora,
-            use_rslora=lora.use_rslora,
-            init_lora_weights=init,
-            modules_to_save=list(lora.modules_to_save) or None,
-            layers_to_transform=list(lora.layers_to_transform) if lora.layers_to_transform is not None else None,
-            rank_pattern=dict(lora.rank_pattern),
-            alpha_pattern=dict(lora.alpha_pattern),
-            task_type="CAUSAL_LM",
-        )
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"lora: PEFT refuses this adapter configuration: {err}") from None
-
-
 def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
     """Freeze the base, enable checkpointing, attach LoRA.
 
@@ -217,7 +186,7 @@ def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
     projections = layer_projections(base)
     lora = lora_config(cfg, projections)
     if cfg.model.add_tokens or cfg.model.add_special_tokens:
-        lora.trainable_token_indices = token_rows(cfg, base)
+        lora.trainable_token_indices = token_rows(base, trained_token_ids(cfg))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # adapter init depends on the seed only, not on what ran before
         try:
@@ -226,7 +195,7 @@ def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
             raise ConfigError(f"lora.target_modules: {err}") from None
     check_modules_to_save(model, cfg.lora.modules_to_save)
     if cfg.lora.init == "loftq":
-        init_loftq(cfg, model)
+        init_loftq(model, model_dir(cfg))
     for param in model.parameters():  # adapters, DoRA magnitudes and modules_to_save copies: fp32 masters
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
@@ -235,104 +204,6 @@ def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
         model.peft_config["default"].base_model_name_or_path, model.peft_config["default"].revision = recorded
     warn_partial_targets(cfg.lora.target_modules, projections, model.base_model.targeted_module_names, type(base).__name__)
     return model
-
-
-def token_rows(cfg: DtuneConfig, base: nn.Module) -> dict[str, list[int]]:
-    """PEFT's ``trainable_token_indices`` for the added tokens: their rows of the input embedding, and of the output
-    head when it is untied (a tied head follows the embedding inside PEFT), so that the model can also emit them."""
-    ids = trained_token_ids(cfg)
-    embed, head = base.get_input_embeddings(), base.get_output_embeddings()
-    names = {id(m): n.rsplit(".", 1)[-1] for n, m in base.named_modules()}
-    rows = {names[id(embed)]: ids}
-    if head is not None and head.weight.data_ptr() != embed.weight.data_ptr():
-        rows[names[id(head)]] = ids
-    return rows
-
-
-def check_modules_to_save(model: nn.Module, names: list[str]) -> None:
-    """Raise ConfigError when a ``lora.modules_to_save`` entry names a 4-bit layer (its packed weight cannot train)
-    or no module at all."""
-    if not names:
-        return
-    wrapped = [n for n, m in model.named_modules() if type(m).__name__ == "ModulesToSaveWrapper"]
-    for name in names:
-        hits = [w for w in wrapped if w == name or w.endswith(f".{name}")]
-        if not hits:
-            raise ConfigError(f"lora.modules_to_save: {name} names no module of {type(model.get_base_model()).__name__}")
-        for hit in hits:
-            module = model.get_submodule(hit).original_module
-            if any(type(p).__name__ == "Params4bit" for p in module.parameters()):
-                raise ConfigError(
-                    f"lora.modules_to_save: {hit} is a 4-bit quantized layer, which cannot train in full; give it an "
-                    "adapter (lora.target_modules) or keep it out of the quantized base"
-                )
-
-
-def init_loftq(cfg: DtuneConfig, model: nn.Module) -> None:
-    """LoftQ (Li et al. 2023, arXiv:2310.08659) for a 4-bit base, by PEFT's ``replace_lora_weights_loftq``: each
-    adapter is set to the rank-r SVD of the layer's quantization error W - dequant(Q(W)), W read from the base's
-    safetensors, so base + adapter starts nearer the 16-bit model. The base is not changed: the adapter applies to
-    the ordinary 4-bit base like any other.
-
-    Raises ConfigError when this process has no CUDA device (PEFT computes on CUDA) or the base has no safetensors.
-    """
-    from peft.utils.loftq_utils import replace_lora_weights_loftq
-
-    if not torch.cuda.is_available():
-        raise ConfigError("lora.init: loftq runs PEFT's LoftQ, which computes on a CUDA device; this machine has none")
-    directory = model_dir(cfg)
-    if not any(directory.glob("*.safetensors")):
-        raise ConfigError(f"lora.init: loftq reads the 16-bit weights from safetensors files; {directory} has none")
-    with torch.random.fork_rng(devices=[]):
-        replace_lora_weights_loftq(model, model_path=str(directory))
-
-
-def layer_projections(model: nn.Module) -> set[str]:
-    """Names (the last part) of the linear layers inside the decoder layers: q_proj, qkv_proj, gate_up_proj, ..."""
-    return {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and ".layers." in f".{name}"
-    }
-
-
-def warn_partial_targets(targets: list[str], projections: set[str], targeted: list[str], arch: str) -> None:
-    """Warn when some of ``targets`` match no layer while some projections get no adapter: a target list written for
-    another family (Phi-3's fused qkv_proj and gate_up_proj with Llama's names leave only o_proj and down_proj
-    adapted)."""
-    if list(targets) == ["all-linear"]:
-        return
-    hit = {name.rsplit(".", 1)[-1] for name in targeted}
-    missing = [t for t in targets if t not in hit]
-    left = sorted(projections - hit)
-    if missing and left:
-        log.warning(
-            "lora.target_modules: %s match no layer of %s; adapters go on %s only, and %s get none. "
-            "lora.target_modules=[all-linear] adapts every linear projection of any family",
-            ", ".join(missing),
-            arch,
-            ", ".join(sorted(hit)) or "nothing",
-            ", ".join(left),
-        )
-
-
-def gather_dora_layers_whole(model: nn.Module) -> None:
-    """Under ZeRO-3: gather each DoRA layer's parameters, its base weight included, for the layer's whole forward.
-
-    DoRA's forward reads the base weight again after the base layer ran (the norm of W + BA, PEFT's
-    ``DoraLinearLayer.forward``), when ZeRO-3 has already released it; as a DeepSpeed "leaf" module the LoRA layer's
-    parameters are gathered on entering it and released on leaving.
-    """
-    from deepspeed.utils import set_z3_leaf_modules
-
-    if not torch.cuda.is_available():
-        raise ConfigError(
-            "lora.use_dora: under ZeRO-3 DoRA needs a GPU: on the CPU, PEFT's DoRA replaces each 4-bit layer's weight "
-            "in every forward (peft.utils.integrations.dequantize_module_weight), which ZeRO-3's partitioning cannot follow"
-        )
-    classes = {type(m) for m in model.modules() if getattr(m, "lora_magnitude_vector", None)}
-    if classes:
-        set_z3_leaf_modules(model, list(classes))
 
 
 def build_model(cfg: DtuneConfig, device: torch.device | None) -> nn.Module:

@@ -137,7 +137,8 @@ def run_hf(args: argparse.Namespace, corpus: Path) -> dict[str, Any]:
 
     from dtune.config import compose
     from dtune.data import IGNORE, collate, load_data
-    from dtune.model import DTYPES, load_tokenizer, lora_config, model_dir, pin_cpu_4bit_layout, quantization_config
+    from dtune.lora import lora_config
+    from dtune.model import DTYPES, load_tokenizer, model_dir, pin_cpu_4bit_layout, quantization_config
 
     cfg = compose(dtune_overrides(args, corpus))
     tokenizer = load_tokenizer(cfg)

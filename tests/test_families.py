@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtune.model import build_model, layer_projections, load_base
+from dtune.lora import layer_projections
+from dtune.model import build_model, load_base
 from tests.families import FAMILIES
 from tests.helpers import compose_config, tiny_overrides
 

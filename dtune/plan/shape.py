@@ -15,7 +15,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dtune.errors import ConfigError
-from dtune.model import layer_projections, lora_config, model_dir
+from dtune.lora import layer_projections, lora_config
+from dtune.model import model_dir
 from dtune.schema import DtuneConfig
 
 BLOCK = 64  # bitsandbytes 4-bit block size

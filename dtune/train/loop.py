@@ -28,6 +28,7 @@ from dtune.distributed.preempt import Preempted, Preemption
 from dtune.evaluate import evaluate
 from dtune.flops import FlopCounts, device_peak_flops, peak_memory_bytes
 from dtune.fsutil import OutputLock, atomic_write_text
+from dtune.lora import lora_config
 from dtune.loss import CompletionLoss
 from dtune.model import build_model, load_tokenizer, model_dir
 from dtune.optim import build_optimizer, build_scheduler
@@ -52,6 +53,7 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
     checkpoint if training had begun, at once if it arrived while the run was still setting up.
     """
     validate(cfg)
+    lora_config(cfg, projections={"q_proj"})  # PEFT's own checks of the adapter settings, before anything loads
     quiet_libraries()
     engine = Engine(cfg)
     torch.manual_seed(cfg.train.seed)
