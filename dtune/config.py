@@ -85,8 +85,10 @@ def _early_stopping(e: list[str], cfg: DtuneConfig) -> None:
             f"it is null, and {' and '.join(used)} would judge by it; use metric=loss or set data.choices"
         )
     if not cfg.train.eval_every:
-        e.append(f"train.eval_every: is 0 (evaluations only before and after training), so {' and '.join(used)} has no "
-                 "evaluations to judge; set train.eval_every > 0")
+        e.append(
+            f"train.eval_every: is 0 (evaluations only before and after training), so {' and '.join(used)} has no "
+            "evaluations to judge; set train.eval_every > 0"
+        )
 
 
 def validate(cfg: DtuneConfig) -> None:
@@ -102,8 +104,9 @@ def validate(cfg: DtuneConfig) -> None:
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         e.append(f"optim.min_lr_ratio: must be in [0, 1]; got {cfg.optim.min_lr_ratio}")
     _one_of(e, "optim.schedule", cfg.optim.schedule, SCHEDULES)
-    if cfg.train.epochs is None and cfg.optim.warmup_steps > (cfg.train.max_steps or DEFAULT_MAX_STEPS):
-        e.append(f"optim.warmup_steps: {cfg.optim.warmup_steps} exceeds train.max_steps ({cfg.train.max_steps})")
+    steps = cfg.train.max_steps or DEFAULT_MAX_STEPS  # with train.epochs, checked once the data is known (RunLength)
+    if cfg.train.epochs is None and cfg.optim.warmup_steps > steps:
+        e.append(f"optim.warmup_steps: {cfg.optim.warmup_steps} exceeds train.max_steps ({steps})")
 
     _positive(e, "lora.r", cfg.lora.r)
     _positive(e, "lora.alpha", cfg.lora.alpha)

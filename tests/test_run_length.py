@@ -22,7 +22,7 @@ from dtune.schema import EarlyStoppingConfig
 from dtune.train import run
 from dtune.train.best import Best
 from dtune.train.length import RunLength
-from tests.helpers import compose_config, metrics, tiny_overrides, train_records
+from tests.helpers import SMOKE, compose_config, metrics, run_ok, tiny_overrides, torchrun, train_records
 
 # --------------------------------------------------------------------------------------------- train.epochs
 
@@ -110,7 +110,9 @@ def test_best_and_patience_follow_the_keras_rule():
         (12, 2.39, 2, True),  # a diverged evaluation never improves
     ]
     acc = replace(cfg, metric="accuracy", min_delta=0.0)
-    best = Best().after({"eval/accuracy": 0.5}, 1, acc).after({"eval/accuracy": 0.75}, 2, acc).after({"eval/accuracy": 0.75}, 3, acc)
+    best = (
+        Best().after({"eval/accuracy": 0.5}, 1, acc).after({"eval/accuracy": 0.75}, 2, acc).after({"eval/accuracy": 0.75}, 3, acc)
+    )
     assert (best.step, best.value, best.stale) == (2, 0.75, 1)  # higher is better; a tie keeps the earlier
     assert not best.exhausted(replace(acc, enabled=False, patience=1))  # keep_best alone never stops a run
     assert Best.from_state(json.loads(json.dumps(best.state_dict()))) == best
@@ -178,7 +180,8 @@ def test_a_run_that_stops_improving_stops_early_and_keeps_its_best_adapter(stopp
     folder = out / BEST_ADAPTER
     assert best["adapter"] == str(folder)
     assert {"adapter_config.json", "prompt_format.json", "tokenizer_config.json"} <= {p.name for p in folder.iterdir()}
-    assert any(not torch.equal(a, b) for a, b in zip(tensors(folder).values(), tensors(out / "adapter").values()))
+    kept, final = tensors(folder), tensors(out / "adapter")
+    assert kept.keys() == final.keys() and any(not torch.equal(kept[k], final[k]) for k in kept)
     trained = locate(folder)
     model = load_trained(trained, torch.device("cpu"))
     assert isinstance(model, PeftModel)
@@ -214,3 +217,22 @@ def test_resumed_before_the_stop_it_keeps_the_best_and_stops_at_the_same_step(st
     assert again["resumed_from_step"] == stop and again["steps"] == stop and again["stopped_early"]
     assert again["best"] == results["best"] and again["after"] == results["after"]
     assert torch.equal(*(next(iter(tensors(d / BEST_ADAPTER).values())) for d in (out, ref)))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_two_sharded_ranks_stop_together_and_gather_the_best_adapter(stopped_run, tmp_path: Path, engine: str):
+    """2 ranks with parameters sharded (the same global batch: 2 x 2 samples): every rank stops at the one-rank run's
+    step (a rank that went on alone would hang at its next collective), and best_adapter holds the whole adapter."""
+    ref, ref_results = stopped_run
+    out = tmp_path / engine
+    overrides = [*SMOKE, *STOP, "train.micro_batch_size=2", f"engine={engine}", f"hydra.run.dir={out}"]
+    run_ok([*torchrun(2), "-m", "dtune.train", *overrides], tmp_path)
+    results = json.loads((out / "results.json").read_text())
+    assert results["stopped_early"] and results["steps"] == ref_results["steps"]
+    assert results["best"]["step"] == ref_results["best"]["step"]
+    assert results["best"]["value"] == pytest.approx(ref_results["best"]["value"], abs=1e-5)
+    ours, theirs = tensors(out / BEST_ADAPTER), tensors(ref / BEST_ADAPTER)
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-3, atol=5e-5)  # summation order
