@@ -100,7 +100,7 @@ def test_best_and_patience_follow_the_keras_rule():
     for step, loss in [(2, 3.0), (4, 2.5), (6, 2.48), (8, 2.6), (10, 2.4), (12, 2.39), (14, float("nan"))]:
         best = best.after({"eval/loss": loss}, step, cfg)
         trace.append((best.step, best.value, best.stale, best.exhausted(cfg)))
-    assert trace == [
+    assert best.metric == "loss" and trace == [
         (2, 3.0, 0, False),
         (4, 2.5, 0, False),
         (6, 2.48, 1, False),  # better (the best adapter moves) but by less than min_delta: patience runs
@@ -116,6 +116,8 @@ def test_best_and_patience_follow_the_keras_rule():
     assert (best.step, best.value, best.stale) == (2, 0.75, 1)  # higher is better; a tie keeps the earlier
     assert not best.exhausted(replace(acc, enabled=False, patience=1))  # keep_best alone never stops a run
     assert Best.from_state(json.loads(json.dumps(best.state_dict()))) == best
+    switched = best.after({"eval/loss": 9.0, "eval/accuracy": 0.5}, 4, cfg)  # judged by loss now (changed on resume)
+    assert (switched.step, switched.value, switched.stale, switched.metric) == (4, 9.0, 0, "loss")
 
 
 # --------------------------------------------------------------------------------------------- early stopping runs

@@ -30,25 +30,29 @@ class Best:
     """Its metric value."""
     stale: int = 0
     """Evaluations in a row since the metric last beat the best by more than min_delta."""
+    metric: str | None = None
+    """The train.early_stopping.metric this was judged by (another one, set on resume, starts afresh)."""
 
     def after(self, metrics: dict[str, float], step: int, cfg: EarlyStoppingConfig) -> Best:
         """The best and patience count once the evaluation ``metrics`` of ``step`` is taken into account. Raises
         KeyError when ``metrics`` lacks the metric (accuracy without data.choices: refused by the config check)."""
         value = metrics[METRIC_KEYS[cfg.metric]]
+        if self.metric != cfg.metric:
+            return Best(metric=cfg.metric).after(metrics, step, cfg)
         if not math.isfinite(value):  # a diverged run never improves
             return replace(self, stale=self.stale + 1)
         if self.value is None:
-            return Best(step, value, 0)
+            return Best(step, value, 0, cfg.metric)
         gain = (value - self.value) if HIGHER_IS_BETTER[cfg.metric] else (self.value - value)
         stale = 0 if gain > cfg.min_delta else self.stale + 1
-        return Best(step, value, stale) if gain > 0 else replace(self, stale=stale)
+        return Best(step, value, stale, cfg.metric) if gain > 0 else replace(self, stale=stale)
 
     def exhausted(self, cfg: EarlyStoppingConfig) -> bool:
         """Early stopping is on and its patience has run out."""
         return cfg.enabled and self.stale >= cfg.patience
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "value": self.value, "stale": self.stale}
+        return {"step": self.step, "value": self.value, "stale": self.stale, "metric": self.metric}
 
     @classmethod
     def from_state(cls, saved: dict[str, Any] | None) -> Best:

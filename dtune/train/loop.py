@@ -314,9 +314,9 @@ class Trainer:
             "param_bytes_rank0": self.held,
             "wandb": self.tracker.info,
         }
-        if state.best.step is not None:
-            es = self.cfg.train.early_stopping
-            results["best"] = {"step": state.best.step, "metric": METRIC_KEYS[es.metric], "value": state.best.value}
+        if state.best.step is not None and state.best.metric is not None:
+            metric = METRIC_KEYS[state.best.metric]
+            results["best"] = {"step": state.best.step, "metric": metric, "value": state.best.value}
             if self.cfg.train.keep_best:
                 results["best"]["adapter"] = str(self.output_dir / BEST_ADAPTER)
         if self.cfg.train.save_adapter and engine.is_main:
