@@ -8,12 +8,14 @@ A checkpoint (``<output_dir>/checkpoints/step-00000120/``) holds everything a ru
 never stopped::
 
     adapter/              the adapter so far, PEFT format (fp32 master values), loadable on its own
+    best_adapter/         with train.keep_best: a copy of <output_dir>/best_adapter as of this step (the best
+                          evaluation so far), put back when the run resumes
     optimizer.pt          optimizer states and fp32 parameters as full tensors keyed by parameter name, and the
                           optimizer's step count: independent of the strategy and world size that wrote them
     rng.pt                every rank's random generators (python, torch, CUDA)
     config.yaml           the resolved config of the run that wrote it
     trainer_state.json    step, data-sampler position, LR schedule, loss scaler, tokens seen, W&B run id, the
-                          evaluation before training; written last
+                          evaluation before training, the best evaluation and patience count; written last
 
 It is assembled in a hidden temporary directory and renamed into place, so a checkpoint directory either is
 complete or does not exist; a writer killed half-way leaves only a ``.step-*.tmp-*`` directory, which resuming
@@ -47,6 +49,7 @@ OPTIMIZER = "optimizer.pt"
 RNG = "rng.pt"
 CONFIG = "config.yaml"
 PROMPT_FORMAT = "prompt_format.json"
+BEST_ADAPTER = "best_adapter"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -164,8 +167,11 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     config_yaml: str,
     keep: int,
+    best_adapter: Path | None = None,
 ) -> Path:
-    """Write a checkpoint for ``step`` atomically under ``root``; keep the newest ``keep``. Rank 0 only."""
+    """Write a checkpoint for ``step`` atomically under ``root``; keep the newest ``keep``. Rank 0 only.
+
+    ``best_adapter``: an adapter folder (the run's best so far) copied in as ``best_adapter/``."""
     root.mkdir(parents=True, exist_ok=True)
     recover(root)
     for stale in root.glob(".step-*.tmp-*"):  # a killed writer's (the run holds its output dir's lock)
@@ -174,6 +180,8 @@ def save_checkpoint(
     # The same step saved again (a finished run resumed) replaces it.
     with staged_dir(final) as tmp:
         save_adapter(peft_model, tmp / "adapter", adapter)
+        if best_adapter is not None:
+            shutil.copytree(best_adapter, tmp / BEST_ADAPTER)
         torch.save(optimizer, tmp / OPTIMIZER)
         torch.save(rng, tmp / RNG)
         (tmp / CONFIG).write_text(config_yaml)

@@ -24,7 +24,19 @@ from omegaconf.errors import OmegaConfBaseException
 from dtune.data.formats import FORMATS
 from dtune.distributed.env import job_dir_name, rank_suffix
 from dtune.errors import ConfigError
-from dtune.schema import ENGINES, KERNELS, LORA_INITS, OVERLONG, PRECISIONS, QUANT_TYPES, SCHEDULES, WANDB_MODES, DtuneConfig
+from dtune.schema import (
+    BEST_METRICS,
+    DEFAULT_MAX_STEPS,
+    ENGINES,
+    KERNELS,
+    LORA_INITS,
+    OVERLONG,
+    PRECISIONS,
+    QUANT_TYPES,
+    SCHEDULES,
+    WANDB_MODES,
+    DtuneConfig,
+)
 
 
 def conf_dir() -> Path:
@@ -103,6 +115,27 @@ def _adapter_variant_errors(cfg: DtuneConfig) -> list[str]:
     return e
 
 
+def _early_stopping(e: list[str], cfg: DtuneConfig) -> None:
+    """train.early_stopping and train.keep_best: a metric that the evaluation reports, and evaluations to judge."""
+    es = cfg.train.early_stopping
+    _one_of(e, "train.early_stopping.metric", es.metric, BEST_METRICS)
+    _positive(e, "train.early_stopping.patience", es.patience)
+    _positive(e, "train.early_stopping.min_delta", es.min_delta, allow_zero=True)
+    used = [name for name, on in (("train.early_stopping.enabled", es.enabled), ("train.keep_best", cfg.train.keep_best)) if on]
+    if not used:
+        return
+    if es.metric == "accuracy" and not cfg.data.choices:
+        e.append(
+            f"train.early_stopping.metric: accuracy is measured only with data.choices (an answer set); "
+            f"it is null, and {' and '.join(used)} would judge by it; use metric=loss or set data.choices"
+        )
+    if not cfg.train.eval_every:
+        e.append(
+            f"train.eval_every: is 0 (evaluations only before and after training), so {' and '.join(used)} has no "
+            "evaluations to judge; set train.eval_every > 0"
+        )
+
+
 def validate(cfg: DtuneConfig) -> None:
     """Range and cross-field checks. Raises ConfigError listing every problem, each naming its field."""
     e: list[str] = []
@@ -116,8 +149,9 @@ def validate(cfg: DtuneConfig) -> None:
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         e.append(f"optim.min_lr_ratio: must be in [0, 1]; got {cfg.optim.min_lr_ratio}")
     _one_of(e, "optim.schedule", cfg.optim.schedule, SCHEDULES)
-    if cfg.optim.warmup_steps > cfg.train.max_steps:
-        e.append(f"optim.warmup_steps: {cfg.optim.warmup_steps} exceeds train.max_steps ({cfg.train.max_steps})")
+    steps = cfg.train.max_steps or DEFAULT_MAX_STEPS  # with train.epochs, checked once the data is known (RunLength)
+    if cfg.train.epochs is None and cfg.optim.warmup_steps > steps:
+        e.append(f"optim.warmup_steps: {cfg.optim.warmup_steps} exceeds train.max_steps ({steps})")
 
     _positive(e, "lora.r", cfg.lora.r)
     _positive(e, "lora.alpha", cfg.lora.alpha)
@@ -145,6 +179,13 @@ def validate(cfg: DtuneConfig) -> None:
         e.append(f"engine.zero_stage: must be 1, 2 or 3 with engine.strategy=deepspeed; got {cfg.engine.zero_stage}")
 
     _positive(e, "train.max_steps", cfg.train.max_steps)
+    _positive(e, "train.epochs", cfg.train.epochs)
+    if cfg.train.max_steps is not None and cfg.train.epochs is not None:
+        e.append(
+            f"train.epochs and train.max_steps: both set ({cfg.train.epochs} and {cfg.train.max_steps}); set one and the "
+            "other to null (e.g. train.max_steps=null train.epochs=2; a config such as debug=smoke may set max_steps)"
+        )
+    _early_stopping(e, cfg)
     _positive(e, "train.micro_batch_size", cfg.train.micro_batch_size)
     _positive(e, "train.grad_accum_steps", cfg.train.grad_accum_steps)
     _positive(e, "train.eval_every", cfg.train.eval_every, allow_zero=True)

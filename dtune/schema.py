@@ -16,6 +16,9 @@ SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 OVERLONG = ("truncate", "drop", "error")
 LORA_INITS = ("default", "gaussian", "loftq", "pissa", "olora")
+BEST_METRICS = ("loss", "accuracy")
+DEFAULT_MAX_STEPS = 20
+"""The run length when neither train.max_steps nor train.epochs is set."""
 
 
 @dataclass
@@ -210,11 +213,31 @@ class LauncherConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """When the held-out metric stops improving, end the run (final evaluation, checkpoint and adapter as usual)."""
+
+    enabled: bool = False
+    """Stop once ``patience`` evaluations in a row (every train.eval_every steps) have not improved the metric."""
+    metric: str = "loss"
+    """What the best evaluation is: loss (eval/loss, lower is better) or accuracy (eval/accuracy, higher is better;
+    needs data.choices). Also what train.keep_best keeps."""
+    patience: int = 3
+    """Evaluations in a row that do not beat the best so far by more than min_delta before the run stops."""
+    min_delta: float = 0.0
+    """How far (in the metric's units: loss, or accuracy as a fraction) an evaluation must beat the best so far to
+    count as an improvement."""
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     """Seed of model init (adapters), dropout and data order."""
-    max_steps: int = 20
-    """Optimizer steps to run."""
+    max_steps: int | None = None
+    """Optimizer steps to run; null: from train.epochs (with both null: 20). Set one of the two."""
+    epochs: float | None = None
+    """Passes over the training samples instead of max_steps (fractions allowed): max_steps = ceil(epochs x steps per
+    epoch), an epoch being the sampler's full steps (training rows -- packed rows with data.packing -- // (micro_batch_size
+    x grad_accum_steps x ranks); the ragged tail is dropped). null: train.max_steps decides."""
     micro_batch_size: int = 8
     """Samples per forward/backward on one process."""
     grad_accum_steps: int = 2
@@ -227,6 +250,10 @@ class TrainConfig:
     """Samples per evaluation forward."""
     save_adapter: bool = True
     """Write the trained adapter (PEFT format) to <output_dir>/adapter."""
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    """End the run when the held-out metric stops improving (off by default)."""
+    keep_best: bool = False
+    """Keep the adapter of the best evaluation (by train.early_stopping.metric) in <output_dir>/best_adapter."""
     checkpoint_every: int = 100
     """Write a checkpoint (adapter, optimizer, schedule, data position, RNG) every this many steps (0: only at the
     end and on preemption signals) to <output_dir>/checkpoints/step-<N>."""

@@ -37,16 +37,23 @@ def adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "adapter" / "adapter_model.safetensors")
 
 
+# 1.5 epochs of 4 steps (32 rows, 8 per step): 6 steps, a checkpoint every 2 (kept: all three), W&B offline.
+FULL = [
+    "optim.lr=1e-2",
+    "train.max_steps=null",
+    "train.epochs=1.5",
+    "train.micro_batch_size=8",
+    "train.checkpoint_every=2",
+    "train.keep_checkpoints=3",
+    "logger=wandb",
+]
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory) -> tuple[Path, dict]:
-    """6 steps, a checkpoint every 2 (kept: all three), W&B offline: the uninterrupted reference."""
+    """The uninterrupted reference: 1.5 epochs, so a resume from step 2 goes on mid-epoch and across an epoch."""
     out = tmp_path_factory.mktemp("full")
-    cfg = compose_config(
-        tiny_overrides(
-            out, "optim.lr=1e-2", "train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=3", "logger=wandb"
-        )
-    )
-    return out, run(cfg, out)
+    return out, run(compose_config(tiny_overrides(out, *FULL)), out)
 
 
 @pytest.mark.integration
@@ -58,7 +65,12 @@ def test_checkpoints_are_complete_and_kept_every_n_steps(full_run):
     state = newest["trainer_state"]
     assert state["step"] == 6 and state["reason"] == "end"
     assert state["wandb_id"] == results["wandb"]["id"] and results["wandb"]["mode"] == "offline"
-    assert state["sampler"]["index"] == 6 and state["scheduler"]["last_epoch"] == 6
+    # train.epochs=1.5 became 6 steps of the sampler's 4 per epoch; the LR schedule ran over those 6.
+    assert (results["steps"], results["max_steps"], results["steps_per_epoch"], results["epochs"]) == (6, 6, 4, 1.5)
+    assert (state["sampler"]["epoch"], state["sampler"]["index"]) == (1, 2) and state["scheduler"]["last_epoch"] == 6
+    lrs = [r["train/lr"] for r in metrics(out) if "train/lr" in r]
+    assert lrs[-1] == pytest.approx(1e-2 * 0.1) and lrs[-2] > lrs[-1]  # the cosine reaches min_lr_ratio at step 6
+    assert [r["train/epoch"] for r in metrics(out) if "train/epoch" in r] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
     # Named, full optimizer states: every trainable tensor with Adam's moments, and the step count.
     assert newest["optimizer"]["step"] == 6
     entry = next(iter(newest["optimizer"]["params"].values()))
@@ -72,8 +84,8 @@ def test_checkpoints_are_complete_and_kept_every_n_steps(full_run):
 
 @pytest.mark.integration
 def test_resumed_run_equals_the_uninterrupted_run_bit_for_bit(full_run, tmp_path: Path):
-    """Stopped after step 2 (its later checkpoints and results lost), resumed with train.resume=auto: the same losses
-    after step 2, the same adapter, and the same W&B run, exactly."""
+    """Stopped after step 2 (its later checkpoints and results lost), resumed with train.resume=auto mid-epoch: the
+    same losses after step 2 (through the epoch boundary at step 4), the same adapter, and the same W&B run, exactly."""
     ref, ref_results = full_run
     out = tmp_path / "resumed"
     shutil.copytree(ref, out)
@@ -85,14 +97,11 @@ def test_resumed_run_equals_the_uninterrupted_run_bit_for_bit(full_run, tmp_path
     # A writer killed half-way leaves a hidden temporary directory; resuming must ignore it.
     (out / CHECKPOINTS / ".step-00000004.tmp-dead").mkdir()
 
-    cfg = compose_config(
-        tiny_overrides(
-            out, "optim.lr=1e-2", "train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=3", "logger=wandb"
-        )
-    )
-    results = run(cfg, out)
-    assert results["resumed_from_step"] == 2
+    results = run(compose_config(tiny_overrides(out, *FULL)), out)
+    assert results["resumed_from_step"] == 2 and results["steps"] == 6
     assert train_losses(out) == train_losses(ref)  # exact: same floats
+    epochs = [{k: r[k] for k in ("step", "train/epoch", "train/lr")} for r in metrics(out) if "train/epoch" in r]
+    assert epochs == [{k: r[k] for k in ("step", "train/epoch", "train/lr")} for r in metrics(ref) if "train/epoch" in r]
     assert [r["step"] for r in metrics(out)] == [r["step"] for r in metrics(ref)]  # no step logged twice
     ours, theirs = adapter(out), adapter(ref)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

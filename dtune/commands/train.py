@@ -36,8 +36,8 @@ def main(dict_cfg: DictConfig) -> None:
         validate(cfg)
         output_dir = job_output_dir(cfg)
         try:
-            run(cfg, output_dir)
-            write_status("done", cfg.train.max_steps, str(output_dir))
+            results = run(cfg, output_dir)
+            write_status("done", results["steps"], str(output_dir))
         except Preempted as err:
             log.warning(
                 "stopped at step %d on %s: checkpoint written; exit %d asks the launcher to requeue",

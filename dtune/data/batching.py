@@ -66,6 +66,17 @@ class StepSampler:
         self.epoch, self.index = 0, 0
         self._order: tuple[int, list[int]] | None = None
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one pass over the samples (the ragged tail left out)."""
+        return len(self.examples) // self.per_step
+
+    @property
+    def epochs_done(self) -> float:
+        """Passes over the samples so far, counting the current one's steps as a fraction (1.0 after the last step of
+        the first epoch)."""
+        return self.epoch + self.index / self.steps_per_epoch
+
     def order(self, epoch: int) -> list[int]:
         if self._order is None or self._order[0] != epoch:
             order = list(range(len(self.examples)))

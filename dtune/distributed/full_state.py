@@ -41,6 +41,19 @@ class FullState:
         opt = _inner(optimizer)  # AcceleratedOptimizer -> torch / DeepSpeedZeroOptimizer
         return _inner(opt) if self.strategy == "deepspeed" else opt
 
+    def full_param(self, p: nn.Parameter) -> torch.Tensor:
+        """The fp32 master value of trainable parameter ``p`` as a full CPU tensor (DeepSpeed's fp32 partition, FSDP2's
+        DTensor shards: gathered). Collective under ZeRO and FSDP2: every rank calls it for the same parameters."""
+        if self.strategy == "deepspeed":
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            return safe_get_full_fp32_param(p).detach().to("cpu", torch.float32, copy=True)
+        return _full(p).to(torch.float32, copy=True)
+
+    def params(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Every trainable parameter of ``model`` by name, as :meth:`full_param` gives it. Collective."""
+        return {name: self.full_param(p) for name, p in self._trainable(model).items()}
+
     def optimizer_state(self, model: nn.Module, optimizer: Any) -> dict[str, Any]:
         """The trainable parameters (fp32 master values) and their optimizer states as full CPU tensors keyed by
         parameter name, plus the optimizer step count: the same whatever the strategy and world size, so a run
@@ -50,19 +63,19 @@ class FullState:
         step = 0
         state: dict[str, dict[str, torch.Tensor]] = {}
         if self.strategy == "deepspeed":
-            from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+            from deepspeed.utils import safe_get_full_optimizer_state
 
             flat = next((s for s in base.state.values() if s), {})
             keys = [k for k, v in flat.items() if torch.is_tensor(v) and v.dim() > 0]
             step = int(flat["step"]) if "step" in flat else 0
             for name, p in params.items():
-                entry = {"param": safe_get_full_fp32_param(p).detach().to("cpu", torch.float32, copy=True)}
+                entry = {"param": self.full_param(p)}
                 for key in keys:
                     entry[key] = safe_get_full_optimizer_state(p, key).detach().to("cpu", copy=True)
                 state[name] = entry
         else:
             for name, p in params.items():
-                entry = {"param": _full(p).to(torch.float32, copy=True)}
+                entry = {"param": self.full_param(p)}
                 for key, value in base.state.get(p, {}).items():
                     if key == "step":
                         step = int(value)

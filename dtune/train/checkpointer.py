@@ -8,6 +8,7 @@ checkpoint exists.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +17,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from dtune.checkpoint import CHECKPOINTS, check_resumable, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from dtune.checkpoint import (
+    BEST_ADAPTER,
+    CHECKPOINTS,
+    check_resumable,
+    find_resume_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from dtune.data.batching import StepSampler
 from dtune.distributed.engine import Engine
 from dtune.distributed.full_state import FullState
+from dtune.fsutil import staged_dir
 from dtune.schema import DtuneConfig
+from dtune.train.best import Best
 from dtune.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -41,7 +51,8 @@ class Checkpointer:
     def __init__(self, cfg: DtuneConfig, output_dir: Path, engine: Engine, config_yaml: str) -> None:
         self.cfg, self.output_dir, self.engine, self.config_yaml = cfg, output_dir, engine, config_yaml
         self.full = FullState(engine)
-        self.every, self.max_steps = cfg.train.checkpoint_every, cfg.train.max_steps
+        self.every = cfg.train.checkpoint_every
+        self.best_dir = output_dir / BEST_ADAPTER
 
     def load(self) -> tuple[dict[str, Any], Path] | None:
         """The checkpoint ``train.resume`` asks for (chosen on rank 0, so that every rank loads the same one whatever
@@ -74,11 +85,44 @@ class Checkpointer:
             )
         self.full.set_rng_state(rng[self.engine.rank % len(rng)])
         same_run = path.parent.parent.resolve() == self.output_dir.resolve()
-        return TrainState.resumed(state, same_run)
+        resumed = TrainState.resumed(state, same_run)
+        if self.cfg.train.keep_best:
+            resumed.best = self.engine.on_main(lambda: self.restore_best_adapter(path, resumed.best))
+        return resumed
+
+    def restore_best_adapter(self, path: Path, best: Best) -> Best:
+        """Put the checkpoint's ``best_adapter/`` back as the run's (rank 0): the folder in the output dir may be
+        another run's, or hold a later best of the steps after the checkpoint, which are trained again now. Returns
+        the best to go on with: forgotten (tracking starts afresh) when the checkpoint kept no best adapter."""
+        saved = path / BEST_ADAPTER
+        if saved.is_dir():
+            with staged_dir(self.best_dir) as tmp:
+                shutil.copytree(saved, tmp, dirs_exist_ok=True)
+            return best
+        if best.step is not None:
+            log.warning(
+                "resume: %s has no %s (train.keep_best was off): the best evaluation so far (step %d) is forgotten",
+                path,
+                BEST_ADAPTER,
+                best.step,
+            )
+        return Best()
 
     def due(self, step: int) -> bool:
-        """An interval checkpoint after ``step`` (the last step's is written by the end of the run)."""
-        return bool(self.every) and step % self.every == 0 and step < self.max_steps
+        """An interval checkpoint after ``step`` (the loop asks only when another step follows: the last step's
+        checkpoint is the end of the run's)."""
+        return bool(self.every) and step % self.every == 0
+
+    def adapter(self, parts: Stateful) -> dict[str, torch.Tensor] | None:
+        """The adapter's full fp32 tensors by PEFT name on rank 0 (None elsewhere): gathered as a checkpoint gathers
+        them. Collective."""
+        params = self.full.params(parts.model)
+        return self._adapter_names(params) if self.engine.is_main else None
+
+    @staticmethod
+    def _adapter_names(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # The loss wrapper holds the PeftModel as `.model`: the adapter's names are the parameters' names below it.
+        return {name.removeprefix("model."): value for name, value in params.items()}
 
     def save(self, state: TrainState, parts: Stateful, reason: str) -> dict[str, torch.Tensor] | None:
         """Write the checkpoint of ``state.step``. Collective. Returns the adapter's full tensors on rank 0 (None
@@ -88,8 +132,7 @@ class Checkpointer:
         rng = self.engine.gather_objects(self.full.rng_state())
         adapter = None
         if self.engine.is_main:
-            # The loss wrapper holds the PeftModel as `.model`: the adapter's names are the parameters' names below it.
-            adapter = {name.removeprefix("model."): entry["param"] for name, entry in opt_state["params"].items()}
+            adapter = self._adapter_names({name: entry["param"] for name, entry in opt_state["params"].items()})
             trainer_state = {
                 **state.state_dict(),
                 "reason": reason,
@@ -110,6 +153,7 @@ class Checkpointer:
                 trainer_state=trainer_state,
                 config_yaml=self.config_yaml,
                 keep=self.cfg.train.keep_checkpoints,
+                best_adapter=self.best_dir if self.cfg.train.keep_best and state.best.step is not None else None,
             )
             log.info("checkpoint (%s) written to %s in %.1f s", reason, path, time.perf_counter() - t0)
         self.engine.barrier()

@@ -1,8 +1,10 @@
 """The training loop: build the run, evaluate, step, log, checkpoint, evaluate again, save the adapter.
 
-One explicit loop (:meth:`Trainer.fit`); one optimizer step is :func:`dtune.train.step.train_step`; the learning
-rate schedule is stepped here, after each optimizer step; checkpoints are the :class:`Checkpointer`'s; a
-preemption signal is honoured at a step boundary, in one place (:meth:`Trainer.stop_if_preempted`).
+One explicit loop (:meth:`Trainer.fit`, ``while self.should_continue()``); one optimizer step is
+:func:`dtune.train.step.train_step`; the learning rate schedule is stepped here, after each optimizer step;
+checkpoints are the :class:`Checkpointer`'s; a preemption signal is honoured at a step boundary, in one place
+(:meth:`Trainer.stop_if_preempted`); every evaluation of the trained adapter goes through :meth:`Trainer.judge`,
+which keeps the best (``train.keep_best``) and decides an early stop (``train.early_stopping``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from dtune.checkpoint import PROMPT_FORMAT, save_adapter
+from dtune.checkpoint import BEST_ADAPTER, PROMPT_FORMAT, save_adapter
 from dtune.config import validate
 from dtune.data.batching import StepSampler
 from dtune.data.load import load_data
@@ -37,7 +39,9 @@ from dtune.report import comparison_table, format_metrics
 from dtune.runtime import console_warnings_only, quiet_libraries
 from dtune.schema import DtuneConfig
 from dtune.tracking import NullTracker, Tracker
+from dtune.train.best import METRIC_KEYS
 from dtune.train.checkpointer import Checkpointer, Stateful
+from dtune.train.length import RunLength
 from dtune.train.metrics import progress_fields, throughput
 from dtune.train.state import TrainState
 from dtune.train.step import StepResult, train_step
@@ -80,7 +84,8 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
 
 
 class Trainer:
-    """One run of the loop. Built by :meth:`setup`; :meth:`fit` trains to ``train.max_steps`` and finishes."""
+    """One run of the loop. Built by :meth:`setup`; :meth:`fit` trains for the run's length (``train.max_steps`` or
+    ``train.epochs``) or until it stops early, and finishes."""
 
     def __init__(self, cfg: DtuneConfig, output_dir: Path, engine: Engine, preemption: Preemption) -> None:
         self.cfg, self.output_dir, self.engine, self.preemption = cfg, output_dir, engine, preemption
@@ -103,9 +108,6 @@ class Trainer:
             atomic_write_text(self.output_dir / "config_resolved.yaml", self.config_yaml)
         # FSDP2 shards here; the optimizer must see the sharded params.
         loss_model = engine.shard(CompletionLoss(model, cfg.train.loss_chunk_tokens))
-        optimizer = build_optimizer(loss_model, cfg.optim)
-        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-        loss_model, optimizer = engine.prepare(loss_model, optimizer)
         sampler = StepSampler(
             train_set,
             cfg.train.micro_batch_size,
@@ -115,6 +117,12 @@ class Trainer:
             engine.rank,
             engine.world_size,
         )
+        # The one run length the schedule, the progress bar, the loop and results.json go by.
+        self.length = RunLength.of(cfg, sampler.steps_per_epoch)
+        log.info("run length: %s", self.length.describe(len(train_set), sampler.per_step))
+        optimizer = build_optimizer(loss_model, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.optim, self.length.max_steps)
+        loss_model, optimizer = engine.prepare(loss_model, optimizer)
         self.parts = Stateful(loss_model, optimizer, scheduler, sampler)
         self.held = engine.local_bytes(loss_model)
         log.info(
@@ -143,9 +151,8 @@ class Trainer:
             self.state.before = self.evaluate()
             self.tracker.log(self.state.before, step=0)
             log.info("eval before training: %s", format_metrics(self.state.before))
-        max_steps = self.cfg.train.max_steps
         self.bar = tqdm(
-            total=max_steps,
+            total=self.length.max_steps,
             initial=self.state.step,
             desc="train",
             disable=not (self.engine.is_main and self.cfg.logger.progress),
@@ -155,13 +162,21 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.engine.device)
         started = time.perf_counter()
         self.stop_if_preempted()
-        while self.state.step < max_steps:
+        while self.should_continue():
             self.step()
             self.stop_if_preempted()
-            if self.checkpointer.due(self.state.step):
+            if self.should_continue() and self.checkpointer.due(self.state.step):
                 self.checkpointer.save(self.state, self.parts, "interval")
         self.bar.close()
         return self.finish(time.perf_counter() - started)
+
+    def should_continue(self) -> bool:
+        """Steps left to train, and no early stop."""
+        return self.state.step < self.length.max_steps and not self.stopped_early()
+
+    def stopped_early(self) -> bool:
+        """train.early_stopping's patience has run out (the same on every rank: :meth:`judge`)."""
+        return self.state.best.exhausted(self.cfg.train.early_stopping)
 
     def step(self) -> None:
         """One optimizer step, the schedule's step, the metrics and the progress bar; a mid-run evaluation when due."""
@@ -179,10 +194,37 @@ class Trainer:
         self.bar.set_postfix(progress_fields(metrics))
         self.bar.update(1)
         every = self.cfg.train.eval_every
-        if every and state.step % every == 0 and state.step < self.cfg.train.max_steps:
+        if every and state.step % every == 0 and state.step < self.length.max_steps:
             mid = self.evaluate()
             self.tracker.log(mid, step=state.step)
             self.bar.write(f"step {state.step}: {format_metrics(mid)}")
+            self.judge(mid)
+            if self.stopped_early():
+                es = self.cfg.train.early_stopping
+                self.bar.write(
+                    f"step {state.step}: early stop: {METRIC_KEYS[es.metric]} has not improved by more than "
+                    f"{es.min_delta:g} for {es.patience} evaluations (best {state.best.value:.4f} at step {state.best.step})"
+                )
+
+    def judge(self, metrics: dict[str, float]) -> None:
+        """Take the evaluation of the adapter at this step into account: the best so far and the patience count, and
+        ``best_adapter/`` when it is the new best. Collective.
+
+        The metrics are all-reduced sums, the same on every rank; the verdict is still made on rank 0 and sent to all,
+        so that every rank stops at the same step whatever the floating point does.
+        """
+        step, es = self.state.step, self.cfg.train.early_stopping
+        self.state.last_eval = {"step": step, "metrics": metrics}
+        if not (es.enabled or self.cfg.train.keep_best):
+            return
+        previous = self.state.best
+        self.state.best = self.engine.on_main(lambda: previous.after(metrics, step, es))
+        if self.state.best.step == step and self.cfg.train.keep_best:
+            tensors = self.checkpointer.adapter(self.parts)  # collective: full tensors, as the final adapter's
+            if self.engine.is_main:
+                self.write_adapter(BEST_ADAPTER, tensors)
+                log.info("step %d: best %s so far (%.4f): adapter in %s", step, es.metric, self.state.best.value, BEST_ADAPTER)
+            self.engine.barrier()
 
     def step_metrics(self, result: StepResult, lr: float, elapsed: float) -> dict[str, float]:
         """The step's figures, logged every ``logger.log_every`` steps, on the first and on the last."""
@@ -194,12 +236,13 @@ class Trainer:
             "train/tokens_per_s": result.tokens / elapsed,
             "train/tokens_per_s_per_device": result.tokens / elapsed / world,
             "train/tokens": state.tokens_seen,
+            "train/epoch": self.parts.sampler.epochs_done,  # passes over the training samples, fractional
             **throughput(
                 self.flops.step(result.tokens, result.labelled, result.attention_pairs), elapsed, world, self.peak_flops
             ),
         }
         step = state.step
-        if step % self.cfg.logger.log_every == 0 or step == self.cfg.train.max_steps or step == self.start_step + 1:
+        if step % self.cfg.logger.log_every == 0 or step == self.length.max_steps or step == self.start_step + 1:
             peak, _ = peak_memory_bytes(self.engine.device)
             state.peak_memory = max(state.peak_memory, self.engine.max(peak))  # the fullest rank
             metrics["train/peak_mem_gib"] = state.peak_memory / 2**30
@@ -231,17 +274,36 @@ class Trainer:
         fmt = prompt_format(self.cfg, self.tokenizer)
         atomic_write_text(folder / PROMPT_FORMAT, json.dumps(fmt, indent=2) + "\n")
 
+    def write_adapter(self, name: str, tensors: dict[str, torch.Tensor] | None) -> Path:
+        """``<output_dir>/<name>``: a PEFT adapter folder of the full adapter ``tensors``, with the tokenizer and prompt
+        format beside it. Rank 0."""
+        model = self.engine.unwrap(self.parts.model).model
+        return save_adapter(model, self.output_dir / name, tensors, self.export_prompt_format)
+
     def finish(self, train_time: float) -> dict[str, Any]:
-        """Evaluate after training, write the final checkpoint, the adapter and results.json; the before/after table."""
-        state, engine, max_steps = self.state, self.engine, self.cfg.train.max_steps
-        after = self.evaluate()
-        self.tracker.log(after, step=max_steps)
+        """Evaluate after training (or early stop), write the final checkpoint, the adapter and results.json; the
+        before/after table."""
+        state, engine = self.state, self.engine
+        if state.last_eval and state.last_eval["step"] == state.step:
+            after = state.last_eval["metrics"]  # stopped right after evaluating: the same adapter
+        else:
+            after = self.evaluate()
+            self.tracker.log(after, step=state.step)
+            self.judge(after)
+        # Patience run out before the last step (the final evaluation may run it out too, but then nothing was cut).
+        stopped_early = self.stopped_early() and state.step < self.length.max_steps
+        if stopped_early:
+            log.info("stopped early at step %d of %d (train.early_stopping)", state.step, self.length.max_steps)
         adapter = self.checkpointer.save(state, self.parts, "end")
         rate = state.segment_tokens / max(train_time, 1e-9)
         results: dict[str, Any] = {
             "before": state.before,
             "after": after,
-            "steps": max_steps,
+            "steps": state.step,
+            "max_steps": self.length.max_steps,
+            "epochs": round(self.parts.sampler.epochs_done, 6),
+            "steps_per_epoch": self.length.steps_per_epoch,
+            "stopped_early": stopped_early,
             "resumed_from_step": state.resumed_from_step,
             "train_tokens": state.tokens_seen,
             "train_time_s": round(train_time, 2),
@@ -254,15 +316,23 @@ class Trainer:
             "param_bytes_rank0": self.held,
             "wandb": self.tracker.info,
         }
+        if state.best.step is not None and state.best.metric is not None:
+            metric = METRIC_KEYS[state.best.metric]
+            results["best"] = {"step": state.best.step, "metric": metric, "value": state.best.value}
+            if self.cfg.train.keep_best:
+                results["best"]["adapter"] = str(self.output_dir / BEST_ADAPTER)
         if self.cfg.train.save_adapter and engine.is_main:
-            model = engine.unwrap(self.parts.model).model
-            results["adapter"] = str(save_adapter(model, self.output_dir / "adapter", adapter, self.export_prompt_format))
+            results["adapter"] = str(self.write_adapter("adapter", adapter))
         engine.barrier()
         if engine.is_main:
             table = comparison_table([("held-out", state.before or {}, after)])
             log.info("held-out evaluation (%d samples), before and after training:\n%s", self.data_stats.eval_rows, table)
             atomic_write_text(self.output_dir / "results.json", json.dumps(results, indent=2) + "\n")
-            self.tracker.summary({f"final/{k}": v for k, v in after.items()})
+            summary: dict[str, Any] = {f"final/{k}": v for k, v in after.items()}
+            summary.update({"final/steps": state.step, "final/stopped_early": stopped_early})
+            if "best" in results:
+                summary.update({"best/step": state.best.step, f"best/{results['best']['metric']}": state.best.value})
+            self.tracker.summary(summary)
             log.info("outputs in %s", self.output_dir)
         self.tracker.finish()
         return results

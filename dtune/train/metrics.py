@@ -21,6 +21,7 @@ def progress_fields(metrics: dict[str, float]) -> dict[str, str]:
     out = {
         "loss": f"{metrics['train/loss']:.4f}",
         "lr": f"{metrics['train/lr']:.2e}",
+        "epoch": f"{metrics['train/epoch']:.2f}",
         "tok/s/dev": f"{metrics['train/tokens_per_s_per_device']:,.0f}",
     }
     if "train/mfu" in metrics:

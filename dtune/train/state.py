@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from dtune.train.best import Best
 
 
 @dataclass
@@ -22,10 +24,21 @@ class TrainState:
     """The W&B run to continue (the same run resumed: its id; another run's checkpoint: None, a new W&B run)."""
     peak_memory: float = 0.0
     """Peak memory of the training steps so far, bytes, the fullest rank."""
+    best: Best = field(default_factory=Best)
+    """The best evaluation so far and the patience count (train.early_stopping, train.keep_best)."""
+    last_eval: dict[str, Any] | None = None
+    """The latest evaluation of a trained adapter: {"step": N, "metrics": {...}} (the final evaluation of a run that
+    stopped right after one reuses it)."""
 
     def state_dict(self) -> dict[str, Any]:
         """The fields a checkpoint keeps (trainer_state.json)."""
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "before": self.before}
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "before": self.before,
+            "best": self.best.state_dict(),
+            "last_eval": self.last_eval,
+        }
 
     @classmethod
     def resumed(cls, saved: dict[str, Any], same_run: bool) -> TrainState:
@@ -36,4 +49,6 @@ class TrainState:
             before=saved["before"],
             resumed_from_step=saved["step"],
             wandb_id=saved.get("wandb_id") if same_run else None,
+            best=Best.from_state(saved.get("best")),
+            last_eval=saved.get("last_eval"),
         )
