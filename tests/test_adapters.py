@@ -275,3 +275,21 @@ def test_an_adapter_with_added_tokens_loads_in_peft_on_a_resized_base_and_merges
     assert merge_cmd.main([str(out), "--out", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     assert merged.get_input_embeddings().weight.shape[0] == len(tokenizer)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PEFT's LoftQ for 4-bit bases computes on CUDA (the GPU kit runs it)")
+def test_loftq_starts_the_4bit_model_nearer_the_16bit_one():
+    """LoftQ's promise: base + adapter at step 0 is closer to the 16-bit model than the 4-bit base alone."""
+    from dtune.model import build_model, load_base
+
+    cfg = compose_config(["debug=smoke", "train.precision=bf16", "lora.init=loftq", "lora.r=32"])
+    device = torch.device("cuda")
+    model = build_model(cfg, device).eval()
+    full = load_base(cfg, device, quantized=False, training=False)
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        target = full(input_ids=ids).logits.float()
+        adapted = model(input_ids=ids).logits.float()
+        with model.disable_adapter():
+            plain = model(input_ids=ids).logits.float()
+    assert (adapted - target).norm() < 0.8 * (plain - target).norm()

@@ -216,7 +216,11 @@ def build_stages(args: argparse.Namespace, work: Path, py: str) -> list[Stage]:
     torchrun = [py, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1"]
     env_cmd = [py, str(Path(__file__).resolve()), str(args.out), "--env-stage", str(work / "env.json")]
     env_cmd += ["--dry-run"] if dry else []
-    tests = ["tests/test_kernels.py", "tests/test_packing.py"]
+    tests = [
+        "tests/test_kernels.py",
+        "tests/test_packing.py",
+        "tests/test_adapters.py::test_loftq_starts_the_4bit_model_nearer_the_16bit_one",
+    ]
     pytest = [py, "-m", "pytest", *tests, "-p", "no:cacheprovider", "-v", "-rfE", f"--junitxml={args.out / 'tests.xml'}"]
     if args.tests_k:
         pytest += ["-k", args.tests_k]
