@@ -4,7 +4,9 @@ Importable helpers live in tests/helpers.py."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 
 # Before any library import: no network, W&B offline, quiet tokenizers.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,6 +23,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # Its CPU comm op (shm_comm) is JIT-built into torch's extensions folder with this venv's paths in its flags: a
+    # folder shared with another venv (another checkout, the GPU-kit rehearsal) is rebuilt, 35-140 s on two cores,
+    # each time the other one used it last. One folder per venv.
+    _venv = hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser(f"~/.cache/torch_extensions/dtune-{_venv}"))
 
 import pytest
 

@@ -161,8 +161,9 @@ def _pypi_reachable() -> bool:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_rehearsal_runs_every_stage_of_the_gpu_check(tmp_path: Path):
-    """kernels/gpu/rehearse.sh: a fresh venv with the GPU machine's versions (triton 3.6, transformers 5.17, ...)
-    plus only the fetched wheels, then check.sh --dry-run: its stages pass end to end. The train stage (the end-to-end
+    """kernels/gpu/rehearse.sh: a venv holding only the GPU machine's versions (triton 3.6, transformers 5.17, ...;
+    kept in ~/.cache across checkouts, one per package list) plus only the fetched wheels, then check.sh --dry-run:
+    its stages pass end to end. The train stage (the end-to-end
     benchmark, 85 s here) is left out: tests/test_bench.py runs the same harness, and the suite must stay short."""
     if not _pypi_reachable():
         pytest.skip("the rehearsal installs the GPU machine's versions from PyPI, which is not reachable here")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from dtune.config import conf_dir
 from dtune.sweep import format_table, summarize
@@ -122,3 +123,91 @@ def test_slurm_launcher_config_renders_the_sbatch_script(tmp_path: Path, monkeyp
     ):
         assert line in script, f"{line} not in:\n{script}"
     assert submitted["executor"]._executor.max_num_timeout == 20  # requeued after time limits too
+
+
+@pytest.mark.integration
+def test_optuna_sweep_returns_each_trials_eval_loss_and_the_summary_ranks_the_trials(tmp_path: Path):
+    """`sweeper=optuna`: 3 trials of the smoke run, seeded TPE over a log-float lr and a choice of lora.r, in batches
+    of 2. Optuna's best trial is the one whose results.json holds the lowest eval loss, with that value: the task
+    returned each trial's eval loss. (Optuna 2.10's SQLite storage fails under SQLAlchemy 2, so the study stays in
+    memory and optimization_results.yaml is what it leaves.)"""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "dtune.train", "--multirun", "sweeper=optuna", "hydra.sweeper.n_trials=3"]
+    cmd += ["hydra.sweeper.n_jobs=2", "debug=smoke", "train.precision=fp32", "logger=wandb", f"hydra.sweep.dir={sweep}"]
+    cmd += ["optim.lr=tag(log,interval(1e-4,1e-1))", "lora.r=choice(4,8,16)"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    jobs = ("0", "1", "2")
+    assert not (sweep / "3").exists()
+    results = {j: json.loads((sweep / j / "results.json").read_text()) for j in jobs}
+    sampled = {}
+    for j in jobs:
+        overrides = dict(o.split("=", 1) for o in OmegaConf.load(sweep / j / ".hydra" / "overrides.yaml"))
+        config = OmegaConf.load(sweep / j / ".hydra" / "config.yaml")
+        assert float(overrides["optim.lr"]) == config.optim.lr and int(overrides["lora.r"]) == config.lora.r
+        assert 1e-4 <= config.optim.lr <= 1e-1 and config.lora.r in (4, 8, 16)
+        sampled[j] = (config.optim.lr, config.lora.r)
+        assert results[j]["wandb"]["group"] == str(sweep)  # every trial in the sweep's W&B group
+    assert len(set(sampled.values())) == 3, sampled
+
+    losses = {j: results[j]["after"]["eval/loss"] for j in jobs}
+    rows = json.loads((sweep / "summary.json").read_text())
+    assert [r["run"] for r in rows] == sorted(jobs, key=losses.get)
+    assert [r["objective"] for r in rows] == sorted(losses.values())
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    winner = rows[0]["run"]
+    assert best.best_value == losses[winner]
+    assert (best.best_params["optim.lr"], best.best_params["lora.r"]) == sampled[winner]
+    assert "Optuna's best trial (`optimization_results.yaml`)" in (sweep / "summary.md").read_text()
+
+
+@pytest.mark.integration
+def test_optuna_trial_with_a_bad_value_stops_the_sweep_naming_the_field(tmp_path: Path):
+    """A sampled value dtune refuses is the user's search space at fault: the sweep stops at that trial with the
+    one-line error (exit 2), before any training, instead of recording a failure and sampling on."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "dtune.train", "--multirun", "sweeper=optuna", "hydra.sweeper.n_trials=3"]
+    cmd += ["debug=smoke", f"hydra.sweep.dir={sweep}", "lora.r=choice(0,-1)"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "dtune: error: invalid config:\n  lora.r: must be > 0" in proc.stderr
+    assert not (sweep / "0" / "results.json").exists() and not (sweep / "1").exists()
+
+
+def test_sweep_objective_is_the_kept_best_eval_loss_else_the_final_one(tmp_path: Path):
+    from dtune.sweep import objective, write_summary
+
+    assert objective({"after": {"eval/loss": 2.0}}) == 2.0
+    # What the loop writes (train.keep_best / early stopping): the metric judged and its best value.
+    assert objective({"after": {"eval/loss": 2.0}, "best": {"metric": "eval/loss", "value": 1.5, "step": 40}}) == 1.5
+    # Judged by accuracy: the best's loss is unknown, the final loss ranks.
+    assert objective({"after": {"eval/loss": 2.0}, "best": {"metric": "eval/accuracy", "value": 0.9}}) == 2.0
+    assert objective({"after": {"eval/loss": float("nan")}}) == float("inf")  # diverged: the worst, not an error
+    assert objective({"after": {}}) is None and objective({}) is None
+    for name, data in (
+        ("0", {"after": {"eval/loss": 1.0}}),
+        ("1", {"after": {"eval/loss": 2.0}, "best": {"metric": "eval/loss", "value": 0.5}}),
+    ):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "overrides.yaml").write_text(f"- optim.lr={name}\n")
+        (tmp_path / name / "results.json").write_text(json.dumps(data))
+    (tmp_path / "optimization_results.yaml").write_text("name: optuna\nbest_params:\n  optim.lr: 1\nbest_value: 0.5\n")
+    rows = write_summary(tmp_path)
+    assert [(r["run"], r["objective"]) for r in rows] == [("1", 0.5), ("0", 1.0)]
+    table = (tmp_path / "summary.md").read_text()
+    assert "| 1 | 1 | `optim.lr=1` | 2.0000 | - | 0.5000 |" in table
+    assert "Optuna's best trial (`optimization_results.yaml`): `optim.lr=1`, objective 0.5." in table
+
+
+def test_optuna_sweeper_option_is_seeded_tpe_minimising_and_batches_on_slurm():
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        cfg = compose(
+            config_name="config",
+            overrides=["sweeper=optuna", "launcher=slurm", "hydra.sweeper.n_jobs=8"],
+            return_hydra_config=True,
+        )
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "minimize"
+    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler" and sweeper.sampler.seed == 0
+    assert sweeper.n_jobs == 8 and cfg.hydra.launcher._target_.endswith("SlurmLauncher")

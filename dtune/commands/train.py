@@ -1,6 +1,7 @@
 """``dtune train [hydra overrides]`` (also ``python -m dtune.train``): compose the config with Hydra, run
 :func:`dtune.train.run`, report how the run ended to the launcher (``$DTUNE_STATUS_FILE``, exit 75 to requeue), and
-end the process group cleanly."""
+end the process group cleanly. The Hydra task returns the run's eval loss (:func:`dtune.sweep.run_objective`): the
+value an Optuna sweep (``sweeper=optuna``) minimises."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dtune.distributed.env import shutdown_distributed
 from dtune.distributed.preempt import REQUEUE_EXIT, Preempted, under_submitit, write_status
 from dtune.errors import user_errors
 from dtune.schema import DtuneConfig
+from dtune.sweep import run_objective
 from dtune.train.loop import run
 
 log = logging.getLogger("dtune")
@@ -29,8 +31,9 @@ def job_output_dir(cfg: DtuneConfig) -> Path:
 
 
 @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
-def main(dict_cfg: DictConfig) -> None:
+def main(dict_cfg: DictConfig) -> float | None:
     stopped: Preempted | None = None
+    value: float | None = None
     with user_errors():
         cfg = to_dataclass(dict_cfg)
         validate(cfg)
@@ -38,6 +41,7 @@ def main(dict_cfg: DictConfig) -> None:
         try:
             results = run(cfg, output_dir)
             write_status("done", results["steps"], str(output_dir))
+            value = run_objective(output_dir, results)
         except Preempted as err:
             log.warning(
                 "stopped at step %d on %s: checkpoint written; exit %d asks the launcher to requeue",
@@ -54,3 +58,5 @@ def main(dict_cfg: DictConfig) -> None:
     )
     if stopped and not submitit:
         raise SystemExit(REQUEUE_EXIT)
+    # A stopped run returns None: its requeued job returns the value (under submitit, the result the launcher reads).
+    return value

@@ -5,6 +5,7 @@
 # --no-index --no-deps; then `check.sh --dry-run` (Triton's interpreter, smoke sizes, every stage end to end).
 # It fails on a missing wheel, a missing import or an API that differs on those versions.
 #   bash kernels/gpu/rehearse.sh [OUT_DIR]        # default OUT_DIR: /tmp/dtune-rehearsal
+# The venv: ~/.cache/dtune/rehearsal-venv-<hash of Python and DEVICE_PACKAGES> (DTUNE_REHEARSAL_VENV overrides).
 # Deviations from the GPU machine, forced by what installs here: Python 3.11 (this machine's torch build is for
 # 3.11; a 3.12 torch from PyPI is a multi-GB CUDA build), so the two wheels of .whl/ built for one Python version
 # (pydantic-core, multiprocess) are replaced by the same versions built for 3.11; every other wheel is the one
@@ -14,7 +15,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$(pwd)
 OUT="${1:-${TMPDIR:-/tmp}/dtune-rehearsal}"
-VENV="${DTUNE_REHEARSAL_VENV:-$REPO/.rehearsal-venv}"
 PY="${PYTHON:-python3}"
 [[ -d .whl ]] || bash kernels/gpu/fetch.sh
 
@@ -25,9 +25,19 @@ DEVICE_PACKAGES=(
     matplotlib psutil msgpack ninja einops py-cpuinfo nvidia-ml-py cloudpickle pyyaml requests xxhash fsspec jinja2
     sentencepiece
 )
+# The venv outlives the checkout: CI clones afresh, and building it took 55-95 s of the rehearsal on two cores. One
+# venv per Python and package list, so that a changed list gets a fresh one holding nothing the list lacks; the
+# pinned install and the removal of carried packages below still run every time (no-ops on a venv they made).
+key=$( { "$PY" -c 'import sys; print(sys.version)'; printf '%s\n' "${DEVICE_PACKAGES[@]}"; } | sha1sum | cut -c1-12)
+VENV="${DTUNE_REHEARSAL_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/dtune/rehearsal-venv-$key}"
+mkdir -p "$(dirname "$VENV")"
+exec 9>"$VENV.lock"
+flock 9  # two rehearsals at once: one sets the venv up, the other waits
 t0=$(date +%s)
-[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip
+if [[ ! -x "$VENV/bin/python" ]]; then
+    "$PY" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+fi
 "$VENV/bin/python" -m pip install -q "${DEVICE_PACKAGES[@]}"
 echo "rehearsal venv ready in $(( $(date +%s) - t0 )) s: $("$VENV/bin/python" -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)')"
 
@@ -35,6 +45,7 @@ echo "rehearsal venv ready in $(( $(date +%s) - t0 )) s: $("$VENV/bin/python" -c
 # (not those carried only as a newer version of what the machine has: marked `upgrade` in wheels.txt).
 mapfile -t carried < <(awk '!/^#/ && NF && $2 != "upgrade" {split($1, a, "=="); print a[1]}' kernels/gpu/wheels.txt)
 "$VENV/bin/python" -m pip uninstall -q -y "${carried[@]}" 2>/dev/null || true
+exec 9>&-
 
 # The carried wheels, with the per-Python-version ones swapped for this Python's build of the same version.
 WHEELS="$REPO/.rehearsal-wheels"

@@ -63,6 +63,15 @@ def main() -> int:
     # (Periodic dumps from a watchdog thread are not safe: one crashed a run inside a torch.compile'd frame.)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
+    if args.engine.startswith("zero") and not torch.cuda.is_available():
+        # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (shm_comm) at every process-group start,
+        # its build keyed to this install's paths: 35-140 s on two cores, again each time another DeepSpeed install
+        # used the shared torch-extensions folder last. One rank reduces nothing, and the GPU machine's CUDA
+        # accelerator has no such op: marked incompatible, DeepSpeed's comm skips it (deepspeed.comm.torch.build_shm_op).
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
     import dtune.train.loop
     from dtune.config import compose
     from dtune.model import load_base
