@@ -24,7 +24,7 @@ from dtune.assets import declared_base
 from dtune.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS, checkpoints
 from dtune.config import load_saved
 from dtune.errors import DtuneError
-from dtune.model import freeze_as_trained, pin_cpu_4bit_layout
+from dtune.model import freeze_as_trained, load_tokenizer, pin_cpu_4bit_layout
 from dtune.model import load_base as load_model_base
 from dtune.runtime import quiet_libraries
 from dtune.schema import DtuneConfig
@@ -90,11 +90,30 @@ def locate(path: str | Path, base: str | None = None, allow_pickle: bool = False
         cfg, source = DtuneConfig(), f"{adapter / ADAPTER_CONFIG}"
         # A Hub id (at the adapter's pinned revision), a built-in's name or a local directory.
         cfg.model.name_or_path = base or declared_base(str(declared["base_model_name_or_path"]), declared.get("revision"))
+        settings_from_adapter(cfg, adapter)
     else:
         cfg, source = run
     if base:
         cfg.model.name_or_path = base
     return Trained(adapter, cfg, source)
+
+
+def settings_from_adapter(cfg: DtuneConfig, adapter: Path) -> None:
+    """For an adapter folder without its run's config: what the folder itself says about how it was trained. The
+    tokens added to the vocabulary (its tokenizer's, beyond the base's: the base is grown to them and prompts keep
+    them whole), and a 16-bit base for an adapter whose init moved part of the base into it (PiSSA, OLoRA)."""
+    if mutates_base(adapter):
+        cfg.quant.quant_type = "none"
+    if not (adapter / "tokenizer_config.json").is_file():
+        return
+    from transformers import AutoTokenizer
+
+    ours, theirs = AutoTokenizer.from_pretrained(adapter), load_tokenizer(cfg)
+    known = theirs.get_added_vocab()
+    added = {name: i for name, i in ours.get_added_vocab().items() if name not in known}
+    special = [name for name, i in sorted(added.items(), key=lambda kv: kv[1]) if ours.added_tokens_decoder[i].special]
+    cfg.model.add_special_tokens = special
+    cfg.model.add_tokens = [name for name, _ in sorted(added.items(), key=lambda kv: kv[1]) if name not in special]
 
 
 def check_files(adapter: Path, allow_pickle: bool) -> None:

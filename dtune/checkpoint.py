@@ -38,6 +38,7 @@ from torch import nn
 
 from dtune.errors import DtuneError
 from dtune.fsutil import recover, staged_dir
+from dtune.schema import DtuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 # Settings a checkpoint's training state depends on: resuming under other values would silently train another model.
-MUST_MATCH = ("model", "lora", "quant.quant_type", "quant.double_quant", "data", "train.seed")
+MUST_MATCH = ("model", "lora", "quant.quant_type", "quant.double_quant", "data", "train.seed", "optim.loraplus_lr_ratio")
 IGNORED = ("data.cache",)
 
 
@@ -214,7 +215,8 @@ def check_resumable(saved_yaml: str, cfg: Any, path: Path) -> list[str]:
     settings that changed (optimizer, max_steps, precision, engine...), which a resumed run may change."""
     from omegaconf import OmegaConf
 
-    saved = OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=True)
+    # Over the schema's defaults: a checkpoint of an older dtune lacks the fields added since (their defaults held).
+    saved = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(DtuneConfig), OmegaConf.create(saved_yaml)), resolve=True)
     now = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
     def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -232,6 +234,7 @@ def check_resumable(saved_yaml: str, cfg: Any, path: Path) -> list[str]:
         detail = "; ".join(f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now" for k in fatal[:5])
         raise DtuneError(
             f"train.resume: {path} was trained with other settings ({detail}); "
-            "resume with the same model, lora, quant, data and seed, or start fresh in another train.output_dir"
+            "resume with the same model, lora, quant, data, seed and LoRA+ ratio (the optimizer's parameter groups), or start "
+            "fresh in another train.output_dir"
         )
     return changed

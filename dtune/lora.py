@@ -65,6 +65,12 @@ def check_modules_to_save(model: nn.Module, names: list[str]) -> None:
     if not names:
         return
     wrapped = [n for n, m in model.named_modules() if type(m).__name__ == "ModulesToSaveWrapper"]
+    meant = {w for w in wrapped for name in names if w == name or w.endswith(f".{name}")}
+    if extra := sorted(set(wrapped) - meant):
+        raise ConfigError(
+            f"lora.modules_to_save: {', '.join(names)} also match{'es' if len(names) == 1 else ''} {', '.join(extra[:4])} "
+            "(PEFT matches the end of module names); name the modules whole, e.g. model.norm"
+        )
     for name in names:
         hits = [w for w in wrapped if w == name or w.endswith(f".{name}")]
         if not hits:
@@ -94,6 +100,15 @@ def init_loftq(model: nn.Module, directory: Path) -> None:
         raise ConfigError(f"lora.init: loftq reads the 16-bit weights from safetensors files; {directory} has none")
     with torch.random.fork_rng(devices=[]):
         replace_lora_weights_loftq(model, model_path=str(directory))
+    # PEFT sets B A to the rank-r part of the error E, but the layer adds scaling * B A (scaling = alpha/r, or
+    # alpha/sqrt(r) with rsLoRA): at dtune's default scaling 2, E - 2 E_r is no nearer 0 than E. Both factors are
+    # divided by sqrt(scaling), so that the adapter adds E_r itself.
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__ == "Linear4bit" and hasattr(module, "lora_A"):
+                for name, scale in module.scaling.items():
+                    module.lora_A[name].weight.div_(scale**0.5)
+                    module.lora_B[name].weight.div_(scale**0.5)
 
 
 def token_rows(base: nn.Module, ids: list[int]) -> dict[str, list[int]]:

@@ -184,6 +184,12 @@ def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
 
     base = freeze_as_trained(cfg, base, checkpointing=cfg.model.gradient_checkpointing)
     projections = layer_projections(base)
+    layers = base.config.get_text_config().num_hidden_layers
+    if cfg.lora.layers_to_transform and max(cfg.lora.layers_to_transform) >= layers:
+        raise ConfigError(
+            f"lora.layers_to_transform: {list(cfg.lora.layers_to_transform)} names layers beyond the model's {layers} "
+            f"(0 to {layers - 1})"
+        )
     lora = lora_config(cfg, projections)
     if cfg.model.add_tokens or cfg.model.add_special_tokens:
         lora.trainable_token_indices = token_rows(base, trained_token_ids(cfg))

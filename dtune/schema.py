@@ -119,12 +119,12 @@ class LoraConfig:
     start, with the reason."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full beside the adapters and saved with them (PEFT's ``modules_to_save``), e.g.
-    [lm_head] or [score]. Their parameters train in fp32: mind the memory (dtune plan counts them)."""
+    [lm_head] (a name matches the end of module names at a dot). Their parameters train in fp32: mind the memory (dtune plan counts them)."""
     layers_to_transform: list[int] | None = None
     """Decoder layer indices that get adapters (null: all), e.g. [20, 21, 22, 23] for the last four of 24."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """Ranks other than ``r`` for the modules whose names match a key (a regular expression matched at the end of
-    the module name, PEFT's ``rank_pattern``), e.g. {down_proj: 8, 'layers.0.self_attn.q_proj': 64}."""
+    the module name, PEFT's ``rank_pattern``), e.g. {down_proj: 8, layers.0.self_attn.q_proj: 64}."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     """Alphas other than ``alpha`` by module name, as rank_pattern."""
 
@@ -176,7 +176,8 @@ class OptimConfig:
     """Clip the global gradient norm to this value (null: no clipping)."""
     loraplus_lr_ratio: float | None = None
     """LoRA+ (Hayou et al. 2024, arXiv:2402.12354; PEFT's ``create_loraplus_optimizer``): the B matrices (and DoRA
-    magnitudes) learn at lr times this ratio, the A matrices at lr (e.g. 16); null: one learning rate for all."""
+    magnitudes) learn at lr times this ratio, the A matrices at lr (e.g. 16), LoRA on embedding layers at PEFT's 1e-6;
+    null: one learning rate for all. Must match when resuming (the optimizer's parameter groups)."""
 
 
 @dataclass

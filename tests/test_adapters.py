@@ -5,6 +5,7 @@ at start what PEFT cannot train."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,36 @@ def test_loftq_without_a_gpu_and_4bit_modules_to_save_are_named_errors():
         build_model(compose_config([*BASE, "lora.modules_to_save=[q_proj]", "lora.target_modules=[v_proj]"]), None)
 
 
+def test_module_names_that_match_more_or_layers_beyond_the_model_are_named_errors():
+    from dtune.model import build_model
+
+    with pytest.raises(ConfigError, match=r"lora.modules_to_save: norm also matches .*input_layernorm"):
+        build_model(compose_config([*BASE, "lora.modules_to_save=[norm]"]), torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"lora.layers_to_transform: \[1, 7\] names layers beyond the model's 2"):
+        build_model(compose_config([*BASE, "lora.layers_to_transform=[1,7]"]), torch.device("cpu"))
+
+
+def test_a_checkpoint_of_an_older_dtune_resumes_but_not_under_another_loraplus_ratio():
+    """A checkpoint's config lacks the fields added since it was written: their defaults held, so it resumes. LoRA+
+    changes the optimizer's parameter groups: its ratio must match."""
+    from omegaconf import OmegaConf
+
+    from dtune.checkpoint import check_resumable
+    from dtune.errors import DtuneError
+
+    cfg = compose_config(BASE)
+    saved = OmegaConf.to_container(OmegaConf.structured(cfg))
+    for key in ("use_dora", "use_rslora", "init", "modules_to_save", "layers_to_transform", "rank_pattern"):
+        saved["lora"].pop(key)
+    saved["model"].pop("add_tokens")
+    saved["optim"].pop("loraplus_lr_ratio")
+    old = OmegaConf.to_yaml(saved)
+    assert check_resumable(old, cfg, Path("ckpt")) == []
+    cfg.optim.loraplus_lr_ratio = 4.0
+    with pytest.raises(DtuneError, match=r"optim.loraplus_lr_ratio: None in the checkpoint, 4.0 now"):
+        check_resumable(old, cfg, Path("ckpt"))
+
+
 def test_fused_kernels_hand_dora_to_peft_and_fuse_rslora():
     """quant.fuse_lora runs plain LoRA (rsLoRA is plain LoRA at another scale) inside the fused kernel and leaves
     DoRA layers to PEFT; both compute what PEFT's path computes."""
@@ -275,6 +306,11 @@ def test_an_adapter_with_added_tokens_loads_in_peft_on_a_resized_base_and_merges
     assert merge_cmd.main([str(out), "--out", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     assert merged.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    # The adapter folder alone (no run config beside it): its tokenizer says which tokens were added.
+    alone = tmp_path / "alone" / "adapter"
+    shutil.copytree(out / "adapter", alone)
+    assert locate(alone).cfg.model.add_special_tokens == ["<|tool|>", "<|end_tool|>"]
+    assert eval_cmd.main([str(alone), "--base", str(family_dir("qwen2")), "--general", ""]) == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="PEFT's LoftQ for 4-bit bases computes on CUDA (the GPU kit runs it)")
@@ -282,7 +318,8 @@ def test_loftq_starts_the_4bit_model_nearer_the_16bit_one():
     """LoftQ's promise: base + adapter at step 0 is closer to the 16-bit model than the 4-bit base alone."""
     from dtune.model import build_model, load_base
 
-    cfg = compose_config(["debug=smoke", "train.precision=bf16", "lora.init=loftq", "lora.r=32"])
+    # dtune's default scaling (alpha/r = 2): PEFT's LoftQ factors are rescaled for it.
+    cfg = compose_config(["debug=smoke", "train.precision=bf16", "lora.init=loftq"])
     device = torch.device("cuda")
     model = build_model(cfg, device).eval()
     full = load_base(cfg, device, quantized=False, training=False)
