@@ -66,6 +66,38 @@ def test_every_family_is_planned_with_the_adapters_peft_makes(family_dir, name: 
     assert plan.components["base (other)"] == other  # embeddings (tied or not), norms, biases, experts: in fp32
 
 
+LLAMA_70B = {**LLAMA_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64}
+
+
+def test_fsdp2_offload_is_planned_and_proposed_for_a_70b_on_two_24gb_gpus(tmp_path: Path, monkeypatch):
+    """QLoRA of a Llama-3-70B shape on 2 x 24 GiB, 2 x 512 tokens: fsdp2 does not fit (~half the 35 GB packed base
+    per GPU, plus embeddings and head); with fsdp2_offload the GPU holds the units in flight, the quantization
+    constants and the activations. The activation probe is replaced by fixed per-token figures (probing a
+    70B-sized layer takes minutes on a CPU); the engine's terms are what this checks."""
+    from dtune.plan import memory
+
+    monkeypatch.setattr(memory, "probe_activations", lambda *a: {"saved_per_token": 2e5, "backward_peak_per_token": 4e5})
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))
+    base = ["logger=none", f"model.name_or_path={tmp_path}", "data.max_seq_len=512", "train.micro_batch_size=2"]
+    fsdp2 = make_plan(compose_config([*base, "engine=fsdp2"]), world_size=2)
+    offload = make_plan(compose_config([*base, "engine=fsdp2_offload"]), world_size=2)
+    assert fsdp2.needed > 24 * GiB >= offload.needed
+    packed = "base (packed 4-bit + constants)"
+    linear = 80 * (8192 * (8192 + 1024 + 1024 + 8192) + 3 * 8192 * 28672)
+    constants = offload.components[packed]  # one uint8 absmax per 64 weights, + fp32 absmax per 256 blocks, codes
+    assert linear / 64 < constants < linear / 64 * 1.02
+    assert fsdp2.components[packed] == pytest.approx((linear / 2) / 2 + constants, rel=1e-6)
+    for part in ("base (other)", "LoRA parameters", "LoRA gradients", "optimizer states"):
+        assert offload.components[part] == 0, part
+    assert offload.components["gathered shards"] == fsdp2.components["gathered shards"] > 0
+    assert offload.settings["engine"] == "fsdp2_offload"
+    one_gpu = make_plan(compose_config([*base, "engine=fsdp2_offload"]), world_size=1)
+    assert one_gpu.components["gathered shards"] == offload.components["gathered shards"]  # copied in on one rank too
+
+    _, _, ideas = fit(compose_config(base), 2, 24 * GiB)  # from the default engine (ddp)
+    assert "engine=fsdp2_offload" in ideas and "engine=fsdp2" not in ideas
+
+
 @pytest.fixture
 def llama_8b(tmp_path: Path) -> Path:
     """A Llama-3-8B-shaped model directory holding nothing but its config.json."""
