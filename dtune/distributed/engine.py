@@ -182,11 +182,15 @@ class Engine:
         DTensors on a mesh whose process group is the GPU's: ``clip_grad_norm_`` would all-reduce CPU tensors over
         NCCL (pytorch/pytorch#148532). The shards of a parameter are disjoint, so the squared norm is the sum over
         ranks of each rank's local squared norm: one scalar crosses to the process group's device and back."""
-        grads = [p.grad.to_local() for p in params if p.grad is not None]
-        local = torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.zeros(())
+        grads = [p.grad for p in params if p.grad is not None]
+        local = torch.nn.utils.get_total_norm([g.to_local() for g in grads], 2.0) if grads else torch.zeros(())
         total = self.sum(local.float().square().to(self.device)).sqrt().cpu()
         if max_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
+            # Scaled as DTensors, by a Python number (in-place scaling of the to_local() views did not reach the
+            # gradients the optimizer reads: measured, the run followed the unclipped one). Formula of clip_grad_norm_.
+            coef = min(1.0, max_norm / (float(total) + 1e-6))
+            for grad in grads:
+                grad.mul_(coef)
         return total
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
