@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 CUDA_CONTEXT = int(0.6 * GiB)  # CUDA context + cuBLAS workspaces: outside max_memory_allocated
 ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation, as a fraction of the tensor peak
 # Per labelled token x vocab entry: fp32 logits, log-softmax and their gradients; 11.9 bytes measured on the CPU
-# (SmolLM2-135M and the tiny Llama, bf16 and fp32 alike). Under 16-bit autocast the fp32 head weight is also cast,
-# and kept for backward: vocab x hidden x 2 bytes more.
+# (SmolLM2-135M and the tiny Llama, bf16 and fp32 alike). The head weight is in the compute dtype: autocast makes no
+# copy of it.
 LOSS_BYTES_PER_LOGIT = 12.0
 
 
@@ -82,7 +82,7 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
     dtype_bytes = 4 if cfg.train.precision == "fp32" else 2
     quantized = cfg.quant.quant_type != "none"
     layers = text.num_hidden_layers
-    # The residual stream is fp32 when prepare_model_for_kbit_training upcast the embeddings (4-bit bases).
+    # The residual stream is fp32 for 4-bit bases (freeze_as_trained casts the embeddings' output).
     residual = 4 if quantized else dtype_bytes
     if cfg.model.gradient_checkpointing:
         stored = layers * tokens * text.hidden_size * residual
@@ -92,8 +92,6 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
         layer_phase = (probe["backward_peak_per_token"] - probe["saved_per_token"]) * tokens
     in_flight = min(labelled, cfg.train.loss_chunk_tokens) if cfg.train.loss_chunk_tokens else labelled
     loss = LOSS_BYTES_PER_LOGIT * in_flight * text.vocab_size
-    if cfg.train.precision != "fp32" and quantized:
-        loss += 2 * text.vocab_size * text.hidden_size  # the head weight (upcast to fp32), cast for the matmul
     # bitsandbytes writes each weight dequantized before its matmul; the fused kernels (on a GPU) never do.
     fused = cfg.quant.kernel == "triton"  # a GPU plan: on CPU the kernels' references do dequantize
     dequant = params["largest_linear"] * dtype_bytes if quantized and not fused else 0
@@ -125,7 +123,9 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
         "base (packed 4-bit + constants)": "NF4 "
         + ("+ double quant" if cfg.quant.double_quant else "")
         + (", constants only (shards on the CPU)" if fsdp2_offload else f", / {w} ranks" if shard_params else ""),
-        "base (other)": "embeddings, norms, head; fp32" if quantized else f"the whole 16-bit base, {cfg.train.precision}",
+        "base (other)": f"embeddings, norms, head; {cfg.train.precision}"
+        if quantized
+        else f"the whole 16-bit base, {cfg.train.precision}",
         "LoRA parameters": f"{n_lora:,} params",
         "LoRA gradients": "on the CPU" if fsdp2_offload else "fp32" + (f", / {w}" if shard_grads else ""),
         "optimizer states": "offloaded to CPU" if cfg.engine.offload_optimizer else "Adam" + (f", / {w}" if shard_opt else ""),

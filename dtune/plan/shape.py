@@ -1,5 +1,6 @@
 """The model's shape without its weights: its module tree on the meta device, and the bytes of its parameters as a
-QLoRA run holds them (4-bit packed base with double-quantization constants, the rest upcast, the adapters)."""
+QLoRA run holds them (4-bit packed base with double-quantization constants, the rest in the compute dtype, the
+adapters)."""
 
 from __future__ import annotations
 
@@ -86,8 +87,8 @@ def parameter_bytes(cfg: DtuneConfig, model: nn.Module) -> dict[str, int]:
     parameter count (what PEFT trains: :func:`adapted`)."""
     head = model.get_output_embeddings()
     quantize = cfg.quant.quant_type != "none"
-    # prepare_model_for_kbit_training upcasts a 4-bit base's other parameters to fp32; a 16-bit base stays as loaded.
-    other_bytes = 4 if quantize or cfg.train.precision == "fp32" else 2
+    # The frozen base stays as loaded, in the compute dtype (dtune.model.freeze_as_trained).
+    other_bytes = 4 if cfg.train.precision == "fp32" else 2
     n_lora = adapted(cfg, model)[0]
     out = {
         "base_4bit": 0,
