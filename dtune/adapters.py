@@ -198,7 +198,7 @@ def load_frozen_base(trained: Trained, device: torch.device, allow_pickle: bool 
 
 
 def load_trained(trained: Trained, device: torch.device, allow_pickle: bool = False) -> nn.Module:
-    """Base (4-bit, frozen and upcast as trained) + adapter, ready for inference: it computes what training did."""
+    """Base (4-bit, frozen as trained) + adapter, ready for inference: it computes what training did."""
     from peft import PeftModel
 
     base = freeze_as_trained(trained.cfg, load_base(trained, device, allow_pickle=allow_pickle))

@@ -171,10 +171,17 @@ def validate(cfg: DtuneConfig) -> None:
     _one_of(e, "engine.strategy", cfg.engine.strategy, ENGINES)
     if cfg.engine.strategy == "fsdp2" and cfg.train.precision == "fp16":
         e.append("train.precision: fp16 (loss scaling) is not supported with engine.strategy=fsdp2; use bf16")
-    if cfg.engine.offload_params and not (cfg.engine.strategy == "deepspeed" and cfg.engine.zero_stage == 3):
-        e.append("engine.offload_params: needs engine.strategy=deepspeed and engine.zero_stage=3")
-    if cfg.engine.offload_optimizer and cfg.engine.strategy != "deepspeed":
-        e.append("engine.offload_optimizer: needs engine.strategy=deepspeed")
+    zero3 = cfg.engine.strategy == "deepspeed" and cfg.engine.zero_stage == 3
+    if cfg.engine.offload_params and not (zero3 or cfg.engine.strategy == "fsdp2"):
+        e.append("engine.offload_params: needs engine.strategy=fsdp2, or deepspeed with engine.zero_stage=3")
+    if cfg.engine.offload_optimizer and cfg.engine.strategy not in ("deepspeed", "fsdp2"):
+        e.append("engine.offload_optimizer: needs engine.strategy=deepspeed or fsdp2")
+    if cfg.engine.strategy == "fsdp2" and cfg.engine.offload_params != cfg.engine.offload_optimizer:
+        # torch's CPUOffloadPolicy moves parameters, gradients and optimizer states together: no half of it exists.
+        e.append(
+            "engine.offload_params: with engine.strategy=fsdp2, parameters, gradients and optimizer states are "
+            "offloaded together (engine=fsdp2_offload); set engine.offload_params and engine.offload_optimizer alike"
+        )
     if cfg.engine.strategy == "deepspeed" and cfg.engine.zero_stage not in (1, 2, 3):
         e.append(f"engine.zero_stage: must be 1, 2 or 3 with engine.strategy=deepspeed; got {cfg.engine.zero_stage}")
 

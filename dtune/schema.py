@@ -151,9 +151,11 @@ class EngineConfig:
     zero_stage: int = 0
     """With deepspeed: 1 shards optimizer states, 2 also gradients, 3 also parameters (the 4-bit base too)."""
     offload_optimizer: bool = False
-    """With deepspeed: keep optimizer states (and fp32 master weights) in CPU memory."""
+    """With deepspeed: keep optimizer states (and fp32 master weights) in CPU memory; with fsdp2: as offload_params."""
     offload_params: bool = False
-    """With deepspeed ZeRO-3: keep parameters in CPU memory, fetched for each layer's forward and backward."""
+    """With deepspeed ZeRO-3 or fsdp2: keep parameters in CPU memory, fetched for each layer's forward and backward
+    (fsdp2: torch's CPUOffloadPolicy, which also keeps gradients and optimizer states there, so offload_optimizer
+    must be set alike)."""
 
 
 @dataclass

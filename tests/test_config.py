@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import zipfile
@@ -69,7 +70,9 @@ def test_wrong_type_fails_naming_the_field():
 
 
 def test_unknown_option_lists_the_available_ones():
-    with pytest.raises(ConfigError, match=r"Could not find 'engine/zero9' Available options in 'engine': ddp fsdp2 zero1"):
+    with pytest.raises(
+        ConfigError, match=r"Could not find 'engine/zero9' Available options in 'engine': ddp fsdp2 fsdp2_offload zero1"
+    ):
         compose_config(["engine=zero9"])
 
 
@@ -92,6 +95,22 @@ def test_impossible_values_are_refused_naming_the_field(override: str, field: st
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert field in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["engine=ddp", "engine.offload_params=true"], "engine.offload_params: needs engine.strategy=fsdp2, or deepspeed"),
+        (["engine=zero2", "engine.offload_params=true"], "engine.offload_params: needs engine.strategy=fsdp2, or deepspeed"),
+        (["engine=ddp", "engine.offload_optimizer=true"], "engine.offload_optimizer: needs engine.strategy=deepspeed or fsdp2"),
+        (["engine=fsdp2", "engine.offload_optimizer=true"], "offloaded together (engine=fsdp2_offload)"),
+        (["engine=fsdp2_offload", "engine.offload_optimizer=false"], "offloaded together (engine=fsdp2_offload)"),
+    ],
+)
+def test_offload_combinations_an_engine_lacks_are_refused(overrides: list[str], message: str):
+    """FSDP2's CPUOffloadPolicy moves parameters, gradients and optimizer states together; DDP offloads nothing."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(compose_config(overrides))
 
 
 def test_all_problems_are_reported_at_once():

@@ -42,23 +42,35 @@ def assert_same_run(out: Path, single: Path, resumed_at: int = 0, abs_tol: float
         torch.testing.assert_close(ours[key], ref[key], rtol=1e-4, atol=abs_tol / 10)
 
 
+ENGINES = ["ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2", "fsdp2_offload"]
+RESUMED_UNDER = {"fsdp2_offload": "ddp"}  # across engines: the one whose optimizer states live on CPU shards -> DDP
+
+
 @pytest.mark.integration
-@pytest.mark.parametrize("engine", ["ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_two_ranks_match_one_rank(tmp_path: Path, single: Path, engine: str):
-    """4-bit NF4 base + LoRA on 2 ranks: same losses and adapter as 1 rank (ZeRO-3 and FSDP2 shard the 4-bit base too)."""
+    """4-bit NF4 base + LoRA on 2 ranks: same losses and adapter as 1 rank (ZeRO-3 and FSDP2 shard the 4-bit base too;
+    fsdp2_offload keeps the shards, gradients and optimizer states on the CPU, which on a CPU machine is the same
+    memory, but its code path runs: CPUOffloadPolicy, clipping from the local shards, the step on CPU shards)."""
     out = tmp_path / engine
     launch = torchrun(2)
     run([*launch, "-m", "dtune.train", *COMMON, f"engine={engine}", f"hydra.run.dir={out}"], tmp_path)
     assert_same_run(out, single)
     held, alone = (json.loads((d / "results.json").read_text())["param_bytes_rank0"] for d in (out, single))
-    sharded = engine in ("zero3", "zero3_offload", "fsdp2")  # parameters, the packed 4-bit base included, split over 2 ranks
+    sharded = engine in (
+        "zero3",
+        "zero3_offload",
+        "fsdp2",
+        "fsdp2_offload",
+    )  # parameters, the packed 4-bit base included, split over 2 ranks
     assert held["frozen"] == pytest.approx(alone["frozen"] / 2 if sharded else alone["frozen"], rel=0.02)
     assert (out / "dtune.log").is_file() and (out / "dtune_rank1.log").is_file()
     assert "train" in (out / "dtune_rank1.log").read_text()
 
     # Resumed from the 2-rank checkpoint of step 2 on one rank (2 micro-batches per step): the rest of the run is
     # the 1-rank run's. Optimizer states are saved whole and by name, whatever the strategy sharded.
-    resumed = tmp_path / f"{engine}-resumed-on-1"
+    resumed_under = RESUMED_UNDER.get(engine, engine)
+    resumed = tmp_path / f"{engine}-resumed-on-1-{resumed_under}"
     checkpoint = out / "checkpoints" / "step-00000002"
     one = torchrun(1)
     run(
@@ -67,7 +79,7 @@ def test_two_ranks_match_one_rank(tmp_path: Path, single: Path, engine: str):
             "-m",
             "dtune.train",
             *COMMON,
-            f"engine={engine}",
+            f"engine={resumed_under}",
             "train.grad_accum_steps=2",
             f"train.resume={checkpoint}",
             f"hydra.run.dir={resumed}",
@@ -211,9 +223,12 @@ def test_accelerate_launch_and_the_dtune_script_under_torchrun(tmp_path: Path, s
 
 
 @pytest.mark.integration
-def test_one_rank_checkpoint_resumes_on_two_ranks(tmp_path: Path, single: Path):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2_offload"])
+def test_one_rank_checkpoint_resumes_on_two_ranks(tmp_path: Path, single: Path, engine: str):
+    """The 1-rank DDP run's checkpoint, resumed on 2 ranks (under fsdp2_offload: scattered into CPU shards)."""
     out = tmp_path / "resumed-on-2"
     launch = torchrun(2)
     checkpoint = single / "checkpoints" / "step-00000002"
-    run([*launch, "-m", "dtune.train", *COMMON, f"train.resume={checkpoint}", f"hydra.run.dir={out}"], tmp_path)
+    cmd = [*launch, "-m", "dtune.train", *COMMON, f"engine={engine}", f"train.resume={checkpoint}", f"hydra.run.dir={out}"]
+    run(cmd, tmp_path)
     assert_same_run(out, single, resumed_at=2)

@@ -4,7 +4,8 @@ Strategies (``engine.strategy``): ``ddp`` -- data parallel (one process: plain t
 stage ``engine.zero_stage`` (1: optimizer states, 2: + gradients, 3: + parameters, the packed 4-bit base included)
 through Accelerate's DeepSpeed plugin; ``fsdp2`` -- PyTorch's ``fully_shard`` on each decoder layer and the root,
 called directly: Accelerate's FSDP plugin is not applied on CPU, and this way one code path runs (and is tested)
-on CPU and GPU alike.
+on CPU and GPU alike; with ``engine.offload_params`` its shards, gradients and optimizer states stay in CPU memory
+(torch's ``CPUOffloadPolicy``).
 
 The training loop talks to an :class:`Engine` only -- prepare, accumulate, backward, step, reduce, gather -- and
 never asks which strategy is on. What a checkpoint holds is read and restored through
@@ -98,6 +99,8 @@ class Engine:
         if self.strategy == "fsdp2" and not torch.distributed.is_initialized():
             raise ConfigError("engine.strategy=fsdp2: needs a process group; launch with torchrun (even for one process)")
         self.zero3 = self.strategy == "deepspeed" and cfg.engine.zero_stage == 3
+        # FSDP2 + CPUOffloadPolicy: parameter shards, gradients and optimizer states in CPU memory.
+        self.cpu_offload = self.strategy == "fsdp2" and cfg.engine.offload_params
         self.compute_dtype = DTYPES[cfg.train.precision]
 
     @property
@@ -106,8 +109,12 @@ class Engine:
 
     @property
     def load_device(self) -> torch.device | None:
-        """Where from_pretrained puts the model: None under ZeRO-3 (partitioned while loading, by zero.Init)."""
-        return None if self.zero3 else self.device
+        """Where from_pretrained puts the model: None under ZeRO-3 (partitioned while loading, by zero.Init); the CPU
+        under FSDP2 offload, whose model may not fit one GPU whole (``fully_shard`` then moves one unit at a time to
+        the GPU, and its shard back)."""
+        if self.zero3:
+            return None
+        return torch.device("cpu") if self.cpu_offload else self.device
 
     @property
     def rank(self) -> int:
@@ -160,12 +167,31 @@ class Engine:
         else:
             params = [p for p in model.parameters() if p.requires_grad]
             self.accelerator.unscale_gradients()  # fp16: clip the true gradients, not the loss-scaled ones
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+            if self.cpu_offload:
+                norm = self._clip_offloaded(params, max_norm)
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
             if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
                 norm = norm.full_tensor()
-            optimizer.step()
+            optimizer.step()  # under FSDP2 offload: on the CPU shards, with CPU optimizer states
         optimizer.zero_grad(set_to_none=True)
         return float(norm) if norm is not None else float("nan")
+
+    def _clip_offloaded(self, params: list[nn.Parameter], max_norm: float | None) -> torch.Tensor:
+        """Global gradient L2 norm (returned) and clipping for FSDP2 CPU offload, whose gradient shards are CPU
+        DTensors on a mesh whose process group is the GPU's: ``clip_grad_norm_`` would all-reduce CPU tensors over
+        NCCL (pytorch/pytorch#148532). The shards of a parameter are disjoint, so the squared norm is the sum over
+        ranks of each rank's local squared norm: one scalar crosses to the process group's device and back."""
+        grads = [p.grad for p in params if p.grad is not None]
+        local = torch.nn.utils.get_total_norm([g.to_local() for g in grads], 2.0) if grads else torch.zeros(())
+        total = self.sum(local.float().square().to(self.device)).sqrt().cpu()
+        if max_norm is not None:
+            # Scaled as DTensors, by a Python number (in-place scaling of the to_local() views did not reach the
+            # gradients the optimizer reads: measured, the run followed the unclipped one). Formula of clip_grad_norm_.
+            coef = min(1.0, max_norm / (float(total) + 1e-6))
+            for grad in grads:
+                grad.mul_(coef)
+        return total
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum of a tensor over all ranks."""
@@ -191,16 +217,21 @@ class Engine:
         """FSDP2: shard each decoder layer, then the root (the loss wrapper, whose forward runs). Others: as is."""
         if self.strategy != "fsdp2":
             return model
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         policy = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+        # Pinned host memory (overlapped copies) needs CUDA. fully_shard moves each unit to the device, shards it and
+        # copies the shard back to the CPU; bitsandbytes' Params4bit.to moves its quantization constants (absmax,
+        # code tables) along, and those stay on the device: they are no parameters, so FSDP neither shards nor
+        # offloads them.
+        offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if self.cpu_offload else OffloadPolicy()
         blocks = set(getattr(model.model.get_base_model(), "_no_split_modules", None) or [])
         layers = [m for m in model.modules() if type(m).__name__ in blocks]
         if not layers:
             raise ConfigError("engine.strategy=fsdp2: the model names no decoder-layer class (_no_split_modules)")
         for layer in layers:
-            fully_shard(layer, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+            fully_shard(layer, mp_policy=policy, offload_policy=offload)
+        fully_shard(model, mp_policy=policy, offload_policy=offload)
         return model
 
     def barrier(self) -> None:

@@ -205,7 +205,7 @@ def _inner(optimizer: Any) -> Any:
 def _full(t: torch.Tensor) -> torch.Tensor:
     """A full CPU copy of a tensor or of an FSDP2 DTensor (all-gathered: collective)."""
     if hasattr(t, "full_tensor"):
-        t = t.full_tensor()
+        t = _on_device(t, t.device_mesh.device_type).full_tensor()
     return t.detach().to("cpu", copy=True)
 
 
@@ -215,8 +215,21 @@ def _like(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
         from torch.distributed.tensor import distribute_tensor
 
         # Every rank holds the full value (read from the checkpoint): each keeps its own shard, nothing is sent.
-        return distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements, src_data_rank=None)
+        out = distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements, src_data_rank=None)
+        return _on_device(out, p.to_local().device)
     return full.to(p.device)
+
+
+def _on_device(t: Any, device: torch.device | str) -> Any:
+    """DTensor ``t`` with its local shard on ``device``. Under FSDP2 CPU offload the shards live on the CPU while the
+    mesh (and its process group, NCCL) is the GPU's: collectives need the shard on the mesh's device, and the
+    optimizer needs its states on the CPU beside the shards."""
+    from torch.distributed.tensor import DTensor
+
+    local = t.to_local()
+    if local.device.type == torch.device(device).type:
+        return t
+    return DTensor.from_local(local.to(device), t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
 
 
 def _copy_into(p: torch.Tensor, full: torch.Tensor) -> None:

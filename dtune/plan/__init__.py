@@ -3,8 +3,8 @@
 From the composed config and the model's ``config.json`` (no weights are read):
 
 * **parameters** come from the model built on the meta device: which linear layers bitsandbytes packs into NF4
-  (all but the output head), their bytes with double-quantization constants, the rest in fp32 (QLoRA's
-  ``prepare_model_for_kbit_training`` upcasts them; a 16-bit base, ``quant=none``, stays in the compute dtype),
+  (all but the output head), their bytes with double-quantization constants, the rest in the compute dtype (as
+  loaded: dtune does not upcast them as PEFT's ``prepare_model_for_kbit_training`` does),
   and the LoRA adapters (fp32), counted as PEFT attaches them to the meta-device model (fused projections, MoE
   experts fused into 3-D parameters);
 * **gradients and optimizer states** of the adapters (Adam: two fp32 moments; DeepSpeed adds fp32 masters beside

@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 CUDA_CONTEXT = int(0.6 * GiB)  # CUDA context + cuBLAS workspaces: outside max_memory_allocated
 ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation, as a fraction of the tensor peak
 # Per labelled token x vocab entry: fp32 logits, log-softmax and their gradients; 11.9 bytes measured on the CPU
-# (SmolLM2-135M and the tiny Llama, bf16 and fp32 alike). Under 16-bit autocast the fp32 head weight is also cast,
-# and kept for backward: vocab x hidden x 2 bytes more.
+# (SmolLM2-135M and the tiny Llama, bf16 and fp32 alike). The head weight is in the compute dtype: autocast makes no
+# copy of it.
 LOSS_BYTES_PER_LOGIT = 12.0
 
 
@@ -67,18 +67,22 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
 
     n_lora = params["lora_params"]
     deepspeed = strategy == "deepspeed"
-    on_gpu = 0 if cfg.engine.offload_params else 1  # ZeRO-3 parameter offload keeps every parameter on the CPU
+    # FSDP2 + CPUOffloadPolicy: parameter shards, gradients and optimizer states in CPU memory; each unit is copied
+    # to the GPU (gathered) for its forward and backward, also on one rank.
+    fsdp2_offload = strategy == "fsdp2" and cfg.engine.offload_params
+    on_gpu = 0 if cfg.engine.offload_params else 1  # parameter offload keeps every parameter shard on the CPU
     lora_bytes = on_gpu * (2 if deepspeed and cfg.train.precision != "fp32" else 4) * n_lora  # DeepSpeed casts the module
     optim_bytes = 8 * n_lora + (4 * n_lora if deepspeed and cfg.train.precision != "fp32" else 0)  # + fp32 masters
     if cfg.engine.offload_optimizer:
         optim_bytes = 0
+    grad_bytes = 0 if fsdp2_offload else 4 * n_lora  # reduce-scattered shards are copied to the CPU in backward
 
     tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
     labelled = int(tokens * labelled_fraction(cfg))
     dtype_bytes = 4 if cfg.train.precision == "fp32" else 2
     quantized = cfg.quant.quant_type != "none"
     layers = text.num_hidden_layers
-    # The residual stream is fp32 when prepare_model_for_kbit_training upcast the embeddings (4-bit bases).
+    # The residual stream is fp32 for 4-bit bases (freeze_as_trained casts the embeddings' output).
     residual = 4 if quantized else dtype_bytes
     if cfg.model.gradient_checkpointing:
         stored = layers * tokens * text.hidden_size * residual
@@ -88,22 +92,28 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
         layer_phase = (probe["backward_peak_per_token"] - probe["saved_per_token"]) * tokens
     in_flight = min(labelled, cfg.train.loss_chunk_tokens) if cfg.train.loss_chunk_tokens else labelled
     loss = LOSS_BYTES_PER_LOGIT * in_flight * text.vocab_size
-    if cfg.train.precision != "fp32" and quantized:
-        loss += 2 * text.vocab_size * text.hidden_size  # the head weight (upcast to fp32), cast for the matmul
     # bitsandbytes writes each weight dequantized before its matmul; the fused kernels (on a GPU) never do.
     fused = cfg.quant.kernel == "triton"  # a GPU plan: on CPU the kernels' references do dequantize
     dequant = params["largest_linear"] * dtype_bytes if quantized and not fused else 0
-    gathered = 2 * params["layer_base"] if shard_params and w > 1 else 0
-    if strategy == "fsdp2" and w > 1:
+    gathered = 2 * params["layer_base"] if shard_params and (w > 1 or fsdp2_offload) else 0
+    if strategy == "fsdp2" and (w > 1 or fsdp2_offload):
         # The root unit (embeddings, final norm, head) is gathered for forward and, as the root, not resharded until
         # the step ends: in the compute dtype, whole.
         gathered += dtype_bytes * params["root_numel"]
 
+    packed = params["base_4bit"]
+    if strategy == "fsdp2":
+        # FSDP2 shards (or offloads) the packed weights; their quantization constants are no parameters: each rank
+        # holds them whole, on the GPU.
+        constants = params["base_4bit_constants"]
+        packed_gpu = on_gpu * (packed - constants) // w + constants
+    else:
+        packed_gpu = on_gpu * packed // (w if shard_params else 1)
     components = {
-        "base (packed 4-bit + constants)": on_gpu * params["base_4bit"] // (w if shard_params else 1),
+        "base (packed 4-bit + constants)": packed_gpu,
         "base (other)": on_gpu * params["base_other"] // (w if shard_params else 1),
         "LoRA parameters": lora_bytes // (w if shard_params else 1),
-        "LoRA gradients": 4 * n_lora // (w if shard_grads else 1),
+        "LoRA gradients": grad_bytes // (w if shard_grads else 1),
         "optimizer states": optim_bytes // (w if shard_opt else 1),
         "activations (kept)": int(stored),
         "activations (peak phase)": int(max(layer_phase + dequant, loss)),
@@ -112,10 +122,12 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
     notes = {
         "base (packed 4-bit + constants)": "NF4 "
         + ("+ double quant" if cfg.quant.double_quant else "")
-        + (f", / {w} ranks" if shard_params else ""),
-        "base (other)": "embeddings, norms, head; fp32" if quantized else f"the whole 16-bit base, {cfg.train.precision}",
+        + (", constants only (shards on the CPU)" if fsdp2_offload else f", / {w} ranks" if shard_params else ""),
+        "base (other)": f"embeddings, norms, head; {cfg.train.precision}"
+        if quantized
+        else f"the whole 16-bit base, {cfg.train.precision}",
         "LoRA parameters": f"{n_lora:,} params",
-        "LoRA gradients": "fp32" + (f", / {w}" if shard_grads else ""),
+        "LoRA gradients": "on the CPU" if fsdp2_offload else "fp32" + (f", / {w}" if shard_grads else ""),
         "optimizer states": "offloaded to CPU" if cfg.engine.offload_optimizer else "Adam" + (f", / {w}" if shard_opt else ""),
         "activations (kept)": "layer inputs (checkpointing)" if cfg.model.gradient_checkpointing else "every layer",
         "activations (peak phase)": f"max(1 layer{' + dequant' if dequant else ''}, loss over {in_flight:,} of {labelled:,} labelled tokens at once)",
@@ -125,7 +137,7 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
         "micro_batch_size": cfg.train.micro_batch_size,
         "max_seq_len": cfg.data.max_seq_len,
         "gradient_checkpointing": cfg.model.gradient_checkpointing,
-        "engine": strategy if not zero else f"zero{zero}",
+        "engine": (f"zero{zero}" if zero else strategy) + ("_offload" if cfg.engine.offload_params else ""),
         "labelled_fraction": labelled_fraction(cfg),
     }
     return Plan(components, notes, settings, w, extra={"probe": probe, "lora_params": n_lora})
@@ -164,6 +176,7 @@ def fit(cfg: DtuneConfig, world_size: int, gpu_bytes: int) -> tuple[Plan, int, l
             )
         if not cfg.model.gradient_checkpointing:
             candidates.append(("model.gradient_checkpointing=true", {"model__gradient_checkpointing": True}))
+        offload = {"engine__offload_optimizer": True, "engine__offload_params": True}
         if world_size > 1:
             candidates.append(("engine=fsdp2", {"engine__strategy": "fsdp2", "engine__zero_stage": 0}))
             candidates.append(("engine=zero3", {"engine__strategy": "deepspeed", "engine__zero_stage": 3}))
@@ -173,11 +186,12 @@ def fit(cfg: DtuneConfig, world_size: int, gpu_bytes: int) -> tuple[Plan, int, l
                     {
                         "engine__strategy": "deepspeed",
                         "engine__zero_stage": 3,
-                        "engine__offload_optimizer": True,
-                        "engine__offload_params": True,
+                        **offload,
                     },
                 )
             )
+        # Offload helps one GPU too: the model's shards live in CPU memory, one unit at a time on the GPU.
+        candidates.append(("engine=fsdp2_offload", {"engine__strategy": "fsdp2", "engine__zero_stage": 0, **offload}))
         candidates.append((f"data.max_seq_len={cfg.data.max_seq_len // 2}", {"data__max_seq_len": cfg.data.max_seq_len // 2}))
         for text, changes in candidates:
             if make_plan(with_(**changes), world_size, probe, shape).needed <= gpu_bytes:

@@ -111,17 +111,11 @@ def _probe(
         for p in layer.parameters():
             p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
     rotary = rotary_cls(config=text) if rotary_cls is not type(None) else None
-    packed = set()  # the weights bitsandbytes packs: those of the linear layers
     for module in list(layer.modules()):
         if quantized and type(module) is nn.Linear:  # 4-bit layers return their input's dtype, as bitsandbytes' do
             module.__class__ = _Linear4bitStandIn
-            packed.add(id(module.weight))
     for p in layer.parameters():
-        p.requires_grad_(False)
-        if quantized and id(p) not in packed:
-            # upcast like prepare_model_for_kbit_training: all but the packed weights (norms, biases, the fused 3-D
-            # experts of an MoE, its router); a 16-bit base stays as loaded
-            p.data = p.data.float()
+        p.requires_grad_(False)  # in the compute dtype, as freeze_as_trained leaves them
     if lora is not None:
         with warnings.catch_warnings():  # PEFT's notes on patterns that name modules of other layers
             warnings.simplefilter("ignore")
@@ -131,7 +125,7 @@ def _probe(
             p.data = p.data.float()
             p.requires_grad_(True)
 
-    # The residual stream: fp32 when the embeddings were upcast (4-bit bases), else the base's dtype.
+    # The residual stream: fp32 for 4-bit bases (freeze_as_trained casts the embeddings' output), else the base's dtype.
     residual_dtype = torch.float32 if quantized else dtype
     layer_types = getattr(text, "layer_types", None)
     layer_type = layer_types[index] if layer_types else None

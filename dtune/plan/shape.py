@@ -1,5 +1,6 @@
 """The model's shape without its weights: its module tree on the meta device, and the bytes of its parameters as a
-QLoRA run holds them (4-bit packed base with double-quantization constants, the rest upcast, the adapters)."""
+QLoRA run holds them (4-bit packed base with double-quantization constants, the rest in the compute dtype, the
+adapters)."""
 
 from __future__ import annotations
 
@@ -74,23 +75,33 @@ def adapted(cfg: DtuneConfig, model: nn.Module) -> tuple[int, LoraConfig | None]
     return known[key]
 
 
-def _quantized_bytes(numel: int, double_quant: bool) -> int:
+def _quantized_bytes(numel: int, double_quant: bool) -> tuple[int, int]:
+    """Bytes of a 4-bit weight of ``numel`` elements: (packed nibbles, quantization constants)."""
     packed = math.ceil(numel / 2)
     blocks = math.ceil(numel / BLOCK)
     if double_quant:  # uint8 absmax per block, fp32 absmax per 256 of them, two 256-entry code tables
-        return packed + blocks + 4 * math.ceil(blocks / 256) + 2 * 1024
-    return packed + 4 * blocks
+        return packed, blocks + 4 * math.ceil(blocks / 256) + 2 * 1024
+    return packed, 4 * blocks
 
 
 def parameter_bytes(cfg: DtuneConfig, model: nn.Module) -> dict[str, int]:
-    """Bytes of the 4-bit packed base, of the other base parameters, and the adapters' parameter count (what PEFT
-    trains: :func:`adapted`)."""
+    """Bytes of the 4-bit packed base (``base_4bit``, of which ``base_4bit_constants`` are its quantization constants:
+    no parameters, so FSDP2 neither shards nor offloads them), of the other base parameters, and the adapters'
+    parameter count (what PEFT trains: :func:`adapted`)."""
     head = model.get_output_embeddings()
     quantize = cfg.quant.quant_type != "none"
-    # prepare_model_for_kbit_training upcasts a 4-bit base's other parameters to fp32; a 16-bit base stays as loaded.
-    other_bytes = 4 if quantize or cfg.train.precision == "fp32" else 2
+    # The frozen base stays as loaded, in the compute dtype (dtune.model.freeze_as_trained).
+    other_bytes = 4 if cfg.train.precision == "fp32" else 2
     n_lora = adapted(cfg, model)[0]
-    out = {"base_4bit": 0, "base_other": 0, "lora_params": n_lora, "largest_linear": 0, "layer_base": 0, "root_numel": 0}
+    out = {
+        "base_4bit": 0,
+        "base_4bit_constants": 0,
+        "base_other": 0,
+        "lora_params": n_lora,
+        "largest_linear": 0,
+        "layer_base": 0,
+        "root_numel": 0,
+    }
     seen: set[int] = set()
     layers = decoder_layers(model)
     first_layer = {id(p) for p in layers[0].parameters()} if layers else set()
@@ -99,8 +110,10 @@ def parameter_bytes(cfg: DtuneConfig, model: nn.Module) -> dict[str, int]:
         if isinstance(module, nn.Linear):
             numel = module.in_features * module.out_features
             if quantize and module is not head:
-                size = _quantized_bytes(numel, cfg.quant.double_quant)
+                packed, constants = _quantized_bytes(numel, cfg.quant.double_quant)
+                size = packed + constants
                 out["base_4bit"] += size
+                out["base_4bit_constants"] += constants
                 out["largest_linear"] = max(out["largest_linear"], numel)
                 if id(module.weight) in first_layer:
                     out["layer_base"] += size
