@@ -95,7 +95,7 @@ def test_family_renders_trains_merges_and_generates(family_dir, family, tmp_path
     trained = locate(out)
     model = load_trained(trained, torch.device("cpu"))
     renderer = Renderer(AutoTokenizer.from_pretrained(out / "adapter"), trained.cfg.data)
-    answers = generate(model, renderer, ["Pick a colour."], max_new_tokens=4)
+    answers = generate(model, renderer, ["Pick a colour."], max_new_tokens=4, precision=trained.cfg.train.precision)
     assert len(answers) == 1 and isinstance(answers[0], str)
 
 

@@ -21,6 +21,7 @@ from dtune.data.formats import row_from_obj
 from dtune.data.render import Renderer
 from dtune.errors import DataError, user_errors
 from dtune.model import load_tokenizer
+from dtune.units import DTYPES
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -69,9 +70,12 @@ def generate(
     top_p: float = 1.0,
     system: str | None = None,
     stream: Any = None,
+    precision: str = "fp32",
 ) -> list[str]:
     """Answers to ``prompts`` (greedy when temperature is 0), each streamed to ``stream`` if given. ``renderer``:
-    dtune.data.Renderer of the run's tokenizer and data settings (the prompts are rendered as in training)."""
+    dtune.data.Renderer of the run's tokenizer and data settings (the prompts are rendered as in training).
+    ``precision``: the run's ``train.precision``; 16-bit runs generate under autocast, as training computed (the
+    residual stream is fp32, the frozen 16-bit layers take it cast)."""
     tokenizer = renderer.tok
     stop = end_of_turn(renderer)
     answers = []
@@ -86,7 +90,8 @@ def generate(
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
         if stop:
             sampling.update(stop_strings=[stop], tokenizer=tokenizer)
-        with torch.no_grad():
+        autocast = torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
+        with torch.no_grad(), autocast:
             out = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
@@ -137,7 +142,17 @@ def main(argv: list[str] | None = None) -> int:
             trained.cfg.data.chat_template = False
         renderer = Renderer(load_tokenizer(trained.cfg), trained.cfg.data)
         system = args.system if args.system is not None else trained.cfg.data.system_prompt
-        answers = generate(model, renderer, prompts, args.max_new_tokens, args.temperature, args.top_p, system, sys.stdout)
+        answers = generate(
+            model,
+            renderer,
+            prompts,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_p,
+            system,
+            sys.stdout,
+            trained.cfg.train.precision,
+        )
         if args.out:
             with open(args.out, "w") as f:
                 for prompt, answer in zip(prompts, answers, strict=True):
