@@ -171,7 +171,11 @@ def freeze_as_trained(cfg: DtuneConfig, base: nn.Module, checkpointing: bool = F
     and the checkpointing set-up (non-reentrant; the input-grad hook, as for a 16-bit base).
     """
     base.requires_grad_(False)
-    if cfg.quant.quant_type != "none" and cfg.train.precision != "fp32":
+    # DeepSpeed runs a 16-bit model without autocast (its bf16/fp16 mode casts the whole module): an fp32 residual
+    # would meet 16-bit weights in its ZeRO-3 linear. There the residual stays 16-bit, as under PEFT's upcast (which
+    # DeepSpeed's cast undid).
+    autocast = cfg.engine.strategy != "deepspeed"
+    if cfg.quant.quant_type != "none" and cfg.train.precision != "fp32" and autocast:
         embeddings = base.get_input_embeddings()
         if not getattr(embeddings, "_dtune_fp32_residual", False):
             embeddings.register_forward_hook(_residual_in_fp32)
