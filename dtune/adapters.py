@@ -191,17 +191,15 @@ def mutates_base(adapter: Path) -> bool:
 
 
 def load_frozen_base(trained: Trained, device: torch.device, allow_pickle: bool = False) -> nn.Module:
-    """The base alone, frozen as training froze it, in eval mode."""
-    model = freeze_as_trained(trained.cfg, load_base(trained, device, allow_pickle=allow_pickle))
-    pin_cpu_4bit_layout(model)
-    return model.eval()
+    """The base alone, frozen as training froze it, in eval mode (its 4-bit layout pinned by :func:`load_base`)."""
+    return freeze_as_trained(trained.cfg, load_base(trained, device, allow_pickle=allow_pickle)).eval()
 
 
 def load_trained(trained: Trained, device: torch.device, allow_pickle: bool = False) -> nn.Module:
     """Base (4-bit, frozen as trained) + adapter, ready for inference: it computes what training did."""
     from peft import PeftModel
 
-    base = freeze_as_trained(trained.cfg, load_base(trained, device, allow_pickle=allow_pickle))
+    base = load_frozen_base(trained, device, allow_pickle)
     check_compatible(trained.adapter_dir, base)
     model = PeftModel.from_pretrained(base, trained.adapter_dir, is_trainable=False)
     pin_cpu_4bit_layout(model)
