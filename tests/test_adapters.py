@@ -120,7 +120,7 @@ def test_loraplus_gives_b_matrices_the_higher_learning_rate():
         (["lora.init=olora"], "re-quantizes the residual"),
         (["lora.init=loftq", "quant=none"], "with quant=none there is none"),
         (["lora.init=loftq", "lora.use_dora=true"], "DoRA took its magnitudes"),
-        (["lora.init=gaussian", "lora.init=pissa", "quant=none", "engine=zero3"], "ZeRO-3 partitions them"),
+        (["lora.init=pissa", "quant=none", "engine=zero3"], "ZeRO-3 partitions them"),
         (["lora.init=svd"], "lora.init: must be one of"),
         (["+lora.rank_pattern={q_proj:0}"], "lora.rank_pattern: q_proj: must be > 0"),
         (["lora.layers_to_transform=[-1]"], "lora.layers_to_transform"),
@@ -217,7 +217,7 @@ def test_fused_kernels_hand_dora_to_peft_and_fuse_rslora():
             "optim.loraplus_lr_ratio=16",
         ],
         ["lora.init=pissa", "quant=none"],
-        ["lora.init=olora", "quant=none", "lora.init=olora"],
+        ["lora.init=olora", "quant=none"],
     ],
     ids=["dora-rslora-patterns-lm_head-loraplus", "pissa", "olora"],
 )
