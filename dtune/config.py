@@ -26,7 +26,6 @@ from dtune.distributed.env import job_dir_name, rank_suffix
 from dtune.errors import ConfigError
 from dtune.schema import (
     BEST_METRICS,
-    DEFAULT_MAX_STEPS,
     ENGINES,
     KERNELS,
     LORA_INITS,
@@ -149,8 +148,8 @@ def validate(cfg: DtuneConfig) -> None:
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         e.append(f"optim.min_lr_ratio: must be in [0, 1]; got {cfg.optim.min_lr_ratio}")
     _one_of(e, "optim.schedule", cfg.optim.schedule, SCHEDULES)
-    steps = cfg.train.max_steps or DEFAULT_MAX_STEPS  # with train.epochs, checked once the data is known (RunLength)
-    if cfg.train.epochs is None and cfg.optim.warmup_steps > steps:
+    steps = cfg.train.max_steps  # in epochs (given or the default), checked once the data is known (RunLength)
+    if steps is not None and cfg.optim.warmup_steps > steps:
         e.append(f"optim.warmup_steps: {cfg.optim.warmup_steps} exceeds train.max_steps ({steps})")
 
     _positive(e, "lora.r", cfg.lora.r)

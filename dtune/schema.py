@@ -17,8 +17,8 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 OVERLONG = ("truncate", "drop", "error")
 LORA_INITS = ("default", "gaussian", "loftq", "pissa", "olora")
 BEST_METRICS = ("loss", "accuracy")
-DEFAULT_MAX_STEPS = 20
-"""The run length when neither train.max_steps nor train.epochs is set."""
+DEFAULT_EPOCHS = 1.0
+"""The run length when neither train.max_steps nor train.epochs is set: one pass over the training samples."""
 
 
 @dataclass
@@ -236,18 +236,18 @@ class TrainConfig:
     seed: int = 0
     """Seed of model init (adapters), dropout and data order."""
     max_steps: int | None = None
-    """Optimizer steps to run; null: from train.epochs (with both null: 20). Set one of the two."""
+    """Optimizer steps to run; null: from train.epochs (with both null: one epoch). Set one of the two."""
     epochs: float | None = None
     """Passes over the training samples instead of max_steps (fractions allowed): max_steps = ceil(epochs x steps per
     epoch), an epoch being the sampler's full steps (training rows -- packed rows with data.packing -- // (micro_batch_size
-    x grad_accum_steps x ranks); the ragged tail is dropped). null: train.max_steps decides."""
+    x grad_accum_steps x ranks); the ragged tail is dropped). null: train.max_steps decides (both null: one epoch)."""
     micro_batch_size: int = 8
     """Samples per forward/backward on one process."""
     grad_accum_steps: int = 2
     """Micro-batches accumulated per optimizer step."""
     precision: str = "bf16"
     """Compute dtype of the base and autocast: bf16, fp16 or fp32. Adapters stay in fp32."""
-    eval_every: int = 10
+    eval_every: int = 18
     """Evaluate every this many steps (0: only before and after training)."""
     eval_batch_size: int = 16
     """Samples per evaluation forward."""

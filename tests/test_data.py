@@ -156,6 +156,33 @@ def test_ranks_split_each_step_like_accumulation_on_one_rank(tokenizer):
         assert ids(next(one)) == ids(next(ranks[0])) + ids(next(ranks[1]))
 
 
+def test_micro_batches_of_a_step_are_grouped_by_length(tokenizer):
+    """A step's samples are those of the seeded order, regrouped shortest first into micro-batches that the ranks
+    take in turn: less padding than the order's own micro-batches, the same step on 1 rank or 2."""
+    from dtune.data import Row, StepSampler
+
+    renderer = Renderer(tokenizer, DataConfig(choices=None))
+    examples = [renderer(Row.single("word " * (i * 7 % 23), str(i), f"x:{i}")) for i in range(48)]
+
+    def rows(batch) -> list[tuple[int, ...]]:
+        return [tuple(r[: int(m.sum())]) for r, m in zip(batch["input_ids"].tolist(), batch["attention_mask"])]
+
+    one = StepSampler(examples, 4, 4, seed=1, pad_id=0)
+    ranks = [StepSampler(examples, 4, 2, seed=1, pad_id=0, rank=r, world_size=2) for r in range(2)]
+    padded = unsorted = 0
+    for index in range(3):
+        order = one.order(0)[index * 16 : (index + 1) * 16]
+        micro = next(one)
+        assert sorted(r for b in micro for r in rows(b)) == sorted(tuple(examples[i].input_ids) for i in order)
+        widths = [b["input_ids"].shape[1] for b in micro]
+        assert widths == sorted(widths)
+        padded += sum(b["input_ids"].numel() for b in micro)
+        unsorted += sum(4 * max(len(examples[i].input_ids) for i in order[j : j + 4]) for j in range(0, 16, 4))
+        r0, r1 = next(ranks[0]), next(ranks[1])
+        assert [rows(b) for b in (r0[0], r1[0], r0[1], r1[1])] == [rows(b) for b in micro]
+    assert padded < unsorted
+
+
 def test_sampler_resumes_with_the_next_step_on_another_world_size(tokenizer):
     """The position is state: resume after step k gives step k+1 (not step 1 again), also from 2 ranks to 1."""
     from dtune.data import Row, StepSampler

@@ -58,10 +58,15 @@ def test_run_length_without_epochs_and_its_refusals():
     cfg = compose_config(["train.max_steps=10"])
     assert RunLength.of(cfg, 4).max_steps == 10 and RunLength.of(cfg, 4).epochs == 2.5
     neither = compose_config(["train.max_steps=null"])
-    assert RunLength.of(neither, 4).max_steps == 20  # the default job's length
+    assert RunLength.of(neither, 4).max_steps == 4  # one epoch: the default job's length
+    assert RunLength.of(neither, 4).source == "train.epochs (default 1)"
     short = compose_config(["train.max_steps=null", "train.epochs=1", "optim.warmup_steps=5"])
     with pytest.raises(ConfigError, match=r"optim\.warmup_steps: 5 exceeds the 4 steps of train\.epochs=1"):
         RunLength.of(short, 4)
+    with pytest.raises(ConfigError, match=r"optim\.warmup_steps: 100 exceeds the 4 steps of train\.epochs \(default 1\)"):
+        RunLength.of(compose_config(["train.max_steps=null", "optim.warmup_steps=100"]), 4)
+    with pytest.raises(ConfigError, match=r"optim\.warmup_steps: 100 exceeds train\.max_steps \(20\)"):  # known at start
+        validate(compose_config(["train.max_steps=20", "optim.warmup_steps=100"]))
 
 
 @pytest.mark.parametrize(

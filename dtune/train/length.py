@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 
 from dtune.errors import ConfigError
-from dtune.schema import DEFAULT_MAX_STEPS, DtuneConfig
+from dtune.schema import DEFAULT_EPOCHS, DtuneConfig
 
 
 @dataclass(frozen=True)
@@ -34,14 +34,14 @@ class RunLength:
         :func:`dtune.config.validate` makes for a given max_steps).
         """
         train = cfg.train
-        if train.epochs is not None:
-            # Rounded to 9 places first: 0.3 x 10 is 3.0000000000000004 in floats, and means 3 steps.
-            steps = max(1, math.ceil(round(train.epochs * steps_per_epoch, 9)))
-            length = cls(steps, steps_per_epoch, f"train.epochs={train.epochs:g}")
-        elif train.max_steps is not None:
+        if train.max_steps is not None:
             length = cls(train.max_steps, steps_per_epoch, f"train.max_steps={train.max_steps}")
         else:
-            length = cls(DEFAULT_MAX_STEPS, steps_per_epoch, f"train.max_steps (default {DEFAULT_MAX_STEPS})")
+            epochs = train.epochs if train.epochs is not None else DEFAULT_EPOCHS
+            # Rounded to 9 places first: 0.3 x 10 is 3.0000000000000004 in floats, and means 3 steps.
+            steps = max(1, math.ceil(round(epochs * steps_per_epoch, 9)))
+            source = f"train.epochs={epochs:g}" if train.epochs is not None else f"train.epochs (default {DEFAULT_EPOCHS:g})"
+            length = cls(steps, steps_per_epoch, source)
         if cfg.optim.warmup_steps > length.max_steps:
             raise ConfigError(
                 f"optim.warmup_steps: {cfg.optim.warmup_steps} exceeds the {length.max_steps} steps of {length.source}"
