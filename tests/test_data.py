@@ -165,7 +165,7 @@ def test_micro_batches_of_a_step_are_grouped_by_length(tokenizer):
     examples = [renderer(Row.single("word " * (i * 7 % 23), str(i), f"x:{i}")) for i in range(48)]
 
     def rows(batch) -> list[tuple[int, ...]]:
-        return [tuple(r[: int(m.sum())]) for r, m in zip(batch["input_ids"].tolist(), batch["attention_mask"])]
+        return [tuple(r[: int(m.sum())]) for r, m in zip(batch["input_ids"].tolist(), batch["attention_mask"], strict=True)]
 
     one = StepSampler(examples, 4, 4, seed=1, pad_id=0)
     ranks = [StepSampler(examples, 4, 2, seed=1, pad_id=0, rank=r, world_size=2) for r in range(2)]
