@@ -83,6 +83,7 @@ def dtune_overrides(args: argparse.Namespace, corpus: Path) -> list[str]:
         "data.overlong=truncate",
         "data.eval_size=8",
         "data.train_size=null",
+        "model.gradient_checkpointing=true",  # as the HF Trainer side (the default model group turns it off)
         f"train.micro_batch_size={args.micro}",
         "train.grad_accum_steps=1",
         f"train.max_steps={args.steps}",

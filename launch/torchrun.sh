@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch dtune on this node under torchrun; run the same command on every node of a multi-node job.
 #
-#   launch/torchrun.sh engine=zero3 model.name_or_path=/models/llama-8b            # one node, all its GPUs
+#   launch/torchrun.sh engine=zero3 model.name_or_path=/models/llama-8b model.gradient_checkpointing=true  # one node, all its GPUs
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh engine=fsdp2 ...      # on node0
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launch/torchrun.sh engine=fsdp2 ...      # on node1
 #

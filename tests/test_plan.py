@@ -17,6 +17,9 @@ from dtune.units import GiB, parse_bytes
 from tests.families import FAMILIES
 from tests.helpers import ENV, SMOKE, compose_config
 
+# Big models on the default model group, which turns gradient checkpointing off for its 135M model: set it back on
+# as a user of an 8B or 70B would (the README's and sbatch scripts' examples do).
+BIG = ["logger=none", "model.gradient_checkpointing=true"]
 LLAMA_8B = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -110,7 +113,7 @@ def test_fsdp2_offload_is_planned_and_proposed_for_a_70b_on_two_24gb_gpus(tmp_pa
 
     monkeypatch.setattr(memory, "probe_activations", lambda *a: {"saved_per_token": 2e5, "backward_peak_per_token": 4e5})
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))
-    base = ["logger=none", f"model.name_or_path={tmp_path}", "data.max_seq_len=512", "train.micro_batch_size=2"]
+    base = [*BIG, f"model.name_or_path={tmp_path}", "data.max_seq_len=512", "train.micro_batch_size=2"]
     shape = skeleton(compose_config(base))
     fsdp2 = make_plan(compose_config([*base, "engine=fsdp2"]), world_size=2, shape=shape)
     offload = make_plan(compose_config([*base, "engine=fsdp2_offload"]), world_size=2, shape=shape)
@@ -140,7 +143,7 @@ def llama_8b(tmp_path: Path) -> Path:
 
 @pytest.mark.integration  # probes an 8B-sized decoder layer on the CPU: about a minute
 def test_an_8b_plan_from_its_config_alone(llama_8b: Path):
-    base = ["logger=none", f"model.name_or_path={llama_8b}", "data.max_seq_len=2048", "train.micro_batch_size=4"]
+    base = [*BIG, f"model.name_or_path={llama_8b}", "data.max_seq_len=2048", "train.micro_batch_size=4"]
     one = make_plan(compose_config(base), world_size=1)
     packed = one.components["base (packed 4-bit + constants)"]
     linear = 32 * (4096 * (4096 + 1024 + 1024 + 4096) + 3 * 4096 * 14336)  # all decoder linears, head excluded

@@ -63,7 +63,10 @@ VALIDATION_GRID = (
         "tiny, no checkpointing",
         ["model=tiny_llama", "train.micro_batch_size=4", "data.max_seq_len=512", "model.gradient_checkpointing=false"],
     ),
-    ("SmolLM2-135M", ["model=smollm2_135m", "train.micro_batch_size=2", "data.max_seq_len=256"]),
+    (
+        "SmolLM2-135M",
+        ["model=smollm2_135m", "model.gradient_checkpointing=true", "train.micro_batch_size=2", "data.max_seq_len=256"],
+    ),
     (
         "SmolLM2-135M, no ckpt, all tokens",
         [
@@ -76,13 +79,35 @@ VALIDATION_GRID = (
     ),
     (
         "SmolLM2-135M, attn LoRA r64",
-        ["model=smollm2_135m", "train.micro_batch_size=4", "data.max_seq_len=128", "lora=attn_only", "lora.r=64"],
+        [
+            "model=smollm2_135m",
+            "model.gradient_checkpointing=true",
+            "train.micro_batch_size=4",
+            "data.max_seq_len=128",
+            "lora=attn_only",
+            "lora.r=64",
+        ],
     ),
     (
         "SmolLM2-135M, no double quant",
-        ["model=smollm2_135m", "train.micro_batch_size=8", "data.max_seq_len=64", "quant.double_quant=false"],
+        [
+            "model=smollm2_135m",
+            "model.gradient_checkpointing=true",
+            "train.micro_batch_size=8",
+            "data.max_seq_len=64",
+            "quant.double_quant=false",
+        ],
     ),
-    ("SmolLM2-135M, 16-bit base", ["model=smollm2_135m", "train.micro_batch_size=2", "data.max_seq_len=256", "quant=none"]),
+    (
+        "SmolLM2-135M, 16-bit base",
+        [
+            "model=smollm2_135m",
+            "model.gradient_checkpointing=true",
+            "train.micro_batch_size=2",
+            "data.max_seq_len=256",
+            "quant=none",
+        ],
+    ),
     (
         "tiny, 16-bit base, no ckpt",
         [
@@ -104,7 +129,12 @@ GPU_VALIDATION_SHAPES = (("1b", 4, 2048), ("3b", 2, 2048), ("8b", 2, 2048), ("8b
 def _shaped_row(size: str, micro: int, seq: int) -> tuple[str, list[str]]:
     return (
         f"Llama-{size.upper()}-shaped, {micro}x{seq}",
-        [f"model.name_or_path=builtin:shape-llama-{size}", f"train.micro_batch_size={micro}", f"data.max_seq_len={seq}"],
+        [
+            f"model.name_or_path=builtin:shape-llama-{size}",
+            "model.gradient_checkpointing=true",
+            f"train.micro_batch_size={micro}",
+            f"data.max_seq_len={seq}",
+        ],
     )
 
 
