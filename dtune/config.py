@@ -148,7 +148,7 @@ def validate(cfg: DtuneConfig) -> None:
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         e.append(f"optim.min_lr_ratio: must be in [0, 1]; got {cfg.optim.min_lr_ratio}")
     _one_of(e, "optim.schedule", cfg.optim.schedule, SCHEDULES)
-    steps = cfg.train.max_steps  # in epochs (given or the default), checked once the data is known (RunLength)
+    steps = cfg.train.max_steps  # a length in epochs (given, or the default) is checked once the data is known
     if steps is not None and cfg.optim.warmup_steps > steps:
         e.append(f"optim.warmup_steps: {cfg.optim.warmup_steps} exceeds train.max_steps ({steps})")
 

@@ -44,8 +44,9 @@ class StepSampler:
     gradient is the same (the loss is normalised by the step's tokens, not per micro-batch) but micro-batches hold
     samples of similar length, so less padding is computed (on the default job 11% of the tokens instead of 18%).
     A step sees the same micro-batches on any number of ranks (2 ranks x 1 micro-batch = 1 rank x 2 micro-batches).
-    The ragged tail of an epoch is dropped. The position (epoch, step in epoch) is state: :meth:`state_dict` / :meth:`load_state_dict` resume
-    with the next step, without replaying earlier ones, on any world size with the same global batch.
+    The ragged tail of an epoch is dropped. The position (epoch, step in epoch) is state: :meth:`state_dict` /
+    :meth:`load_state_dict` resume with the next step, without replaying earlier ones, on any world size with the
+    same global batch.
     """
 
     def __init__(
