@@ -42,7 +42,7 @@ class StepSampler:
     micro_batch_size * grad_accum_steps * world_size samples. Within the step they are grouped by length: sorted
     (shortest first, ties in order), cut into micro-batches, and micro-batch k goes to rank k % world_size. The
     gradient is the same (the loss is normalised by the step's tokens, not per micro-batch) but micro-batches hold
-    samples of similar length, so less padding is computed (on the default job 11% of the tokens instead of 18%).
+    samples of similar length, so less padding is computed (on the default job 11.5% of the tokens instead of 18.5%).
     A step sees the same micro-batches on any number of ranks (2 ranks x 1 micro-batch = 1 rank x 2 micro-batches).
     The ragged tail of an epoch is dropped. The position (epoch, step in epoch) is state: :meth:`state_dict` /
     :meth:`load_state_dict` resume with the next step, without replaying earlier ones, on any world size with the
