@@ -56,6 +56,9 @@ def measure(cfg: DtuneConfig, steps: int = 2) -> dict[str, int]:
     return {"measured (live tensors, CPU)": live.peak}
 
 
+# SmolLM2 with checkpointing, as a bigger model would train (its model group turns it off for the 135M default job).
+SMOLLM2_CKPT = ["model=smollm2_135m", "model.gradient_checkpointing=true"]
+
 # Configs the validation benchmark runs (dtune plan --validate): small enough for a CPU, spanning what the plan models.
 VALIDATION_GRID = (
     ("tiny, fp32", ["model=tiny_llama", "train.micro_batch_size=8", "data.max_seq_len=256", "train.precision=fp32"]),
@@ -63,10 +66,7 @@ VALIDATION_GRID = (
         "tiny, no checkpointing",
         ["model=tiny_llama", "train.micro_batch_size=4", "data.max_seq_len=512", "model.gradient_checkpointing=false"],
     ),
-    (
-        "SmolLM2-135M",
-        ["model=smollm2_135m", "model.gradient_checkpointing=true", "train.micro_batch_size=2", "data.max_seq_len=256"],
-    ),
+    ("SmolLM2-135M", [*SMOLLM2_CKPT, "train.micro_batch_size=2", "data.max_seq_len=256"]),
     (
         "SmolLM2-135M, no ckpt, all tokens",
         [
@@ -79,34 +79,15 @@ VALIDATION_GRID = (
     ),
     (
         "SmolLM2-135M, attn LoRA r64",
-        [
-            "model=smollm2_135m",
-            "model.gradient_checkpointing=true",
-            "train.micro_batch_size=4",
-            "data.max_seq_len=128",
-            "lora=attn_only",
-            "lora.r=64",
-        ],
+        [*SMOLLM2_CKPT, "train.micro_batch_size=4", "data.max_seq_len=128", "lora=attn_only", "lora.r=64"],
     ),
     (
         "SmolLM2-135M, no double quant",
-        [
-            "model=smollm2_135m",
-            "model.gradient_checkpointing=true",
-            "train.micro_batch_size=8",
-            "data.max_seq_len=64",
-            "quant.double_quant=false",
-        ],
+        [*SMOLLM2_CKPT, "train.micro_batch_size=8", "data.max_seq_len=64", "quant.double_quant=false"],
     ),
     (
         "SmolLM2-135M, 16-bit base",
-        [
-            "model=smollm2_135m",
-            "model.gradient_checkpointing=true",
-            "train.micro_batch_size=2",
-            "data.max_seq_len=256",
-            "quant=none",
-        ],
+        [*SMOLLM2_CKPT, "train.micro_batch_size=2", "data.max_seq_len=256", "quant=none"],
     ),
     (
         "tiny, 16-bit base, no ckpt",
