@@ -202,6 +202,7 @@ def validate(cfg: DtuneConfig) -> None:
     _positive(e, "train.loss_chunk_tokens", cfg.train.loss_chunk_tokens, allow_zero=True)
 
     _positive(e, "data.max_seq_len", cfg.data.max_seq_len)
+    _positive(e, "data.num_proc", cfg.data.num_proc)
     _positive(e, "data.eval_size", cfg.data.eval_size, allow_zero=True)
     _positive(e, "data.train_size", cfg.data.train_size)
     _one_of(e, "data.overlong", cfg.data.overlong, OVERLONG)

@@ -79,7 +79,15 @@ class DataConfig:
     bad_rows: str = "error"
     """A malformed record: error (stop, naming file and line) or skip (count it, warn, go on)."""
     cache: bool = True
-    """Cache the tokenized data under dtune's cache dir, keyed by data, tokenizer and settings."""
+    """Cache the tokenized data under dtune's cache dir, keyed by data, tokenizer and settings. Without the cache
+    every rank tokenizes on its own (in memory)."""
+    num_proc: int | None = None
+    """Processes tokenizing on each node (``datasets``' map ``num_proc``); null: the node's cores divided by the ranks
+    on the node. Small sets (under 2,000 rows per process) use fewer."""
+    streaming: bool = False
+    """Stream the training rows from the source files instead of tokenizing them all before training (corpora larger
+    than memory or disk budget): tokenized on the fly by worker processes, split across ranks, resumable; needs
+    train.max_steps."""
     chat_template: bool = True
     """Render rows with the tokenizer's chat template (ChatML if it has none); false: plain prompt + completion."""
     system_prompt: str | None = None
