@@ -89,12 +89,12 @@ def test_tokenized_data_is_cached_and_rebuilt_when_inputs_change(tmp_path: Path,
     src = write_jsonl(tmp_path / "d.jsonl", records("d", 30))
     cfg = DataConfig(source=str(src), eval_size=5, choices=None)
     first = data.load_data(cfg, tokenizer)
-    assert len(list((tmp_path / "cache" / "data").glob("*.json"))) == 1
+    assert len(list((tmp_path / "cache" / "data").glob("*/stats.json"))) == 1
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("tokenized again although the cache holds this data")
 
-    monkeypatch.setattr(data, "split_rows", no_tokenizing)
+    monkeypatch.setattr(data, "_tokenize", no_tokenizing)
     again = data.load_data(cfg, tokenizer)
     assert [e.input_ids for e in again[0]] == [e.input_ids for e in first[0]]
     assert [e.labels for e in again[1]] == [e.labels for e in first[1]]
@@ -106,7 +106,8 @@ def test_tokenized_data_is_cached_and_rebuilt_when_inputs_change(tmp_path: Path,
     changed = data.load_data(cfg, tokenizer)
     assert changed[0][0].input_ids != first[0][0].input_ids
     data.load_data(DataConfig(source=str(src), eval_size=6, choices=None), tokenizer)  # new settings: a new key
-    assert len(list((tmp_path / "cache" / "data").glob("*.json"))) == 3
+    assert len(list((tmp_path / "cache" / "data").glob("*/stats.json"))) == 3
+    assert not list((tmp_path / "cache" / "data").glob("*.tmp-*"))  # no build folder left behind
 
 
 def test_bad_rows_skip_counts_and_warns(tmp_path: Path, tokenizer, caplog, monkeypatch):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -51,7 +51,7 @@ class StepSampler:
 
     def __init__(
         self,
-        examples: list[Example],
+        examples: Sequence[Example],
         micro_batch_size: int,
         grad_accum_steps: int,
         seed: int,
@@ -68,6 +68,8 @@ class StepSampler:
                 f"train.micro_batch_size: {micro_batch_size} x train.grad_accum_steps {grad_accum_steps} x {world_size} "
                 f"ranks needs {self.per_step} samples per step; there are {len(examples)} training samples"
             )
+        lengths = getattr(examples, "lengths", None)
+        self.lengths = [len(e.input_ids) for e in examples] if lengths is None else lengths.tolist()
         self.epoch, self.index = 0, 0
         self._order: tuple[int, list[int]] | None = None
 
@@ -96,7 +98,7 @@ class StepSampler:
         if (self.index + 1) * self.per_step > len(self.examples):
             self.epoch, self.index = self.epoch + 1, 0
         start = self.index * self.per_step
-        step = sorted(self.order(self.epoch)[start : start + self.per_step], key=lambda i: len(self.examples[i].input_ids))
+        step = sorted(self.order(self.epoch)[start : start + self.per_step], key=self.lengths.__getitem__)
         self.index += 1
         micro = [step[j : j + self.micro] for j in range(0, self.per_step, self.micro)]
         return [collate([self.examples[i] for i in m], self.pad_id) for m in micro[self.rank :: self.world_size]]

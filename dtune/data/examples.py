@@ -3,7 +3,11 @@ counts gathered while making them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, overload
+
+import numpy as np
 
 IGNORE = -100  # label of a position that carries no loss
 
@@ -31,5 +35,80 @@ class DataStats:
     dropped: int = 0
     packed_rows: int = 0
     skipped: int = 0
+    first_bad: str = ""
+    """The first bad row's error (data.bad_rows=skip)."""
     ignored_keys: str = ""
     """Record keys the format does not read, with counts (warned about on every load, cached or not)."""
+    tokens: int = 0
+    """Tokens of the training samples (before packing; padding not counted)."""
+    trained_tokens: int = 0
+    """Of those, the tokens that carry loss (labels not IGNORE, the first of each sample excluded)."""
+    pack_fill: float = 0.0
+    """With packing: the training tokens over the room of the packed rows (1.0: no padding in any row)."""
+    cache_bytes: int = 0
+    """Size of the tokenized data on disk (0 without the cache)."""
+    tokenize_seconds: float = 0.0
+    """Wall time of the tokenization that built the cache (0 when another run built it)."""
+    num_proc: int = 0
+    """Processes that tokenized."""
+
+
+class TokenizedSet:
+    """Examples held in an Arrow table (memory-mapped from dtune's data cache, or in memory), read one at a time: a
+    rank holds only the offsets and the examples of the current step, whatever the size of the set.
+
+    Columns: ``input_ids`` and ``labels`` (lists of int32), ``prompt_len``, and with ``data.choices`` ``choice_ids``
+    and ``gold``. With ``packs`` (CSR ``offsets`` [rows + 1], ``members`` [samples], see
+    :func:`dtune.data.packing.pack_bins`) item r is packed row r. A sequence: ``len``, indexing (an :class:`Example`;
+    a slice gives a list), iteration; ``lengths`` [items] holds each item's tokens (int64) without reading them.
+    """
+
+    def __init__(self, table: Any, packs: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        import pyarrow.compute as pc
+
+        self.table = table  # a datasets.table.Table (fast_slice) over pyarrow
+        self.packs = packs
+        column = table.table.column("input_ids") if hasattr(table, "table") else table.column("input_ids")
+        sample_lengths = pc.list_value_length(column).to_numpy().astype(np.int64) if len(column) else np.zeros(0, np.int64)
+        if packs is None:
+            self.lengths = sample_lengths
+        else:
+            offsets, members = packs
+            sums = np.concatenate([[0], np.cumsum(sample_lengths[members])])
+            self.lengths = sums[offsets[1:]] - sums[offsets[:-1]]
+        self.choices = "choice_ids" in table.column_names
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def sample(self, i: int) -> Example:
+        """Sample ``i`` of the table (not a packed row)."""
+        row = self.table.fast_slice(int(i), 1)
+        ids = row.column("input_ids").chunk(0).flatten().to_numpy().tolist()
+        labels = row.column("labels").chunk(0).flatten().to_numpy().tolist()
+        ex = Example(ids, labels, int(row.column("prompt_len")[0].as_py()))
+        if self.choices:
+            ex.choice_ids = row.column("choice_ids")[0].as_py()
+            ex.gold = int(row.column("gold")[0].as_py())
+        return ex
+
+    @overload
+    def __getitem__(self, i: int) -> Example: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Example]: ...
+    def __getitem__(self, i: int | slice) -> Example | list[Example]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} examples")
+        i = int(i) % len(self)
+        if self.packs is None:
+            return self.sample(i)
+        from dtune.data.packing import packed_example
+
+        offsets, members = self.packs
+        return packed_example([self.sample(j) for j in members[offsets[i] : offsets[i + 1]]])
+
+    def __iter__(self) -> Iterator[Example]:
+        for i in range(len(self)):
+            yield self[i]

@@ -7,12 +7,16 @@ import bz2
 import csv
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from dtune.assets import BUILTIN_PREFIX, package_dir
 from dtune.data.formats import Row, UnknownKeys, row_from_obj
 from dtune.errors import DataError
 from dtune.schema import DataConfig
+
+T = TypeVar("T")
 
 
 class BadRows:
@@ -178,7 +182,7 @@ def load_rows(source: str, field_name: str, fmt: str = "prompt_completion", bad:
     return read_source(source, field_name, fmt, bad)
 
 
-def _hold_out(rows: list[Row], cfg: DataConfig, what: str) -> tuple[list[Row], list[Row]]:
+def _hold_out(rows: list[T], cfg: DataConfig, what: str) -> tuple[list[T], list[T]]:
     """(train, eval): the first rows of an already shuffled list go to evaluation."""
     n = round(cfg.eval_fraction * len(rows)) if cfg.eval_fraction is not None else cfg.eval_size
     if n == 0 and cfg.eval_fraction is not None:
@@ -188,7 +192,7 @@ def _hold_out(rows: list[Row], cfg: DataConfig, what: str) -> tuple[list[Row], l
     return rows[n:], rows[:n]
 
 
-def _mixed(cfg: DataConfig, bad: BadRows) -> tuple[list[Row], list[Row]]:
+def _mixed(cfg: DataConfig, load: Callable[[str, str, str], list[T]]) -> tuple[list[T], list[T]]:
     """data.mix: each source shuffled and split on its own; training rows drawn so that source i makes up
     weight_i / sum(weights) of them (sources repeat when their share exceeds their size)."""
     rng = random.Random(cfg.seed)
@@ -196,24 +200,25 @@ def _mixed(cfg: DataConfig, bad: BadRows) -> tuple[list[Row], list[Row]]:
     for i, src in enumerate(cfg.mix):
         if src.weight <= 0:
             raise DataError(f"data.mix[{i}].weight: must be > 0; got {src.weight}")
-        rows = load_rows(src.path, f"data.mix[{i}].path", src.format or cfg.format, bad)
+        rows = load(src.path, f"data.mix[{i}].path", src.format or cfg.format)
         rng.shuffle(rows)
         if cfg.eval_source is None:
             rows, held = _hold_out(rows, cfg, src.path) if cfg.eval_fraction is not None else (rows, [])
             evals += held
         parts.append(rows)
     if cfg.eval_source is None and cfg.eval_fraction is None:  # a fixed count, drawn from all sources
-        pooled = [r for rows in parts for r in rows]
+        pooled = [(i, j) for i, rows in enumerate(parts) for j in range(len(rows))]
         rng.shuffle(pooled)
-        pooled_train, evals = _hold_out(pooled, cfg, "data.mix")
-        keep = {id(r) for r in pooled_train}
-        parts = [[r for r in rows if id(r) in keep] for rows in parts]
+        pooled_train, held = _hold_out(pooled, cfg, "data.mix")
+        evals = [parts[i][j] for i, j in held]
+        keep = set(pooled_train)
+        parts = [[r for j, r in enumerate(rows) if (i, j) in keep] for i, rows in enumerate(parts)]
     for src, rows in zip(cfg.mix, parts, strict=True):
         if not rows:
             raise DataError(f"data.mix: every row of {src.path} went to evaluation; hold out fewer (data.eval_size)")
     total = cfg.train_size or sum(len(rows) for rows in parts)
     weights = sum(src.weight for src in cfg.mix)
-    train: list[Row] = []
+    train: list[T] = []
     for src, rows in zip(cfg.mix, parts, strict=True):
         want = round(total * src.weight / weights)
         train += [rows[j % len(rows)] for j in range(want)]
@@ -221,19 +226,27 @@ def _mixed(cfg: DataConfig, bad: BadRows) -> tuple[list[Row], list[Row]]:
     return train, evals
 
 
-def split_rows(cfg: DataConfig, bad: BadRows | None = None) -> tuple[list[Row], list[Row]]:
-    """(train, eval) rows. Eval: ``eval_source``, else ``eval_fraction`` or ``eval_size`` rows held out of the
-    shuffled source(s). Built-in sources come in a fixed balanced order and are not shuffled."""
-    bad = bad or BadRows(cfg.bad_rows)
+def split(cfg: DataConfig, load: Callable[[str, str, str], list[T]]) -> tuple[list[T], list[T]]:
+    """(train, eval) items, whatever an item is (a Row, or a reference to a record): ``load(source, field name,
+    format)`` gives a source's items in file order. Eval: ``eval_source``, else ``eval_fraction`` or ``eval_size``
+    items held out of the shuffled source(s). Built-in sources come in a fixed balanced order and are not
+    shuffled. ``train_size`` keeps the first training items."""
     if cfg.mix:
-        train, evals = _mixed(cfg, bad)
+        train, evals = _mixed(cfg, load)
     else:
-        rows = load_rows(cfg.source, "data.source", cfg.format, bad)
+        rows = load(cfg.source, "data.source", cfg.format)
         if not cfg.source.startswith(BUILTIN_PREFIX):
             random.Random(cfg.seed).shuffle(rows)
         train, evals = (rows, []) if cfg.eval_source is not None else _hold_out(rows, cfg, cfg.source)
     if cfg.eval_source is not None:
-        evals = load_rows(cfg.eval_source, "data.eval_source", cfg.format, bad)
+        evals = load(cfg.eval_source, "data.eval_source", cfg.format)
     if cfg.train_size is not None:
         train = train[: cfg.train_size]
     return train, evals
+
+
+def split_rows(cfg: DataConfig, bad: BadRows | None = None) -> tuple[list[Row], list[Row]]:
+    """(train, eval) Rows, read whole into memory (see :func:`split`; the cached pipeline, dtune.data.load, reads
+    records by number instead)."""
+    bad = bad or BadRows(cfg.bad_rows)
+    return split(cfg, lambda source, field_name, fmt: load_rows(source, field_name, fmt, bad))

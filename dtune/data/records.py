@@ -1,0 +1,146 @@
+"""Records of a data source fetched by number, in any process: what the tokenizing processes read.
+
+A JSONL file is indexed once (the byte range and line number of every non-blank line, found with numpy in a few
+seconds per GB) and its lines read on demand; a Parquet file is read a row group at a time; a ``save_to_disk``
+folder is memory-mapped; a JSON array and the built-in sources are small and held whole. The parent process keeps
+only the index; each tokenizing process opens the files itself. Errors name the file and line (or record), as
+:mod:`dtune.data.sources` does.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dtune.assets import BUILTIN_PREFIX
+from dtune.data.formats import Row, UnknownKeys, row_from_obj
+from dtune.data.sources import BUILTIN_SOURCES, _jsonl_record, _records
+from dtune.errors import DataError
+
+CHUNK = 1 << 26  # bytes scanned at a time while indexing a JSONL file
+
+
+def jsonl_index(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(byte ranges [lines, 2] int64, line numbers [lines] int64, 1-based) of the lines of ``path`` that hold more
+    than ASCII whitespace. Reads the file in chunks of 64 MiB; memory stays at a few bytes per line."""
+    size = path.stat().st_size
+    if size == 0:
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    chunks = range(0, size, CHUNK)
+    newlines = np.concatenate([np.flatnonzero(np.asarray(data[a : a + CHUNK]) == 10) + a for a in chunks])
+    begins = np.concatenate([[0], newlines + 1]).astype(np.int64)
+    ends = np.append(newlines, size).astype(np.int64)
+    if begins[-1] == size:  # the file ends with a newline
+        begins, ends = begins[:-1], ends[:-1]
+    solid = np.zeros(len(begins), np.int64)  # bytes other than whitespace, per line
+    for a in chunks:
+        chunk = np.asarray(data[a : a + CHUNK])
+        filled = ~((chunk == 32) | ((chunk >= 9) & (chunk <= 13)))
+        lo, hi = np.searchsorted(begins, [a, a + len(chunk)])
+        cuts, owners = begins[lo:hi] - a, np.arange(lo, hi)
+        if not len(cuts) or cuts[0] != 0:  # the chunk starts inside the line begun before it
+            cuts, owners = np.concatenate([[0], cuts]), np.concatenate([[lo - 1], owners])
+        solid[owners] += np.add.reduceat(filled.view(np.uint8), cuts, dtype=np.int64)
+    keep = solid > 0
+    return np.stack([begins[keep], ends[keep]], axis=1), np.arange(1, len(begins) + 1, dtype=np.int64)[keep]
+
+
+class Records:
+    """The records of one source. ``row(i)`` parses record ``i`` (a :class:`Row`, or None for a line that holds
+    only a byte-order mark); raises DataError naming the file and line. Picklable: files are opened lazily in the
+    process that reads them."""
+
+    def __init__(self, source: str, field_name: str, fmt: str) -> None:
+        self.source, self.field_name, self.fmt = source, field_name, fmt
+        self._handle: Any = None
+        self._group: tuple[int, list[Any]] | None = None
+        self.kind, self.count = self._open()
+
+    def _open(self) -> tuple[str, int]:
+        if self.source.startswith(BUILTIN_PREFIX):
+            name = self.source[len(BUILTIN_PREFIX) :]
+            if name not in BUILTIN_SOURCES:
+                known = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_SOURCES)
+                raise DataError(f"{self.field_name}: unknown built-in data source '{self.source}' (known: {known})")
+            self.rows: list[Row] = BUILTIN_SOURCES[name]()
+            return "rows", len(self.rows)
+        path = Path(self.source)
+        if not path.exists():
+            raise DataError(f"{self.field_name}: data file not found: {path}")
+        if path.is_file() and path.suffix == ".jsonl":
+            self.ranges, self.lines = jsonl_index(path)
+            if not len(self.lines):
+                raise DataError(f"{path}: no rows (the file is empty, or every row was bad)")
+            return "jsonl", len(self.lines)
+        if path.is_file() and path.suffix not in (".json", ".parquet"):
+            raise DataError(
+                f"{self.field_name}: {path}: unsupported data file (.jsonl, .json, .parquet, or a save_to_disk folder)"
+            )
+        if path.is_file() and path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                meta = pq.ParquetFile(path).metadata
+            except Exception as err:  # pyarrow raises several types for a damaged file
+                raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+            self.group_starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+            count = int(self.group_starts[-1])
+            kind = "parquet"
+        elif path.is_dir():
+            next(iter(_records(path, self.field_name)), None)  # names the problem when it is no saved dataset
+            count, kind = len(self._dataset()), "arrow"
+        else:
+            self.objects = [rec for _, rec in _records(path, self.field_name)]
+            count, kind = len(self.objects), "json"
+        if count == 0:
+            raise DataError(f"{path}: no rows (the file is empty, or every row was bad)")
+        return kind, count
+
+    def _dataset(self) -> Any:
+        if self._handle is None:
+            from datasets import Dataset, DatasetDict, load_from_disk
+
+            ds = load_from_disk(self.source)
+            self._handle = ds["train"] if isinstance(ds, DatasetDict) else ds
+            assert isinstance(self._handle, Dataset)
+        return self._handle
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_handle": None, "_group": None}
+
+    def where(self, i: int) -> str:
+        path = Path(self.source)
+        if self.kind == "jsonl":
+            return f"{path}:{int(self.lines[i])}"
+        return f"{path}: {'row' if self.kind == 'parquet' else 'record'} {i}"
+
+    def row(self, i: int, unknown: UnknownKeys) -> Row | None:
+        if self.kind == "rows":
+            return self.rows[i]
+        if self.kind == "jsonl":
+            if self._handle is None:
+                self._handle = os.open(self.source, os.O_RDONLY)
+            begin, end = (int(x) for x in self.ranges[i])
+            raw = os.pread(self._handle, end - begin, begin)
+            return _jsonl_record(raw, self.where(i), self.fmt, unknown)
+        return row_from_obj(self._object(i), self.where(i), self.fmt, unknown)
+
+    def _object(self, i: int) -> Any:
+        if self.kind == "json":
+            return self.objects[i]
+        if self.kind == "arrow":
+            return self._dataset()[i]
+        group = int(np.searchsorted(self.group_starts, i, side="right") - 1)
+        if self._group is None or self._group[0] != group:
+            import pyarrow.parquet as pq
+
+            self._group = (group, pq.ParquetFile(self.source).read_row_group(group).to_pylist())
+        return self._group[1][i - int(self.group_starts[group])]
+
