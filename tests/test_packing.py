@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from tests.helpers import compose_config, tiny_overrides
 def packed(samples: list, max_len: int) -> tuple[list, list[list[int]]]:
     """The samples packed into rows of ``max_len`` (as training packs them), and which samples each row holds."""
     offsets, members = pack_bins([len(e.input_ids) for e in samples], max_len)
-    groups = [members[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    groups = [members[a:b].tolist() for a, b in itertools.pairwise(offsets)]
     return [packed_example([samples[j] for j in g]) for g in groups], groups
 
 
@@ -27,7 +28,7 @@ def test_best_fit_decreasing_fills_rows_better_than_greedy_in_order():
     rng = np.random.default_rng(0)
     lengths = rng.integers(20, 1024, size=5000)
     offsets, members = pack_bins(lengths, 1024)
-    rows = [members[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    rows = [members[a:b] for a, b in itertools.pairwise(offsets)]
     assert sorted(members.tolist()) == list(range(len(lengths)))  # every sample once
     assert max(int(lengths[r].sum()) for r in rows) <= 1024
     greedy, used = 1, 0
@@ -138,5 +139,5 @@ def test_packed_row_on_cuda_gives_each_samples_loss_alone(tmp_path: Path, attn: 
         alone = [
             loss_model(**{k: v.cuda() for k, v in collate([e], tok.pad_token_id).items()})["loss_sum"].item() for e in samples
         ]
-        packed = loss_model(**{k: v.cuda() for k, v in collate(rows, tok.pad_token_id).items()})["loss_sum"].item()
-    assert packed == pytest.approx(sum(alone), rel=2e-2)  # bf16
+        together = loss_model(**{k: v.cuda() for k, v in collate(rows, tok.pad_token_id).items()})["loss_sum"].item()
+    assert together == pytest.approx(sum(alone), rel=2e-2)  # bf16

@@ -17,7 +17,28 @@ from dtune.errors import DataError
 from dtune.schema import DataConfig, MixSource
 from tests.helpers import write_jsonl
 
-WORDS = "the cat sat on a mat while seven dogs ran past under grey skies and nobody said anything at all".split()
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "while",
+    "seven",
+    "dogs",
+    "ran",
+    "past",
+    "under",
+    "grey",
+    "skies",
+    "and",
+    "nobody",
+    "said",
+    "anything",
+    "at",
+    "all",
+]
 
 
 def words(rng: random.Random, lo: int, hi: int) -> str:
@@ -189,7 +210,7 @@ def test_without_the_cache_each_process_tokenizes_in_memory(tokenizer, monkeypat
     src = write_jsonl(tmp_path / "d.jsonl", make_records("prompt_completion", 30))
     cfg = DataConfig(source=str(src), eval_size=4, max_seq_len=256, choices=None, cache=False, packing=True)
     monkeypatch.setenv("DTUNE_CACHE", str(tmp_path / "cache"))
-    train, evals, stats = load.load_data(cfg, tokenizer)
+    train, _evals, stats = load.load_data(cfg, tokenizer)
     assert not (tmp_path / "cache").exists()
     want_train, _, _ = reference(cfg, tokenizer)
     assert stats.packed_rows == len(train) < len(want_train)

@@ -197,9 +197,7 @@ def _tokenize(cfg: DataConfig, tokenizer: Any, workdir: Path | None, num_proc: i
     eval_at = eval_at[np.isin(status[eval_at], (OK, TRUNCATED))]
     for what, at in (("training", train_at), ("evaluation", eval_at)):
         if not len(at):
-            raise DataError(
-                f"data: no {what} sample is left after tokenization (all bad, or longer than data.max_seq_len?)"
-            )
+            raise DataError(f"data: no {what} sample is left after tokenization (all bad, or longer than data.max_seq_len?)")
     mapped = mapped.remove_columns(["status", "error", "unknown"])
     disable_progress_bar()
     try:
@@ -368,9 +366,7 @@ def _report(stats: DataStats, cfg: DataConfig) -> None:
             cfg.max_seq_len,
             cfg.overlong,
         )
-    packed = (
-        f"; packed into {stats.packed_rows} rows of {cfg.max_seq_len}, {stats.pack_fill:.1%} full" if cfg.packing else ""
-    )
+    packed = f"; packed into {stats.packed_rows} rows of {cfg.max_seq_len}, {stats.pack_fill:.1%} full" if cfg.packing else ""
     log.info(
         "data: %d training samples (%d tokens, %d trained on), %d held out%s",
         stats.train_rows,

@@ -16,6 +16,7 @@ The first token of each sample is never a label (nothing of its sample precedes 
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -83,7 +84,7 @@ def pack(examples: Sequence[Example], max_len: int) -> list[Example]:
     """``examples`` packed into rows of at most ``max_len`` tokens (:func:`pack_bins`). Returns Examples with
     ``segments``."""
     offsets, members = pack_bins([len(e.input_ids) for e in examples], max_len)
-    return [packed_example([examples[int(j)] for j in members[a:b]]) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    return [packed_example([examples[int(j)] for j in members[a:b]]) for a, b in itertools.pairwise(offsets)]
 
 
 def fill_ratio(lengths: np.ndarray, rows: int, max_len: int) -> float:

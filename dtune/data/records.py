@@ -143,4 +143,3 @@ class Records:
 
             self._group = (group, pq.ParquetFile(self.source).read_row_group(group).to_pylist())
         return self._group[1][i - int(self.group_starts[group])]
-
