@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dtune.data import IGNORE, collate, load_data
-from dtune.data.packing import pack_bins, packed_example, position_ids
+from dtune.data.examples import packed_example
+from dtune.data.packing import pack_bins, position_ids
 from dtune.loss import CompletionLoss
 from dtune.model import build_model, load_tokenizer
 from tests.helpers import compose_config, tiny_overrides

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import dtune.data.load as load
+import dtune.data.tokenize as tokenize
 from dtune.data.render import Renderer, build_examples
 from dtune.data.sources import BadRows, split, split_rows
 from dtune.errors import DataError
@@ -94,7 +95,7 @@ def reference(cfg: DataConfig, tokenizer) -> tuple[list, list, dict]:
 
 def assert_same(cfg: DataConfig, tokenizer, monkeypatch, tmp_path: Path, num_proc: int = 2) -> None:
     monkeypatch.setenv("DTUNE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(load, "ROWS_PER_PROC", 8)  # several processes even for a few dozen rows
+    monkeypatch.setattr(tokenize, "ROWS_PER_PROC", 8)  # several processes even for a few dozen rows
     cfg.num_proc = num_proc
     want_train, want_eval, counts = reference(cfg, tokenizer)
     train, evals, stats = load.load_data(cfg, tokenizer)
@@ -171,7 +172,7 @@ def test_bad_rows_are_skipped_where_they_fall_or_stop_the_run(tokenizer, monkeyp
     src = write_jsonl(tmp_path / "d.jsonl", recs)
     cfg = DataConfig(source=str(src), format="chat", eval_size=6, max_seq_len=96, choices=None, bad_rows="skip", num_proc=2)
     monkeypatch.setenv("DTUNE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(load, "ROWS_PER_PROC", 8)
+    monkeypatch.setattr(tokenize, "ROWS_PER_PROC", 8)
     train, evals, stats = load.load_data(cfg, tokenizer)
     assert stats.skipped == 3 and "d.jsonl:6: malformed JSON" in stats.first_bad
     # Expected: the split drawn over all 40 records, the bad ones then left out where they fall.

@@ -94,7 +94,7 @@ def test_tokenized_data_is_cached_and_rebuilt_when_inputs_change(tmp_path: Path,
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("tokenized again although the cache holds this data")
 
-    monkeypatch.setattr(data, "_tokenize", no_tokenizing)
+    monkeypatch.setattr(data, "tokenize", no_tokenizing)
     again = data.load_data(cfg, tokenizer)
     assert [e.input_ids for e in again[0]] == [e.input_ids for e in first[0]]
     assert [e.labels for e in again[1]] == [e.labels for e in first[1]]

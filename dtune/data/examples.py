@@ -3,7 +3,7 @@ counts gathered while making them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
@@ -51,6 +51,16 @@ class DataStats:
     """Wall time of the tokenization that built the cache (0 when another run built it)."""
     num_proc: int = 0
     """Processes that tokenized."""
+
+
+def packed_example(samples: Sequence[Example]) -> Example:
+    """One packed row: ``samples`` back to back, each sample's first label IGNORE (see dtune.data.packing)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for ex in samples:
+        ids += ex.input_ids
+        labels += [IGNORE, *ex.labels[1:]]
+    return Example(ids, labels, prompt_len=-1, segments=[len(ex.input_ids) for ex in samples])
 
 
 class TokenizedSet:
@@ -104,8 +114,6 @@ class TokenizedSet:
         i = int(i) % len(self)
         if self.packs is None:
             return self.sample(i)
-        from dtune.data.packing import packed_example
-
         offsets, members = self.packs
         return packed_example([self.sample(j) for j in members[offsets[i] : offsets[i + 1]]])
 

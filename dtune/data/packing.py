@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from dtune.data.examples import IGNORE, Example
+from dtune.data.examples import Example, packed_example
 
 
 def pack_bins(lengths: Sequence[int] | np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,16 +68,6 @@ def pack_bins(lengths: Sequence[int] | np.ndarray, max_len: int) -> tuple[np.nda
     offsets = np.zeros(opened + 1, dtype=np.int64)
     np.cumsum(np.bincount(placed_rows, minlength=opened), out=offsets[1:])
     return offsets, members
-
-
-def packed_example(samples: Sequence[Example]) -> Example:
-    """One row of ``samples`` back to back; each sample's first label IGNORE (see the module docstring)."""
-    ids: list[int] = []
-    labels: list[int] = []
-    for ex in samples:
-        ids += ex.input_ids
-        labels += [IGNORE, *ex.labels[1:]]
-    return Example(ids, labels, prompt_len=-1, segments=[len(ex.input_ids) for ex in samples])
 
 
 def pack(examples: Sequence[Example], max_len: int) -> list[Example]:
