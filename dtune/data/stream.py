@@ -1,0 +1,518 @@
+"""Streaming (``data.streaming=true``): training rows read from JSONL/Parquet shards as the run goes, tokenized on the
+fly by worker processes, split across ranks, packed, resumable at any step.
+
+What replaces what. The in-memory path (:mod:`dtune.data.load`) tokenizes every row before the first step and draws
+steps from a shuffled list; a stream never holds more than a few steps of rows, so it suits corpora larger than memory
+or than the disk budget of a tokenized copy. The price: no global shuffle, and the stream's length is not known in
+advance (``train.max_steps`` decides the run's length; ``train.epochs`` is refused).
+
+The stream. ``data.source`` is a .jsonl or .parquet file, a folder of them (its own files, sorted by name) or a glob
+(``data/train-*.parquet``). Each epoch reads every shard once, in an order shuffled by ``(train.seed, epoch)``; records
+within a shard in file order. Records are numbered along the stream (every line of a JSONL shard, blank ones
+included, and every Parquet row), continuing across shards and epochs: record ``n`` belongs to rank ``n % world``, so
+the ranks' shares are disjoint and together cover the stream, each rank tokenizing 1/world of it. Held out for
+evaluation: ``data.eval_source`` if set, else the first ``data.eval_size`` rows of the first shard by name, which no
+epoch trains on.
+
+Workers. A rank's records are tokenized by ``workers`` DataLoader processes (``data.num_proc``, see
+:func:`stream_workers`; 0: in the training process). Every worker scans the whole stream (a line costs a Python loop
+step; only its own records are parsed and rendered) and takes every ``workers``-th record of its rank, yielding one
+item per record it takes -- an Example, or a placeholder for a blank, bad or dropped record. The DataLoader asks the
+workers in turn, one item each, so the items come back in the rank's record order whatever the number of workers.
+Scanning is cheap next to rendering, and a node's processes read the same bytes at about the same time, from the page
+cache; a Parquet row group is decoded by every process that reads it.
+
+Steps. Each step takes the rank's next micro_batch_size x grad_accum_steps samples -- packed rows with
+``data.packing``, filled greedily in stream order like :func:`dtune.data.packing.pack` -- sorted by length (stable)
+and cut into micro-batches, collated with :func:`dtune.data.batching.collate`.
+
+Resuming. The position after the last item a step consumed (epoch, shard, byte offset or row, line, record number),
+the packed row begun but not finished, and the counts so far are each rank's state; items prefetched by the workers
+but not consumed are not part of it. A restored sampler seeks to that byte offset (JSONL) or row group (Parquet)
+without reading what came before, and yields exactly the steps the uninterrupted run would have. Resuming needs the
+same shards, world size, batch shape, packing and seed (a DataError names what changed).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dtune.data.batching import collate
+from dtune.data.examples import DataStats, Example
+from dtune.data.formats import UnknownKeys, row_from_obj
+from dtune.data.packing import pack
+from dtune.data.render import Renderer, build_examples
+from dtune.data.sources import BadRows, _jsonl_record, load_rows
+from dtune.errors import DataError
+from dtune.schema import DataConfig, DtuneConfig
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".jsonl", ".parquet")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One file of the stream."""
+
+    path: str
+    kind: str
+    """jsonl or parquet."""
+    size: int
+    """Where the file ends: bytes (JSONL) or rows (Parquet)."""
+    nbytes: int
+    """File size, to weigh shards in :attr:`StreamSampler.epochs_done`."""
+    start: int = 0
+    """Where training begins: byte offset (JSONL) or row (Parquet); past the held-out rows in the first shard."""
+    start_line: int = 0
+    """Records (lines or rows) before ``start``."""
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a rank's stream goes on: before the record at ``offset`` of the ``shard``-th shard of ``epoch``'s order."""
+
+    epoch: int = 0
+    shard: int = 0
+    """Index into the epoch's shard order."""
+    offset: int = 0
+    """Byte offset (JSONL) or row (Parquet) in that shard."""
+    line: int = 0
+    """Records (lines or rows) of that shard before ``offset``."""
+    record: int = 0
+    """Records of the stream before this position (all shards, all epochs): record n belongs to rank n % world."""
+
+
+@dataclass
+class Item:
+    """What a worker yields for one record of its rank: the Example, or why there is none."""
+
+    after: Position
+    example: Example | None = None
+    truncated: bool = False
+    dropped: bool = False
+    bad: str | None = None
+    """The DataError of a malformed record (raised in the training process under data.bad_rows=error)."""
+    fatal: bool = False
+    """A file that cannot be read at all: stops the run whatever data.bad_rows says."""
+    unknown: dict[str, tuple[int, str]] = field(default_factory=dict)
+    """Record keys the format does not read: name -> (count, where)."""
+
+
+def find_shards(source: str) -> list[Shard]:
+    """The shards of ``data.source``: a .jsonl or .parquet file, a folder's .jsonl and .parquet files, or a glob; sorted
+    by path. Raises DataError naming data.source when there are none or one is not readable."""
+    p = Path(source)
+    if any(ch in source for ch in "*?["):
+        paths = sorted(Path(x) for x in glob.glob(source, recursive=True) if Path(x).is_file())
+    elif p.is_dir():
+        paths = sorted(x for x in p.iterdir() if x.is_file() and x.suffix in SUFFIXES)
+    elif p.is_file():
+        paths = [p]
+    else:
+        raise DataError(f"data.source: data file not found: {p}")
+    if not paths:
+        raise DataError(f"data.source: no .jsonl or .parquet shards in {source}")
+    shards = []
+    for path in paths:
+        if path.suffix not in SUFFIXES:
+            raise DataError(f"data.source: {path}: data.streaming reads .jsonl and .parquet files")
+        nbytes = path.stat().st_size
+        if path.suffix == ".jsonl":
+            shards.append(Shard(str(path), "jsonl", nbytes, nbytes))
+            continue
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+        shards.append(Shard(str(path), "parquet", rows, nbytes))
+    return shards
+
+
+def shard_order(count: int, seed: int, epoch: int) -> list[int]:
+    """The shards' order in ``epoch``: a function of (seed, epoch) alone."""
+    order = list(range(count))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def _jsonl(shard: Shard, offset: int, line: int) -> Iterator[tuple[int, int, bytes]]:
+    """(offset after, line number, raw line) from byte ``offset`` (at line ``line``) to the end."""
+    with open(shard.path, "rb") as handle:
+        handle.seek(offset)
+        for raw in handle:
+            offset += len(raw)
+            line += 1
+            yield offset, line, raw
+
+
+def _parquet(shard: Shard, row: int, wanted: Callable[[int], bool]) -> Iterator[tuple[int, Any]]:
+    """(row, record or None) from ``row`` to the end; only the ``wanted`` rows are decoded into Python objects, and
+    row groups before ``row`` are not read."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(shard.path)
+    except Exception as err:
+        raise DataError(f"{shard.path}: not a readable Parquet file ({err})") from None
+    start = 0
+    for group in range(pf.num_row_groups):
+        end = start + pf.metadata.row_group(group).num_rows
+        if end > row:
+            rows = range(max(row, start), end)
+            take = [i for i in rows if wanted(i)]
+            records = iter(pf.read_row_group(group).take([i - start for i in take]).to_pylist() if take else [])
+            chosen = set(take)
+            for i in rows:
+                yield i, (next(records) if i in chosen else None)
+        start = end
+
+
+def scan(shards: list[Shard], seed: int, start: Position, wanted: Callable[[int], bool]) -> Iterator[tuple[Position, str, Any]]:
+    """Every record of the stream from ``start`` on, epoch after epoch: (position after it, where, payload), the payload
+    (a raw JSONL line or a Parquet record) only for the records whose number is ``wanted``, else None."""
+    epoch, s, offset, line, record = start.epoch, start.shard, start.offset, start.line, start.record
+    while True:
+        order = shard_order(len(shards), seed, epoch)
+        while s < len(order):
+            shard = shards[order[s]]
+            if shard.kind == "jsonl":
+                for end, number, raw in _jsonl(shard, offset, line):
+                    yield Position(epoch, s, end, number, record + 1), f"{shard.path}:{number}", raw if wanted(record) else None
+                    record += 1
+            else:
+                first = record - offset  # the record number of row 0
+                for row, obj in _parquet(shard, offset, lambda i, first=first: wanted(first + i)):
+                    yield Position(epoch, s, row + 1, row + 1, first + row + 1), f"{shard.path}: row {row}", obj
+                record = first + shard.size
+            s += 1
+            if s < len(order):
+                offset, line = shards[order[s]].start, shards[order[s]].start_line
+        epoch, s = epoch + 1, 0
+        head = shards[shard_order(len(shards), seed, epoch)[0]]
+        offset, line = head.start, head.start_line
+
+
+def begin(shards: list[Shard], seed: int) -> Position:
+    """The stream's first position: the first shard of epoch 0's order, past its held-out rows."""
+    first = shards[shard_order(len(shards), seed, 0)[0]]
+    return Position(0, 0, first.start, first.start_line, 0)
+
+
+class RankRecords(IterableDataset):
+    """The items of one rank's records from ``start`` on, endless; in a DataLoader worker, every ``workers``-th of them
+    (see the module docstring)."""
+
+    def __init__(
+        self, shards: list[Shard], cfg: DataConfig, tokenizer: Any, seed: int, start: Position, rank: int, world_size: int
+    ) -> None:
+        self.shards, self.cfg, self.tokenizer, self.seed = shards, cfg, tokenizer, seed
+        self.start, self.rank, self.world_size = start, rank, world_size
+
+    def __iter__(self) -> Iterator[Item]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        rank, world = self.rank, self.world_size
+        first = self.start.record + (rank - self.start.record) % world  # this rank's first record from start on
+
+        def mine(record: int) -> bool:
+            return record % world == rank and (record - first) // world % workers == worker
+
+        renderer = Renderer(self.tokenizer, self.cfg)
+        after, owned_in = self.start, self.start.epoch  # the latest epoch in which this rank owned a record
+        try:
+            for after, where, payload in scan(self.shards, self.seed, self.start, mine):
+                if after.record % world == (rank + 1) % world:  # the record just read was this rank's
+                    owned_in = after.epoch
+                elif after.epoch > owned_in + 1:
+                    raise DataError(f"data.source: {self.cfg.source} has fewer records than the {world} ranks")
+                if payload is not None:
+                    yield self.item(after, where, payload, renderer)
+        except (DataError, OSError) as err:  # a file that cannot be read (removed, damaged) while streaming
+            yield Item(after, bad=str(err) if isinstance(err, DataError) else f"data.source: {err}", fatal=True)
+
+    def item(self, after: Position, where: str, payload: Any, renderer: Renderer) -> Item:
+        unknown = UnknownKeys()
+        stats = renderer.stats
+        truncated, dropped = stats.truncated, stats.dropped
+        try:
+            if isinstance(payload, bytes):
+                row = _jsonl_record(payload, where, self.cfg.format, unknown)
+            else:
+                row = row_from_obj(payload, where, self.cfg.format, unknown)
+            example = renderer(row) if row is not None else None
+        except DataError as err:
+            return Item(after, bad=str(err), unknown=_unknown(unknown))
+        return Item(after, example, stats.truncated > truncated, stats.dropped > dropped, unknown=_unknown(unknown))
+
+
+def _unknown(unknown: UnknownKeys) -> dict[str, tuple[int, str]]:
+    return {name: (n, unknown.first[name]) for name, n in unknown.counts.items()}
+
+
+def stream_workers(num_proc: int | None, local_ranks: int | None = None) -> int:
+    """Tokenizing worker processes per rank: ``data.num_proc`` (per node) // the ranks on the node, at least 1; null:
+    the rank's share of the node's cores less one for the training process itself, at most 4 (0: tokenize in the
+    training process)."""
+    local = local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if num_proc is not None:
+        return max(1, num_proc // local)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, max(0, cores // local - 1))
+
+
+def _example(ids_labels: list[list[int]]) -> Example:
+    return Example(ids_labels[0], ids_labels[1], prompt_len=0)
+
+
+class StreamSampler:
+    """Endless optimizer steps from the stream: for each, this rank's ``grad_accum_steps`` micro-batches (the
+    interface of :class:`~dtune.data.batching.StepSampler`; see the module docstring).
+
+    :meth:`state_dict` is collective when ``gather`` is (every rank's position is saved): call it on every rank.
+    """
+
+    def __init__(
+        self,
+        shards: list[Shard],
+        cfg: DataConfig,
+        tokenizer: Any,
+        micro_batch_size: int,
+        grad_accum_steps: int,
+        seed: int,
+        pad_id: int,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int = 0,
+        gather: Callable[[Any], list[Any]] | None = None,
+    ) -> None:
+        self.shards, self.cfg, self.tokenizer, self.seed, self.pad_id = shards, cfg, tokenizer, seed, pad_id
+        self.micro, self.rank, self.world_size, self.workers = micro_batch_size, rank, world_size, workers
+        self.per_rank = micro_batch_size * grad_accum_steps
+        self.per_step = self.per_rank * world_size
+        self.gather = gather or (lambda own: [own])
+        self.position = begin(shards, seed)
+        self.pending: list[Example] = []
+        """Packing: the samples of the row begun (consumed from the stream, not yet trained on)."""
+        self.stats = DataStats()
+        """This rank's counts so far: train_rows (samples taken), packed_rows, truncated, dropped, skipped."""
+        self.unknown = UnknownKeys()
+        self.steps = 0
+        self._items: Iterator[Item] | None = None
+        self._last_example_epoch = 0
+
+    # -- the interface of StepSampler
+
+    steps_per_epoch = None
+    """Unknown for a stream: the run's length is train.max_steps."""
+
+    @property
+    def epochs_done(self) -> float:
+        """Passes over the stream so far (this rank's position), the current one's fraction by bytes read."""
+        p = self.position
+        order = shard_order(len(self.shards), self.seed, p.epoch)
+        total = sum(s.nbytes for s in self.shards)
+        done = sum(self.shards[i].nbytes for i in order[: p.shard])
+        if p.shard < len(order):
+            current = self.shards[order[p.shard]]
+            done += current.nbytes * p.offset / max(current.size, 1)
+        return p.epoch + done / max(total, 1)
+
+    def __iter__(self) -> StreamSampler:
+        return self
+
+    def __next__(self) -> list[dict[str, torch.Tensor]]:
+        samples = [self._next_row() if self.cfg.packing else self._next_example() for _ in range(self.per_rank)]
+        samples.sort(key=lambda e: len(e.input_ids))  # stable: similar lengths share a micro-batch, less padding
+        self.steps += 1
+        return [collate(samples[j : j + self.micro], self.pad_id) for j in range(0, self.per_rank, self.micro)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The settings the position depends on and every rank's position (collective with ``gather``)."""
+        own = {
+            "position": asdict(self.position),
+            "pending": [[e.input_ids, e.labels] for e in self.pending],
+            "steps": self.steps,
+            "stats": asdict(self.stats),
+            "unknown": {"counts": dict(self.unknown.counts), "first": self.unknown.first},
+        }
+        return {"stream": True, **self._settings(), "ranks": self.gather(own)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state.get("stream"):
+            raise DataError("resume: the checkpoint's data order is not a stream's (data.streaming changed)")
+        for key, mine in self._settings().items():
+            if state[key] != mine:
+                raise DataError(f"resume: the data stream was saved with {key}={state[key]}, this run has {mine}")
+        own = state["ranks"][self.rank]
+        self.position = Position(**own["position"])
+        self.pending = [_example(x) for x in own["pending"]]
+        self.steps = own["steps"]
+        for key, value in own["stats"].items():  # in place: the run's results hold this object
+            setattr(self.stats, key, value)
+        self.unknown = UnknownKeys()
+        self.unknown.counts.update(own["unknown"]["counts"])
+        self.unknown.first.update(own["unknown"]["first"])
+        self._last_example_epoch = self.position.epoch
+        self._items = None  # restarted from the new position at the next step
+
+    # -- the stream
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "world_size": self.world_size,
+            "samples_per_step": self.per_step,
+            "seed": self.seed,
+            "packing": self.cfg.packing,
+            "max_seq_len": self.cfg.max_seq_len,
+            "shards": [[Path(s.path).name, s.nbytes] for s in self.shards],
+        }
+
+    def _start(self) -> Iterator[Item]:
+        dataset = RankRecords(self.shards, self.cfg, self.tokenizer, self.seed, self.position, self.rank, self.world_size)
+        if self.workers == 0:
+            return iter(dataset)
+        # batch_size=None: one item per record, in the order the workers are asked (round robin).
+        return iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, prefetch_factor=16))
+
+    def _next_item(self) -> Item:
+        if self._items is None:
+            self._items = self._start()
+        item = next(self._items)
+        if item.fatal:
+            raise DataError(item.bad)
+        if item.bad is not None:
+            if self.cfg.bad_rows != "skip":
+                raise DataError(item.bad)
+            if not self.stats.skipped:
+                log.warning("data: skipped a bad row (data.bad_rows=skip; later ones are counted): %s", item.bad)
+            self.stats.skipped += 1
+        for name, (n, where) in item.unknown.items():
+            if name not in self.unknown.counts:
+                log.warning("data: key '%s' (first at %s) is not read by data.format=%s: ignored", name, where, self.cfg.format)
+            self.unknown.counts[name] += n
+            self.unknown.first.setdefault(name, where)
+        if item.unknown:
+            self.stats.ignored_keys = self.unknown.summary()
+        self.stats.truncated += item.truncated
+        self.stats.dropped += item.dropped
+        if item.after.epoch > self.position.epoch:
+            self._log_epoch()
+        self.position = item.after
+        return item
+
+    def _next_example(self) -> Example:
+        """The rank's next sample; DataError when a whole pass over the stream gave this rank none."""
+        while True:
+            item = self._next_item()
+            if item.example is not None:
+                self._last_example_epoch = item.after.epoch
+                self.stats.train_rows += 1
+                return item.example
+            if item.after.epoch > self._last_example_epoch + 1:
+                raise DataError(
+                    f"data.source: a whole pass over {self.cfg.source} gave rank {self.rank} no training sample "
+                    "(every row bad, blank or longer than data.max_seq_len, or fewer rows than ranks?)"
+                )
+
+    def _next_row(self) -> Example:
+        """The next packed row: samples appended in stream order while they fit in data.max_seq_len."""
+        while True:
+            example = self._next_example()
+            if self.pending and sum(len(e.input_ids) for e in self.pending) + len(example.input_ids) > self.cfg.max_seq_len:
+                (row,) = pack(self.pending, self.cfg.max_seq_len)
+                self.pending = [example]
+                self.stats.packed_rows += 1
+                return row
+            self.pending.append(example)
+
+    def _log_epoch(self) -> None:
+        s = self.stats
+        log.info(
+            "data: pass %d over the stream done on rank %d: %d samples so far, %d truncated, %d dropped, %d bad rows skipped",
+            self.position.epoch + 1,
+            self.rank,
+            s.train_rows,
+            s.truncated,
+            s.dropped,
+            s.skipped,
+        )
+
+
+def held_out(cfg: DataConfig, tokenizer: Any, shards: list[Shard]) -> tuple[list[Example], list[Shard], int]:
+    """(held-out Examples, the shards with the held-out rows cut from the first, bad rows skipped among them):
+    ``data.eval_source``, else the first ``data.eval_size`` rows of the first shard by name."""
+    bad = BadRows(cfg.bad_rows)
+    renderer = Renderer(tokenizer, cfg)
+    if cfg.eval_source is not None:
+        rows = load_rows(cfg.eval_source, "data.eval_source", cfg.format, bad)
+        return build_examples(rows, renderer, "evaluation", bad), shards, bad.count
+    first = shards[0]
+    rows, last = [], Position()
+    for after, where, payload in scan([first], 0, Position(), lambda _: True):
+        if after.epoch > 0 or len(rows) == cfg.eval_size:
+            break
+        last = after
+        try:
+            if isinstance(payload, bytes):
+                row = _jsonl_record(payload, where, cfg.format, bad.unknown)
+            else:
+                row = row_from_obj(payload, where, cfg.format, bad.unknown)
+        except DataError as err:
+            bad(err)
+            continue
+        if row is not None:
+            rows.append(row)
+    if len(rows) < cfg.eval_size or last.offset >= first.size:
+        raise DataError(
+            f"data.eval_size: {cfg.eval_size} rows held out of {first.path} (the first shard) leave none of it to train "
+            "on; hold out fewer, or give data.eval_source"
+        )
+    cut = replace(first, start=last.offset, start_line=last.line)
+    return build_examples(rows, renderer, "evaluation", bad), [cut, *shards[1:]], bad.count
+
+
+def stream_data(
+    run: DtuneConfig,
+    tokenizer: Any,
+    pad_id: int,
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Callable[[Any], list[Any]] | None = None,
+) -> tuple[StreamSampler, list[Example], DataStats]:
+    """The training stream of ``run`` (data.streaming) for ``rank``, its held-out Examples, and its counts (this rank's
+    share, updated as the stream goes). ``gather``: every rank's object from each (collective), for checkpoints."""
+    cfg, train = run.data, run.train
+    shards, workers = find_shards(cfg.source), stream_workers(cfg.num_proc)
+    evals, shards, skipped = held_out(cfg, tokenizer, shards)
+    batch = {"micro_batch_size": train.micro_batch_size, "grad_accum_steps": train.grad_accum_steps, "seed": train.seed}
+    sampler = StreamSampler(
+        shards, cfg, tokenizer, **batch, pad_id=pad_id, rank=rank, world_size=world_size, workers=workers, gather=gather
+    )
+    sampler.stats.eval_rows, sampler.stats.skipped = len(evals), skipped
+    log.info(
+        "data: streaming %d shard(s) of %s, %d tokenizing worker(s) per rank; %d held-out samples. Counts of truncated, "
+        "dropped and bad rows are known only as the stream goes (logged after each pass, in results.json at the end)",
+        len(shards),
+        cfg.source,
+        workers,
+        len(evals),
+    )
+    return sampler, evals, sampler.stats
+
+
+def streamed_eval_set(cfg: DataConfig, tokenizer: Any) -> list[Example]:
+    """The held-out Examples of a streamed run (``dtune eval``), without reading the training stream."""
+    return held_out(cfg, tokenizer, find_shards(cfg.source))[0]
