@@ -13,8 +13,9 @@ import pytest
 from dtune.config import validate
 from dtune.data import Renderer
 from dtune.data.packing import pack
+from dtune.data.shards import find_shards, held_out, shard_order
 from dtune.data.sources import read_source
-from dtune.data.stream import StreamSampler, find_shards, held_out, shard_order, stream_workers
+from dtune.data.stream import StreamSampler, stream_workers
 from dtune.errors import ConfigError, DataError
 from dtune.schema import DataConfig
 from tests.helpers import compose_config
@@ -85,8 +86,12 @@ def test_the_first_shard_holds_out_the_evaluation_rows(tokenizer, tmp_path: Path
     first = read_source(str(source / "part-0.jsonl"), "data.source", "prompt_completion")
     assert [e.input_ids for e in evals] == [renderer(r).input_ids for r in first[:3]]
     assert (shards[0].start_line, shards[1].start_line) == (3, 0)
-    with pytest.raises(DataError, match=r"data\.eval_size: 20 rows held out of .*part-0\.jsonl"):
-        held_out(DataConfig(source=str(source), streaming=True, eval_size=20, choices=None), tokenizer, find_shards(str(source)))
+    everything = DataConfig(source=str(source), streaming=True, eval_size=20, choices=None)
+    _, shards, _ = held_out(everything, tokenizer, find_shards(str(source)))  # the other shard is trained on
+    assert shards[0].start == shards[0].size
+    for src, size in ((source, 21), (source / "part-0.jsonl", 20)):
+        with pytest.raises(DataError, match=rf"data\.eval_size: {size} rows held out of .*part-0\.jsonl"):
+            held_out(DataConfig(source=str(src), streaming=True, eval_size=size, choices=None), tokenizer, find_shards(str(src)))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
