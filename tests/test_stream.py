@@ -4,8 +4,12 @@ bad rows name their file and line, and a sampler restored after k steps yields e
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -206,3 +210,20 @@ def test_shards_of_a_source_and_workers_per_rank(tmp_path: Path):
         find_shards(str(tmp_path / "broken.parquet"))
     assert stream_workers(8, local_ranks=4) == 2 and stream_workers(1, local_ranks=4) == 1
     assert 0 <= stream_workers(None, local_ranks=1) <= 4
+
+
+def test_stop_signals_leave_the_tokenizing_workers_alive(tokenizer, tmp_path: Path):
+    """Slurm's SIGTERM (or SIGUSR1, Ctrl-C) reaches every process of the job: the workers ignore it, so the training
+    process can finish its step and checkpoint, its stream intact."""
+    source = write_shards(tmp_path / "shards", "jsonl")
+    straight = samples(sampler(tokenizer, source), 30)
+    s = sampler(tokenizer, source, workers=2)
+    got = samples(s, 2)
+    workers = psutil.Process().children()
+    assert len(workers) == 2
+    for worker in workers:
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            os.kill(worker.pid, sig)
+    time.sleep(0.2)
+    assert all(w.is_running() for w in workers)
+    assert got + samples(s, 28) == straight

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ from dtune.data.formats import UnknownKeys
 from dtune.data.packing import pack
 from dtune.data.render import Renderer
 from dtune.data.shards import Position, Shard, begin, find_shards, held_out, parse, scan, shard_order
+from dtune.distributed.preempt import SIGNALS
 from dtune.errors import DataError
 from dtune.schema import DataConfig, DtuneConfig
 
@@ -117,6 +119,13 @@ def _unknown(unknown: UnknownKeys) -> dict[str, tuple[int, str]]:
     return {name: (n, unknown.first[name]) for name, n in unknown.counts.items()}
 
 
+def _deaf(worker: int) -> None:
+    """A worker ignores the stop signals (and Ctrl-C) that reach its whole process group: the training process stops
+    at a step boundary and checkpoints (dtune.distributed.preempt), which needs its workers alive until it ends them."""
+    for name in (*SIGNALS, "SIGINT"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def stream_workers(num_proc: int | None, local_ranks: int | None = None) -> int:
     """Tokenizing worker processes per rank: ``data.num_proc`` (per node) // the ranks on the node, at least 1; null:
     the rank's share of the node's cores less one for the training process itself, at most 4 (0: tokenize in the
@@ -126,10 +135,6 @@ def stream_workers(num_proc: int | None, local_ranks: int | None = None) -> int:
         return max(1, num_proc // local)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(4, max(0, cores // local - 1))
-
-
-def _example(ids_labels: list[list[int]]) -> Example:
-    return Example(ids_labels[0], ids_labels[1], prompt_len=0)
 
 
 class StreamSampler:
@@ -213,7 +218,7 @@ class StreamSampler:
                 raise DataError(f"resume: the data stream was saved with {key}={state[key]}, this run has {mine}")
         own = state["ranks"][self.rank]
         self.position = Position(**own["position"])
-        self.pending = [_example(x) for x in own["pending"]]
+        self.pending = [Example(ids, labels, prompt_len=0) for ids, labels in own["pending"]]
         self.steps = own["steps"]
         for key, value in own["stats"].items():  # in place: the run's results hold this object
             setattr(self.stats, key, value)
@@ -240,7 +245,8 @@ class StreamSampler:
         if self.workers == 0:
             return iter(dataset)
         # batch_size=None: one item per record, in the order the workers are asked (round robin).
-        return iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, prefetch_factor=16))
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.workers, prefetch_factor=16, worker_init_fn=_deaf)
+        return iter(loader)
 
     def _next_item(self) -> Item:
         if self._items is None:
@@ -295,15 +301,8 @@ class StreamSampler:
 
     def _log_epoch(self) -> None:
         s = self.stats
-        log.info(
-            "data: pass %d over the stream done on rank %d: %d samples so far, %d truncated, %d dropped, %d bad rows skipped",
-            self.position.epoch + 1,
-            self.rank,
-            s.train_rows,
-            s.truncated,
-            s.dropped,
-            s.skipped,
-        )
+        counts = f"{s.train_rows} samples so far, {s.truncated} truncated, {s.dropped} dropped, {s.skipped} bad rows skipped"
+        log.info("data: pass %d over the stream done on rank %d: %s", self.position.epoch + 1, self.rank, counts)
 
 
 def stream_data(
