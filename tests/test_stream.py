@@ -114,16 +114,18 @@ def test_a_bad_row_names_its_file_and_line(tokenizer, tmp_path: Path, kind: str)
     bad = source / f"part-1.{kind}"
     rows = records(1, 17)
     rows[4] = {"prompt": "no answer"}
+    rows[0]["id"] = 7  # a key the format does not read: counted and named, not an error
     if kind == "jsonl":
         bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        where = f"{bad}:5"
+        where, first_id = f"{bad}:5", f"{bad}:1"
     else:
         pq.write_table(pa.Table.from_pylist(rows), bad, row_group_size=6)
-        where = f"{bad}: row 4"
+        where, first_id = f"{bad}: row 4", f"{bad}: row 0"
     with pytest.raises(DataError, match=f"{where}: (missing field 'completion'|field 'completion' must be a string)"):
         samples(sampler(tokenizer, source, workers=2), 40)
     skipping = sampler(tokenizer, source, bad_rows="skip")
     assert len(samples(skipping, 30)) == 30 and skipping.stats.skipped == 1
+    assert "'id' " in skipping.stats.ignored_keys and f"(first at {first_id})" in skipping.stats.ignored_keys
 
 
 @pytest.mark.parametrize(("packing", "workers"), [(False, 0), (False, 2), (True, 0), (True, 2)])
