@@ -21,6 +21,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dtune.assets import BUILTIN_PREFIX
 from dtune.data.formats import FORMATS
 from dtune.distributed.env import job_dir_name, rank_suffix
 from dtune.errors import ConfigError
@@ -135,6 +136,29 @@ def _early_stopping(e: list[str], cfg: DtuneConfig) -> None:
         )
 
 
+def _streaming(e: list[str], cfg: DtuneConfig) -> None:
+    """data.streaming: a run's length in steps, one source of files, the held-out rows from its first shard."""
+    data = cfg.data
+    if not data.streaming:
+        return
+    why = "with data.streaming (a stream's length is not known in advance)"
+    if cfg.train.max_steps is None:
+        e.append(f"train.max_steps: must be set {why}")
+    if cfg.train.epochs is not None:
+        e.append(f"train.epochs: not {why}; set train.epochs=null and train.max_steps")
+    if data.mix:
+        e.append("data.mix: not with data.streaming (one data.source: a .jsonl or .parquet file, a folder or a glob of them)")
+    if data.source.startswith(BUILTIN_PREFIX):
+        e.append(f"data.source: data.streaming reads .jsonl or .parquet files (a file, a folder or a glob); got {data.source}")
+    if data.eval_fraction is not None:
+        e.append(
+            "data.eval_fraction: not with data.streaming (the number of rows is not known); hold out data.eval_size rows "
+            "of the first shard, or give data.eval_source"
+        )
+    if data.train_size is not None:
+        e.append("data.train_size: not with data.streaming (the stream reads every row); set it to null")
+
+
 def validate(cfg: DtuneConfig) -> None:
     """Range and cross-field checks. Raises ConfigError listing every problem, each naming its field."""
     e: list[str] = []
@@ -219,6 +243,7 @@ def validate(cfg: DtuneConfig) -> None:
         e.append(f"data.choices: needs at least two distinct answers; got {list(cfg.data.choices)}")
     if cfg.data.system_prompt is not None and not cfg.data.chat_template:
         e.append("data.system_prompt: is set but data.chat_template is false (a system prompt needs the template)")
+    _streaming(e, cfg)
 
     _one_of(e, "logger.mode", cfg.logger.mode, WANDB_MODES)
     _positive(e, "logger.log_every", cfg.logger.log_every)

@@ -83,11 +83,14 @@ class DataConfig:
     every rank tokenizes on its own (in memory)."""
     num_proc: int | None = None
     """Processes tokenizing on each node (``datasets``' map ``num_proc``); null: the node's cores divided by the ranks
-    on the node. Small sets (under 2,000 rows per process) use fewer."""
+    on the node. Small sets (under 2,000 rows per process) use fewer. With ``streaming``: each rank's DataLoader
+    workers are num_proc // ranks on the node (at least 1); null: the rank's cores less one, at most 4."""
     streaming: bool = False
     """Stream the training rows from the source files instead of tokenizing them all before training (corpora larger
-    than memory or disk budget): tokenized on the fly by worker processes, split across ranks, resumable; needs
-    train.max_steps."""
+    than memory or disk budget): ``source`` is a .jsonl or .parquet file, a folder or a glob of them; tokenized on
+    the fly by worker processes, split across ranks, resumable (dtune.data.stream). Needs train.max_steps; not with
+    mix, train_size, eval_fraction or a built-in source. Held out: eval_source, else the first eval_size rows of the
+    first shard."""
     chat_template: bool = True
     """Render rows with the tokenizer's chat template (ChatML if it has none); false: plain prompt + completion."""
     system_prompt: str | None = None

@@ -110,6 +110,67 @@ def test_resumed_run_equals_the_uninterrupted_run_bit_for_bit(full_run, tmp_path
     assert not (out / CHECKPOINTS / ".step-00000004.tmp-dead").exists()  # cleaned by the next save
 
 
+def stream_overrides(shards: Path) -> list[str]:
+    """data.streaming over 2 JSONL shards of 24 rows (8 held out of the first): packed rows of 128 tokens tokenized by
+    2 worker processes, 4 rows per step; 6 steps cross the end of the first pass; a checkpoint every 2."""
+    return [
+        "data=jsonl",
+        f"data.source={shards}",
+        "data.streaming=true",
+        "data.train_size=null",
+        "data.packing=true",
+        "data.max_seq_len=128",
+        "data.num_proc=2",
+        "optim.lr=1e-2",
+        "train.max_steps=6",
+        "train.micro_batch_size=2",
+        "train.grad_accum_steps=2",
+        "train.checkpoint_every=2",
+        "train.keep_checkpoints=3",
+    ]
+
+
+@pytest.fixture(scope="module")
+def stream_run(tmp_path_factory) -> tuple[Path, dict, Path]:
+    shards = tmp_path_factory.mktemp("shards")
+    for s in range(2):
+        rows = [
+            {"prompt": f"Shard {s}, review {i}: " + "fine " * (i % 7), "completion": ["positive", "negative"][i % 2]}
+            for i in range(24)
+        ]
+        (shards / f"part-{s}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path_factory.mktemp("stream")
+    return out, run(compose_config(tiny_overrides(out, *stream_overrides(shards))), out), shards
+
+
+@pytest.mark.integration
+def test_a_resumed_stream_equals_the_uninterrupted_run_bit_for_bit(stream_run, tmp_path: Path):
+    """data.streaming: stopped after step 2, resumed: the same losses, epochs, counts and adapter, exactly; the stream
+    went on from each rank's saved position (and the packed row begun), not from the start."""
+    ref, ref_results, shards = stream_run
+    assert ref_results["steps_per_epoch"] is None and 1.0 < ref_results["epochs"] < 2.0  # past the end of a pass
+    assert ref_results["data"]["packed_rows"] == 6 * 4 and ref_results["data"]["eval_rows"] == 8
+    sampler = load_checkpoint(checkpoints(ref / CHECKPOINTS)[0][1])["trainer_state"]["sampler"]
+    assert sampler["stream"] and len(sampler["ranks"]) == 1 and sampler["ranks"][0]["steps"] == 2
+    out = tmp_path / "resumed"
+    shutil.copytree(ref, out)
+    for step, path in checkpoints(out / CHECKPOINTS):
+        if step > 2:
+            shutil.rmtree(path)
+    for name in ("results.json", "adapter"):
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+
+    results = run(compose_config(tiny_overrides(out, *stream_overrides(shards))), out)
+    assert results["resumed_from_step"] == 2 and results["steps"] == 6
+    assert train_losses(out) == train_losses(ref)
+    assert [r["train/epoch"] for r in metrics(out) if "train/epoch" in r] == [
+        r["train/epoch"] for r in metrics(ref) if "train/epoch" in r
+    ]
+    ours, theirs = adapter(out), adapter(ref)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert results["after"] == ref_results["after"] and results["data"] == ref_results["data"]
+
+
 @pytest.mark.integration
 def test_changed_settings_refuse_to_resume(full_run, tmp_path: Path):
     ref, _ = full_run

@@ -232,3 +232,26 @@ def test_one_rank_checkpoint_resumes_on_two_ranks(tmp_path: Path, single: Path, 
     cmd = [*launch, "-m", "dtune.train", *COMMON, f"engine={engine}", f"train.resume={checkpoint}", f"hydra.run.dir={out}"]
     run(cmd, tmp_path)
     assert_same_run(out, single, resumed_at=2)
+
+
+@pytest.mark.integration
+def test_two_ranks_stream_disjoint_shares_and_resume_exactly(tmp_path: Path):
+    """data.streaming on 2 ranks, each rank's records tokenized by 2 workers: the checkpoint holds both ranks' own
+    positions (rank r at a record of its own, n % 2 == r), and the run resumed from step 2 trains the same steps."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(2):
+        rows = [{"prompt": f"Shard {s}, review {i}: " + "fine " * (i % 7), "completion": ["yes", "no"][i % 2]} for i in range(20)]
+        (shards / f"part-{s}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stream = ["data=jsonl", f"data.source={shards}", "data.streaming=true", "data.train_size=null", "data.num_proc=4"]
+    args = [*COMMON, *stream, "train.max_steps=4"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run([*torchrun(2), "-m", "dtune.train", *args, f"hydra.run.dir={full}"], tmp_path)
+    checkpoint = full / "checkpoints" / "step-00000002"
+    ranks = json.loads((checkpoint / "trainer_state.json").read_text())["sampler"]["ranks"]
+    assert [r["position"]["record"] % 2 for r in ranks] == [1, 0]  # the position after a record of its own
+    assert ranks[0]["stats"]["train_rows"] == ranks[1]["stats"]["train_rows"] == 2 * 2
+    run([*torchrun(2), "-m", "dtune.train", *args, f"train.resume={checkpoint}", f"hydra.run.dir={resumed}"], tmp_path)
+    assert losses(resumed, after=2) == losses(full, after=2)
+    ours, ref = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (resumed, full))
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)

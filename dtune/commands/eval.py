@@ -12,6 +12,7 @@ from torch import nn
 from dtune.adapters import load_frozen_base, load_trained, locate_args, mutates_base, trained_parser
 from dtune.data.examples import Example
 from dtune.data.load import load_data
+from dtune.data.stream import streamed_eval_set
 from dtune.distributed.engine import Engine
 from dtune.errors import ConfigError, user_errors
 from dtune.evaluate import evaluate
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.engine = replace(cfg.engine, strategy="ddp", zero_stage=0, offload_optimizer=False, offload_params=False)
         engine = Engine(cfg)
         tokenizer = load_tokenizer(cfg)
-        _, task, _ = load_data(cfg.data, tokenizer)
+        # A streamed run's held-out rows come from its first shard (or eval_source), without reading the corpus.
+        task = streamed_eval_set(cfg.data, tokenizer) if cfg.data.streaming else load_data(cfg.data, tokenizer)[1]
         trained = replace(trained, cfg=cfg)
         model = load_trained(trained, engine.device, args.allow_pickle)
         base = load_frozen_base(trained, engine.device, args.allow_pickle) if mutates_base(trained.adapter_dir) else None

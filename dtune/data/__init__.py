@@ -2,7 +2,8 @@
 
 Modules: ``formats`` (record formats -> Row), ``sources`` (files, built-ins, mixtures, the held-out split),
 ``render`` (Row -> Example), ``packing`` (several samples per row), ``load`` (the cached pipeline),
-``batching`` (collate, StepSampler), ``examples`` (the types).
+``batching`` (collate, StepSampler), ``examples`` (the types); ``stream`` and ``shards``: data.streaming (rows read
+and tokenized as the run goes, StreamSampler).
 """
 
 from dtune.data.batching import StepSampler, collate, train_batches

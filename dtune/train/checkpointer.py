@@ -26,6 +26,7 @@ from dtune.checkpoint import (
     save_checkpoint,
 )
 from dtune.data.batching import StepSampler
+from dtune.data.stream import StreamSampler
 from dtune.distributed.engine import Engine
 from dtune.distributed.full_state import FullState
 from dtune.fsutil import staged_dir
@@ -44,7 +45,7 @@ class Stateful:
     """The prepared (wrapped, maybe sharded) loss model; the PeftModel is its ``.model``."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    sampler: StepSampler
+    sampler: StepSampler | StreamSampler
 
 
 class Checkpointer:
@@ -130,13 +131,14 @@ class Checkpointer:
         t0 = time.perf_counter()
         opt_state = self.full.optimizer_state(parts.model, parts.optimizer)
         rng = self.engine.gather_objects(self.full.rng_state())
+        sampler = parts.sampler.state_dict()  # on every rank: collective for a stream (each rank's own position)
         adapter = None
         if self.engine.is_main:
             adapter = self._adapter_names({name: entry["param"] for name, entry in opt_state["params"].items()})
             trainer_state = {
                 **state.state_dict(),
                 "reason": reason,
-                "sampler": parts.sampler.state_dict(),
+                "sampler": sampler,
                 "scheduler": parts.scheduler.state_dict(),
                 "scaler": self.full.scaler_state(parts.optimizer),
                 "world_size": self.engine.world_size,

@@ -25,6 +25,7 @@ from dtune.config import validate
 from dtune.data.batching import StepSampler
 from dtune.data.load import load_data
 from dtune.data.render import prompt_format
+from dtune.data.stream import StreamSampler, stream_data
 from dtune.distributed.engine import Engine
 from dtune.distributed.preempt import Preempted, Preemption
 from dtune.evaluate import evaluate
@@ -97,9 +98,14 @@ class Trainer:
         cfg, engine = self.cfg, self.engine
         resume = self.checkpointer.load()
         self.tokenizer = tokenizer = load_tokenizer(cfg)
-        train_set, self.eval_set, self.data_stats = load_data(cfg.data, tokenizer, engine)
-        log.info("data: %d training and %d held-out samples from %s", len(train_set), len(self.eval_set), cfg.data.source)
         self.pad_id = tokenizer.pad_token_id
+        if cfg.data.streaming:  # rows read and tokenized as the run goes; data_stats is updated as the stream goes
+            stream, self.eval_set, self.data_stats = stream_data(
+                cfg, tokenizer, self.pad_id, engine.rank, engine.world_size, engine.gather_objects
+            )
+        else:
+            train_set, self.eval_set, self.data_stats = load_data(cfg.data, tokenizer, engine)
+            log.info("data: %d training and %d held-out samples from %s", len(train_set), len(self.eval_set), cfg.data.source)
         model = build_model(cfg, engine.load_device)
         self.flops = FlopCounts.of(model)
         self.peak_flops = device_peak_flops(cfg.train.precision, cfg.train.peak_tflops)
@@ -108,18 +114,24 @@ class Trainer:
             atomic_write_text(self.output_dir / "config_resolved.yaml", self.config_yaml)
         # FSDP2 shards here; the optimizer must see the sharded params.
         loss_model = engine.shard(CompletionLoss(model, cfg.train.loss_chunk_tokens))
-        sampler = StepSampler(
-            train_set,
-            cfg.train.micro_batch_size,
-            cfg.train.grad_accum_steps,
-            cfg.train.seed,
-            self.pad_id,
-            engine.rank,
-            engine.world_size,
-        )
-        # The one run length the schedule, the progress bar, the loop and results.json go by.
-        self.length = RunLength.of(cfg, sampler.steps_per_epoch)
-        log.info("run length: %s", self.length.describe(len(train_set), sampler.per_step))
+        sampler: StepSampler | StreamSampler
+        if cfg.data.streaming:
+            sampler = stream
+            self.length = RunLength.of(cfg, None)
+            log.info("run length: %s", self.length.describe(None, sampler.per_step))
+        else:
+            sampler = StepSampler(
+                train_set,
+                cfg.train.micro_batch_size,
+                cfg.train.grad_accum_steps,
+                cfg.train.seed,
+                self.pad_id,
+                engine.rank,
+                engine.world_size,
+            )
+            # The one run length the schedule, the progress bar, the loop and results.json go by.
+            self.length = RunLength.of(cfg, sampler.steps_per_epoch)
+            log.info("run length: %s", self.length.describe(len(train_set), sampler.per_step))
         optimizer = build_optimizer(loss_model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, self.length.max_steps)
         loss_model, optimizer = engine.prepare(loss_model, optimizer)
