@@ -16,7 +16,7 @@ import pytest
 
 from dtune.config import validate
 from dtune.data import Renderer
-from dtune.data.packing import pack
+from dtune.data.examples import packed_example
 from dtune.data.shards import find_shards, held_out, shard_order
 from dtune.data.sources import read_source
 from dtune.data.stream import StreamSampler, stream_workers
@@ -165,7 +165,7 @@ def test_a_stream_refuses_to_resume_with_another_world_size_or_batch(tokenizer, 
 
 
 def test_packed_rows_are_greedy_in_stream_order(tokenizer, tmp_path: Path):
-    """Each packed row is pack() of the consecutive samples that fit in data.max_seq_len."""
+    """Each packed row holds the consecutive samples that fit in data.max_seq_len, in stream order."""
     source = write_shards(tmp_path / "shards", "jsonl")
     plain = samples(sampler(tokenizer, source), 34)
     packed = sampler(tokenizer, source, packing=True)
@@ -179,7 +179,7 @@ def test_packed_rows_are_greedy_in_stream_order(tokenizer, tmp_path: Path):
     from dtune.data.examples import Example
 
     for batch, group in zip(rows, groups, strict=False):
-        (ref,) = pack([Example(list(i), list(lab), 0) for i, lab in group], 96)
+        ref = packed_example([Example(list(i), list(lab), 0) for i, lab in group])
         n = len(ref.input_ids)
         assert batch["input_ids"][0, :n].tolist() == ref.input_ids and batch["labels"][0, :n].tolist() == ref.labels
         assert batch["position_ids"][0, :n].tolist() == [p for e in group for p in range(len(e[0]))]

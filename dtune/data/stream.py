@@ -19,7 +19,7 @@ Scanning is cheap next to rendering, and a node's processes read the same bytes 
 cache; a Parquet row group is decoded by every process that reads it.
 
 Steps. Each step takes the rank's next micro_batch_size x grad_accum_steps samples -- packed rows with
-``data.packing``, filled greedily in stream order like :func:`dtune.data.packing.pack` -- sorted by length (stable)
+``data.packing``, filled greedily in stream order (the row layout of :func:`dtune.data.examples.packed_example`) -- sorted by length (stable)
 and cut into micro-batches, collated with :func:`dtune.data.batching.collate`.
 
 Resuming. The position after the last item a step consumed (epoch, shard, byte offset or row, line, record number),
@@ -43,9 +43,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dtune.data.batching import collate
-from dtune.data.examples import DataStats, Example
+from dtune.data.examples import DataStats, Example, packed_example
 from dtune.data.formats import UnknownKeys
-from dtune.data.packing import pack
 from dtune.data.render import Renderer
 from dtune.data.shards import Position, Shard, begin, find_shards, held_out, parse, scan, shard_order
 from dtune.distributed.preempt import SIGNALS
@@ -293,7 +292,7 @@ class StreamSampler:
         while True:
             example = self._next_example()
             if self.pending and sum(len(e.input_ids) for e in self.pending) + len(example.input_ids) > self.cfg.max_seq_len:
-                (row,) = pack(self.pending, self.cfg.max_seq_len)
+                row = packed_example(self.pending)
                 self.pending = [example]
                 self.stats.packed_rows += 1
                 return row
