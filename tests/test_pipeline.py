@@ -218,3 +218,82 @@ def test_without_the_cache_each_process_tokenizes_in_memory(tokenizer, monkeypat
     assert sorted(n for e in train for n in e.segments) == sorted(len(e.input_ids) for e in want_train)
     assert stats.tokens == sum(len(e.input_ids) for e in want_train)
     assert 0.5 < stats.pack_fill <= 1.0
+
+
+RANK_SCRIPT = """
+import datetime, logging, os, sys, time
+import torch.distributed as dist
+from types import SimpleNamespace
+from transformers import AutoTokenizer
+import dtune.data.load as load
+from dtune.schema import DataConfig
+
+source, tokenizer_dir, mode = sys.argv[1:4]
+logging.basicConfig(level=logging.INFO)
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=3))
+rank = dist.get_rank()
+real = load.tokenize
+
+def slow_builder(*args, **kwargs):  # a build that takes longer than the process group's timeout
+    time.sleep(8)
+    if mode == "fail":
+        raise OSError("No space left on device (a test)")
+    return real(*args, **kwargs)
+
+load.tokenize = slow_builder
+load.WAIT_LOG_SECONDS = 2.0
+engine = SimpleNamespace(accelerator=SimpleNamespace(is_local_main_process=rank == 0))
+try:
+    if mode == "barrier":  # the control: a collective wait instead of the file marker
+        if rank == 0:
+            time.sleep(8)
+        dist.barrier()
+        train = []
+    else:
+        train, _, _ = load.load_data(DataConfig(source=source, eval_size=2, choices=None), AutoTokenizer.from_pretrained(tokenizer_dir), engine)
+    dist.barrier()  # both ranks alive, the group intact
+except Exception as err:
+    print(f"rank {rank} failed: {type(err).__name__}: {err}", flush=True)
+    time.sleep(3 if rank == 0 else 0)  # torchrun stops every rank once one exits: let rank 1 see the failure first
+    os._exit(3)
+print(f"rank {rank}: {len(train)} samples", flush=True)
+dist.destroy_process_group()
+os._exit(0)
+"""
+
+
+@pytest.mark.integration
+def test_ranks_wait_for_a_slow_builder_past_the_process_group_timeout(tmp_path: Path):
+    """The node's other ranks wait for the local main process's tokenization on a file marker, not in a collective:
+    a build of 8 s under a process-group timeout of 3 s passes (a barrier in its place times out), the waiting rank
+    logs that it waits, and a failed build stops it with the builder's reason instead of leaving it waiting (under a launcher that does not stop the
+    other ranks, srun without --kill-on-bad-exit, it would wait for ever)."""
+    import subprocess
+
+    from dtune.assets import resolve_model
+    from tests.helpers import ENV, torchrun
+
+    src = write_jsonl(tmp_path / "d.jsonl", make_records("prompt_completion", 12))
+    (script := tmp_path / "rank.py").write_text(RANK_SCRIPT)
+    tokenizer_dir = str(resolve_model("builtin:tiny-llama"))
+    env = {**ENV, "DTUNE_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+
+    def launch(mode: str) -> subprocess.CompletedProcess[str]:
+        logs = tmp_path / f"logs-{mode}"
+        cmd = [*torchrun(2), "--log-dir", str(logs), "--redirects", "3", str(script), str(src), tokenizer_dir, mode]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        proc.stdout = "\n".join(p.read_text() for p in sorted(logs.rglob("std*.log")))
+        return proc
+
+    control = launch("barrier")
+    assert control.returncode != 0 and "rank 1 failed" in control.stdout, control.stdout[-2000:]
+    ok = launch("ok")
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-2000:]
+    assert "rank 0: 10 samples" in ok.stdout and "rank 1: 10 samples" in ok.stdout
+    assert "waiting" in ok.stdout and "for the local main process to tokenize" in ok.stdout
+    (tmp_path / "cache").rename(tmp_path / "cache-old")  # build again, and fail
+    failed = launch("fail")
+    assert failed.returncode != 0
+    assert "rank 1 failed: DataError: data: the local main process failed to tokenize: OSError: No space left" in (
+        failed.stdout
+    ), failed.stdout[-3000:]

@@ -118,12 +118,12 @@ def load_data(cfg: DataConfig, tokenizer: Any, engine: Any = None) -> tuple[Toke
     Cached under dtune's cache (``data.cache``): on each node the local main process tokenizes with
     ``data.num_proc`` processes while the node's other ranks wait for the finished folder; then every rank
     memory-maps it. Without the cache each rank tokenizes on its own, in memory. ``engine`` (an Engine, or None for
-    one process) tells the process its place on the node: ``accelerator.is_local_main_process``,
-    ``local_world_size``. Raises DataError naming the file and line of a bad record (``data.bad_rows=error``) and
-    when no sample is left.
+    one process) tells the process whether it builds for its node (``accelerator.is_local_main_process``); the ranks
+    on the node (``LOCAL_WORLD_SIZE``, set by torchrun and dtune's Slurm launch) share its cores. Raises DataError
+    naming the file and line of a bad record (``data.bad_rows=error``), when no sample is left, and on the waiting
+    ranks when the builder failed (with its reason).
     """
-    local_ranks = getattr(engine, "local_world_size", 1) if engine is not None else 1
-    num_proc = cfg.num_proc or default_num_proc(local_ranks)
+    num_proc = cfg.num_proc or default_num_proc(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if not cfg.cache:
         train_ds, eval_ds, stats = tokenize(cfg, tokenizer, None, num_proc)
         finish(train_ds, eval_ds, stats, cfg, None)

@@ -128,7 +128,7 @@ def tokenize(cfg: DataConfig, tokenizer: Any, workdir: Path | None, num_proc: in
         cache_file_name=str(workdir / "tokenized.arrow") if workdir else None,
         keep_in_memory=workdir is None,
         new_fingerprint=f"dtune-tokenize-{os.getpid()}-{time.time_ns()}",
-        desc=f"data: tokenizing {len(todo)} records ({procs} processes)",
+        desc=f"data: tokenizing {len(todo)} records ({procs} process{'es' if procs > 1 else ''})",
     )
     seconds = time.perf_counter() - started
     status = np.asarray(mapped.data.table.column("status").to_numpy(zero_copy_only=False), dtype=np.int8)
