@@ -82,8 +82,8 @@ class DataConfig:
     """Cache the tokenized data under dtune's cache dir, keyed by data, tokenizer and settings. Without the cache
     every rank tokenizes on its own (in memory)."""
     num_proc: int | None = None
-    """Processes tokenizing on each node (``datasets``' map ``num_proc``); null: the node's cores divided by the ranks
-    on the node. Small sets (under 2,000 rows per process) use fewer. With ``streaming``: each rank's DataLoader
+    """Processes tokenizing on each node (``datasets``' map ``num_proc``) while the node's other ranks wait; null: the
+    cores the local main process may run on. Small sets (under 2,000 rows per process) use fewer. With ``streaming``: each rank's DataLoader
     workers are num_proc // ranks on the node (at least 1); null: the rank's cores less one, at most 4."""
     streaming: bool = False
     """Stream the training rows from the source files instead of tokenizing them all before training (corpora larger

@@ -297,3 +297,18 @@ def test_ranks_wait_for_a_slow_builder_past_the_process_group_timeout(tmp_path: 
     assert "rank 1 failed: DataError: data: the local main process failed to tokenize: OSError: No space left" in (
         failed.stdout
     ), failed.stdout[-3000:]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3"])
+def test_the_fast_tokenizer_call_gives_the_tokenizers_ids(family, family_tokenizer):
+    """The renderer tokenizes pieces through the Rust tokenizer's encode_batch_fast when its probe agrees with the
+    tokenizer: the ids then equal ``tokenizer(texts, add_special_tokens=False)`` on text with special tokens, spaces,
+    non-ASCII and digits, for every family (SentencePiece ones included)."""
+    tok = family_tokenizer(family)
+    renderer = Renderer(tok, DataConfig(choices=None))
+    rng = random.Random(0)
+    specials = [t for t in (tok.eos_token, tok.bos_token, "<|im_end|>") if t]
+    texts = [f"{words(rng, 0, 9)}{rng.choice(specials)}\n\n {rng.randint(0, 999)} é中 {words(rng, 1, 5)}  \t" for _ in range(40)]
+    if renderer.piecewise:
+        assert renderer._fast is not None  # the fast path is taken
+    assert renderer._pieces(texts) == tok(texts, add_special_tokens=False)["input_ids"]

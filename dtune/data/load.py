@@ -62,10 +62,10 @@ def cache_key(cfg: DataConfig, tokenizer: Any) -> str:
     return h.hexdigest()[:24]
 
 
-def default_num_proc(local_world_size: int = 1) -> int:
-    """The node's cores (those this process may run on) shared by its ranks, at least 1."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, local_world_size))
+def default_num_proc() -> int:
+    """The cores this process may run on: the node's other ranks only wait while it tokenizes (under Slurm's CPU
+    binding, the cores bound to this task)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _build(cfg: DataConfig, tokenizer: Any, path: Path, num_proc: int) -> None:
@@ -118,12 +118,11 @@ def load_data(cfg: DataConfig, tokenizer: Any, engine: Any = None) -> tuple[Toke
     Cached under dtune's cache (``data.cache``): on each node the local main process tokenizes with
     ``data.num_proc`` processes while the node's other ranks wait for the finished folder; then every rank
     memory-maps it. Without the cache each rank tokenizes on its own, in memory. ``engine`` (an Engine, or None for
-    one process) tells the process whether it builds for its node (``accelerator.is_local_main_process``); the ranks
-    on the node (``LOCAL_WORLD_SIZE``, set by torchrun and dtune's Slurm launch) share its cores. Raises DataError
+    one process) tells the process whether it builds for its node (``accelerator.is_local_main_process``). Raises DataError
     naming the file and line of a bad record (``data.bad_rows=error``), when no sample is left, and on the waiting
     ranks when the builder failed (with its reason).
     """
-    num_proc = cfg.num_proc or default_num_proc(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    num_proc = cfg.num_proc or default_num_proc()
     if not cfg.cache:
         train_ds, eval_ds, stats = tokenize(cfg, tokenizer, None, num_proc)
         finish(train_ds, eval_ds, stats, cfg, None)

@@ -56,6 +56,7 @@ class Renderer:
         self.template = getattr(tokenizer, "chat_template", None) or CHATML
         self.stats = DataStats()
         self.piecewise = self._joins_cleanly()
+        self._fast = self._backend_agrees()
         self.end_of_turn = self._end_of_turn() if cfg.chat_template else None
         if cfg.system_prompt and cfg.chat_template:
             self._check_system_prompt(cfg.system_prompt)
@@ -108,40 +109,63 @@ class Renderer:
                 raise DataError(f"{row.where}: data.chat_template=false takes single-turn rows (one user, one assistant)")
             prompt, full = messages[0]["content"], messages[0]["content"] + messages[1]["content"] + (self.tok.eos_token or "")
             return full, [(len(prompt), len(full))], len(prompt), False
-        full = self.chat(messages, where=row.where, tools=row.tools)
-        if row.tools and not all(_tool_name(t) in full for t in row.tools):
-            raise DataError(f"{row.where}: the chat template does not render the row's tools (no tool support)")
-        spans, prompt_end, seen_user = [], 0, False
+        turns, seen_user = [], False
         for i, m in enumerate(messages):
             seen_user = seen_user or m["role"] == "user"
-            if m["role"] != "assistant" or not seen_user or (i - shift) in row.untrained:
-                continue
-            start, end = self._turn(messages, i, full, row)
-            spans.append((start, end))
-            prompt_end = start
-        if not spans:
+            if m["role"] == "assistant" and seen_user and (i - shift) not in row.untrained:
+                turns.append(i)
+        # Every rendering the row needs, in two calls to the template: the conversation and, per trained turn, the
+        # conversation with that turn's content marked; then each turn's generation prompt.
+        marked = [[*messages[:i], {**messages[i], "content": MARKER}, *messages[i + 1 :]] for i in turns]
+        full, *variants = self._chat_many([messages, *marked], False, row.tools)
+        if full is None:
+            full = self.chat(messages, where=row.where, tools=row.tools)  # raises, naming the row and the reason
+        if row.tools and not all(_tool_name(t) in full for t in row.tools):
+            raise DataError(f"{row.where}: the chat template does not render the row's tools (no tool support)")
+        if not turns:
             raise DataError(f"{row.where}: no assistant turn to train on (each follows no user turn, or is opted out)")
-        return full, spans, prompt_end, True
+        headers = self._chat_many([messages[:i] for i in turns], True, row.tools)
+        spans = [
+            self._turn(full, variant or "", header, f"{row.where}: messages[{i}]")
+            for i, variant, header in zip(turns, variants, headers, strict=True)
+        ]
+        return full, spans, spans[-1][0], True
 
-    def _turn(self, messages: list[dict[str, Any]], i: int, full: str, row: Row) -> tuple[int, int]:
-        """Character span of assistant turn ``i`` in ``full`` (see the module docstring)."""
-        at = f"{row.where}: messages[{i}]"
-        content: tuple[int, int] | None = None
-        marked = [*messages[:i], {**messages[i], "content": MARKER}, *messages[i + 1 :]]
+    def _chat_many(
+        self, conversations: list[list[dict[str, Any]]], generation_prompt: bool, tools: list | None
+    ) -> list[str | None]:
+        """Each conversation rendered as :meth:`chat` renders it, None where the template refuses it; in one call to the
+        template when it refuses none (a third less time than one call each)."""
         try:
-            variant = self.chat(marked, where=at, tools=row.tools)
-        except DataError:
-            variant = ""
+            return list(
+                self.tok.apply_chat_template(
+                    conversations,
+                    chat_template=self.template,
+                    add_generation_prompt=generation_prompt,
+                    tokenize=False,
+                    tools=tools,
+                )
+            )
+        except (TemplateError, ValueError, TypeError, KeyError, IndexError):
+            pass
+        rendered: list[str | None] = []
+        for conversation in conversations:
+            try:
+                rendered.append(self.chat(conversation, generation_prompt, tools=tools))
+            except DataError:
+                rendered.append(None)
+        return rendered
+
+    def _turn(self, full: str, variant: str, header: str | None, at: str) -> tuple[int, int]:
+        """Character span in ``full`` of the assistant turn whose content ``variant`` marks, and whose generation
+        prompt ends ``header`` (see the module docstring)."""
+        content: tuple[int, int] | None = None
         k = variant.find(MARKER)
         if k >= 0 and variant.count(MARKER) == 1:
             before, after = variant[:k], variant[k + len(MARKER) :]
             if full.startswith(before) and full.endswith(after) and k <= len(full) - len(after):
                 content = (k, len(full) - len(after))
         start = content[0] if content else None
-        try:
-            header = self.chat(messages[:i], generation_prompt=True, where=at, tools=row.tools)
-        except DataError:
-            header = None
         if header is not None and full.startswith(header) and (content is None or len(header) <= content[0]):
             start = len(header)
         if start is None:
@@ -154,6 +178,25 @@ class Renderer:
         if content is None:
             raise DataError(f"{at}: cannot find where this assistant turn ends in the chat template's rendering")
         return start, content[1]
+
+    def _pieces(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, without special tokens: ``tokenizer(texts, add_special_tokens=False)``, through the
+        Rust tokenizer's ``encode_batch_fast`` (no offsets: about a third less time per row) when that gives the
+        same ids (checked at construction)."""
+        if self._fast is not None:
+            return [e.ids for e in self._fast.encode_batch_fast(texts, add_special_tokens=False)]
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
+
+    def _backend_agrees(self) -> Any:
+        """The Rust tokenizer, when calling it directly tokenizes as the tokenizer does (after the tokenizer's own call
+        has set its options: no truncation or padding, special tokens as configured); else None."""
+        backend = getattr(self.tok, "backend_tokenizer", None)
+        if backend is None or not hasattr(backend, "encode_batch_fast"):
+            return None
+        probe = ["Hello, world!", " <|im_end|>\n\n", "  7 \u00e9\u4e2d\t", self.tok.eos_token or "", "x" * 300]
+        slow = self.tok(probe, add_special_tokens=False)["input_ids"]
+        fast = [e.ids for e in backend.encode_batch_fast(probe, add_special_tokens=False)]
+        return backend if fast == slow and backend.truncation is None and backend.padding is None else None
 
     def _joins_cleanly(self) -> bool:
         """Whether text tokenized in pieces decodes to the pieces joined: not so for SentencePiece-style tokenizers
@@ -176,7 +219,7 @@ class Renderer:
             return self._encode_whole(full, spans, prompt_end, templated)
         cuts = sorted({0, len(full), prompt_end, *(x for span in spans for x in span)})
         pieces = [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
-        encoded = self.tok([full[a:b] for a, b in pieces], add_special_tokens=False)["input_ids"]
+        encoded = self._pieces([full[a:b] for a, b in pieces])
         if not templated:  # the tokenizer's own BOS (and whatever else it adds), as generate gets it
             encoded[0] = self.tok(full[pieces[0][0] : pieces[0][1]], add_special_tokens=True)["input_ids"]
         ids: list[int] = []
