@@ -227,3 +227,20 @@ def test_chat_template_refusals_name_the_row(tokenizer):
         Renderer(strict, DataConfig(system_prompt="Be brief.", choices=None))  # refused once, at start
     with pytest.raises(DataError, match=r"c\.jsonl:4: the chat template refuses this conversation: no system"):
         Renderer(strict, DataConfig(choices=None))(Row.single("hi", "yo", "c.jsonl:4", system="Be brief."))
+
+
+def test_padding_is_measured_as_the_sampler_batches():
+    """StepSampler.padding() is the padded fraction of the positions of the epoch's collated micro-batches."""
+    from dtune.data import Example, StepSampler
+
+    rng = __import__("random").Random(0)
+    examples = [Example(list(range(n)), list(range(n)), 1) for n in (rng.randint(3, 40) for _ in range(37))]
+    sampler = StepSampler(examples, 3, 2, seed=5, pad_id=0, rank=0, world_size=2)
+    peers = StepSampler(examples, 3, 2, seed=5, pad_id=0, rank=1, world_size=2)
+    real = total = 0
+    for _ in range(sampler.steps_per_epoch):
+        for batch in [*next(sampler), *next(peers)]:
+            real += int(batch["attention_mask"].sum())
+            total += batch["attention_mask"].numel()
+    assert sampler.padding() == pytest.approx(1 - real / total)
+    assert 0 < sampler.padding() < 0.5

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from dtune.data.examples import IGNORE, Example
@@ -90,6 +91,15 @@ class StepSampler:
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
             self._order = (epoch, order)
         return self._order[1]
+
+    def padding(self, epoch: int = 0) -> float:
+        """The fraction of the positions of ``epoch``'s micro-batches (every rank's) that are padding: each is padded to
+        its longest sample, after the step's samples were grouped by length."""
+        steps = self.steps_per_epoch
+        order = np.asarray(self.order(epoch)[: steps * self.per_step]).reshape(steps, self.per_step)
+        lengths = np.sort(np.asarray(self.lengths)[order], axis=1).reshape(steps, -1, self.micro)
+        room = int(lengths.max(axis=2).sum()) * self.micro
+        return 1.0 - int(lengths.sum()) / max(room, 1)
 
     def __iter__(self) -> StepSampler:
         return self

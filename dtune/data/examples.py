@@ -51,6 +51,8 @@ class DataStats:
     """Wall time of the tokenization that built the cache (0 when another run built it)."""
     num_proc: int = 0
     """Processes that tokenized."""
+    padding: float = 0.0
+    """The fraction of the positions of the first epoch's micro-batches that are padding (set by the training loop)."""
 
 
 def packed_example(samples: Sequence[Example]) -> Example:

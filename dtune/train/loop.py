@@ -132,6 +132,12 @@ class Trainer:
             # The one run length the schedule, the progress bar, the loop and results.json go by.
             self.length = RunLength.of(cfg, sampler.steps_per_epoch)
             log.info("run length: %s", self.length.describe(len(train_set), sampler.per_step))
+            self.data_stats.padding = sampler.padding()
+            log.info(
+                "data: %.1f%% of the micro-batches' positions are padding (first epoch, samples grouped by length%s)",
+                100 * self.data_stats.padding,
+                f"; packed rows {self.data_stats.pack_fill:.1%} full" if cfg.data.packing else "",
+            )
         optimizer = build_optimizer(loss_model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, self.length.max_steps)
         loss_model, optimizer = engine.prepare(loss_model, optimizer)
