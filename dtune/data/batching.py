@@ -69,10 +69,10 @@ class StepSampler:
                 f"train.micro_batch_size: {micro_batch_size} x train.grad_accum_steps {grad_accum_steps} x {world_size} "
                 f"ranks needs {self.per_step} samples per step; there are {len(examples)} training samples"
             )
-        lengths = getattr(examples, "lengths", None)
-        self.lengths = [len(e.input_ids) for e in examples] if lengths is None else lengths.tolist()
+        lengths = getattr(examples, "lengths", None)  # a TokenizedSet knows them without reading the samples
+        self.lengths = np.asarray([len(e.input_ids) for e in examples] if lengths is None else lengths, dtype=np.int64)
         self.epoch, self.index = 0, 0
-        self._order: tuple[int, list[int]] | None = None
+        self._order: tuple[int, np.ndarray] | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -85,19 +85,20 @@ class StepSampler:
         the first epoch)."""
         return self.epoch + self.index / self.steps_per_epoch
 
-    def order(self, epoch: int) -> list[int]:
+    def order(self, epoch: int) -> np.ndarray:
+        """[samples] int64: the epoch's order (Python's shuffle, seeded by (seed, epoch); kept as 8 bytes a sample)."""
         if self._order is None or self._order[0] != epoch:
             order = list(range(len(self.examples)))
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-            self._order = (epoch, order)
+            self._order = (epoch, np.array(order, dtype=np.int64))
         return self._order[1]
 
     def padding(self, epoch: int = 0) -> float:
         """The fraction of the positions of ``epoch``'s micro-batches (every rank's) that are padding: each is padded to
         its longest sample, after the step's samples were grouped by length."""
         steps = self.steps_per_epoch
-        order = np.asarray(self.order(epoch)[: steps * self.per_step]).reshape(steps, self.per_step)
-        lengths = np.sort(np.asarray(self.lengths)[order], axis=1).reshape(steps, -1, self.micro)
+        order = self.order(epoch)[: steps * self.per_step].reshape(steps, self.per_step)
+        lengths = np.sort(self.lengths[order], axis=1).reshape(steps, -1, self.micro)
         room = int(lengths.max(axis=2).sum()) * self.micro
         return 1.0 - int(lengths.sum()) / max(room, 1)
 
@@ -108,7 +109,8 @@ class StepSampler:
         if (self.index + 1) * self.per_step > len(self.examples):
             self.epoch, self.index = self.epoch + 1, 0
         start = self.index * self.per_step
-        step = sorted(self.order(self.epoch)[start : start + self.per_step], key=self.lengths.__getitem__)
+        picked = self.order(self.epoch)[start : start + self.per_step]
+        step = picked[np.argsort(self.lengths[picked], kind="stable")].tolist()  # by length, ties in order
         self.index += 1
         micro = [step[j : j + self.micro] for j in range(0, self.per_step, self.micro)]
         return [collate([self.examples[i] for i in m], self.pad_id) for m in micro[self.rank :: self.world_size]]

@@ -67,26 +67,30 @@ def packed_example(samples: Sequence[Example]) -> Example:
 
 class TokenizedSet:
     """Examples held in an Arrow table (memory-mapped from dtune's data cache, or in memory), read one at a time: a
-    rank holds only the offsets and the examples of the current step, whatever the size of the set.
+    rank holds the index and the lengths (16 bytes a sample) and the examples of the current step, whatever the size
+    of the set.
 
-    Columns: ``input_ids`` and ``labels`` (lists of int32), ``prompt_len``, and with ``data.choices`` ``choice_ids``
-    and ``gold``. With ``packs`` (CSR ``offsets`` [rows + 1], ``members`` [samples], see
-    :func:`dtune.data.packing.pack_bins`) item r is packed row r. A sequence: ``len``, indexing (an :class:`Example`;
-    a slice gives a list), iteration; ``lengths`` [items] holds each item's tokens (int64) without reading them.
+    ``table`` (a ``datasets`` Table) has columns ``input_ids`` (lists of int32), ``trained`` (lists of bool: the
+    label is the token where true, IGNORE elsewhere), ``prompt_len``, and with ``data.choices`` ``choice_ids`` and
+    ``gold``. Sample i is table row ``index[i]`` (all rows in order when None). With ``packs`` (CSR ``offsets``
+    [rows + 1], ``members`` [samples] over the samples, see :func:`dtune.data.packing.pack_bins`) item r is packed
+    row r. A sequence: ``len``, indexing (an :class:`Example`; a slice gives a list), iteration; ``lengths`` [items]
+    holds each item's tokens (int64), read from the table's offsets alone.
     """
 
-    def __init__(self, table: Any, packs: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    def __init__(self, table: Any, index: np.ndarray | None = None, packs: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         import pyarrow.compute as pc
 
-        self.table = table  # a datasets.table.Table (fast_slice) over pyarrow
-        self.packs = packs
-        column = table.table.column("input_ids") if hasattr(table, "table") else table.column("input_ids")
-        sample_lengths = pc.list_value_length(column).to_numpy().astype(np.int64) if len(column) else np.zeros(0, np.int64)
+        self.table, self.packs = table, packs
+        column = table.table.column("input_ids")
+        every = pc.list_value_length(column).to_numpy().astype(np.int64) if len(column) else np.zeros(0, np.int64)
+        self.index = np.arange(len(every), dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64)
+        self.sample_lengths = every[self.index]
         if packs is None:
-            self.lengths = sample_lengths
+            self.lengths = self.sample_lengths
         else:
             offsets, members = packs
-            sums = np.concatenate([[0], np.cumsum(sample_lengths[members])])
+            sums = np.concatenate([[0], np.cumsum(self.sample_lengths[members])])
             self.lengths = sums[offsets[1:]] - sums[offsets[:-1]]
         self.choices = "choice_ids" in table.column_names
 
@@ -94,11 +98,11 @@ class TokenizedSet:
         return len(self.lengths)
 
     def sample(self, i: int) -> Example:
-        """Sample ``i`` of the table (not a packed row)."""
-        row = self.table.fast_slice(int(i), 1)
-        ids = row.column("input_ids").chunk(0).flatten().to_numpy().tolist()
-        labels = row.column("labels").chunk(0).flatten().to_numpy().tolist()
-        ex = Example(ids, labels, int(row.column("prompt_len")[0].as_py()))
+        """Sample ``i`` (not a packed row)."""
+        row = self.table.fast_slice(int(self.index[i]), 1)
+        ids = row.column("input_ids").chunk(0).flatten().to_numpy()
+        trained = row.column("trained").chunk(0).flatten().to_numpy(zero_copy_only=False)
+        ex = Example(ids.tolist(), np.where(trained, ids, IGNORE).tolist(), int(row.column("prompt_len")[0].as_py()))
         if self.choices:
             ex.choice_ids = row.column("choice_ids")[0].as_py()
             ex.gold = int(row.column("gold")[0].as_py())

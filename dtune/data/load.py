@@ -32,8 +32,7 @@ import numpy as np
 
 from dtune.assets import BUILTIN_PREFIX, cache_dir
 from dtune.data.examples import DataStats, TokenizedSet
-from dtune.data.packing import pack_bins
-from dtune.data.tokenize import finish, open_saved, tokenize
+from dtune.data.tokenize import finish, open_table, tokenize
 from dtune.errors import DataError
 from dtune.fsutil import atomic_write_text
 from dtune.schema import DataConfig
@@ -70,16 +69,22 @@ def default_num_proc() -> int:
 
 def _build(cfg: DataConfig, tokenizer: Any, path: Path, num_proc: int) -> None:
     """Tokenize into a private folder beside ``path`` and move it into place (atomic: readers see all or nothing;
-    a second builder on another node that shares the folder finds it done and drops its own)."""
+    a second builder on another node that shares the folder finds it done and drops its own). The folder holds the
+    tokenized table (``tokenized*.arrow``), the training and held-out rows (``train.npy``, ``eval.npy``), the
+    packing (``packs.npz``) and the counts (``stats.json``, written last: the marker the other ranks wait for)."""
     work = path.parent / f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        train_ds, eval_ds, stats = tokenize(cfg, tokenizer, work, num_proc)
-        finish(train_ds, eval_ds, stats, cfg, work)
+        table, train_at, eval_at, stats = tokenize(cfg, tokenizer, work, num_proc)
+        packs = finish(table, train_at, stats, cfg)
+        np.save(work / "train.npy", train_at)
+        np.save(work / "eval.npy", eval_at)
+        if packs is not None:
+            np.savez(work / "packs.npz", offsets=packs[0], members=packs[1])
         stats.cache_bytes = sum(f.stat().st_size for f in work.rglob("*") if f.is_file())
         atomic_write_text(work / "stats.json", json.dumps(asdict(stats)))
-        del train_ds, eval_ds
+        del table
         try:
             work.rename(path)
         except OSError:
@@ -108,7 +113,9 @@ def _load(path: Path, cfg: DataConfig) -> tuple[TokenizedSet, TokenizedSet, Data
     if cfg.packing:
         with np.load(path / "packs.npz") as npz:
             packs = (npz["offsets"], npz["members"])
-    return TokenizedSet(open_saved(path / "train").data, packs), TokenizedSet(open_saved(path / "eval").data), stats
+    table = open_table(path)
+    train = TokenizedSet(table, np.load(path / "train.npy"), packs)
+    return train, TokenizedSet(table, np.load(path / "eval.npy")), stats
 
 
 def load_data(cfg: DataConfig, tokenizer: Any, engine: Any = None) -> tuple[TokenizedSet, TokenizedSet, DataStats]:
@@ -124,10 +131,9 @@ def load_data(cfg: DataConfig, tokenizer: Any, engine: Any = None) -> tuple[Toke
     """
     num_proc = cfg.num_proc or default_num_proc()
     if not cfg.cache:
-        train_ds, eval_ds, stats = tokenize(cfg, tokenizer, None, num_proc)
-        finish(train_ds, eval_ds, stats, cfg, None)
-        packs = pack_bins(TokenizedSet(train_ds.data).lengths, cfg.max_seq_len) if cfg.packing else None
-        train, evals = TokenizedSet(train_ds.data, packs), TokenizedSet(eval_ds.data)
+        table, train_at, eval_at, stats = tokenize(cfg, tokenizer, None, num_proc)
+        packs = finish(table, train_at, stats, cfg)
+        train, evals = TokenizedSet(table, train_at, packs), TokenizedSet(table, eval_at)
     else:
         path = cache_dir() / "data" / cache_key(cfg, tokenizer)
         failed = path.parent / f"{path.name}.failed-{socket.gethostname()}"

@@ -40,7 +40,9 @@ class Tokenize:
         if self._renderer is None:
             self._renderer = Renderer(self.tokenizer, self.cfg)
         renderer, stats = self._renderer, self._renderer.stats
-        out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "prompt_len": [], "status": [], "error": [], "unknown": []}
+        out: dict[str, list[Any]] = {
+            k: [] for k in ("input_ids", "trained", "prompt_len", "n_trained", "status", "error", "unknown")
+        }
         if self.cfg.choices:
             out |= {"choice_ids": [], "gold": []}
         for key in batch["key"]:
@@ -65,9 +67,11 @@ class Tokenize:
                     error, status = str(err), BAD_RENDER
                 else:
                     status = DROPPED if example is None else TRUNCATED if stats.truncated > before[0] else OK
+            labels = example.labels if example else []
             out["input_ids"].append(example.input_ids if example else [])
-            out["labels"].append(example.labels if example else [])
+            out["trained"].append([x != IGNORE for x in labels])  # labels are the ids where trained, else IGNORE
             out["prompt_len"].append(example.prompt_len if example else 0)
+            out["n_trained"].append(sum(x != IGNORE for x in labels[1:]))
             out["status"].append(status)
             out["error"].append(error)
             out["unknown"].append(json.dumps([[k, unknown.first[k]] for k in unknown.counts]) if unknown.counts else "")
@@ -82,8 +86,9 @@ def _features(cfg: DataConfig) -> Any:
 
     cols = {
         "input_ids": Sequence(Value("int32")),
-        "labels": Sequence(Value("int32")),
+        "trained": Sequence(Value("bool")),
         "prompt_len": Value("int32"),
+        "n_trained": Value("int32"),
         "status": Value("int8"),
         "error": Value("string"),
         "unknown": Value("string"),
@@ -106,11 +111,14 @@ def _plan(cfg: DataConfig) -> tuple[list[Records], np.ndarray, np.ndarray]:
     return sources, np.asarray(train, dtype=np.int64), np.asarray(evals, dtype=np.int64)
 
 
-def tokenize(cfg: DataConfig, tokenizer: Any, workdir: Path | None, num_proc: int) -> tuple[Any, Any, DataStats]:
-    """(training set, held-out set, stats) as ``datasets.Dataset`` s: the training set packed into rows when
-    ``data.packing`` (a ``packs`` column set aside in the stats' companion, see :func:`_build`)."""
+def tokenize(
+    cfg: DataConfig, tokenizer: Any, workdir: Path | None, num_proc: int
+) -> tuple[Any, np.ndarray, np.ndarray, DataStats]:
+    """(table, training rows, held-out rows, stats). The table (a ``datasets`` Table, written to ``workdir`` as
+    ``tokenized*.arrow``, or in memory when it is None) holds every record the split uses, tokenized, in file order;
+    the two index arrays give the table rows of the training and held-out samples in set order, bad and dropped
+    records left out. The parent process reads only the small columns (status, counts): no pass over the tokens."""
     from datasets import Dataset
-    from datasets.utils.logging import disable_progress_bar, enable_progress_bar
 
     started = time.perf_counter()
     sources, train_keys, eval_keys = _plan(cfg)
@@ -130,47 +138,34 @@ def tokenize(cfg: DataConfig, tokenizer: Any, workdir: Path | None, num_proc: in
         new_fingerprint=f"dtune-tokenize-{os.getpid()}-{time.time_ns()}",
         desc=f"data: tokenizing {len(todo)} records ({procs} process{'es' if procs > 1 else ''})",
     )
-    seconds = time.perf_counter() - started
-    status = np.asarray(mapped.data.table.column("status").to_numpy(zero_copy_only=False), dtype=np.int8)
-    stats = DataStats(tokenize_seconds=seconds, num_proc=procs)
+    table = mapped.data
+    status = np.asarray(table.table.column("status").to_numpy(zero_copy_only=False), dtype=np.int8)
+    stats = DataStats(tokenize_seconds=time.perf_counter() - started, num_proc=procs)
     train_at, eval_at = np.searchsorted(todo, train_keys), np.searchsorted(todo, eval_keys)
+    used = np.concatenate([train_at, eval_at])
     bad_records = np.flatnonzero(status == BAD_RECORD)  # once per record, as reading them would count
-    bad_renders = np.concatenate([train_at, eval_at])[np.isin(status[np.concatenate([train_at, eval_at])], BAD_RENDER)]
+    bad_renders = used[status[used] == BAD_RENDER]  # per use, as rendering each use would count
     stats.skipped = len(bad_records) + len(bad_renders)
     if stats.skipped:
         first = int(bad_records[0]) if len(bad_records) else int(bad_renders[0])
-        stats.first_bad = mapped[first]["error"]
-    used = np.concatenate([train_at, eval_at])
+        stats.first_bad = table.table.column("error")[first].as_py()
     stats.truncated = int(np.sum(status[used] == TRUNCATED))
     stats.dropped = int(np.sum(status[used] == DROPPED))
-    stats.ignored_keys = _unknown_summary(mapped)
+    stats.ignored_keys = _unknown_summary(table)
     train_at = train_at[np.isin(status[train_at], (OK, TRUNCATED))]
     eval_at = eval_at[np.isin(status[eval_at], (OK, TRUNCATED))]
     for what, at in (("training", train_at), ("evaluation", eval_at)):
         if not len(at):
             raise DataError(f"data: no {what} sample is left after tokenization (all bad, or longer than data.max_seq_len?)")
-    mapped = mapped.remove_columns(["status", "error", "unknown"])
-    disable_progress_bar()
-    try:
-        if workdir is not None:
-            mapped.select(train_at).save_to_disk(str(workdir / "train"))
-            mapped.select(eval_at).save_to_disk(str(workdir / "eval"))
-            for f in workdir.glob("tokenized*.arrow"):
-                f.unlink()
-            train_ds, eval_ds = open_saved(workdir / "train"), open_saved(workdir / "eval")
-        else:
-            train_ds, eval_ds = mapped.select(train_at).flatten_indices(), mapped.select(eval_at).flatten_indices()
-    finally:
-        enable_progress_bar()
-    stats.train_rows, stats.eval_rows = len(train_ds), len(eval_ds)
-    return train_ds, eval_ds, stats
+    stats.train_rows, stats.eval_rows = len(train_at), len(eval_at)
+    return table, train_at, eval_at, stats
 
 
-def _unknown_summary(mapped: Any) -> str:
+def _unknown_summary(table: Any) -> str:
     """The keys no format reads, over the records in file order, as :class:`UnknownKeys` says them."""
     import pyarrow.compute as pc
 
-    column = mapped.data.table.column("unknown")
+    column = table.table.column("unknown")
     unknown = UnknownKeys()
     for cell in pc.filter(column, pc.not_equal(column, "")).to_pylist():
         for name, where in json.loads(cell):
@@ -179,34 +174,24 @@ def _unknown_summary(mapped: Any) -> str:
     return unknown.summary()
 
 
-def open_saved(folder: Path) -> Any:
-    from datasets import load_from_disk
+def open_table(folder: Path) -> Any:
+    """The tokenized table of a cache folder, memory-mapped (the map's files, in order)."""
+    from datasets import Dataset, concatenate_datasets
 
-    return load_from_disk(str(folder))
+    files = sorted(folder.glob("tokenized*.arrow"))
+    return concatenate_datasets([Dataset.from_file(str(f)) for f in files]).data
 
 
-def finish(train_ds: Any, eval_ds: Any, stats: DataStats, cfg: DataConfig, folder: Path | None) -> DataStats:
-    """Token counts, and with ``data.packing`` the packing of the training set (saved beside it in ``folder``)."""
-    train = TokenizedSet(train_ds.data)
-    stats.tokens = int(train.lengths.sum())
-    stats.trained_tokens = int(_trained_tokens(train_ds))
+def finish(table: Any, train_at: np.ndarray, stats: DataStats, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray] | None:
+    """Token counts into ``stats``, and with ``data.packing`` the packing of the training set (CSR, see
+    :func:`~dtune.data.packing.pack_bins`)."""
+    lengths = TokenizedSet(table, train_at).lengths
+    stats.tokens = int(lengths.sum())
+    counts = np.asarray(table.table.column("n_trained").to_numpy(zero_copy_only=False), dtype=np.int64)
+    stats.trained_tokens = int(counts[train_at].sum())
+    packs = None
     if cfg.packing:
-        offsets, members = pack_bins(train.lengths, cfg.max_seq_len)
-        stats.packed_rows = len(offsets) - 1
-        stats.pack_fill = fill_ratio(train.lengths, stats.packed_rows, cfg.max_seq_len)
-        if folder is not None:
-            np.savez(folder / "packs.npz", offsets=offsets, members=members)
-    return stats
-
-
-def _trained_tokens(ds: Any) -> int:
-    """Labels that are not IGNORE, the first of each sample excluded (it predicts nothing)."""
-    import pyarrow.compute as pc
-
-    total = 0
-    for batch in ds.data.table.column("labels").chunks:
-        flat = batch.flatten()
-        total += int(pc.sum(pc.not_equal(flat, IGNORE)).as_py() or 0)
-        firsts = pc.list_element(batch.filter(pc.greater(pc.list_value_length(batch), 0)), 0)
-        total -= int(pc.sum(pc.not_equal(firsts, IGNORE)).as_py() or 0)
-    return total
+        packs = pack_bins(lengths, cfg.max_seq_len)
+        stats.packed_rows = len(packs[0]) - 1
+        stats.pack_fill = fill_ratio(lengths, stats.packed_rows, cfg.max_seq_len)
+    return packs
