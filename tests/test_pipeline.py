@@ -312,3 +312,27 @@ def test_the_fast_tokenizer_call_gives_the_tokenizers_ids(family, family_tokeniz
     if renderer.piecewise:
         assert renderer._fast is not None  # the fast path is taken
     assert renderer._pieces(texts) == tok(texts, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64, 1 << 24])
+def test_jsonl_index_finds_every_line_that_is_not_blank(chunk, monkeypatch, tmp_path: Path):
+    """The byte range and number of each line holding more than whitespace, with lines cut across read chunks,
+    CRLF ends, blank and whitespace-only lines, and a last line with or without its newline."""
+    import dtune.data.records as records
+
+    monkeypatch.setattr(records, "CHUNK", chunk)
+    rng = random.Random(chunk)
+    for _ in range(60):
+        lines = [
+            rng.choice([b"", b"   ", b"\t", b'{"a": 1}', b"x" * rng.randint(1, 40), b"  y \r", b"\r"])
+            for _ in range(rng.randint(0, 25))
+        ]
+        data = b"\n".join(lines) + rng.choice([b"", b"\n", b"\n\n"])
+        (path := tmp_path / "d.jsonl").write_bytes(data)
+        want, at = [], 0
+        for number, line in enumerate(data.split(b"\n")[: len(data.split(b"\n")) - data.endswith(b"\n")], start=1):
+            if line.strip(b" \t\n\r\x0b\x0c"):
+                want.append((at, at + len(line), number))
+            at += len(line) + 1
+        ranges, numbers = records.jsonl_index(path)
+        assert [(int(a), int(b), int(n)) for (a, b), n in zip(ranges, numbers, strict=True)] == want, data
