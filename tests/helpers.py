@@ -141,3 +141,12 @@ def real_slurm_unavailable() -> str | None:
     if not (shutil.which("apt-get") and shutil.which("dpkg")):
         return "real Slurm: not installed, and no apt-get/dpkg to install slurmctld, slurmd and munge"
     return None
+
+
+def split_rows(cfg, bad=None):
+    """(train, eval) Rows of ``cfg``'s split, every row read into memory: the split's reference (dtune reads records by
+    number, dtune.data.tokenize)."""
+    from dtune.data.sources import BadRows, load_rows, split
+
+    bad = bad or BadRows(cfg.bad_rows)
+    return split(cfg, lambda source, field_name, fmt: load_rows(source, field_name, fmt, bad))

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from dtune.data import IGNORE, Renderer, collate, train_batches
-from dtune.data.sources import read_jsonl, rotten_tomatoes, split_rows
+from dtune.data.sources import read_jsonl, rotten_tomatoes
 from dtune.errors import DataError
 from dtune.schema import DataConfig
-from tests.helpers import write_jsonl
+from tests.helpers import split_rows, write_jsonl
 
 GOOD = {"prompt": "What is 2+2?", "completion": "4"}
 

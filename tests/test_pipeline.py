@@ -13,10 +13,10 @@ import pytest
 import dtune.data.load as load
 import dtune.data.tokenize as tokenize
 from dtune.data.render import Renderer, build_examples
-from dtune.data.sources import BadRows, split, split_rows
+from dtune.data.sources import BadRows, split
 from dtune.errors import DataError
 from dtune.schema import DataConfig, MixSource
-from tests.helpers import write_jsonl
+from tests.helpers import split_rows, write_jsonl
 
 WORDS = [
     "the",

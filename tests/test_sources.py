@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from dtune.data.sources import read_source, split_rows
+from dtune.data.sources import read_source
 from dtune.errors import DataError
 from dtune.schema import DataConfig, MixSource
-from tests.helpers import write_jsonl
+from tests.helpers import split_rows, write_jsonl
 
 
 def records(tag: str, n: int) -> list[dict[str, str]]:

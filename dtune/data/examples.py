@@ -54,6 +54,10 @@ class DataStats:
     padding: float = 0.0
     """The fraction of the positions of the first epoch's micro-batches that are padding (set by the training loop)."""
 
+    def figures(self) -> dict[str, float]:
+        """The counts as ``data/<name>`` figures (for W&B's run summary); text fields left out."""
+        return {f"data/{k}": v for k, v in self.__dict__.items() if isinstance(v, int | float)}
+
 
 def packed_example(samples: Sequence[Example]) -> Example:
     """One packed row: ``samples`` back to back, each sample's first label IGNORE (see dtune.data.packing)."""

@@ -39,7 +39,7 @@ from dtune.schema import DataConfig
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # bump when tokenization or the cached layout changes
+CACHE_VERSION = 4  # bump when tokenization or the cached layout changes
 WAIT_LOG_SECONDS = 60.0
 
 
@@ -180,10 +180,11 @@ def _report(stats: DataStats, cfg: DataConfig) -> None:
         )
     packed = f"; packed into {stats.packed_rows} rows of {cfg.max_seq_len}, {stats.pack_fill:.1%} full" if cfg.packing else ""
     log.info(
-        "data: %d training samples (%d tokens, %d trained on), %d held out%s",
+        "data: %d training samples (%d tokens, %d trained on), %d held out, from %s%s",
         stats.train_rows,
         stats.tokens,
         stats.trained_tokens,
         stats.eval_rows,
+        ", ".join(m.path for m in cfg.mix) or cfg.source,
         packed,
     )

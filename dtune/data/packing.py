@@ -16,13 +16,10 @@ The first token of each sample is never a label (nothing of its sample precedes 
 from __future__ import annotations
 
 import bisect
-import itertools
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-
-from dtune.data.examples import Example, packed_example
 
 
 def pack_bins(lengths: Sequence[int] | np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,13 +65,6 @@ def pack_bins(lengths: Sequence[int] | np.ndarray, max_len: int) -> tuple[np.nda
     offsets = np.zeros(opened + 1, dtype=np.int64)
     np.cumsum(np.bincount(placed_rows, minlength=opened), out=offsets[1:])
     return offsets, members
-
-
-def pack(examples: Sequence[Example], max_len: int) -> list[Example]:
-    """``examples`` packed into rows of at most ``max_len`` tokens (:func:`pack_bins`). Returns Examples with
-    ``segments``."""
-    offsets, members = pack_bins([len(e.input_ids) for e in examples], max_len)
-    return [packed_example([examples[int(j)] for j in members[a:b]]) for a, b in itertools.pairwise(offsets)]
 
 
 def fill_ratio(lengths: np.ndarray, rows: int, max_len: int) -> float:

@@ -243,10 +243,3 @@ def split(cfg: DataConfig, load: Callable[[str, str, str], list[T]]) -> tuple[li
     if cfg.train_size is not None:
         train = train[: cfg.train_size]
     return train, evals
-
-
-def split_rows(cfg: DataConfig, bad: BadRows | None = None) -> tuple[list[Row], list[Row]]:
-    """(train, eval) Rows, read whole into memory (see :func:`split`; the cached pipeline, dtune.data.load, reads
-    records by number instead)."""
-    bad = bad or BadRows(cfg.bad_rows)
-    return split(cfg, lambda source, field_name, fmt: load_rows(source, field_name, fmt, bad))

@@ -69,9 +69,9 @@ class Tokenize:
                     status = DROPPED if example is None else TRUNCATED if stats.truncated > before[0] else OK
             labels = example.labels if example else []
             out["input_ids"].append(example.input_ids if example else [])
-            out["trained"].append([x != IGNORE for x in labels])  # labels are the ids where trained, else IGNORE
+            out["trained"].append(np.not_equal(labels, IGNORE))  # labels are the ids where trained, else IGNORE
             out["prompt_len"].append(example.prompt_len if example else 0)
-            out["n_trained"].append(sum(x != IGNORE for x in labels[1:]))
+            out["n_trained"].append(max(len(labels) - 1 - labels[1:].count(IGNORE), 0))
             out["status"].append(status)
             out["error"].append(error)
             out["unknown"].append(json.dumps([[k, unknown.first[k]] for k in unknown.counts]) if unknown.counts else "")

@@ -98,14 +98,13 @@ class Trainer:
         cfg, engine = self.cfg, self.engine
         resume = self.checkpointer.load()
         self.tokenizer = tokenizer = load_tokenizer(cfg)
-        self.pad_id = tokenizer.pad_token_id
+        self.pad_id = pad_id = tokenizer.pad_token_id
         if cfg.data.streaming:  # rows read and tokenized as the run goes; data_stats is updated as the stream goes
             stream, self.eval_set, self.data_stats = stream_data(
-                cfg, tokenizer, self.pad_id, engine.rank, engine.world_size, engine.gather_objects
+                cfg, tokenizer, pad_id, engine.rank, engine.world_size, engine.gather_objects
             )
         else:
-            train_set, self.eval_set, self.data_stats = load_data(cfg.data, tokenizer, engine)
-            log.info("data: %d training and %d held-out samples from %s", len(train_set), len(self.eval_set), cfg.data.source)
+            train_set, self.eval_set, self.data_stats = load_data(cfg.data, tokenizer, engine)  # logs what it holds
         model = build_model(cfg, engine.load_device)
         self.flops = FlopCounts.of(model)
         self.peak_flops = device_peak_flops(cfg.train.precision, cfg.train.peak_tflops)
@@ -114,9 +113,8 @@ class Trainer:
             atomic_write_text(self.output_dir / "config_resolved.yaml", self.config_yaml)
         # FSDP2 shards here; the optimizer must see the sharded params.
         loss_model = engine.shard(CompletionLoss(model, cfg.train.loss_chunk_tokens))
-        sampler: StepSampler | StreamSampler
         if cfg.data.streaming:
-            sampler = stream
+            sampler: StepSampler | StreamSampler = stream
             self.length = RunLength.of(cfg, None)
             log.info("run length: %s", self.length.describe(None, sampler.per_step))
         else:
@@ -133,11 +131,7 @@ class Trainer:
             self.length = RunLength.of(cfg, sampler.steps_per_epoch)
             log.info("run length: %s", self.length.describe(len(train_set), sampler.per_step))
             self.data_stats.padding = sampler.padding()
-            log.info(
-                "data: %.1f%% of the micro-batches' positions are padding (first epoch, samples grouped by length%s)",
-                100 * self.data_stats.padding,
-                f"; packed rows {self.data_stats.pack_fill:.1%} full" if cfg.data.packing else "",
-            )
+            log.info("data: %.1f%% of the first epoch's micro-batch positions are padding", 100 * self.data_stats.padding)
         optimizer = build_optimizer(loss_model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, self.length.max_steps)
         loss_model, optimizer = engine.prepare(loss_model, optimizer)
@@ -347,7 +341,7 @@ class Trainer:
             log.info("held-out evaluation (%d samples), before and after training:\n%s", self.data_stats.eval_rows, table)
             atomic_write_text(self.output_dir / "results.json", json.dumps(results, indent=2) + "\n")
             summary: dict[str, Any] = {f"final/{k}": v for k, v in after.items()}
-            summary.update({"final/steps": state.step, "final/stopped_early": stopped_early})
+            summary.update({"final/steps": state.step, "final/stopped_early": stopped_early, **self.data_stats.figures()})
             if "best" in results:
                 summary.update({"best/step": state.best.step, f"best/{results['best']['metric']}": state.best.value})
             self.tracker.summary(summary)
