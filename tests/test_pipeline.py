@@ -99,7 +99,7 @@ def assert_same(cfg: DataConfig, tokenizer, monkeypatch, tmp_path: Path, num_pro
     cfg.num_proc = num_proc
     want_train, want_eval, counts = reference(cfg, tokenizer)
     train, evals, stats = load.load_data(cfg, tokenizer)
-    assert stats.num_proc == num_proc
+    assert stats.num_proc == (1 if str(cfg.source).endswith(".json") else num_proc)  # a .json array: one process
     for got, want in ((train, want_train), (evals, want_eval)):
         assert len(got) == len(want)
         for i, (g, w) in enumerate(zip(got, want, strict=True)):
@@ -317,7 +317,8 @@ def test_the_fast_tokenizer_call_gives_the_tokenizers_ids(family, family_tokeniz
 @pytest.mark.parametrize("chunk", [1, 3, 64, 1 << 24])
 def test_jsonl_index_finds_every_line_that_is_not_blank(chunk, monkeypatch, tmp_path: Path):
     """The byte range and number of each line holding more than whitespace, with lines cut across read chunks,
-    CRLF ends, blank and whitespace-only lines, and a last line with or without its newline."""
+    CRLF ends, blank lines, lines of ASCII or Unicode whitespace or only a byte-order mark, and a last line with or
+    without its newline."""
     import dtune.data.records as records
 
     monkeypatch.setattr(records, "CHUNK", chunk)
@@ -331,8 +332,38 @@ def test_jsonl_index_finds_every_line_that_is_not_blank(chunk, monkeypatch, tmp_
         (path := tmp_path / "d.jsonl").write_bytes(data)
         want, at = [], 0
         for number, line in enumerate(data.split(b"\n")[: len(data.split(b"\n")) - data.endswith(b"\n")], start=1):
-            if line.strip(b" \t\n\r\x0b\x0c"):
+            if line.decode().removeprefix("\ufeff").strip():  # as the JSONL reader judges a blank line
                 want.append((at, at + len(line), number))
             at += len(line) + 1
         ranges, numbers = records.jsonl_index(path)
         assert [(int(a), int(b), int(n)) for (a, b), n in zip(ranges, numbers, strict=True)] == want, data
+
+
+def test_a_bad_record_stops_every_tokenizing_process_within_a_batch(tokenizer, tmp_path: Path):
+    """With data.bad_rows=error the process that meets a bad record leaves its message in the stop file; every other
+    process raises it at its next batch (datasets would otherwise let them finish their shares first)."""
+    import pickle
+
+    from dtune.data.records import Records
+
+    src = write_jsonl(tmp_path / "d.jsonl", [*make_records("prompt_completion", 4), {"prompt": "no answer"}])
+    records = Records(str(src), "data.source", "prompt_completion")
+    records.spill(tmp_path)  # what the processes receive: the index's path, not the index
+    assert pickle.loads(pickle.dumps(records)).row(0, None).where == f"{src}:1"
+    cfg = DataConfig(source=str(src), choices=None)
+    fn = tokenize.Tokenize([records], tokenizer, cfg, tmp_path / "stop")
+    assert fn({"key": [0, 1]})["status"] == [tokenize.OK, tokenize.OK]
+    with pytest.raises(DataError, match=r"d\.jsonl:5: missing field 'completion'"):
+        fn({"key": [2, 3, 4]})
+    other = pickle.loads(pickle.dumps(fn))  # another process, before its next batch
+    with pytest.raises(DataError, match=r"d\.jsonl:5: missing field 'completion'"):
+        other({"key": [0]})
+
+
+def test_a_failure_marker_counts_only_for_its_own_launch(monkeypatch, tmp_path: Path):
+    marker = tmp_path / "key.failed-host"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-1")
+    marker.write_text(json.dumps({"launch": load.launch_id(), "error": "OSError: disk full"}))
+    assert load._failure(marker) == "OSError: disk full"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-2")  # the next launch: the marker is stale
+    assert load._failure(marker) is None

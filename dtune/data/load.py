@@ -67,11 +67,25 @@ def default_num_proc() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def _build(cfg: DataConfig, tokenizer: Any, path: Path, num_proc: int) -> None:
     """Tokenize into a private folder beside ``path`` and move it into place (atomic: readers see all or nothing;
     a second builder on another node that shares the folder finds it done and drops its own). The folder holds the
     tokenized table (``tokenized*.arrow``), the training and held-out rows (``train.npy``, ``eval.npy``), the
     packing (``packs.npz``) and the counts (``stats.json``, written last: the marker the other ranks wait for)."""
+    for stale in path.parent.glob(f"{path.name}.tmp-{socket.gethostname()}-*"):  # left by a builder that was killed
+        pid = stale.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     work = path.parent / f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -94,13 +108,32 @@ def _build(cfg: DataConfig, tokenizer: Any, path: Path, num_proc: int) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _wait(path: Path, failed: Path, since: float) -> None:
-    """Until the local main process has built ``path`` (or written ``failed``), logging every minute."""
+def launch_id() -> str:
+    """What the ranks of one launch share and the next launch does not: torchrun's run id, Slurm's job and step, else
+    the parent process (ranks started by hand); a failure marker names it, so a marker left by an earlier launch is
+    not taken for this one's."""
+    for keys in (("TORCHELASTIC_RUN_ID",), ("SLURM_JOB_ID", "SLURM_STEP_ID")):
+        if all(os.environ.get(k) for k in keys):
+            return ".".join(os.environ[k] for k in keys)
+    return f"ppid-{os.getppid()}"
+
+
+def _failure(failed: Path) -> str | None:
+    """The reason in this launch's failure marker, if there is one."""
+    try:
+        marker = json.loads(failed.read_text())
+    except (OSError, ValueError):
+        return None
+    return marker.get("error") if isinstance(marker, dict) and marker.get("launch") == launch_id() else None
+
+
+def _wait(path: Path, failed: Path) -> None:
+    """Until the local main process has built ``path`` (or written this launch's ``failed``), logging every minute."""
     t0 = time.monotonic()
     logged = t0
     while not (path / "stats.json").exists():
-        if failed.exists() and failed.stat().st_mtime >= since - 2:
-            raise DataError(f"data: the local main process failed to tokenize: {failed.read_text().strip()}")
+        if failed.exists() and (reason := _failure(failed)) is not None:
+            raise DataError(f"data: the local main process failed to tokenize: {reason}")
         time.sleep(0.2)
         if time.monotonic() - logged >= WAIT_LOG_SECONDS:
             logged = time.monotonic()
@@ -129,7 +162,8 @@ def load_data(cfg: DataConfig, tokenizer: Any, engine: Any = None) -> tuple[Toke
     naming the file and line of a bad record (``data.bad_rows=error``), when no sample is left, and on the waiting
     ranks when the builder failed (with its reason).
     """
-    num_proc = cfg.num_proc or default_num_proc()
+    # With the cache one process per node tokenizes while the others wait; without it every rank tokenizes.
+    num_proc = cfg.num_proc or max(1, default_num_proc() // (1 if cfg.cache else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if not cfg.cache:
         table, train_at, eval_at, stats = tokenize(cfg, tokenizer, None, num_proc)
         packs = finish(table, train_at, stats, cfg)
@@ -139,14 +173,16 @@ def load_data(cfg: DataConfig, tokenizer: Any, engine: Any = None) -> tuple[Toke
         failed = path.parent / f"{path.name}.failed-{socket.gethostname()}"
         # One builder per node: a multi-node job may not share the cache directory.
         builder = engine is None or engine.accelerator.is_local_main_process
-        since = time.time()
         if builder and not (path / "stats.json").exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 _build(cfg, tokenizer, path, num_proc)
             except BaseException as err:
                 if engine is not None:  # the node's other ranks stop waiting, with the reason
-                    atomic_write_text(failed, f"{type(err).__name__}: {err}")
+                    try:
+                        atomic_write_text(failed, json.dumps({"launch": launch_id(), "error": f"{type(err).__name__}: {err}"}))
+                    except OSError:  # a full disk may refuse the marker too: the build's own error matters more
+                        log.exception("data: could not write %s", failed)
                 raise
             stats = DataStats(**json.loads((path / "stats.json").read_text()))
             log.info(
@@ -159,7 +195,7 @@ def load_data(cfg: DataConfig, tokenizer: Any, engine: Any = None) -> tuple[Toke
                 path,
             )
         elif not builder:
-            _wait(path, failed, since)
+            _wait(path, failed)
         train, evals, stats = _load(path, cfg)
     _report(stats, cfg)
     return train, evals, stats

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,16 +30,29 @@ ROWS_PER_PROC = 2000  # fewer rows than this per process are not worth another p
 
 class Tokenize:
     """The ``map`` function: a batch of record keys -> their tokenized columns (and a status per record). Picklable;
-    the renderer is built once per process. With ``data.bad_rows=error`` a bad record raises DataError naming it."""
+    the renderer is built once per process.
 
-    def __init__(self, sources: list[Records], tokenizer: Any, cfg: DataConfig) -> None:
-        self.sources, self.tokenizer, self.cfg = sources, tokenizer, cfg
+    With ``data.bad_rows=error`` a bad record raises DataError naming it, and first writes its message to
+    ``stop_file``: the other processes find it at their next batch and stop too, so the run fails within a batch of
+    the first bad record instead of after every other process finished its share (``datasets`` waits for them all).
+    Keys no format reads are counted per batch, in the batch's first ``unknown`` cell (JSON: name -> [count, first
+    place]); the other cells are empty."""
+
+    def __init__(self, sources: list[Records], tokenizer: Any, cfg: DataConfig, stop_file: Path) -> None:
+        self.sources, self.tokenizer, self.cfg, self.stop_file = sources, tokenizer, cfg, stop_file
         self._renderer: Renderer | None = None
+
+    def _fail(self, err: DataError) -> None:
+        with contextlib.suppress(OSError):
+            self.stop_file.write_text(str(err))
+        raise err
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_renderer": None}
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if self.stop_file.exists():  # another process met a bad record: stop with its message
+            raise DataError(self.stop_file.read_text())
         if self._renderer is None:
             self._renderer = Renderer(self.tokenizer, self.cfg)
         renderer, stats = self._renderer, self._renderer.stats
@@ -45,15 +61,15 @@ class Tokenize:
         }
         if self.cfg.choices:
             out |= {"choice_ids": [], "gold": []}
+        unknown = UnknownKeys()
         for key in batch["key"]:
             records = self.sources[key >> KEY_BITS]
-            unknown = UnknownKeys()
             example, error, status = None, "", OK
             try:
                 row = records.row(key & ((1 << KEY_BITS) - 1), unknown)
             except DataError as err:
                 if self.cfg.bad_rows != "skip":
-                    raise
+                    self._fail(err)
                 row, error, status = None, str(err), BAD_RECORD
             if row is None and status == OK:
                 status = BLANK
@@ -63,7 +79,7 @@ class Tokenize:
                     example = renderer(row)
                 except DataError as err:
                     if self.cfg.bad_rows != "skip":
-                        raise
+                        self._fail(err)
                     error, status = str(err), BAD_RENDER
                 else:
                     status = DROPPED if example is None else TRUNCATED if stats.truncated > before[0] else OK
@@ -74,10 +90,12 @@ class Tokenize:
             out["n_trained"].append(max(len(labels) - 1 - labels[1:].count(IGNORE), 0))
             out["status"].append(status)
             out["error"].append(error)
-            out["unknown"].append(json.dumps([[k, unknown.first[k]] for k in unknown.counts]) if unknown.counts else "")
+            out["unknown"].append("")
             if self.cfg.choices:
                 out["choice_ids"].append(example.choice_ids if example else [])
                 out["gold"].append(example.gold if example else -1)
+        if unknown.counts and out["unknown"]:
+            out["unknown"][0] = json.dumps({k: [n, unknown.first[k]] for k, n in unknown.counts.items()})
         return out
 
 
@@ -111,23 +129,13 @@ def _plan(cfg: DataConfig) -> tuple[list[Records], np.ndarray, np.ndarray]:
     return sources, np.asarray(train, dtype=np.int64), np.asarray(evals, dtype=np.int64)
 
 
-def tokenize(
-    cfg: DataConfig, tokenizer: Any, workdir: Path | None, num_proc: int
-) -> tuple[Any, np.ndarray, np.ndarray, DataStats]:
-    """(table, training rows, held-out rows, stats). The table (a ``datasets`` Table, written to ``workdir`` as
-    ``tokenized*.arrow``, or in memory when it is None) holds every record the split uses, tokenized, in file order;
-    the two index arrays give the table rows of the training and held-out samples in set order, bad and dropped
-    records left out. The parent process reads only the small columns (status, counts): no pass over the tokens."""
+def _map(
+    cfg: DataConfig, tokenizer: Any, sources: list[Records], todo: np.ndarray, procs: int, workdir: Path | None, stop: Path
+) -> Any:
     from datasets import Dataset
 
-    started = time.perf_counter()
-    sources, train_keys, eval_keys = _plan(cfg)
-    todo = np.unique(np.concatenate([train_keys, eval_keys]))
-    procs = max(1, min(num_proc, len(todo) // ROWS_PER_PROC))
-    if procs > 1:
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # each process tokenizes on one core
-    mapped = Dataset.from_dict({"key": todo}).map(
-        Tokenize(sources, tokenizer, cfg),
+    return Dataset.from_dict({"key": todo}).map(
+        Tokenize(sources, tokenizer, cfg, stop),
         batched=True,
         batch_size=256,
         num_proc=procs if procs > 1 else None,
@@ -138,6 +146,29 @@ def tokenize(
         new_fingerprint=f"dtune-tokenize-{os.getpid()}-{time.time_ns()}",
         desc=f"data: tokenizing {len(todo)} records ({procs} process{'es' if procs > 1 else ''})",
     )
+
+
+def tokenize(
+    cfg: DataConfig, tokenizer: Any, workdir: Path | None, num_proc: int
+) -> tuple[Any, np.ndarray, np.ndarray, DataStats]:
+    """(table, training rows, held-out rows, stats). The table (a ``datasets`` Table, written to ``workdir`` as
+    ``tokenized*.arrow``, or in memory when it is None) holds every record the split uses, tokenized, in file order;
+    the two index arrays give the table rows of the training and held-out samples in set order, bad and dropped
+    records left out. The parent process reads only the small columns (status, counts): no pass over the tokens."""
+    started = time.perf_counter()
+    sources, train_keys, eval_keys = _plan(cfg)
+    todo = np.unique(np.concatenate([train_keys, eval_keys]))
+    procs = max(1, min(num_proc, len(todo) // ROWS_PER_PROC))
+    if any(s.kind == "json" for s in sources):
+        procs = 1  # a .json array is held whole: one copy, not one per process (big sets: JSONL, Parquet)
+    scratch = Path(tempfile.mkdtemp(prefix="dtune-tokenize-", dir=workdir))
+    if workdir is not None:
+        for s in sources:
+            s.spill(scratch)  # the processes memory-map the JSONL indexes instead of each receiving a copy
+    try:
+        mapped = _map(cfg, tokenizer, sources, todo, procs, workdir, scratch / "stop")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     table = mapped.data
     status = np.asarray(table.table.column("status").to_numpy(zero_copy_only=False), dtype=np.int8)
     stats = DataStats(tokenize_seconds=time.perf_counter() - started, num_proc=procs)
@@ -162,14 +193,14 @@ def tokenize(
 
 
 def _unknown_summary(table: Any) -> str:
-    """The keys no format reads, over the records in file order, as :class:`UnknownKeys` says them."""
+    """The keys no format reads, summed over the batches in file order, as :class:`UnknownKeys` says them."""
     import pyarrow.compute as pc
 
     column = table.table.column("unknown")
     unknown = UnknownKeys()
     for cell in pc.filter(column, pc.not_equal(column, "")).to_pylist():
-        for name, where in json.loads(cell):
-            unknown.counts[name] += 1
+        for name, (count, where) in json.loads(cell).items():
+            unknown.counts[name] += count
             unknown.first.setdefault(name, where)
     return unknown.summary()
 
