@@ -82,18 +82,24 @@ def test_checkpoints_are_complete_and_kept_every_n_steps(full_run):
     assert final.keys() == ckpt.keys() and all(torch.equal(final[k], ckpt[k]) for k in final)
 
 
-@pytest.mark.integration
-def test_resumed_run_equals_the_uninterrupted_run_bit_for_bit(full_run, tmp_path: Path):
-    """Stopped after step 2 (its later checkpoints and results lost), resumed with train.resume=auto mid-epoch: the
-    same losses after step 2 (through the epoch boundary at step 4), the same adapter, and the same W&B run, exactly."""
-    ref, ref_results = full_run
-    out = tmp_path / "resumed"
+def stopped_after_step_2(ref: Path, out: Path) -> Path:
+    """A copy of the finished run ``ref`` as if it had been stopped after step 2: its later checkpoints, results and
+    adapter gone."""
     shutil.copytree(ref, out)
     for step, path in checkpoints(out / CHECKPOINTS):
         if step > 2:
             shutil.rmtree(path)
     for name in ("results.json", "adapter"):
         shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    return out
+
+
+@pytest.mark.integration
+def test_resumed_run_equals_the_uninterrupted_run_bit_for_bit(full_run, tmp_path: Path):
+    """Stopped after step 2 (its later checkpoints and results lost), resumed with train.resume=auto mid-epoch: the
+    same losses after step 2 (through the epoch boundary at step 4), the same adapter, and the same W&B run, exactly."""
+    ref, ref_results = full_run
+    out = stopped_after_step_2(ref, tmp_path / "resumed")
     # A writer killed half-way leaves a hidden temporary directory; resuming must ignore it.
     (out / CHECKPOINTS / ".step-00000004.tmp-dead").mkdir()
 
@@ -152,13 +158,7 @@ def test_a_resumed_stream_equals_the_uninterrupted_run_bit_for_bit(stream_run, t
     assert ref_results["data"]["packed_rows"] == 6 * 4 and ref_results["data"]["eval_rows"] == 8
     sampler = load_checkpoint(checkpoints(ref / CHECKPOINTS)[0][1])["trainer_state"]["sampler"]
     assert sampler["stream"] and len(sampler["ranks"]) == 1 and sampler["ranks"][0]["steps"] == 2
-    out = tmp_path / "resumed"
-    shutil.copytree(ref, out)
-    for step, path in checkpoints(out / CHECKPOINTS):
-        if step > 2:
-            shutil.rmtree(path)
-    for name in ("results.json", "adapter"):
-        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    out = stopped_after_step_2(ref, tmp_path / "resumed")
 
     results = run(compose_config(tiny_overrides(out, *stream_overrides(shards))), out)
     assert results["resumed_from_step"] == 2 and results["steps"] == 6
