@@ -83,7 +83,8 @@ class DataConfig:
     every rank tokenizes on its own (in memory)."""
     num_proc: int | None = None
     """Processes tokenizing on each node (``datasets``' map ``num_proc``) while the node's other ranks wait; null: the
-    cores the local main process may run on. Small sets (under 2,000 rows per process) use fewer. With ``streaming``: each rank's DataLoader
+    cores the local main process may run on (with ``cache=false``, where every rank tokenizes: its share of them).
+    Small sets (under 2,000 rows per process) use fewer. With ``streaming``: each rank's DataLoader
     workers are num_proc // ranks on the node (at least 1); null: the rank's cores less one, at most 4."""
     streaming: bool = False
     """Stream the training rows from the source files instead of tokenizing them all before training (corpora larger
