@@ -136,8 +136,8 @@ class Records:
             state |= {"ranges": None, "lines": None}
         return state
 
-    def __del__(self) -> None:
-        if self.kind == "jsonl" and isinstance(self._handle, int):
+    def __del__(self) -> None:  # also on an object whose construction raised (no kind yet)
+        if getattr(self, "kind", None) == "jsonl" and isinstance(self._handle, int):
             with contextlib.suppress(OSError):
                 os.close(self._handle)
 
