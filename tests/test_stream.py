@@ -219,9 +219,10 @@ def test_stop_signals_leave_the_tokenizing_workers_alive(tokenizer, tmp_path: Pa
     process can finish its step and checkpoint, its stream intact."""
     source = write_shards(tmp_path / "shards", "jsonl")
     straight = samples(sampler(tokenizer, source), 30)
+    before = {p.pid for p in psutil.Process().children()}  # other tests' processes (W&B, pools) may still run
     s = sampler(tokenizer, source, workers=2)
     got = samples(s, 2)
-    workers = psutil.Process().children()
+    workers = [p for p in psutil.Process().children() if p.pid not in before]
     assert len(workers) == 2
     for worker in workers:
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
