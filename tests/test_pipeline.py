@@ -365,5 +365,7 @@ def test_a_failure_marker_counts_only_for_its_own_launch(monkeypatch, tmp_path: 
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-1")
     marker.write_text(json.dumps({"launch": load.launch_id(), "error": "OSError: disk full"}))
     assert load._failure(marker) == "OSError: disk full"
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-2")  # the next launch: the marker is stale
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun restarted the workers: the marker is stale
+    assert load._failure(marker) is None
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-2")  # the next launch
     assert load._failure(marker) is None

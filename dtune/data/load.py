@@ -112,9 +112,9 @@ def launch_id() -> str:
     """What the ranks of one launch share and the next launch does not: torchrun's run id, Slurm's job and step, else
     the parent process (ranks started by hand); a failure marker names it, so a marker left by an earlier launch is
     not taken for this one's."""
-    for keys in (("TORCHELASTIC_RUN_ID",), ("SLURM_JOB_ID", "SLURM_STEP_ID")):
-        if all(os.environ.get(k) for k in keys):
-            return ".".join(os.environ[k] for k in keys)
+    for keys in (("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"), ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_RESTART_COUNT")):
+        if os.environ.get(keys[0]):  # restarts (torchrun --max-restarts, a requeued job) keep the run's id
+            return ".".join(os.environ.get(k, "0") for k in keys)
     return f"ppid-{os.getppid()}"
 
 
@@ -175,6 +175,7 @@ def load_data(cfg: DataConfig, tokenizer: Any, engine: Any = None) -> tuple[Toke
         builder = engine is None or engine.accelerator.is_local_main_process
         if builder and not (path / "stats.json").exists():
             path.parent.mkdir(parents=True, exist_ok=True)
+            failed.unlink(missing_ok=True)
             try:
                 _build(cfg, tokenizer, path, num_proc)
             except BaseException as err:
