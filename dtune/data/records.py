@@ -18,7 +18,7 @@ import numpy as np
 
 from dtune.assets import BUILTIN_PREFIX
 from dtune.data.formats import Row, UnknownKeys, row_from_obj
-from dtune.data.sources import BUILTIN_SOURCES, _jsonl_record, _records
+from dtune.data.sources import BUILTIN_SOURCES, _jsonl_record, _records, load_saved
 from dtune.errors import DataError
 
 CHUNK = 1 << 24  # bytes read at a time while indexing a JSONL file
@@ -109,7 +109,6 @@ class Records:
             count = int(self.group_starts[-1])
             kind = "parquet"
         elif path.is_dir():
-            next(iter(_records(path, self.field_name)), None)  # names the problem when it is no saved dataset
             count, kind = len(self._dataset()), "arrow"
         else:
             self.objects = [rec for _, rec in _records(path, self.field_name)]
@@ -120,11 +119,7 @@ class Records:
 
     def _dataset(self) -> Any:
         if self._handle is None:
-            from datasets import Dataset, DatasetDict, load_from_disk
-
-            ds = load_from_disk(self.source)
-            self._handle = ds["train"] if isinstance(ds, DatasetDict) else ds
-            assert isinstance(self._handle, Dataset)
+            self._handle = load_saved(Path(self.source), self.field_name)
         return self._handle
 
     def __len__(self) -> int:

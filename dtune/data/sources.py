@@ -117,21 +117,27 @@ def hamlet(chunk_chars: int = 1500) -> list[Row]:
 BUILTIN_SOURCES = {"rotten_tomatoes": rotten_tomatoes, "hamlet": hamlet}
 
 
+def load_saved(path: Path, field_name: str):
+    """The ``datasets`` Dataset saved with ``save_to_disk`` in ``path`` (its train split when it holds several),
+    memory-mapped; DataError naming ``field_name`` when it is none."""
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    try:
+        ds = load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as err:
+        raise DataError(f"{field_name}: {path} is not a dataset saved with save_to_disk ({err})") from None
+    if isinstance(ds, DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{field_name}: {path} holds splits {list(ds)}; point at one split's folder")
+        ds = ds["train"]
+    assert isinstance(ds, Dataset)
+    return ds
+
+
 def _records(path: Path, field_name: str):
     """(where, object) pairs of a JSON array file, a Parquet file, or a ``datasets`` save_to_disk folder."""
     if path.is_dir():
-        from datasets import Dataset, DatasetDict, load_from_disk
-
-        try:
-            ds = load_from_disk(str(path))
-        except (FileNotFoundError, ValueError) as err:
-            raise DataError(f"{field_name}: {path} is not a dataset saved with save_to_disk ({err})") from None
-        if isinstance(ds, DatasetDict):
-            if "train" not in ds:
-                raise DataError(f"{field_name}: {path} holds splits {list(ds)}; point at one split's folder")
-            ds = ds["train"]
-        assert isinstance(ds, Dataset)
-        return ((f"{path}: record {i}", rec) for i, rec in enumerate(ds))
+        return ((f"{path}: record {i}", rec) for i, rec in enumerate(load_saved(path, field_name)))
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
