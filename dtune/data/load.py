@@ -77,7 +77,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _build(cfg: DataConfig, tokenizer: Any, path: Path, num_proc: int) -> None:
+def _build(cfg: DataConfig, tokenizer: Any, path: Path, num_proc: int) -> DataStats:
     """Tokenize into a private folder beside ``path`` and move it into place (atomic: readers see all or nothing;
     a second builder on another node that shares the folder finds it done and drops its own). The folder holds the
     tokenized table (``tokenized*.arrow``), the training and held-out rows (``train.npy``, ``eval.npy``), the
@@ -106,6 +106,7 @@ def _build(cfg: DataConfig, tokenizer: Any, path: Path, num_proc: int) -> None:
                 raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return stats
 
 
 def launch_id() -> str:
@@ -177,7 +178,7 @@ def load_data(cfg: DataConfig, tokenizer: Any, engine: Any = None) -> tuple[Toke
             path.parent.mkdir(parents=True, exist_ok=True)
             failed.unlink(missing_ok=True)
             try:
-                _build(cfg, tokenizer, path, num_proc)
+                stats = _build(cfg, tokenizer, path, num_proc)
             except BaseException as err:
                 if engine is not None:  # the node's other ranks stop waiting, with the reason
                     try:
@@ -185,7 +186,6 @@ def load_data(cfg: DataConfig, tokenizer: Any, engine: Any = None) -> tuple[Toke
                     except OSError:  # a full disk may refuse the marker too: the build's own error matters more
                         log.exception("data: could not write %s", failed)
                 raise
-            stats = DataStats(**json.loads((path / "stats.json").read_text()))
             log.info(
                 "data: tokenized %d records in %.1f s (%.0f rows/s, %d processes); %.1f MB cached in %s",
                 stats.train_rows + stats.eval_rows + stats.skipped + stats.dropped,

@@ -196,7 +196,7 @@ class Renderer:
         probe = ["Hello, world!", " <|im_end|>\n\n", "  7 \u00e9\u4e2d\t", self.tok.eos_token or "", "x" * 300]
         slow = self.tok(probe, add_special_tokens=False)["input_ids"]
         fast = [e.ids for e in backend.encode_batch_fast(probe, add_special_tokens=False)]
-        return backend if fast == slow and backend.truncation is None and backend.padding is None else None
+        return backend if fast == slow else None
 
     def _joins_cleanly(self) -> bool:
         """Whether text tokenized in pieces decodes to the pieces joined: not so for SentencePiece-style tokenizers
