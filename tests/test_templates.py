@@ -235,3 +235,68 @@ def test_a_tokenizer_that_prepends_spaces_is_labelled_through_offsets():
     ex = renderer(row_from_obj(PICK, "p:1", "chat"))
     assert [r.strip() for r in trained_runs(tok, ex)] == ["Teal.</s>", "Plum.</s>"]
     assert tok.decode(ex.input_ids[: ex.prompt_len], skip_special_tokens=False).endswith("fruit? [/INST]")
+
+
+VARIED = [
+    PICK,
+    PRIME,
+    GREETING,
+    {"messages": [{"role": "system", "content": "Answer in one word. \u00e9\u4e2d"}, *PICK["messages"]]},
+    {"messages": [{"role": "user", "content": "  {{ raw }} {% no %}\n\n"}, {"role": "assistant", "content": "\n x \t"}]},
+    {"messages": [*PICK["messages"][:2], {**PICK["messages"][2]}, {"role": "assistant", "content": "Fig.", "train": False}]},
+    {"messages": [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "So.", "reasoning_content": "Hm."}]},
+    {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]},
+    {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\nb"}]},
+    TOOL_ROW,
+]
+
+
+def outcome(renderer: Renderer, obj: dict) -> tuple:
+    try:
+        ex = renderer(row_from_obj(obj, "rows.jsonl:1", "chat"))
+    except DataError as err:
+        return ("error", str(err))
+    return (ex.input_ids, ex.labels, ex.prompt_len)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_plain_messages_render_straight_through_the_template_as_apply_chat_template_does(family_tokenizer, name):
+    """The renderer renders plain messages through the compiled template directly (half the time of
+    ``apply_chat_template``): for every family it is taken, and each row -- system turns, non-ASCII, Jinja-looking text,
+    opted-out turns, roles the template may refuse, reasoning fields and tool calls (which go through
+    ``apply_chat_template``) -- gives the same ids, labels and prompt length, or the same error, as without it."""
+    tok = family_tokenizer(name)
+    for cfg in (DataConfig(format="chat", choices=None), DataConfig(format="chat", choices=None, system_prompt="Be kind.")):
+        try:
+            direct = Renderer(tok, cfg)
+        except ConfigError:  # a template that takes no system message
+            continue
+        assert direct._direct is not None
+        applied = Renderer(tok, cfg)
+        applied._direct = None
+        for obj in VARIED:
+            assert outcome(direct, obj) == outcome(applied, obj), (name, obj)
+
+
+THINKING_TEMPLATE = (  # reads the name gpt-oss templates read, which apply_chat_template fills from reasoning_content
+    "{% for m in messages %}<|{{ m.role }}|>{% if m.thinking is defined %}[{{ m.thinking }}]{% endif %}"
+    "{{ m.content }}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_messages_apply_chat_template_would_change_are_rendered_by_it():
+    """Reasoning is copied by ``apply_chat_template`` under the names other templates read (``thinking``): such rows
+    are rendered by it, not straight through the template, which would lose the reasoning."""
+    from transformers import AutoTokenizer
+
+    from dtune.assets import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("builtin:tiny-llama"))
+    tok.chat_template = THINKING_TEMPLATE
+    direct = Renderer(tok, DataConfig(format="chat", choices=None))
+    assert direct._direct is not None
+    applied = Renderer(tok, DataConfig(format="chat", choices=None))
+    applied._direct = None
+    row = VARIED[6]  # an assistant turn with reasoning_content
+    assert outcome(direct, row) == outcome(applied, row)
+    assert "[Hm.]" in tok.decode(outcome(direct, row)[0])

@@ -57,6 +57,7 @@ class Renderer:
         self.stats = DataStats()
         self.piecewise = self._joins_cleanly()
         self._fast = self._backend_agrees()
+        self._direct = self._direct_template()
         self.end_of_turn = self._end_of_turn() if cfg.chat_template else None
         if cfg.system_prompt and cfg.chat_template:
             self._check_system_prompt(cfg.system_prompt)
@@ -134,8 +135,14 @@ class Renderer:
     def _chat_many(
         self, conversations: list[list[dict[str, Any]]], generation_prompt: bool, tools: list | None
     ) -> list[str | None]:
-        """Each conversation rendered as :meth:`chat` renders it, None where the template refuses it; in one call to the
-        template when it refuses none (a third less time than one call each)."""
+        """Each conversation rendered as :meth:`chat` renders it, None where the template refuses it: straight through
+        the compiled template when every message is plain (see :meth:`_direct_template`), else in one call to
+        ``apply_chat_template`` when the template refuses none (a third less time than one call each)."""
+        if self._direct is not None and tools is None and all(_plain(c) for c in conversations):
+            try:
+                return [self._direct(c, generation_prompt) for c in conversations]
+            except Exception:  # noqa: BLE001 -- the template's own errors: apply_chat_template below says them
+                pass
         try:
             return list(
                 self.tok.apply_chat_template(
@@ -155,6 +162,50 @@ class Renderer:
             except DataError:
                 rendered.append(None)
         return rendered
+
+    def _direct_template(self) -> Any:
+        """``render(messages, generation_prompt)`` through transformers' own compiled template (its sandbox, filters
+        and globals) with the arguments ``apply_chat_template`` gives it; or None.
+
+        ``apply_chat_template`` spends more than half its time per call copying and normalizing the messages (message
+        objects to dicts, None values dropped, strings rebuilt as plain ``str``, reasoning copied under other names),
+        which changes nothing in plain messages (:func:`_plain`); rendering those directly halves the time a row spends
+        in the template (a third more rows/s in all). Taken only when transformers has the compile function
+        (``transformers.utils.chat_template_utils._compile_jinja_template``, private: another version may lack it) and,
+        on probe conversations (a system turn, several turns, non-ASCII text, the marker, with and without the
+        generation prompt), renders what ``apply_chat_template`` renders and refuses what it refuses."""
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            compiled = _compile_jinja_template(self.template)
+        except Exception:  # noqa: BLE001 -- another transformers, or a template that does not compile
+            return None
+        extra = dict(self.tok.special_tokens_map)
+
+        def render(messages: list[dict[str, Any]], generation_prompt: bool) -> str:
+            return compiled.render(
+                messages=messages, tools=None, documents=None, add_generation_prompt=generation_prompt, **extra
+            )
+
+        turns = [
+            {"role": "user", "content": "Hi \u00e9\u4e2d 7"},
+            {"role": "assistant", "content": " An answer.\n"},
+            {"role": "user", "content": "and?"},
+            {"role": "assistant", "content": MARKER},
+        ]
+        probes = [turns[:1], turns[:2], turns, [{"role": "system", "content": "Be brief."}, *turns]]
+        for probe, generation_prompt in itertools.product(probes, (False, True)):
+            try:
+                expected: str | None = self.chat(probe, generation_prompt)
+            except DataError:  # e.g. a template without a system turn: it must refuse the probe directly too
+                expected = None
+            try:
+                got: str | None = render(probe, generation_prompt)
+            except Exception:  # noqa: BLE001 -- whatever the template raises
+                got = None
+            if got != expected:
+                return None
+        return render
 
     def _turn(self, full: str, variant: str, header: str | None, at: str) -> tuple[int, int]:
         """Character span in ``full`` of the assistant turn whose content ``variant`` marks, and whose generation
@@ -283,6 +334,20 @@ def prompt_format(cfg: DtuneConfig, tokenizer: Any) -> dict[str, Any]:
         note = "trained on plain text without a chat template: prompt it with plain text, it ends answers with eos"
         return {"chat_template": False, "end_of_turn": None, "system_prompt": None, "note": note}
     return {"chat_template": True, "end_of_turn": renderer.end_of_turn, "system_prompt": cfg.data.system_prompt}
+
+
+def _plain(messages: list[dict[str, Any]]) -> bool:
+    """Whether ``apply_chat_template``'s normalization leaves ``messages`` as they are: dicts of ``str`` keys and
+    values (no None, no nested objects), none of them a reasoning field (which it copies under other names)."""
+    return all(
+        type(m) is dict
+        and all(type(k) is str and type(v) is str for k, v in m.items())
+        and not _REASONING.intersection(m)
+        for m in messages
+    )
+
+
+_REASONING = frozenset({"reasoning_content", "thinking", "reasoning"})
 
 
 def _tool_name(tool: Any) -> str:
