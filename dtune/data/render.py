@@ -141,7 +141,7 @@ class Renderer:
         if self._direct is not None and tools is None and all(_plain(c) for c in conversations):
             try:
                 return [self._direct(c, generation_prompt) for c in conversations]
-            except Exception:  # noqa: BLE001 -- the template's own errors: apply_chat_template below says them
+            except Exception:  # the template's own errors: apply_chat_template below says them
                 pass
         try:
             return list(
@@ -178,7 +178,7 @@ class Renderer:
             from transformers.utils.chat_template_utils import _compile_jinja_template
 
             compiled = _compile_jinja_template(self.template)
-        except Exception:  # noqa: BLE001 -- another transformers, or a template that does not compile
+        except Exception:  # another transformers, or a template that does not compile
             return None
         extra = dict(self.tok.special_tokens_map)
 
@@ -201,7 +201,7 @@ class Renderer:
                 expected = None
             try:
                 got: str | None = render(probe, generation_prompt)
-            except Exception:  # noqa: BLE001 -- whatever the template raises
+            except Exception:  # whatever the template raises
                 got = None
             if got != expected:
                 return None
@@ -340,9 +340,7 @@ def _plain(messages: list[dict[str, Any]]) -> bool:
     """Whether ``apply_chat_template``'s normalization leaves ``messages`` as they are: dicts of ``str`` keys and
     values (no None, no nested objects), none of them a reasoning field (which it copies under other names)."""
     return all(
-        type(m) is dict
-        and all(type(k) is str and type(v) is str for k, v in m.items())
-        and not _REASONING.intersection(m)
+        type(m) is dict and all(type(k) is str and type(v) is str for k, v in m.items()) and not _REASONING.intersection(m)
         for m in messages
     )
 
