@@ -22,17 +22,20 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dtune.assets import BUILTIN_PREFIX
-from dtune.data.formats import FORMATS
+from dtune.data.formats import FORMATS, PREFERENCE_FORMATS
 from dtune.distributed.env import job_dir_name, rank_suffix
 from dtune.errors import ConfigError
 from dtune.schema import (
     BEST_METRICS,
+    DPO_LOSSES,
     ENGINES,
     KERNELS,
     LORA_INITS,
+    OBJECTIVES,
     OVERLONG,
     PRECISIONS,
     QUANT_TYPES,
+    REFERENCE_FREE,
     SCHEDULES,
     WANDB_MODES,
     DtuneConfig,
@@ -124,7 +127,7 @@ def _early_stopping(e: list[str], cfg: DtuneConfig) -> None:
     used = [name for name, on in (("train.early_stopping.enabled", es.enabled), ("train.keep_best", cfg.train.keep_best)) if on]
     if not used:
         return
-    if es.metric == "accuracy" and not cfg.data.choices:
+    if es.metric == "accuracy" and not cfg.data.choices and cfg.train.objective == "sft":
         e.append(
             f"train.early_stopping.metric: accuracy is measured only with data.choices (an answer set); "
             f"it is null, and {' and '.join(used)} would judge by it; use metric=loss or set data.choices"
@@ -134,6 +137,49 @@ def _early_stopping(e: list[str], cfg: DtuneConfig) -> None:
             f"train.eval_every: is 0 (evaluations only before and after training), so {' and '.join(used)} has no "
             "evaluations to judge; set train.eval_every > 0"
         )
+
+
+def _preference(e: list[str], cfg: DtuneConfig) -> None:
+    """train.objective and pref.*: the objective's data format and settings; what preference training cannot do."""
+    objective, pref, data = cfg.train.objective, cfg.pref, cfg.data
+    _one_of(e, "train.objective", objective, OBJECTIVES)
+    _one_of(e, "pref.loss_type", pref.loss_type, DPO_LOSSES)
+    _positive(e, "pref.beta", pref.beta)
+    _positive(e, "pref.gamma", pref.gamma, allow_zero=True)
+    if not 0.0 <= pref.label_smoothing < 0.5:
+        e.append(f"pref.label_smoothing: must be in [0, 0.5); got {pref.label_smoothing}")
+    formats = {data.format} | {m.format or data.format for m in data.mix}
+    if objective == "sft":
+        if used := sorted(formats & set(PREFERENCE_FORMATS)):
+            e.append(f"data.format: {', '.join(used)} rows train a preference objective; set train.objective=dpo, orpo or simpo")
+        return
+    if objective not in OBJECTIVES:
+        return
+    if formats != {"preference"}:
+        e.append(
+            f"data.format: train.objective={objective} trains on preference pairs ({{prompt, chosen, rejected}}): set "
+            f"data=preference, or data.format=preference (and each data.mix source's format); got {', '.join(sorted(formats))}"
+        )
+    if objective not in REFERENCE_FREE and cfg.lora.init in ("pissa", "olora"):
+        e.append(
+            f"lora.init: {cfg.lora.init} moves part of each base weight into the adapter, so the adapter switched off is "
+            f"not the reference train.objective={objective} compares with; use lora.init=default (or orpo, simpo)"
+        )
+    if pref.loss_type != "sigmoid" and objective != "dpo":
+        e.append(f"pref.loss_type: {pref.loss_type} is a DPO loss; train.objective is {objective}")
+    if pref.label_smoothing and not (objective == "dpo" and pref.loss_type == "sigmoid"):
+        e.append("pref.label_smoothing: applies to train.objective=dpo with pref.loss_type=sigmoid only")
+    for name, on in (
+        ("data.packing", data.packing),
+        ("data.streaming", data.streaming),
+        ("data.choices", bool(data.choices)),
+        ("data.train_on=all", data.train_on == "all"),
+    ):
+        if on:
+            e.append(
+                f"{name.split('=')[0]}: not with train.objective={objective} (a pair is two rows of its own; data=preference "
+                "sets the data group for pairs)"
+            )
 
 
 def _streaming(e: list[str], cfg: DtuneConfig) -> None:
@@ -244,6 +290,7 @@ def validate(cfg: DtuneConfig) -> None:
     if cfg.data.system_prompt is not None and not cfg.data.chat_template:
         e.append("data.system_prompt: is set but data.chat_template is false (a system prompt needs the template)")
     _streaming(e, cfg)
+    _preference(e, cfg)
 
     _one_of(e, "logger.mode", cfg.logger.mode, WANDB_MODES)
     _positive(e, "logger.log_every", cfg.logger.log_every)

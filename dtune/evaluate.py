@@ -32,17 +32,17 @@ def _score_choices(model: nn.Module, ex: Example, pad_id: int, engine: Engine) -
 
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, engine: Engine) -> dict[str, float]:
-    """Returns eval/loss (mean over completion tokens), eval/ppl, and eval/accuracy when choices are set.
+    """Returns eval/loss (mean over completion tokens), eval/ppl, and eval/accuracy when choices are set. Preference
+    pairs (``model`` a :class:`~dtune.preference.PreferenceLoss`): eval/loss (mean over pairs) and the mean of each
+    of its figures (eval/accuracy: preference accuracy, eval/margin, eval/rewards_chosen, ...).
 
     Each rank scores its own share of ``examples``; the sums are reduced over ranks.
     """
+    if len(examples) and examples[0].rejected is not None:
+        return _evaluate_pairs(model, examples, batch_size, pad_id, engine)
     was_training = model.training
     model.eval()
-    shard = examples[engine.rank :: engine.world_size]
-    real = len(shard)
-    # Every rank runs the same forwards: ZeRO-3/FSDP2 gather parameters inside forward, and DDP's forward syncs
-    # buffers. Short shares are padded with repeats of the first example, which do not count.
-    shard = shard + [examples[0]] * (-(-len(examples) // engine.world_size) - real)
+    shard, real = _shard(examples, engine)
     # Decided on all examples, so every rank takes the same path (and runs the same number of forwards).
     one_forward = all(_first_tokens_distinct(ex) for ex in examples if ex.choice_ids)
     loss_sum = tokens = 0.0
@@ -75,3 +75,34 @@ def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id:
     if scored:
         metrics["eval/accuracy"] = correct / scored
     return metrics
+
+
+def _shard(examples: list[Example], engine: Engine) -> tuple[list[Example], int]:
+    """This rank's share of ``examples`` and how many of it are real: every rank runs the same forwards (ZeRO-3/FSDP2
+    gather parameters inside forward, and DDP's forward syncs buffers), short shares padded with repeats of the first
+    example, which do not count."""
+    shard = examples[engine.rank :: engine.world_size]
+    real = len(shard)
+    return shard + [examples[0]] * (-(-len(examples) // engine.world_size) - real), real
+
+
+def _evaluate_pairs(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, engine: Engine) -> dict[str, float]:
+    from dtune.preference import STAT_KEYS
+
+    was_training = model.training
+    model.eval()
+    shard, real = _shard(examples, engine)
+    sums = torch.zeros(2 + len(STAT_KEYS), dtype=torch.float64, device=engine.device)  # loss, pairs, figures
+    for start in range(0, len(shard), batch_size):
+        chunk = shard[start : start + batch_size]
+        counted = max(0, min(len(chunk), real - start))  # pairs past this are padding
+        batch = {k: v.to(engine.device) for k, v in collate(chunk, pad_id).items()}
+        with engine.autocast():
+            out = model(**batch)
+        sums[0] += out["loss_sum"][:counted].double().sum()
+        sums[1] += counted
+        sums[2:] += out["stats"][:counted].double().sum(dim=0)
+    model.train(was_training)
+    totals = engine.sum(sums).cpu().tolist()
+    pairs = max(totals[1], 1.0)
+    return {"eval/loss": totals[0] / pairs, **{f"eval/{k}": v / pairs for k, v in zip(STAT_KEYS, totals[2:], strict=True)}}

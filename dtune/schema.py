@@ -17,6 +17,12 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 OVERLONG = ("truncate", "drop", "error")
 LORA_INITS = ("default", "gaussian", "loftq", "pissa", "olora")
 BEST_METRICS = ("loss", "accuracy")
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
+"""train.objective: supervised fine-tuning, or one of the preference objectives (dtune.preference)."""
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+"""pref.loss_type of train.objective=dpo."""
+REFERENCE_FREE = ("orpo", "simpo")
+"""Preference objectives with no reference model (no second forward, nothing to precompute)."""
 DEFAULT_EPOCHS = 1.0
 """The run length when neither train.max_steps nor train.epochs is set: one pass over the training samples."""
 
@@ -288,8 +294,28 @@ class TrainConfig:
     check on the CPU). See `dtune plan`."""
     force: bool = False
     """Train even when the memory plan predicts the config does not fit."""
+    objective: str = "sft"
+    """What the adapter learns: sft (the next-token loss on the trained spans), or from preference pairs
+    (data.format=preference) dpo, orpo or simpo (settings: pref.*; see dtune.preference)."""
     peak_tflops: float | None = None
     """Peak dense TFLOP/s of one device at train.precision, for MFU; null: looked up by GPU name (see dtune.flops)."""
+
+
+@dataclass
+class PreferenceConfig:
+    """Settings of the preference objectives (train.objective=dpo, orpo, simpo); see dtune.preference for each loss
+    and its source."""
+
+    loss_type: str = "sigmoid"
+    """train.objective=dpo: sigmoid (DPO), ipo (IPO, on per-token mean log-ratios) or hinge (SLiC)."""
+    beta: float | None = None
+    """DPO: the strength of the pull towards the reference (the implicit reward is beta x the log-ratio; IPO: its tau,
+    the target margin of the per-token log-ratios being 1 / (2 beta)); ORPO: the odds-ratio term's weight (lambda);
+    SimPO: the reward scale. null: the objective's usual value (dpo 0.1, orpo 0.1, simpo 2.0)."""
+    label_smoothing: float = 0.0
+    """DPO (sigmoid) only: the probability that a pair's preference label is flipped (conservative DPO), in [0, 0.5)."""
+    gamma: float = 1.0
+    """SimPO: the target reward margin (the paper's gamma; its experiments use gamma / beta about 0.5)."""
 
 
 @dataclass
@@ -303,5 +329,6 @@ class DtuneConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pref: PreferenceConfig = field(default_factory=PreferenceConfig)
     name: str = "dtune"
     """Run name (W&B run name and output folder label)."""

@@ -19,6 +19,7 @@ from dtune.evaluate import evaluate
 from dtune.fsutil import atomic_write_text
 from dtune.loss import CompletionLoss
 from dtune.model import load_tokenizer
+from dtune.preference import PreferenceLoss
 from dtune.report import comparison_table
 from dtune.schema import DataConfig, DtuneConfig
 
@@ -30,15 +31,22 @@ def compare(
     pad_id: int,
     engine: Engine,
     base: nn.Module | None = None,
+    cfg: DtuneConfig | None = None,
 ) -> dict[str, dict[str, float]]:
     """The same evaluation with the adapter (``model`` is a PeftModel) and without: with it switched off, or on
     ``base`` when given (an adapter whose init moved part of the base weights into it, PiSSA or OLoRA: switched off,
-    the base left is the residual, not the base)."""
-    tuned = evaluate(CompletionLoss(model), examples, batch_size, pad_id, engine)
+    the base left is the residual, not the base). Preference pairs are scored with ``cfg``'s objective (the base's
+    rewards against itself are 0: its preference accuracy is one half)."""
+    pairs = cfg is not None and len(examples) > 0 and examples[0].rejected is not None
+
+    def loss(m: nn.Module) -> nn.Module:
+        return PreferenceLoss.of(cfg, m) if pairs and cfg is not None else CompletionLoss(m)
+
+    tuned = evaluate(loss(model), examples, batch_size, pad_id, engine)
     if base is not None:
-        return {"base": evaluate(CompletionLoss(base), examples, batch_size, pad_id, engine), "adapter": tuned}
+        return {"base": evaluate(loss(base), examples, batch_size, pad_id, engine), "adapter": tuned}
     with model.disable_adapter():
-        untuned = evaluate(CompletionLoss(model), examples, batch_size, pad_id, engine)
+        untuned = evaluate(loss(model), examples, batch_size, pad_id, engine)
     return {"base": untuned, "adapter": tuned}
 
 
@@ -79,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         trained = replace(trained, cfg=cfg)
         model = load_trained(trained, engine.device, args.allow_pickle)
         base = load_frozen_base(trained, engine.device, args.allow_pickle) if mutates_base(trained.adapter_dir) else None
-        results = {"task": compare(model, task, args.batch_size, tokenizer.pad_token_id, engine, base)}
+        results = {"task": compare(model, task, args.batch_size, tokenizer.pad_token_id, engine, base, cfg)}
         if args.general:
             general = DataConfig(
                 source=args.general,

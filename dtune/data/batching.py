@@ -14,12 +14,17 @@ from dtune.errors import DataError
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sample. Returns input_ids, attention_mask, labels: [batch, seq].
+    """Right-pad to the longest sample. Returns input_ids, attention_mask, labels: [batch, seq]. Preference pairs
+    (examples with ``rejected``) give 2 x pairs rows: every pair's chosen reply, then their rejected replies in the
+    same order.
 
     With packed rows, also position_ids [batch, seq] restarting per sample (and at the padding): the model is then
     given no attention mask and builds the per-sample masks from them (see dtune.data.packing); attention_mask
     still marks the real tokens, for counting.
     """
+    if examples and examples[0].rejected is not None:  # preference pairs: the chosen rows, then the rejected rows
+        rows = [Example(e.input_ids, e.labels, e.prompt_len) for e in examples]
+        return collate(rows + [e.rejected for e in examples if e.rejected is not None], pad_id)
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)

@@ -25,6 +25,11 @@ class Example:
     """Index of the row's completion in data.choices (-1 when there are no choices)."""
     segments: list[int] | None = None
     """Packed rows: the lengths of the samples packed into this row (see dtune.data.packing)."""
+    rejected: Example | None = None
+    """A preference pair: this example is the prompt and the chosen reply, ``rejected`` the same prompt (the same
+    tokens) and the rejected reply."""
+    desirable: bool | None = None
+    """A KTO row: whether the completion is desirable."""
 
 
 @dataclass
@@ -86,10 +91,22 @@ class TokenizedSet:
         import pyarrow.compute as pc
 
         self.table, self.packs = table, packs
-        column = table.table.column("input_ids")
-        every = pc.list_value_length(column).to_numpy().astype(np.int64) if len(column) else np.zeros(0, np.int64)
+
+        def lengths(name: str) -> np.ndarray:
+            column = table.table.column(name)
+            return pc.list_value_length(column).to_numpy().astype(np.int64) if len(column) else np.zeros(0, np.int64)
+
+        every = lengths("input_ids")
         self.index = np.arange(len(every), dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64)
         self.sample_lengths = every[self.index]
+        self.pairs = "rejected_ids" in table.column_names
+        self.tokens = int(self.sample_lengths.sum())
+        """Tokens of the samples (of both replies of a pair)."""
+        if self.pairs:  # a pair takes two rows of its micro-batch: its length is the longer reply's
+            rejected = lengths("rejected_ids")[self.index]
+            self.tokens += int(rejected.sum())
+            self.sample_lengths = np.maximum(self.sample_lengths, rejected)
+        self.desirable = "desirable" in table.column_names
         if packs is None:
             self.lengths = self.sample_lengths
         else:
@@ -106,7 +123,14 @@ class TokenizedSet:
         row = self.table.fast_slice(int(self.index[i]), 1)
         ids = row.column("input_ids").chunk(0).flatten().to_numpy()
         trained = row.column("trained").chunk(0).flatten().to_numpy(zero_copy_only=False)
-        ex = Example(ids.tolist(), np.where(trained, ids, IGNORE).tolist(), int(row.column("prompt_len")[0].as_py()))
+        prompt_len = int(row.column("prompt_len")[0].as_py())
+        ex = Example(ids.tolist(), np.where(trained, ids, IGNORE).tolist(), prompt_len)
+        if self.pairs:
+            ids = row.column("rejected_ids").chunk(0).flatten().to_numpy()
+            trained = row.column("rejected_trained").chunk(0).flatten().to_numpy(zero_copy_only=False)
+            ex.rejected = Example(ids.tolist(), np.where(trained, ids, IGNORE).tolist(), prompt_len)
+        if self.desirable:
+            ex.desirable = bool(row.column("desirable")[0].as_py())
         if self.choices:
             ex.choice_ids = row.column("choice_ids")[0].as_py()
             ex.gold = int(row.column("gold")[0].as_py())

@@ -12,6 +12,12 @@
 * ``sharegpt`` -- ``{"conversations": [{"from": "human" | "gpt" | "system" | ..., "value": str}, ...],
   "system": str?, "tools": ...?}`` with the usual role names (see :data:`SHAREGPT_ROLES`).
 * ``text`` -- ``{"text": str}``: continued pre-training, every token is trained on.
+* ``preference`` -- ``{"prompt": str | [messages], "chosen": reply, "rejected": reply, "system": str?}`` for the
+  preference objectives (DPO, ORPO, SimPO, KTO). A reply is a string, an assistant message, or a list of messages.
+  Conversations that repeat the prompt in both replies (``chosen: [user, assistant]``, as UltraFeedback ships them),
+  or carry it only there (no ``prompt``), are split where chosen and rejected first differ.
+* ``kto`` -- ``{"prompt": ..., "completion": reply, "label": true | false, "system": str?}``: one completion marked
+  desirable or not (KTO's unpaired data).
 
 Keys a format does not know are not an error -- datasets carry ids and metadata -- but they are counted and warned
 about once per run (:class:`UnknownKeys`), never dropped silently.
@@ -26,7 +32,9 @@ from typing import Any
 
 from dtune.errors import DataError
 
-FORMATS = ("prompt_completion", "alpaca", "chat", "sharegpt", "text")
+FORMATS = ("prompt_completion", "alpaca", "chat", "sharegpt", "text", "preference", "kto")
+PREFERENCE_FORMATS = ("preference", "kto")
+"""Formats of the preference objectives: their rows are pairs, or completions labelled desirable or not."""
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
     **dict.fromkeys(("human", "user"), "user"),
@@ -42,6 +50,8 @@ KNOWN_KEYS = {
     "chat": {"messages", "tools"},
     "sharegpt": {"conversations", "system", "tools"},
     "text": {"text"},
+    "preference": {"prompt", "chosen", "rejected", "system"},
+    "kto": {"prompt", "completion", "label", "system"},
 }
 MESSAGE_KEYS = {"role", "content", "tool_calls", "tool_call_id", "name", "reasoning_content", "train", "weight"}
 
@@ -63,7 +73,13 @@ class Row:
     tools: list[Any] | None = None
     """Tool (function) definitions passed to the chat template (OpenAI ``tools``)."""
     untrained: frozenset[int] = frozenset()
-    """Indices of assistant messages kept out of the loss (``"train": false``)."""
+    """Indices of assistant messages kept out of the loss (``"train": false``; a preference row's prompt turns)."""
+    rejected: list[dict[str, Any]] | None = None
+    """A preference pair's rejected reply (``messages`` holds the prompt and the chosen reply)."""
+    prompt_turns: int = 0
+    """A preference or KTO row: how many of ``messages`` are the prompt (the rest is the reply)."""
+    desirable: bool | None = None
+    """A KTO row: whether its completion is desirable."""
 
     @classmethod
     def single(cls, prompt: str, completion: str, where: str, system: str = "") -> Row:
@@ -234,6 +250,76 @@ def _alpaca(obj: dict, where: str) -> Row:
     return Row([*messages, {"role": "user", "content": prompt}, {"role": "assistant", "content": output}], where)
 
 
+def _turns(value: Any, key: str, where: str, role: str, unknown: UnknownKeys | None) -> list[dict[str, Any]]:
+    """A prompt or reply field: a string (one ``role`` message), a message, or a non-empty list of messages."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    items = [value] if isinstance(value, dict) else value
+    if not isinstance(items, list) or not items:
+        raise DataError(f"{where}: field '{key}' must be a string, a message or a non-empty list of messages")
+    out = []
+    for i, m in enumerate(items):
+        at = f"{where}: {key}" + (f"[{i}]" if isinstance(value, list) else "")
+        if not isinstance(m, dict):
+            raise DataError(f"{at}: expected an object with role and content")
+        r = _string(m, "role", at)
+        if r not in ROLES:
+            raise DataError(f"{at}: role {r!r} is not one of {', '.join(ROLES)}")
+        if "content" not in m and not m.get("tool_calls"):
+            raise DataError(f"{at}: missing field 'content'")
+        if unknown is not None and (extra := set(m) - MESSAGE_KEYS):
+            unknown.note(extra, at, prefix=f"{key}[].")
+        out.append(_message(m, at, r, m.get("content"))[0])
+    return out
+
+
+def _reply(turns: list[dict[str, Any]], key: str, where: str) -> list[dict[str, Any]]:
+    if not turns:
+        raise DataError(f"{where}: field '{key}' holds nothing after the prompt")
+    if turns[0]["role"] != "assistant" or any(m["role"] not in ("assistant", "tool") for m in turns):
+        roles = [m["role"] for m in turns]
+        raise DataError(f"{where}: field '{key}': a reply is assistant (and tool) messages after the prompt; got {roles}")
+    return turns
+
+
+def _preference(obj: dict, where: str, fmt: str, unknown: UnknownKeys | None) -> Row:
+    """A preference pair (``fmt`` preference) or a labelled completion (kto): the prompt's messages, then the reply."""
+    prompt = _turns(obj["prompt"], "prompt", where, "user", unknown) if obj.get("prompt") is not None else []
+    keys = ("chosen", "rejected") if fmt == "preference" else ("completion",)
+    for key in keys:
+        if obj.get(key) is None:
+            raise DataError(f"{where}: missing field '{key}'")
+    replies = [_turns(obj[key], key, where, "assistant", unknown) for key in keys]
+    if prompt and all(r[: len(prompt)] == prompt for r in replies):  # the prompt repeated in the replies
+        replies = [r[len(prompt) :] for r in replies]
+    if fmt == "preference":  # what both replies start with is context: the prompt's, or the prompt itself
+        shared = 0
+        while shared < min(map(len, replies)) - 1 and replies[0][shared] == replies[1][shared]:
+            shared += 1
+    else:  # a completion that holds its conversation: the reply starts after the last user message
+        shared = 0 if prompt else max((i + 1 for i, m in enumerate(replies[0]) if m["role"] == "user"), default=0)
+    prompt = [*prompt, *replies[0][:shared]]
+    if not prompt:
+        raise DataError(f"{where}: missing field 'prompt' (and the replies hold no prompt of their own)")
+    system = _string(obj, "system", where, required=False)
+    if system.strip() and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": system}, *prompt]
+    if prompt[-1]["role"] not in ("user", "tool"):
+        raise DataError(f"{where}: the prompt must end with a user (or tool) message; it ends with {prompt[-1]['role']!r}")
+    chosen = _reply(replies[0][shared:], keys[0], where)
+    untrained = frozenset(i for i, m in enumerate(prompt) if m["role"] == "assistant")
+    row = Row([*prompt, *chosen], where, untrained=untrained, prompt_turns=len(prompt))
+    if fmt == "preference":
+        row.rejected = _reply(replies[1][shared:], "rejected", where)
+        if row.rejected == chosen:
+            raise DataError(f"{where}: 'chosen' and 'rejected' are the same reply")
+    else:
+        if not isinstance(obj.get("label"), bool):
+            raise DataError(f"{where}: field 'label' must be true (desirable) or false; got {obj.get('label')!r}")
+        row.desirable = obj["label"]
+    return row
+
+
 def row_from_obj(obj: Any, where: str, fmt: str, unknown: UnknownKeys | None = None) -> Row:
     """Parse one record of format ``fmt``; every problem raises DataError naming ``where`` and the field. Keys the
     format does not read are counted in ``unknown``."""
@@ -250,4 +336,6 @@ def row_from_obj(obj: Any, where: str, fmt: str, unknown: UnknownKeys | None = N
         return _alpaca(obj, where)
     if fmt == "text":
         return Row(where=where, text=_nonempty(_string(obj, "text", where), "text", where))
+    if fmt in PREFERENCE_FORMATS:
+        return _preference(obj, where, fmt, unknown)
     return _conversation(obj, where, fmt, unknown)

@@ -130,7 +130,8 @@ class Renderer:
             self._turn(full, variant or "", header, f"{row.where}: messages[{i}]")
             for i, variant, header in zip(turns, variants, headers, strict=True)
         ]
-        return full, spans, spans[-1][0], True
+        # The prompt ends where the last trained turn starts -- where the reply starts, for a preference or KTO row.
+        return full, spans, spans[0 if row.prompt_turns else -1][0], True
 
     def _chat_many(
         self, conversations: list[list[dict[str, Any]]], generation_prompt: bool, tools: list | None
@@ -297,7 +298,40 @@ class Renderer:
                 prompt_len += 1
         return ids, labels, prompt_len
 
+    def _pair(self, row: Row) -> Example | None:
+        """A preference pair: the chosen reply's Example holding the rejected one's (``rejected``), both with the
+        prompt's tokens whole; replies longer than data.max_seq_len allows are cut alike (the pair counted once as
+        truncated), and a pair whose prompt leaves no room for a reply token is dropped."""
+        assert row.rejected is not None
+        prompt = row.messages[: row.prompt_turns]
+        rejected = Row([*prompt, *row.rejected], row.where, tools=row.tools, untrained=row.untrained, prompt_turns=len(prompt))
+        pair = [self._encode(row), self._encode(rejected)]
+        (ids, _, prompt_len), (other, _, other_len) = pair
+        if prompt_len != other_len or ids[:prompt_len] != other[:prompt_len]:
+            raise DataError(f"{row.where}: the chat template renders the prompt differently before the two replies")
+        max_len = self.cfg.max_seq_len
+        longest = max(len(ids), len(other))
+        if longest > max_len:
+            if self.cfg.overlong == "error":
+                raise DataError(
+                    f"{row.where}: {longest} tokens (prompt {prompt_len}) exceeds data.max_seq_len={max_len} "
+                    "(data.overlong=error)"
+                )
+            if self.cfg.overlong == "drop" or prompt_len >= max_len:
+                self.stats.dropped += 1  # dropped by config, or the prompt alone fills the row
+                return None
+            pair = [(i[:max_len], lab[:max_len], n) for i, lab, n in pair]
+            self.stats.truncated += 1
+        for (_, labels, _), name in zip(pair, ("chosen", "rejected"), strict=True):
+            if labels[1:].count(IGNORE) == len(labels) - 1:
+                raise DataError(f"{row.where}: nothing to train on (the {name} reply renders to no tokens)")
+        example = Example(*pair[0])
+        example.rejected = Example(*pair[1])
+        return example
+
     def __call__(self, row: Row) -> Example | None:
+        if row.rejected is not None:
+            return self._pair(row)
         ids, labels, prompt_len = self._encode(row)
         max_len = self.cfg.max_seq_len
         if len(ids) > max_len:
@@ -310,7 +344,7 @@ class Renderer:
             self.stats.truncated += 1
         if labels[1:].count(IGNORE) == len(labels) - 1:  # (list.count runs in C: this is per row)
             raise DataError(f"{row.where}: nothing to train on (the answer renders to no tokens)")
-        example = Example(ids, labels, prompt_len)
+        example = Example(ids, labels, prompt_len, desirable=row.desirable)
         if self.cfg.choices:
             gold = row.completion.strip()
             if gold not in self.cfg.choices:

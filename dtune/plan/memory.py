@@ -77,7 +77,9 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
         optim_bytes = 0
     grad_bytes = 0 if fsdp2_offload else 4 * n_lora  # reduce-scattered shards are copied to the CPU in backward
 
-    tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
+    # A preference micro-batch is two rows a pair (chosen, rejected); the reference's forward keeps nothing for backward.
+    rows = cfg.train.micro_batch_size * (1 if cfg.train.objective == "sft" else 2)
+    tokens = rows * cfg.data.max_seq_len
     labelled = int(tokens * labelled_fraction(cfg))
     dtype_bytes = 4 if cfg.train.precision == "fp32" else 2
     quantized = cfg.quant.quant_type != "none"

@@ -32,10 +32,10 @@ from dtune.evaluate import evaluate
 from dtune.flops import FlopCounts, device_peak_flops, peak_memory_bytes
 from dtune.fsutil import OutputLock, atomic_write_text
 from dtune.lora import lora_config
-from dtune.loss import CompletionLoss
 from dtune.model import build_model, load_tokenizer, model_dir
 from dtune.optim import build_optimizer, build_scheduler
 from dtune.plan.memory import check_fits
+from dtune.preference import PreferenceLoss
 from dtune.report import comparison_table, format_metrics
 from dtune.runtime import console_warnings_only, quiet_libraries
 from dtune.schema import DtuneConfig
@@ -112,7 +112,7 @@ class Trainer:
         if engine.is_main:  # written once the inputs proved good: a run that fails on bad input overwrites nothing
             atomic_write_text(self.output_dir / "config_resolved.yaml", self.config_yaml)
         # FSDP2 shards here; the optimizer must see the sharded params.
-        loss_model = engine.shard(CompletionLoss(model, cfg.train.loss_chunk_tokens))
+        loss_model = engine.shard(PreferenceLoss.of(cfg, model))
         if cfg.data.streaming:
             sampler: StepSampler | StreamSampler = stream
             self.length = RunLength.of(cfg, None)
@@ -195,7 +195,12 @@ class Trainer:
         t0 = time.perf_counter()
         lr = self.parts.scheduler.get_last_lr()[0]
         result = train_step(
-            self.parts.model, self.parts.optimizer, next(self.parts.sampler), self.engine, self.cfg.optim.max_grad_norm
+            self.parts.model,
+            self.parts.optimizer,
+            next(self.parts.sampler),
+            self.engine,
+            self.cfg.optim.max_grad_norm,
+            per_pair=self.cfg.train.objective != "sft",
         )
         self.parts.scheduler.step()
         state = self.state
@@ -252,6 +257,7 @@ class Trainer:
             **throughput(
                 self.flops.step(result.tokens, result.labelled, result.attention_pairs), elapsed, world, self.peak_flops
             ),
+            **{f"train/{k}": v for k, v in (result.stats or {}).items()},
         }
         step = state.step
         if step % self.cfg.logger.log_every == 0 or step == self.length.max_steps or step == self.start_step + 1:

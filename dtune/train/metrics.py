@@ -24,6 +24,8 @@ def progress_fields(metrics: dict[str, float]) -> dict[str, str]:
         "epoch": f"{metrics['train/epoch']:.2f}",
         "tok/s/dev": f"{metrics['train/tokens_per_s_per_device']:,.0f}",
     }
+    if "train/accuracy" in metrics:  # preference accuracy of the step's pairs
+        out["acc"] = f"{metrics['train/accuracy']:.2f}"
     if "train/mfu" in metrics:
         out["mfu"] = f"{metrics['train/mfu']:.1%}"
     if "train/peak_mem_gib" in metrics:

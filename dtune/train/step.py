@@ -31,6 +31,8 @@ class StepResult:
     """Tokens that carry loss, all ranks."""
     attention_pairs: int
     """Query-key pairs attended, all ranks (for the FLOP count)."""
+    stats: dict[str, float] | None = None
+    """Preference objectives: the step's mean of each figure in :data:`dtune.preference.STAT_KEYS`, all ranks."""
 
 
 def labelled_tokens(batch: Batch) -> torch.Tensor:
@@ -40,27 +42,45 @@ def labelled_tokens(batch: Batch) -> torch.Tensor:
 
 def accumulate_gradients(
     loss_model: nn.Module, micro: list[Batch], engine: Engine, step_tokens: torch.Tensor | None = None
-) -> float:
+) -> float | tuple[float, dict[str, float]]:
     """Forward and backward each micro-batch of one optimizer step (on ``engine.device``); return the step's mean
-    token loss over all ranks.
+    token loss over all ranks -- with a preference loss (whose output has ``stats``), the mean pair loss and the
+    mean of each figure of :data:`~dtune.preference.STAT_KEYS`.
 
-    ``step_tokens``: the step's labelled tokens over all ranks (counted and reduced here when not given).
+    ``step_tokens``: what the loss is normalised by over all ranks: the step's labelled tokens (counted and reduced
+    here when not given), or its pairs.
     """
     if step_tokens is None:
         step_tokens = engine.sum(sum(labelled_tokens(m) for m in micro))
     step_tokens = step_tokens.to(engine.device).clamp(min=1)
     total = torch.zeros((), device=engine.device)
+    stats: torch.Tensor | None = None
     for m in micro:
         with engine.accumulate(loss_model), engine.autocast():
             out = loss_model(**m)
             total += engine.backward(out["loss_sum"].sum(), step_tokens)
-    return float(engine.sum(total))
+        if "stats" in out:
+            summed = out["stats"].double().sum(dim=0)
+            stats = summed if stats is None else stats + summed
+    if stats is None:
+        return float(engine.sum(total))
+    from dtune.preference import STAT_KEYS
+
+    reduced = engine.sum(torch.cat([total.double().reshape(1), stats])).cpu()
+    means = (reduced[1:] / float(step_tokens)).tolist()
+    return float(reduced[0]), dict(zip(STAT_KEYS, means, strict=True))
 
 
 def train_step(
-    loss_model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[Batch], engine: Engine, max_grad_norm: float | None
+    loss_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: list[Batch],
+    engine: Engine,
+    max_grad_norm: float | None,
+    per_pair: bool = False,
 ) -> StepResult:
     """One optimizer step over this rank's ``batches`` (CPU tensors, ``train.grad_accum_steps`` micro-batches).
+    ``per_pair``: the batches hold preference pairs (2 rows each) and the loss is normalised by the step's pairs.
 
     Raises ValueError when ``len(batches)`` is not the engine's ``grad_accum_steps`` (the contract of
     :meth:`~dtune.distributed.engine.Engine.backward`). The learning-rate schedule is the caller's to step.
@@ -68,9 +88,15 @@ def train_step(
     if len(batches) != engine.grad_accum_steps:
         raise ValueError(f"train_step: {len(batches)} micro-batches for grad_accum_steps={engine.grad_accum_steps}")
     # Counted on the CPU batches (no device synchronisation), reduced over ranks in one all-reduce.
-    counts = torch.tensor([[int(b["attention_mask"].sum()), int(labelled_tokens(b)), attention_pairs(b)] for b in batches])
-    tokens, labelled, pairs = (int(v) for v in engine.sum(counts.sum(dim=0).to(engine.device)))
+    counts = torch.tensor(
+        [
+            [int(b["attention_mask"].sum()), int(labelled_tokens(b)), attention_pairs(b), b["input_ids"].shape[0] // 2]
+            for b in batches
+        ]
+    )
+    tokens, labelled, pairs, preference_pairs = (int(v) for v in engine.sum(counts.sum(dim=0).to(engine.device)))
     micro = [{k: v.to(engine.device) for k, v in b.items()} for b in batches]
-    loss = accumulate_gradients(loss_model, micro, engine, torch.tensor(labelled))
+    out = accumulate_gradients(loss_model, micro, engine, torch.tensor(preference_pairs if per_pair else labelled))
+    loss, stats = out if isinstance(out, tuple) else (out, None)
     grad_norm = engine.step(loss_model, optimizer, max_grad_norm)
-    return StepResult(loss, grad_norm, tokens, labelled, pairs)
+    return StepResult(loss, grad_norm, tokens, labelled, pairs, stats)

@@ -1,0 +1,209 @@
+"""Preference objectives: DPO (sigmoid, IPO, hinge), ORPO, SimPO and KTO, from per-sequence log-probabilities.
+
+Every function here takes the summed log-probabilities of each reply's trained tokens (``logp``: the negative of
+:class:`~dtune.loss.CompletionLoss`'s ``loss_sum``) and their token counts, and returns the loss of each pair (or
+KTO row) -- not a mean: the training step sums them over micro-batches and ranks and divides by the step's pairs, so
+accumulation and data parallelism give the gradient of one big batch, as the token-normalised SFT loss does.
+
+Sources (and the reference implementation the tests compare with):
+
+* DPO: Rafailov et al. 2023, arXiv:2305.18290, eq. 7; ``label_smoothing`` is conservative DPO (cDPO, Mitchell 2023:
+  the preference label flipped with probability epsilon). Hinge: SLiC (Zhao et al. 2023, arXiv:2305.10425). IPO:
+  Azar et al. 2023, arXiv:2310.12036, eq. 17, on per-token mean log-ratios as TRL's ``DPOTrainer`` computes it (its
+  authors' normalisation). TRL's ``DPOTrainer`` (``loss_type`` sigmoid, ipo, hinge) is the oracle of the tests.
+* ORPO: Hong et al. 2024, arXiv:2403.07691, eqs. 4-7: the chosen reply's per-token NLL plus ``beta`` times the
+  negative log-sigmoid of the log odds ratio of the per-token mean probabilities (TRL's ``ORPOTrainer``; its NLL is
+  the mean over the batch's chosen tokens, dtune's the mean over each pair's, so every pair weighs the same).
+* SimPO: Meng et al. 2024, arXiv:2405.14734, eq. 6: ``-log sigmoid(beta * (mean logp_w - mean logp_l) - gamma)``.
+* KTO: Ethayarajh et al. 2024, arXiv:2402.01306, eq. 8, with the reference point ``z0`` the batch estimate of the KL
+  divergence from mismatched prompt/completion pairs, clipped at 0 and not differentiated (TRL's ``KTOTrainer``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dtune.loss import CompletionLoss
+from dtune.schema import DPO_LOSSES, OBJECTIVES, REFERENCE_FREE, DtuneConfig
+
+__all__ = ["DPO_LOSSES", "OBJECTIVES", "REFERENCE_FREE", "PreferenceLoss", "dpo_loss", "kto_loss", "orpo_loss", "simpo_loss"]
+
+DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1}
+"""pref.beta when null, per objective: the papers' (and TRL's) defaults."""
+
+
+@dataclass
+class PairLogps:
+    """Per-pair figures of one micro-batch, all [pairs] fp32: summed log-probabilities of the trained tokens of the
+    chosen and rejected replies under the policy (``chosen``, ``rejected``) and the reference (``ref_chosen``,
+    ``ref_rejected``; None for reference-free objectives), and the replies' trained-token counts."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+    ref_chosen: torch.Tensor | None = None
+    ref_rejected: torch.Tensor | None = None
+
+
+def _mean(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return logp / tokens.clamp(min=1)
+
+
+def dpo_loss(p: PairLogps, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> torch.Tensor:
+    """[pairs] DPO loss. ``loss_type``: sigmoid (``-(1-e) log s(b z) - e log s(-b z)``, z the chosen minus rejected
+    log-ratio to the reference, e = ``label_smoothing``), hinge (``relu(1 - b z)``) or ipo (``(z' - 1/(2b))^2``, z' on
+    per-token means). Raises ValueError for another ``loss_type`` or a missing reference."""
+    if p.ref_chosen is None or p.ref_rejected is None:
+        raise ValueError("dpo_loss: the reference log-probabilities are missing")
+    chosen_ratio, rejected_ratio = p.chosen - p.ref_chosen, p.rejected - p.ref_rejected
+    if loss_type == "sigmoid":
+        z = beta * (chosen_ratio - rejected_ratio)
+        return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * (chosen_ratio - rejected_ratio))
+    if loss_type == "ipo":
+        z = _mean(chosen_ratio, p.chosen_tokens) - _mean(rejected_ratio, p.rejected_tokens)
+        return (z - 1 / (2 * beta)) ** 2
+    raise ValueError(f"dpo_loss: loss_type {loss_type!r} is not one of {', '.join(DPO_LOSSES)}")
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for x <= 0, without cancellation (Maechler 2012: log1p(-exp(x)) below -log 2, else
+    log(-expm1(x)))."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(p: PairLogps, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """([pairs] ORPO loss, [pairs] log odds ratio): the chosen reply's per-token NLL plus ``beta`` times
+    ``-log s(log odds(y_w) - log odds(y_l))``, odds of the per-token mean probability ``P``: ``P / (1 - P)``."""
+    chosen, rejected = _mean(p.chosen, p.chosen_tokens), _mean(p.rejected, p.rejected_tokens)
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    return -chosen - beta * F.logsigmoid(log_odds), log_odds
+
+
+def simpo_loss(p: PairLogps, beta: float, gamma: float) -> torch.Tensor:
+    """[pairs] SimPO loss: ``-log s(beta * (mean logp_w - mean logp_l) - gamma)``, means per trained token."""
+    margin = _mean(p.chosen, p.chosen_tokens) - _mean(p.rejected, p.rejected_tokens)
+    return -F.logsigmoid(beta * margin - gamma)
+
+
+def kto_loss(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    desirable: torch.Tensor,
+    kl: torch.Tensor | float,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> torch.Tensor:
+    """[rows] KTO loss: ``w_d (1 - s(beta (r - z0)))`` for a desirable completion, ``w_u (1 - s(beta (z0 - r)))`` for
+    an undesirable one; ``r = logp - ref_logp`` [rows], ``desirable`` [rows] bool, ``kl`` the reference point z0 (the
+    caller's estimate; clipped at 0 and detached here)."""
+    z0 = torch.as_tensor(kl, dtype=logp.dtype, device=logp.device).detach().clamp(min=0)
+    ratio = logp - ref_logp
+    good = desirable_weight * (1 - torch.sigmoid(beta * (ratio - z0)))
+    bad = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - ratio)))
+    return torch.where(desirable, good, bad)
+
+
+def rewards(p: PairLogps, beta: float, objective: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """([pairs] chosen, [pairs] rejected) implicit rewards, detached: ``beta`` times the log-ratio to the reference
+    (DPO), ``beta`` times the per-token mean log-probability (SimPO, ORPO: no reference)."""
+    if objective in REFERENCE_FREE:
+        chosen, rejected = _mean(p.chosen, p.chosen_tokens), _mean(p.rejected, p.rejected_tokens)
+    else:
+        assert p.ref_chosen is not None and p.ref_rejected is not None
+        chosen, rejected = p.chosen - p.ref_chosen, p.rejected - p.ref_rejected
+    return (beta * chosen).detach(), (beta * rejected).detach()
+
+
+STAT_KEYS = ("rewards_chosen", "rewards_rejected", "accuracy", "margin", "logps_chosen", "logps_rejected")
+"""Per-pair figures :class:`PreferenceLoss` returns (``stats``: [pairs, len(STAT_KEYS)]) and the step and the
+evaluation average: the implicit rewards, preference accuracy (the chosen reward above the rejected; a tie counts
+half), their margin, and the summed log-probabilities of the replies under the policy."""
+
+
+class PreferenceLoss(CompletionLoss):
+    """The loss of a micro-batch of preference pairs: ``2 x pairs`` rows, the chosen replies then the rejected ones
+    (:func:`dtune.data.batching.collate`). The policy's log-probabilities come from one forward of all rows; the
+    reference's from a second forward of the same rows under ``torch.no_grad`` with the adapter switched off (PEFT's
+    ``disable_adapter``: the frozen base, no second model in memory), or from ``ref_logps`` when precomputed. The
+    output head projects only the labelled positions and is chunked as in SFT (:class:`CompletionLoss`).
+
+    ``objective``: dpo, orpo or simpo (see the module docstring); ``beta``, ``loss_type``, ``label_smoothing``,
+    ``gamma`` as :class:`~dtune.schema.PreferenceConfig` says.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        chunk_tokens: int,
+        objective: str,
+        beta: float,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        gamma: float = 0.0,
+    ) -> None:
+        super().__init__(model, chunk_tokens)
+        if objective not in ("dpo", "orpo", "simpo"):
+            raise ValueError(f"PreferenceLoss: objective {objective!r} is not dpo, orpo or simpo")
+        self.objective, self.beta, self.loss_type = objective, beta, loss_type
+        self.label_smoothing, self.gamma = label_smoothing, gamma
+
+    @classmethod
+    def of(cls, cfg: DtuneConfig, model: nn.Module) -> CompletionLoss:
+        """The loss module of ``cfg.train.objective`` around ``model``: :class:`CompletionLoss` for sft, else this."""
+        objective, pref = cfg.train.objective, cfg.pref
+        if objective == "sft":
+            return CompletionLoss(model, cfg.train.loss_chunk_tokens)
+        beta = pref.beta if pref.beta is not None else DEFAULT_BETA[objective]
+        return cls(model, cfg.train.loss_chunk_tokens, objective, beta, pref.loss_type, pref.label_smoothing, pref.gamma)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.objective not in REFERENCE_FREE
+
+    def reference_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[rows] summed log-probabilities of the labelled tokens under the reference: the base with the adapter
+        switched off, without gradients."""
+        off = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
+        with torch.no_grad(), off:  # (a model without an adapter, dtune eval's base, is its own reference)
+            return -super().forward(input_ids, attention_mask, labels)["loss_sum"]
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        ref_logps: torch.Tensor | None = None,
+        gather_at: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask, labels: [2 x pairs, seq]; ref_logps: [2 x pairs] or None (computed here).
+        ``gather_at`` is accepted for the evaluation's call and ignored.
+
+        Returns ``loss_sum`` [pairs] (each pair's loss), ``tokens`` [pairs] (1 each: the step normalises per pair)
+        and ``stats`` [pairs, len(STAT_KEYS)] (detached).
+        """
+        out = super().forward(input_ids, attention_mask, labels)
+        logp, tokens = -out["loss_sum"], out["tokens"]
+        pairs = logp.shape[0] // 2
+        if self.needs_reference and ref_logps is None:
+            ref_logps = self.reference_logps(input_ids, attention_mask, labels)
+        ref = (None, None) if ref_logps is None else (ref_logps[:pairs].float(), ref_logps[pairs:].float())
+        p = PairLogps(logp[:pairs], logp[pairs:], tokens[:pairs], tokens[pairs:], *ref)
+        if self.objective == "dpo":
+            loss = dpo_loss(p, self.beta, self.loss_type, self.label_smoothing)
+        elif self.objective == "orpo":
+            loss = orpo_loss(p, self.beta)[0]
+        else:
+            loss = simpo_loss(p, self.beta, self.gamma)
+        chosen, rejected = rewards(p, self.beta, self.objective)
+        accuracy = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
+        stats = torch.stack([chosen, rejected, accuracy, chosen - rejected, p.chosen.detach(), p.rejected.detach()], dim=1)
+        return {"loss_sum": loss, "tokens": torch.ones_like(loss), "stats": stats}

@@ -1,0 +1,349 @@
+"""Preference training (train.objective=dpo, orpo, simpo): pair rows parsed and rendered with SFT's span rules, cut
+alike when too long; each loss equal to its closed form computed here from the tiny model's own log-probabilities
+(not by dtune's loss functions), DPO equal to TRL's DPOTrainer on the same batch; per-pair normalisation; a run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtune.data import IGNORE, Renderer, collate
+from dtune.data.formats import UnknownKeys, row_from_obj
+from dtune.errors import ConfigError, DataError
+from dtune.schema import DataConfig
+from tests.helpers import compose_config, tiny_overrides, write_jsonl
+
+PAIRS = [
+    {"prompt": "Is the sky blue?", "chosen": "Yes, on a clear day.", "rejected": "No."},
+    {"prompt": "Name a prime.", "chosen": "Seven.", "rejected": "Nine, which is three squared."},
+    {
+        "prompt": [
+            {"role": "user", "content": "Pick a colour."},
+            {"role": "assistant", "content": "Teal."},
+            {"role": "user", "content": "Another?"},
+        ],
+        "chosen": {"role": "assistant", "content": "Plum."},
+        "rejected": [{"role": "assistant", "content": "I said teal already, so no."}],
+    },
+]
+
+
+def pair_rows(n: int) -> list[dict]:
+    """``n`` pairs of varied prompts whose chosen reply is always the polite one: what a tiny random model can learn in
+    a few steps (and show on held-out pairs)."""
+    words = ["great", "awful", "moving", "dull", "sharp", "flat", "warm", "cold"]
+    return [
+        {
+            "prompt": f"Review {i}: the film was {words[i % 8]} and {words[(3 * i + 1) % 8]}. Agree?",
+            "chosen": "Thank you, I agree.",
+            "rejected": "No.",
+        }
+        for i in range(n)
+    ]
+
+
+def render(tok, obj, **cfg):
+    renderer = Renderer(tok, DataConfig(format="preference", choices=None, **cfg))
+    return renderer, renderer(row_from_obj(obj, "pairs.jsonl:1", "preference"))
+
+
+def trained_text(tok, ex) -> str:
+    return tok.decode([t for t in ex.labels if t != IGNORE])
+
+
+# --- rows ---------------------------------------------------------------------------------------------------------
+
+
+def test_every_pair_form_gives_the_prompt_and_two_replies():
+    """Strings, messages, a conversation repeated in both replies (UltraFeedback) or only there (no prompt): the prompt
+    is what the replies share, a system message leads it, assistant turns in the prompt are context."""
+    convo = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}, {"role": "user", "content": "R?"}]
+    forms = [
+        {"prompt": "Q?", "chosen": "Yes.", "rejected": "No."},
+        {"prompt": "Q?", "chosen": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Yes."}],
+         "rejected": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "No."}]},
+        {"chosen": [*convo, {"role": "assistant", "content": "Yes."}], "rejected": [*convo, {"role": "assistant", "content": "No."}]},
+        {"prompt": convo, "chosen": {"role": "assistant", "content": "Yes."}, "rejected": "No.", "system": "Be brief."},
+    ]  # fmt: skip
+    rows = [row_from_obj(obj, f"p.jsonl:{i}", "preference") for i, obj in enumerate(forms)]
+    assert rows[0].messages == [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Yes."}]
+    assert rows[0].rejected == [{"role": "assistant", "content": "No."}] and rows[0].prompt_turns == 1
+    assert (rows[1].messages, rows[1].rejected) == (rows[0].messages, rows[0].rejected)
+    assert rows[2].messages[:3] == convo and rows[2].prompt_turns == 3 and rows[2].untrained == {1}
+    assert rows[3].messages[0] == {"role": "system", "content": "Be brief."} and rows[3].prompt_turns == 4
+    assert rows[3].untrained == {2}
+
+
+@pytest.mark.parametrize(
+    ("obj", "message"),
+    [
+        ({"prompt": "Q?", "chosen": "Yes."}, "missing field 'rejected'"),
+        ({"prompt": "Q?", "chosen": "Same.", "rejected": "Same."}, "are the same reply"),
+        ({"chosen": "Yes.", "rejected": "No."}, "missing field 'prompt'"),
+        ({"prompt": [{"role": "assistant", "content": "Hi."}], "chosen": "Y", "rejected": "N"}, "must end with a user"),
+        ({"prompt": "Q?", "chosen": [{"role": "user", "content": "Q?"}], "rejected": "No."}, "field 'chosen': a reply is"),
+        ({"prompt": "Q?", "chosen": 3, "rejected": "No."}, "field 'chosen' must be a string, a message or"),
+        ({"prompt": "Q?", "chosen": [{"role": "bot", "content": "x"}], "rejected": "N"}, "chosen[0]: role 'bot'"),
+    ],
+)
+def test_bad_pairs_name_the_line_and_field(obj, message):
+    with pytest.raises(DataError) as err:
+        row_from_obj(obj, "pairs.jsonl:7", "preference")
+    assert "pairs.jsonl:7" in str(err.value) and message in str(err.value)
+
+
+def test_unknown_keys_of_pairs_are_counted():
+    unknown = UnknownKeys()
+    row_from_obj({"prompt": "Q", "chosen": "Y", "rejected": "N", "score": 3}, "p.jsonl:1", "preference", unknown)
+    assert unknown.counts == {"score": 1}
+
+
+def test_both_replies_follow_the_same_prompt_tokens_and_train_only_the_reply(tokenizer):
+    _, ex = render(tokenizer, PAIRS[2])
+    rej = ex.rejected
+    assert ex.prompt_len == rej.prompt_len and ex.input_ids[: ex.prompt_len] == rej.input_ids[: rej.prompt_len]
+    assert trained_text(tokenizer, ex) == "Plum.<|im_end|>"  # not the prompt's assistant turn ("Teal.")
+    assert trained_text(tokenizer, rej) == "I said teal already, so no.<|im_end|>"
+    assert all(label == IGNORE for label in ex.labels[: ex.prompt_len])
+
+
+def test_long_replies_are_cut_alike_and_a_prompt_that_fills_the_row_is_dropped(tokenizer):
+    long = {"prompt": "Q?", "chosen": "yes " * 80, "rejected": "No."}
+    renderer, ex = render(tokenizer, long, max_seq_len=48)
+    assert len(ex.input_ids) == 48 and ex.rejected.input_ids == render(tokenizer, long)[1].rejected.input_ids
+    assert renderer.stats.truncated == 1 and ex.input_ids[: ex.prompt_len] == ex.rejected.input_ids[: ex.prompt_len]
+    renderer, ex = render(tokenizer, {"prompt": "word " * 80, "chosen": "Y", "rejected": "N"}, max_seq_len=48)
+    assert ex is None and renderer.stats.dropped == 1
+    renderer, ex = render(tokenizer, long, max_seq_len=48, overlong="drop")
+    assert ex is None and renderer.stats.dropped == 1
+    with pytest.raises(DataError, match=r"pairs.jsonl:1: \d+ tokens \(prompt \d+\) exceeds data.max_seq_len=48"):
+        render(tokenizer, long, max_seq_len=48, overlong="error")
+
+
+def test_collate_puts_every_chosen_reply_before_the_rejected_ones(tokenizer):
+    examples = [render(tokenizer, obj)[1] for obj in PAIRS]
+    batch = collate(examples, tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] == 6
+    for i, ex in enumerate(examples):
+        for row, sample in ((i, ex), (3 + i, ex.rejected)):
+            n = len(sample.input_ids)
+            assert batch["input_ids"][row, :n].tolist() == sample.input_ids
+            assert batch["labels"][row, :n].tolist() == sample.labels and batch["attention_mask"][row].sum() == n
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.objective=dpo"], "data.format: train.objective=dpo trains on preference pairs"),
+        (["data.format=preference"], "data.format: preference rows train a preference objective"),
+        (["train.objective=ppo"], "train.objective"),
+        (["train.objective=simpo", "data.format=preference", "pref.loss_type=ipo"], "pref.loss_type: ipo is a DPO loss"),
+        (["train.objective=dpo", "data.format=preference", "pref.label_smoothing=0.5"], "pref.label_smoothing: must be"),
+        (["train.objective=dpo", "data.format=preference", "data.packing=true"], "data.packing: not with"),
+        (["train.objective=orpo", "data.format=preference", "pref.beta=0"], "pref.beta"),
+    ],
+)
+def test_preference_settings_are_checked_at_start(tmp_path: Path, overrides, message):
+    from dtune.config import validate
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(compose_config(tiny_overrides(tmp_path, *overrides)))
+
+
+# --- losses -------------------------------------------------------------------------------------------------------
+
+
+def _log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def closed_form(objective: str, beta: float, pc, pr, rc, rr, nc, nr, loss_type="sigmoid", eps=0.0, gamma=0.0) -> float:
+    """One pair's loss from the papers' formulas (see dtune.preference for the sources), in plain Python floats."""
+    if objective == "dpo":
+        z = (pc - rc) - (pr - rr)
+        if loss_type == "sigmoid":
+            return -(1 - eps) * _log_sigmoid(beta * z) - eps * _log_sigmoid(-beta * z)
+        if loss_type == "hinge":
+            return max(0.0, 1 - beta * z)
+        return ((pc - rc) / nc - (pr - rr) / nr - 1 / (2 * beta)) ** 2  # ipo
+    mc, mr = pc / nc, pr / nr
+    if objective == "simpo":
+        return -_log_sigmoid(beta * (mc - mr) - gamma)
+    log_odds = (mc - math.log(1 - math.exp(mc))) - (mr - math.log(1 - math.exp(mr)))  # orpo
+    return -mc - beta * _log_sigmoid(log_odds)
+
+
+def _tiny_pairs(out: Path):
+    """The tiny 4-bit Llama with a LoRA adapter moved away from zero (so policy and reference differ), and a batch of
+    the three PAIRS."""
+    from dtune.distributed.engine import Engine
+    from dtune.model import build_model, load_tokenizer
+
+    cfg = compose_config(tiny_overrides(out, "train.objective=dpo", "data.format=preference", "lora.dropout=0.0"))
+    tok = load_tokenizer(cfg)
+    model = build_model(cfg, Engine(cfg).device)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    renderer = Renderer(tok, DataConfig(format="preference", choices=None))
+    batch = collate([renderer(row_from_obj(o, f"p:{i}", "preference")) for i, o in enumerate(PAIRS)], tok.pad_token_id)
+    return cfg, tok, model, batch
+
+
+@pytest.fixture(scope="module")
+def tiny_pairs(tmp_path_factory):
+    return _tiny_pairs(tmp_path_factory.mktemp("pref"))
+
+
+def sequence_logps(model, batch, adapter: bool = True) -> tuple[list[float], list[int]]:
+    """Summed log-probability of each row's labelled tokens, straight from the model's logits."""
+    import contextlib
+
+    with torch.no_grad(), contextlib.nullcontext() if adapter else model.disable_adapter():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    mask = batch["labels"][:, 1:] != IGNORE
+    return (logp * mask).sum(dim=1).tolist(), mask.sum(dim=1).tolist()
+
+
+@pytest.mark.parametrize(
+    ("objective", "settings"),
+    [
+        ("dpo", {"beta": 0.1}),
+        ("dpo", {"beta": 0.5, "label_smoothing": 0.2}),
+        ("dpo", {"beta": 0.1, "loss_type": "ipo"}),
+        ("dpo", {"beta": 2.0, "loss_type": "hinge"}),
+        ("orpo", {"beta": 0.1}),
+        ("simpo", {"beta": 2.0, "gamma": 0.7}),
+    ],
+)
+def test_each_loss_is_its_closed_form_of_the_models_own_log_probabilities(tiny_pairs, objective, settings):
+    from dtune.preference import PreferenceLoss
+
+    _, _, model, batch = tiny_pairs
+    policy, tokens = sequence_logps(model, batch)
+    ref, _ = sequence_logps(model, batch, adapter=False)
+    assert max(abs(a - b) for a, b in zip(policy, ref, strict=True)) > 1e-3  # the adapter matters
+    model.eval()
+    out = PreferenceLoss(model, 0, objective, **settings)(**batch)
+    extra = {"loss_type": settings.get("loss_type", "sigmoid"), "eps": settings.get("label_smoothing", 0.0)}
+    extra["gamma"] = settings.get("gamma", 0.0)
+    want = [
+        closed_form(objective, settings["beta"], policy[i], policy[3 + i], ref[i], ref[3 + i], tokens[i], tokens[3 + i], **extra)
+        for i in range(3)
+    ]
+    assert out["loss_sum"].tolist() == pytest.approx(want, rel=1e-4, abs=1e-6)
+    stats = dict(zip(("rc", "rr", "acc", "margin", "lc", "lr"), out["stats"].T.tolist(), strict=True))
+    assert stats["lc"] == pytest.approx(policy[:3], rel=1e-4) and stats["lr"] == pytest.approx(policy[3:], rel=1e-4)
+    if objective == "dpo":
+        assert stats["rc"] == pytest.approx([settings["beta"] * (policy[i] - ref[i]) for i in range(3)], rel=1e-3, abs=1e-6)
+    assert stats["acc"] == [float(c > r) for c, r in zip(stats["rc"], stats["rr"], strict=True)]
+
+
+def test_dpo_equals_trls_dpo_trainer_on_the_same_batch(tmp_path: Path):
+    """TRL's DPOTrainer (the reference implementation; a test-only dependency) computes the same sigmoid, IPO and
+    hinge losses as dtune from the same tokens -- its loss is the mean over pairs of dtune's -- and the same gradient
+    of the adapter (dtune's reference forward runs without gradients, with the adapter switched off)."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from dtune.preference import PreferenceLoss
+
+    _, tok, model, batch = _tiny_pairs(tmp_path)  # a model of its own: TRL's trainer changes the model it is given
+    model.eval()
+    data = Dataset.from_list([{"prompt": "Q?", "chosen": "Y", "rejected": "N"}] * 2)
+    for loss_type, beta in (("sigmoid", 0.1), ("ipo", 0.1), ("hinge", 2.0)):
+        args = trl.DPOConfig(
+            output_dir=str(tmp_path), beta=beta, loss_type=[loss_type], report_to=[], use_cpu=True, bf16=False, max_length=None
+        )
+        trainer = trl.DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+        # TRL takes an adapter it is given for an SFT adapter to go on from, and copies it as its reference ("ref");
+        # without that copy its reference is the adapter switched off, as dtune's for a new adapter.
+        if "ref" in model.peft_config:
+            model.delete_adapter("ref")
+        assert model.active_adapter == "default"
+        for p in model.parameters():  # TRL casts a 4-bit base's adapter to bf16 (QLoRA's paper); dtune trains it in fp32
+            if p.requires_grad:
+                p.data = p.data.float()
+        inputs = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "completion_mask": (batch["labels"] != IGNORE).long(),
+        }
+        results = []
+        for loss in (
+            lambda: trainer._compute_loss(trainer.model, inputs, return_outputs=False),
+            lambda: PreferenceLoss(model, 0, "dpo", beta, loss_type)(**batch)["loss_sum"].mean(),
+        ):
+            model.zero_grad()
+            value = loss()
+            value.backward()
+            grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+            results.append((float(value), torch.cat([g.flatten() for g in grads])))
+        (theirs, their_grad), (ours, our_grad) = results
+        assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-6), loss_type
+        assert float((our_grad - their_grad).norm()) <= 1e-4 * float(their_grad.norm()), loss_type
+
+
+def test_a_step_normalises_per_pair_however_pairs_fall_into_micro_batches(tiny_pairs):
+    """One micro-batch of 4 pairs and two of 2 give the same gradient: each pair weighs 1 / the step's pairs."""
+    from dtune.distributed.engine import Engine
+    from dtune.preference import PreferenceLoss
+    from dtune.train.step import accumulate_gradients
+
+    cfg, tok, model, _ = tiny_pairs
+    renderer = Renderer(tok, DataConfig(format="preference", choices=None))
+    examples = [renderer(row_from_obj(o, f"p:{i}", "preference")) for i, o in enumerate([*PAIRS, PAIRS[0]])]
+    loss_model = PreferenceLoss(model, 0, "dpo", 0.1)
+    engine = Engine(cfg)
+    model.train()
+    grads = []
+    for groups in ([examples], [examples[:2], examples[2:]]):
+        model.zero_grad()
+        loss, stats = accumulate_gradients(loss_model, [collate(g, tok.pad_token_id) for g in groups], engine, torch.tensor(4))
+        grads.append((loss, stats, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    assert grads[0][1] == pytest.approx(grads[1][1], rel=1e-5)
+    for a, b in zip(grads[0][2], grads[1][2], strict=True):  # fp32 sums over other paddings: 4e-7 of the norm
+        assert float((a - b).norm()) <= 1e-5 * float(a.norm())
+
+
+# --- runs ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("objective", ["dpo", "simpo"])
+def test_a_preference_run_learns_the_preferred_replies(tmp_path: Path, objective):
+    """A short run: the held-out preference accuracy and margin rise from before training, and the run writes its
+    figures, results and adapter as an SFT run does."""
+    from dtune.train import run
+
+    source = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(80))
+    cfg = compose_config(
+        tiny_overrides(
+            tmp_path / "out",
+            f"train.objective={objective}",
+            "data=preference",
+            f"data.source={source}",
+            "data.eval_size=16",
+            "data.max_seq_len=128",
+            "train.max_steps=12",
+            "optim.lr=1e-2",
+        )
+    )
+    results = run(cfg, tmp_path / "out")
+    before, after = results["before"], results["after"]
+    assert set(before) == {"eval/loss", "eval/rewards_chosen", "eval/rewards_rejected", "eval/accuracy", "eval/margin",
+                           "eval/logps_chosen", "eval/logps_rejected"}  # fmt: skip
+    assert after["eval/margin"] > before["eval/margin"] + 0.05 and after["eval/loss"] < before["eval/loss"], (before, after)
+    assert after["eval/accuracy"] >= 0.75
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "train/loss" in r]
+    assert len(steps) == 12 and all("train/accuracy" in r and "train/margin" in r for r in steps)
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
