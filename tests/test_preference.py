@@ -246,6 +246,17 @@ def test_each_loss_is_its_closed_form_of_the_models_own_log_probabilities(tiny_p
     assert stats["acc"] == [float(c > r) for c, r in zip(stats["rc"], stats["rr"], strict=True)]
 
 
+def _mean_pair_loss(loss_model, batch) -> torch.Tensor:
+    return loss_model(**batch)["loss_sum"].mean()
+
+
+def _loss_and_gradient(model, loss, *args, **kwargs) -> tuple[float, torch.Tensor]:
+    model.zero_grad()
+    value = loss(*args, **kwargs)
+    value.backward()
+    return float(value), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+
 def test_dpo_equals_trls_dpo_trainer_on_the_same_batch(tmp_path: Path):
     """TRL's DPOTrainer (the reference implementation; a test-only dependency) computes the same sigmoid, IPO and
     hinge losses as dtune from the same tokens -- its loss is the mean over pairs of dtune's -- and the same gradient
@@ -276,17 +287,9 @@ def test_dpo_equals_trls_dpo_trainer_on_the_same_batch(tmp_path: Path):
             "attention_mask": batch["attention_mask"],
             "completion_mask": (batch["labels"] != IGNORE).long(),
         }
-        results = []
-        for loss in (
-            lambda: trainer._compute_loss(trainer.model, inputs, return_outputs=False),
-            lambda: PreferenceLoss(model, 0, "dpo", beta, loss_type)(**batch)["loss_sum"].mean(),
-        ):
-            model.zero_grad()
-            value = loss()
-            value.backward()
-            grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-            results.append((float(value), torch.cat([g.flatten() for g in grads])))
-        (theirs, their_grad), (ours, our_grad) = results
+        ours_loss = PreferenceLoss(model, 0, "dpo", beta, loss_type)
+        theirs, their_grad = _loss_and_gradient(model, trainer._compute_loss, trainer.model, inputs, False)
+        ours, our_grad = _loss_and_gradient(model, _mean_pair_loss, ours_loss, batch)
         assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-6), loss_type
         assert float((our_grad - their_grad).norm()) <= 1e-4 * float(their_grad.norm()), loss_type
 
