@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from dtune.data.examples import IGNORE, DataStats, TokenizedSet
+from dtune.data.examples import IGNORE, DataStats, Example, TokenizedSet
 from dtune.data.formats import UnknownKeys
 from dtune.data.packing import fill_ratio, pack_bins
 from dtune.data.records import Records
@@ -26,6 +27,7 @@ from dtune.schema import DataConfig
 
 OK, TRUNCATED, DROPPED, BAD_RECORD, BAD_RENDER, BLANK = range(6)  # status of a tokenized record
 KEY_BITS = 40  # a record's key: source number << KEY_BITS | record number
+TRAINED = {"input_ids": "trained", "rejected_ids": "rejected_trained"}  # token columns -> their trained masks
 ROWS_PER_PROC = 2000  # fewer rows than this per process are not worth another process
 
 
@@ -51,21 +53,20 @@ class Tokenize:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_renderer": None}
 
-    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    def __call__(self, batch: dict[str, list[Any]]) -> Any:
+        """The batch's columns as an Arrow table of :func:`_features`' types (built from flat arrays: a third of the
+        time ``datasets`` takes to convert lists of lists)."""
+        import pyarrow as pa
+
         if self.stop_file.exists():  # another process met a bad record: stop with its message
             raise DataError(self.stop_file.read_text())
         if self._renderer is None:
             self._renderer = Renderer(self.tokenizer, self.cfg)
         renderer, stats = self._renderer, self._renderer.stats
-        out: dict[str, list[Any]] = {
-            k: [] for k in ("input_ids", "trained", "prompt_len", "n_trained", "status", "error", "unknown")
-        }
-        if self.cfg.choices:
-            out |= {"choice_ids": [], "gold": []}
+        samples: dict[str, list[Example | None]] = {"input_ids": []}
         if self.cfg.format == "preference":
-            out |= {"rejected_ids": [], "rejected_trained": []}
-        if self.cfg.format == "kto":
-            out["desirable"] = []
+            samples["rejected_ids"] = []
+        cols: dict[str, list[Any]] = {k: [] for k in ("prompt_len", "n_trained", "status", "error", "unknown")}
         unknown = UnknownKeys()
         for key in batch["key"]:
             records = self.sources[key >> KEY_BITS]
@@ -88,28 +89,49 @@ class Tokenize:
                     error, status = str(err), BAD_RENDER
                 else:
                     status = DROPPED if example is None else TRUNCATED if stats.truncated > before[0] else OK
-            labels = example.labels if example else []
-            out["input_ids"].append(example.input_ids if example else [])
-            out["trained"].append(np.not_equal(labels, IGNORE))  # labels are the ids where trained, else IGNORE
-            out["prompt_len"].append(example.prompt_len if example else 0)
-            n_trained = max(len(labels) - 1 - labels[1:].count(IGNORE), 0)
-            if "rejected_ids" in out:
-                other = example.rejected if example else None
-                out["rejected_ids"].append(other.input_ids if other else [])
-                out["rejected_trained"].append(np.not_equal(other.labels if other else [], IGNORE))
-                n_trained += max(len(other.labels) - 1 - other.labels[1:].count(IGNORE), 0) if other else 0
-            if "desirable" in out:
-                out["desirable"].append(bool(example and example.desirable))
-            out["n_trained"].append(n_trained)
-            out["status"].append(status)
-            out["error"].append(error)
-            out["unknown"].append("")
+            samples["input_ids"].append(example)
+            if "rejected_ids" in samples:
+                samples["rejected_ids"].append(example.rejected if example else None)
+            n_trained = sum(_trained(s) for s in (example, example.rejected if example else None) if s is not None)
+            cols["prompt_len"].append(example.prompt_len if example else 0)
+            cols["n_trained"].append(n_trained)
+            cols["status"].append(status)
+            cols["error"].append(error)
+            cols["unknown"].append("")
             if self.cfg.choices:
-                out["choice_ids"].append(example.choice_ids if example else [])
-                out["gold"].append(example.gold if example else -1)
-        if unknown.counts and out["unknown"]:
-            out["unknown"][0] = json.dumps({k: [n, unknown.first[k]] for k, n in unknown.counts.items()})
-        return out
+                cols.setdefault("choice_ids", []).append(example.choice_ids if example else [])
+                cols.setdefault("gold", []).append(example.gold if example else -1)
+            if self.cfg.format == "kto":
+                cols.setdefault("desirable", []).append(bool(example and example.desirable))
+        if unknown.counts and cols["unknown"]:
+            cols["unknown"][0] = json.dumps({k: [n, unknown.first[k]] for k, n in unknown.counts.items()})
+        schema = _features(self.cfg).arrow_schema
+        arrays = {}
+        for name, column in samples.items():
+            arrays[name], arrays[TRAINED[name]] = _token_columns(column)
+        for name, values in cols.items():
+            arrays[name] = pa.array(values, type=schema.field(name).type)
+        return pa.table([arrays[f.name] for f in schema], schema=schema)
+
+
+def _trained(example: Example) -> int:
+    """Labelled positions of a sample, the first (never predicted) left out."""
+    return max(len(example.labels) - 1 - example.labels[1:].count(IGNORE), 0)
+
+
+def _token_columns(samples: list[Example | None]) -> tuple[Any, Any]:
+    """(ids, trained) list arrays of ``samples`` (an empty list for None): int32 ids, and bool where the label is
+    the id (labels are the ids where trained, IGNORE elsewhere)."""
+    import pyarrow as pa
+
+    lengths = np.fromiter((len(s.input_ids) if s else 0 for s in samples), dtype=np.int32, count=len(samples))
+    offsets = np.zeros(len(samples) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    total = int(offsets[-1])
+    ids = np.fromiter(itertools.chain.from_iterable(s.input_ids for s in samples if s), dtype=np.int32, count=total)
+    labels = np.fromiter(itertools.chain.from_iterable(s.labels for s in samples if s), dtype=np.int64, count=total)
+    at = pa.array(offsets)
+    return pa.ListArray.from_arrays(at, pa.array(ids)), pa.ListArray.from_arrays(at, pa.array(labels != IGNORE))
 
 
 def _features(cfg: DataConfig) -> Any:
