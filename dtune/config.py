@@ -150,6 +150,8 @@ def _preference(e: list[str], cfg: DtuneConfig) -> None:
         e.append(f"pref.label_smoothing: must be in [0, 0.5); got {pref.label_smoothing}")
     formats = {data.format} | {m.format or data.format for m in data.mix}
     if objective == "sft":
+        if cfg.train.precompute_ref:
+            e.append("train.precompute_ref: train.objective=sft has no reference")
         if used := sorted(formats & set(PREFERENCE_FORMATS)):
             e.append(f"data.format: {', '.join(used)} rows train a preference objective; set train.objective=dpo, orpo or simpo")
         return
@@ -164,6 +166,13 @@ def _preference(e: list[str], cfg: DtuneConfig) -> None:
         e.append(
             f"lora.init: {cfg.lora.init} moves part of each base weight into the adapter, so the adapter switched off is "
             f"not the reference train.objective={objective} compares with; use lora.init=default (or orpo, simpo)"
+        )
+    if cfg.train.precompute_ref and objective in REFERENCE_FREE:
+        e.append(f"train.precompute_ref: train.objective={objective} has no reference")
+    if cfg.train.init_adapter and objective == "dpo" and cfg.train.precompute_ref is False:
+        e.append(
+            "train.precompute_ref: is false, but with train.init_adapter the reference is the starting adapter, whose "
+            "log-probabilities are taken before the first step: set it true (or null)"
         )
     if pref.loss_type != "sigmoid" and objective != "dpo":
         e.append(f"pref.loss_type: {pref.loss_type} is a DPO loss; train.objective is {objective}")

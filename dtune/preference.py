@@ -123,10 +123,20 @@ def rewards(p: PairLogps, beta: float, objective: str) -> tuple[torch.Tensor, to
     return (beta * chosen).detach(), (beta * rejected).detach()
 
 
-STAT_KEYS = ("rewards_chosen", "rewards_rejected", "accuracy", "margin", "logps_chosen", "logps_rejected")
+def precomputes_reference(cfg: DtuneConfig) -> bool:
+    """Whether the run computes the reference's log-probabilities once before training (train.precompute_ref; null:
+    with train.init_adapter, which needs it)."""
+    if cfg.train.objective in ("sft", *REFERENCE_FREE):
+        return False
+    return bool(cfg.train.precompute_ref) or (cfg.train.precompute_ref is None and bool(cfg.train.init_adapter))
+
+
+STAT_KEYS = ("rewards_chosen", "rewards_rejected", "accuracy", "margin", "logps_chosen", "logps_rejected", "logps_accuracy")
 """Per-pair figures :class:`PreferenceLoss` returns (``stats``: [pairs, len(STAT_KEYS)]) and the step and the
 evaluation average: the implicit rewards, preference accuracy (the chosen reward above the rejected; a tie counts
-half), their margin, and the summed log-probabilities of the replies under the policy."""
+half: 0.5 before DPO's first step, where the policy is its reference), their margin, the summed log-probabilities of
+the replies under the policy, and how often the policy itself gives the chosen reply the higher one (informative from
+the start: for one-token answers it is the policy's accuracy on the pairs' question)."""
 
 
 class PreferenceLoss(CompletionLoss):
@@ -169,6 +179,10 @@ class PreferenceLoss(CompletionLoss):
     def needs_reference(self) -> bool:
         return self.objective not in REFERENCE_FREE
 
+    def policy_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[rows] summed log-probabilities of the labelled tokens under the model with its adapter."""
+        return -super().forward(input_ids, attention_mask, labels)["loss_sum"]
+
     def reference_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """[rows] summed log-probabilities of the labelled tokens under the reference: the base with the adapter
         switched off, without gradients."""
@@ -205,5 +219,8 @@ class PreferenceLoss(CompletionLoss):
             loss = simpo_loss(p, self.beta, self.gamma)
         chosen, rejected = rewards(p, self.beta, self.objective)
         accuracy = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
-        stats = torch.stack([chosen, rejected, accuracy, chosen - rejected, p.chosen.detach(), p.rejected.detach()], dim=1)
+        prefers = (p.chosen > p.rejected).float() + 0.5 * (p.chosen == p.rejected).float()
+        stats = torch.stack(
+            [chosen, rejected, accuracy, chosen - rejected, p.chosen.detach(), p.rejected.detach(), prefers.detach()], dim=1
+        )
         return {"loss_sum": loss, "tokens": torch.ones_like(loss), "stats": stats}

@@ -297,6 +297,14 @@ class TrainConfig:
     objective: str = "sft"
     """What the adapter learns: sft (the next-token loss on the trained spans), or from preference pairs
     (data.format=preference) dpo, orpo or simpo (settings: pref.*; see dtune.preference)."""
+    init_adapter: str | None = None
+    """Start the adapter from a trained one (its folder, or a run's output dir: its adapter/), e.g. DPO after SFT.
+    lora.* must match its settings. With train.objective=dpo the reference is then that adapter, frozen: its
+    log-probabilities are computed once before training (train.precompute_ref)."""
+    precompute_ref: bool | None = None
+    """train.objective=dpo: compute the reference's log-probabilities of every pair once before training (one forward
+    a pair, cached beside the tokenized data) instead of a second forward of every micro-batch at every step (about a
+    third of a DPO step's compute). null: only with train.init_adapter (which needs it)."""
     peak_tflops: float | None = None
     """Peak dense TFLOP/s of one device at train.precision, for MFU; null: looked up by GPU name (see dtune.flops)."""
 

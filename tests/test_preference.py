@@ -239,7 +239,8 @@ def test_each_loss_is_its_closed_form_of_the_models_own_log_probabilities(tiny_p
         for i in range(3)
     ]
     assert out["loss_sum"].tolist() == pytest.approx(want, rel=1e-4, abs=1e-6)
-    stats = dict(zip(("rc", "rr", "acc", "margin", "lc", "lr"), out["stats"].T.tolist(), strict=True))
+    stats = dict(zip(("rc", "rr", "acc", "margin", "lc", "lr", "lacc"), out["stats"].T.tolist(), strict=True))
+    assert stats["lacc"] == [float(policy[i] > policy[3 + i]) for i in range(3)]
     assert stats["lc"] == pytest.approx(policy[:3], rel=1e-4) and stats["lr"] == pytest.approx(policy[3:], rel=1e-4)
     if objective == "dpo":
         assert stats["rc"] == pytest.approx([settings["beta"] * (policy[i] - ref[i]) for i in range(3)], rel=1e-3, abs=1e-6)
@@ -343,10 +344,83 @@ def test_a_preference_run_learns_the_preferred_replies(tmp_path: Path, objective
     results = run(cfg, tmp_path / "out")
     before, after = results["before"], results["after"]
     assert set(before) == {"eval/loss", "eval/rewards_chosen", "eval/rewards_rejected", "eval/accuracy", "eval/margin",
-                           "eval/logps_chosen", "eval/logps_rejected"}  # fmt: skip
+                           "eval/logps_chosen", "eval/logps_rejected", "eval/logps_accuracy"}  # fmt: skip
     assert after["eval/margin"] > before["eval/margin"] + 0.05 and after["eval/loss"] < before["eval/loss"], (before, after)
     assert after["eval/accuracy"] >= 0.75
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "train/loss" in r]
     assert len(steps) == 12 and all("train/accuracy" in r and "train/margin" in r for r in steps)
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _pref_overrides(tmp_path: Path, out: str, *extra: str) -> list[str]:
+    source = tmp_path / "pairs.jsonl"
+    if not source.exists():
+        write_jsonl(source, pair_rows(40))
+    return tiny_overrides(
+        tmp_path / out,
+        "train.objective=dpo",
+        "data=preference",
+        f"data.source={source}",
+        "data.eval_size=8",
+        "data.max_seq_len=128",
+        "optim.lr=1e-2",
+        *extra,
+    )
+
+
+def _train_losses(out: Path) -> list[float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in records if "train/loss" in r]
+
+
+@pytest.mark.integration
+def test_a_precomputed_reference_trains_as_the_reference_forward_and_is_cached(tmp_path: Path, caplog):
+    """train.precompute_ref: the same losses and adapter as the reference's forward at every step; the log-probabilities
+    are written beside the tokenized data and a second run reads them instead of computing them."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    from dtune.train import run
+
+    live = run(compose_config(_pref_overrides(tmp_path, "live")), tmp_path / "live")
+    with caplog.at_level(logging.INFO, logger="dtune"):
+        first = run(compose_config(_pref_overrides(tmp_path, "pre", "train.precompute_ref=true")), tmp_path / "pre")
+    assert "reference log-probabilities of 32 training pairs from the base (adapter off)" in caplog.text
+    assert _train_losses(tmp_path / "pre") == pytest.approx(_train_losses(tmp_path / "live"), abs=1e-5)
+    assert first["after"] == pytest.approx(live["after"], abs=1e-5)
+    ours, theirs = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("pre", "live"))
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-6)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dtune"):
+        run(compose_config(_pref_overrides(tmp_path, "again", "train.precompute_ref=true")), tmp_path / "again")
+    assert "reference log-probabilities of 32 training pairs read from" in caplog.text
+    assert _train_losses(tmp_path / "again") == _train_losses(tmp_path / "pre")
+
+
+@pytest.mark.integration
+def test_dpo_from_an_sft_adapter_takes_that_adapter_as_its_reference(tmp_path: Path):
+    """train.init_adapter: DPO starts from an SFT run's adapter (a run dir is enough), whose log-probabilities are
+    the reference: before training the rewards are 0 and the policy's log-probabilities are the SFT adapter's; then
+    the margin grows. An adapter trained with other lora.* is refused, naming the setting."""
+    from dtune.train import run
+
+    sft = tmp_path / "sft"
+    run(compose_config(tiny_overrides(sft, "optim.lr=1e-2")), sft)
+    results = run(
+        compose_config(_pref_overrides(tmp_path, "dpo", f"train.init_adapter={sft}", "train.max_steps=6")), tmp_path / "dpo"
+    )
+    before, after = results["before"], results["after"]
+    assert before["eval/rewards_chosen"] == 0.0 and before["eval/margin"] == 0.0 and before["eval/accuracy"] == 0.5
+    base = run(compose_config(_pref_overrides(tmp_path, "base", "train.max_steps=1")), tmp_path / "base")["before"]
+    assert before["eval/logps_chosen"] != pytest.approx(base["eval/logps_chosen"], abs=1e-3)  # the SFT adapter's
+    assert after["eval/margin"] > 0.05
+    with pytest.raises(ConfigError, match=r"train.init_adapter: .* was trained with other adapter settings.*r: 16 there, 8 here"):
+        run(compose_config(_pref_overrides(tmp_path, "bad", f"train.init_adapter={sft}", "lora.r=8")), tmp_path / "bad")
+    with pytest.raises(ConfigError, match=r"train.precompute_ref: is false, but with train.init_adapter"):
+        run(
+            compose_config(_pref_overrides(tmp_path, "bad2", f"train.init_adapter={sft}", "train.precompute_ref=false")),
+            tmp_path / "b2",
+        )

@@ -24,7 +24,11 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """
     if examples and examples[0].rejected is not None:  # preference pairs: the chosen rows, then the rejected rows
         rows = [Example(e.input_ids, e.labels, e.prompt_len) for e in examples]
-        return collate(rows + [e.rejected for e in examples if e.rejected is not None], pad_id)
+        batch = collate(rows + [e.rejected for e in examples if e.rejected is not None], pad_id)
+        if examples[0].ref_logps is not None:  # precomputed: [2 x pairs], in the rows' order
+            ref = [e.ref_logps or (0.0, 0.0) for e in examples]
+            batch["ref_logps"] = torch.tensor([c for c, _ in ref] + [r for _, r in ref], dtype=torch.float32)
+        return batch
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, overload
 
 import numpy as np
@@ -30,6 +31,8 @@ class Example:
     tokens) and the rejected reply."""
     desirable: bool | None = None
     """A KTO row: whether the completion is desirable."""
+    ref_logps: tuple[float, float] | None = None
+    """A preference pair with precomputed reference log-probabilities (chosen, rejected; dtune.reference)."""
 
 
 @dataclass
@@ -107,6 +110,10 @@ class TokenizedSet:
             self.tokens += int(rejected.sum())
             self.sample_lengths = np.maximum(self.sample_lengths, rejected)
         self.desirable = "desirable" in table.column_names
+        self.folder: Path | None = None
+        """The data cache folder the table is memory-mapped from (None: in memory)."""
+        self.ref: np.ndarray | None = None
+        """[samples, 2] float32: precomputed reference log-probabilities of each pair (dtune.reference), or None."""
         if packs is None:
             self.lengths = self.sample_lengths
         else:
@@ -131,6 +138,8 @@ class TokenizedSet:
             ex.rejected = Example(ids.tolist(), np.where(trained, ids, IGNORE).tolist(), prompt_len)
         if self.desirable:
             ex.desirable = bool(row.column("desirable")[0].as_py())
+        if self.ref is not None:
+            ex.ref_logps = (float(self.ref[i, 0]), float(self.ref[i, 1]))
         if self.choices:
             ex.choice_ids = row.column("choice_ids")[0].as_py()
             ex.gold = int(row.column("gold")[0].as_py())

