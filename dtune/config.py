@@ -153,20 +153,47 @@ def _preference(e: list[str], cfg: DtuneConfig) -> None:
         if cfg.train.precompute_ref:
             e.append("train.precompute_ref: train.objective=sft has no reference")
         if used := sorted(formats & set(PREFERENCE_FORMATS)):
-            e.append(f"data.format: {', '.join(used)} rows train a preference objective; set train.objective=dpo, orpo or simpo")
+            e.append(
+                f"data.format: {', '.join(used)} rows train a preference objective; set train.objective=dpo, orpo, simpo "
+                "(pairs) or kto"
+            )
         return
     if objective not in OBJECTIVES:
         return
-    if formats != {"preference"}:
+    if objective == "kto":
+        if formats != {"kto"}:
+            e.append(
+                "data.format: train.objective=kto trains on completions labelled desirable or not ({prompt, completion, "
+                f"label}}): set data.format=kto (and each data.mix source's format); got {', '.join(sorted(formats))}"
+            )
+        if cfg.train.micro_batch_size < 2:
+            e.append("train.micro_batch_size: KTO's KL estimate pairs each prompt with another row's completion: at least 2")
+        if cfg.train.precompute_ref or cfg.train.init_adapter:
+            name = "train.precompute_ref" if cfg.train.precompute_ref else "train.init_adapter"
+            e.append(
+                f"{name}: not with train.objective=kto (its KL rows pair completions within a micro-batch, which a "
+                "reference computed before training cannot know)"
+            )
+        _positive(e, "pref.desirable_weight", pref.desirable_weight)
+        _positive(e, "pref.undesirable_weight", pref.undesirable_weight)
+    elif formats != {"preference"}:
         e.append(
             f"data.format: train.objective={objective} trains on preference pairs ({{prompt, chosen, rejected}}): set "
             f"data=preference, or data.format=preference (and each data.mix source's format); got {', '.join(sorted(formats))}"
         )
-    if objective not in REFERENCE_FREE and cfg.lora.init in ("pissa", "olora"):
+    if objective not in REFERENCE_FREE and cfg.lora.init in ("pissa", "olora", "loftq"):
         e.append(
-            f"lora.init: {cfg.lora.init} moves part of each base weight into the adapter, so the adapter switched off is "
-            f"not the reference train.objective={objective} compares with; use lora.init=default (or orpo, simpo)"
+            f"lora.init: {cfg.lora.init} starts the adapter away from zero (moving part of each base weight into it, or "
+            f"fitting the quantization error), so the adapter switched off is not the policy train.objective={objective} "
+            "starts from, which must be its reference; use lora.init=default or gaussian (or orpo, simpo)"
         )
+    if objective not in REFERENCE_FREE and cfg.lora.bias != "none":
+        e.append(
+            f"lora.bias: {cfg.lora.bias} trains biases that switching the adapter off keeps, so the reference of "
+            f"train.objective={objective} would move with training; use lora.bias=none"
+        )
+    if pref.gamma is not None and objective != "simpo":
+        e.append(f"pref.gamma: SimPO's target margin; train.objective is {objective}")
     if cfg.train.precompute_ref and objective in REFERENCE_FREE:
         e.append(f"train.precompute_ref: train.objective={objective} has no reference")
     if cfg.train.init_adapter and objective == "dpo" and cfg.train.precompute_ref is False:

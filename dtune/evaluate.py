@@ -33,13 +33,13 @@ def _score_choices(model: nn.Module, ex: Example, pad_id: int, engine: Engine) -
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, engine: Engine) -> dict[str, float]:
     """Returns eval/loss (mean over completion tokens), eval/ppl, and eval/accuracy when choices are set. Preference
-    pairs (``model`` a :class:`~dtune.preference.PreferenceLoss`): eval/loss (mean over pairs) and the mean of each
-    of its figures (eval/accuracy: preference accuracy, eval/margin, eval/rewards_chosen, ...).
+    pairs or KTO rows (``model`` a :class:`~dtune.preference.PreferenceLoss` or ``KTOLoss``): eval/loss (mean over
+    pairs or rows) and its figures (eval/accuracy: preference accuracy, eval/margin, eval/rewards_chosen, ...).
 
     Each rank scores its own share of ``examples``; the sums are reduced over ranks.
     """
-    if len(examples) and examples[0].rejected is not None:
-        return _evaluate_pairs(model, examples, batch_size, pad_id, engine)
+    if len(examples) and (examples[0].rejected is not None or examples[0].desirable is not None):
+        return _evaluate_preference(model, examples, batch_size, pad_id, engine)
     was_training = model.training
     model.eval()
     shard, real = _shard(examples, engine)
@@ -86,16 +86,21 @@ def _shard(examples: list[Example], engine: Engine) -> tuple[list[Example], int]
     return shard + [examples[0]] * (-(-len(examples) // engine.world_size) - real), real
 
 
-def _evaluate_pairs(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, engine: Engine) -> dict[str, float]:
-    from dtune.preference import STAT_KEYS
+def _evaluate_preference(
+    model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, engine: Engine
+) -> dict[str, float]:
+    """Pairs or KTO rows: the mean loss per item and :func:`dtune.preference.figures` of the loss module's stats."""
+    from dtune.preference import figures
 
+    loss_module = engine.unwrap(model)
+    keys = loss_module.stat_keys
     was_training = model.training
     model.eval()
     shard, real = _shard(examples, engine)
-    sums = torch.zeros(2 + len(STAT_KEYS), dtype=torch.float64, device=engine.device)  # loss, pairs, figures
+    sums = torch.zeros(2 + len(keys), dtype=torch.float64, device=engine.device)  # loss, items, figures
     for start in range(0, len(shard), batch_size):
         chunk = shard[start : start + batch_size]
-        counted = max(0, min(len(chunk), real - start))  # pairs past this are padding
+        counted = max(0, min(len(chunk), real - start))  # items past this are padding
         batch = {k: v.to(engine.device) for k, v in collate(chunk, pad_id).items()}
         with engine.autocast():
             out = model(**batch)
@@ -104,5 +109,6 @@ def _evaluate_pairs(model: nn.Module, examples: list[Example], batch_size: int, 
         sums[2:] += out["stats"][:counted].double().sum(dim=0)
     model.train(was_training)
     totals = engine.sum(sums).cpu().tolist()
-    pairs = max(totals[1], 1.0)
-    return {"eval/loss": totals[0] / pairs, **{f"eval/{k}": v / pairs for k, v in zip(STAT_KEYS, totals[2:], strict=True)}}
+    items = max(totals[1], 1.0)
+    means = {k: v / items for k, v in zip(keys, totals[2:], strict=True)}
+    return {"eval/loss": totals[0] / items, **{f"eval/{k}": v for k, v in figures(loss_module.objective, means).items()}}

@@ -222,11 +222,11 @@ def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
     check_modules_to_save(model, cfg.lora.modules_to_save)
     if cfg.lora.init == "loftq":
         init_loftq(model, model_dir(cfg))
-    if cfg.train.init_adapter:
-        load_init_adapter(model, cfg.train.init_adapter)
     for param in model.parameters():  # adapters, DoRA magnitudes and modules_to_save copies: fp32 masters
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
+    if cfg.train.init_adapter:  # into the fp32 masters: the saved fp32 values, not rounded to the base's dtype
+        load_init_adapter(model, cfg.train.init_adapter)
     recorded = recorded_base(cfg.model.name_or_path)
     if recorded is not None:  # the Hub id or built-in name, not this machine's cache path: the adapter loads elsewhere
         model.peft_config["default"].base_model_name_or_path, model.peft_config["default"].revision = recorded
@@ -268,12 +268,20 @@ def load_init_adapter(model: nn.Module, path: str | Path) -> None:
 
     folder = adapter_folder(path)
     saved, mine = LoraConfig.from_pretrained(str(folder)), model.peft_config["default"]
+    init = saved.init_lora_weights
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
+        raise ConfigError(
+            f"train.init_adapter: {folder} was initialised with {init}, which changes the base it adapts; start from an "
+            "adapter of the plain base (or from `dtune merge`'s model as model.name_or_path)"
+        )
+    if any(hasattr(p, "ds_id") for p in model.parameters() if p.requires_grad):
+        raise ConfigError("train.init_adapter: not under ZeRO-3 (its adapter tensors are partitioned at load); use fsdp2")
     differ = [
         f"{name}: {getattr(saved, name)!r} there, {getattr(mine, name)!r} here"
         for name in _ADAPTER_FIELDS
         if _normal(getattr(saved, name, None)) != _normal(getattr(mine, name, None))
     ]
-    if set(_normal(saved.target_modules) or []) != set(_normal(mine.target_modules) or []):
+    if _targets(saved.target_modules) != _targets(mine.target_modules):
         differ.append(f"target_modules: {sorted(saved.target_modules or [])} there, {sorted(mine.target_modules or [])} here")
     if differ:
         raise ConfigError(
@@ -284,13 +292,19 @@ def load_init_adapter(model: nn.Module, path: str | Path) -> None:
     state = load_file(str(folder / "adapter_model.safetensors"))
     result = set_peft_model_state_dict(model, state)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k or "modules_to_save" in k]
+    trained = ("lora_", "modules_to_save", "trainable_tokens")
+    missing = [k for k in getattr(result, "missing_keys", []) or [] if any(t in k for t in trained)]
     if unexpected or missing:
         raise ConfigError(
             f"train.init_adapter: {folder}'s tensors do not fit this model ({len(unexpected)} unknown, e.g. "
             f"{unexpected[:2]}; {len(missing)} missing, e.g. {missing[:2]}): another base?"
         )
     log.info("train.init_adapter: the adapter starts from %s (%d tensors)", folder, len(state))
+
+
+def _targets(value: Any) -> Any:
+    """target_modules compared: a regular expression as itself, a list as a set."""
+    return value if isinstance(value, str) else set(value or [])
 
 
 def _normal(value: Any) -> Any:

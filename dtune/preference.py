@@ -83,7 +83,10 @@ def orpo_loss(p: PairLogps, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """([pairs] ORPO loss, [pairs] log odds ratio): the chosen reply's per-token NLL plus ``beta`` times
     ``-log s(log odds(y_w) - log odds(y_l))``, odds of the per-token mean probability ``P``: ``P / (1 - P)``."""
     chosen, rejected = _mean(p.chosen, p.chosen_tokens), _mean(p.rejected, p.rejected_tokens)
-    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    # A reply the model is certain of (mean log-probability 0 in fp32) has infinite odds: capped, so that the gradient
+    # stays finite (log1mexp(0) is -inf, and its gradient NaN even through torch.where's other branch).
+    cap = -1e-6
+    log_odds = (chosen - rejected) - (log1mexp(chosen.clamp(max=cap)) - log1mexp(rejected.clamp(max=cap)))
     return -chosen - beta * F.logsigmoid(log_odds), log_odds
 
 
@@ -150,6 +153,8 @@ class PreferenceLoss(CompletionLoss):
     ``gamma`` as :class:`~dtune.schema.PreferenceConfig` says.
     """
 
+    stat_keys = STAT_KEYS
+
     def __init__(
         self,
         model: nn.Module,
@@ -168,27 +173,35 @@ class PreferenceLoss(CompletionLoss):
 
     @classmethod
     def of(cls, cfg: DtuneConfig, model: nn.Module) -> CompletionLoss:
-        """The loss module of ``cfg.train.objective`` around ``model``: :class:`CompletionLoss` for sft, else this."""
+        """The loss module of ``cfg.train.objective`` around ``model``: :class:`CompletionLoss` for sft, :class:`KTOLoss`
+        for kto, else this."""
         objective, pref = cfg.train.objective, cfg.pref
         if objective == "sft":
             return CompletionLoss(model, cfg.train.loss_chunk_tokens)
         beta = pref.beta if pref.beta is not None else DEFAULT_BETA[objective]
-        return cls(model, cfg.train.loss_chunk_tokens, objective, beta, pref.loss_type, pref.label_smoothing, pref.gamma)
+        if objective == "kto":
+            return KTOLoss(model, cfg.train.loss_chunk_tokens, beta, pref.desirable_weight, pref.undesirable_weight)
+        gamma = pref.gamma if pref.gamma is not None else 1.0
+        return cls(model, cfg.train.loss_chunk_tokens, objective, beta, pref.loss_type, pref.label_smoothing, gamma)
 
     @property
     def needs_reference(self) -> bool:
         return self.objective not in REFERENCE_FREE
 
-    def policy_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """[rows] summed log-probabilities of the labelled tokens under the model with its adapter."""
-        return -super().forward(input_ids, attention_mask, labels)["loss_sum"]
+    def _score(
+        self, what: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """[rows] summed log-probabilities of the labelled tokens, without gradients, under the model with its adapter
+        (``policy``) or under the reference (``reference``: the base, the adapter switched off)."""
+        if what not in ("policy", "reference"):
+            raise ValueError(f"score: {what!r} is not policy or reference")
+        off = self.model.disable_adapter() if what == "reference" and hasattr(self.model, "disable_adapter") else None
+        with torch.no_grad(), off or contextlib.nullcontext():  # (a model without an adapter is its own reference)
+            return -CompletionLoss.forward(self, input_ids, attention_mask, labels)["loss_sum"]
 
-    def reference_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """[rows] summed log-probabilities of the labelled tokens under the reference: the base with the adapter
-        switched off, without gradients."""
-        off = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
-        with torch.no_grad(), off:  # (a model without an adapter, dtune eval's base, is its own reference)
-            return -super().forward(input_ids, attention_mask, labels)["loss_sum"]
+    def reference_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+        """[rows] summed log-probabilities of the labelled tokens under the reference (inside a forward)."""
+        return self._score("reference", input_ids, attention_mask, labels)
 
     def forward(  # type: ignore[override]
         self,
@@ -197,13 +210,18 @@ class PreferenceLoss(CompletionLoss):
         labels: torch.Tensor,
         ref_logps: torch.Tensor | None = None,
         gather_at: torch.Tensor | None = None,
+        score: str | None = None,
     ) -> dict[str, torch.Tensor]:
         """input_ids, attention_mask, labels: [2 x pairs, seq]; ref_logps: [2 x pairs] or None (computed here).
         ``gather_at`` is accepted for the evaluation's call and ignored.
 
         Returns ``loss_sum`` [pairs] (each pair's loss), ``tokens`` [pairs] (1 each: the step normalises per pair)
-        and ``stats`` [pairs, len(STAT_KEYS)] (detached).
+        and ``stats`` [pairs, len(STAT_KEYS)] (detached). With ``score`` (policy, reference) only ``logps`` [rows]:
+        the rows' summed log-probabilities under the policy or the reference -- through ``forward``, so that the
+        engines' hooks (FSDP2's root, DeepSpeed's engine) run as in training.
         """
+        if score is not None:
+            return {"logps": self._score(score, input_ids, attention_mask, labels)}
         out = super().forward(input_ids, attention_mask, labels)
         logp, tokens = -out["loss_sum"], out["tokens"]
         pairs = logp.shape[0] // 2
@@ -222,5 +240,88 @@ class PreferenceLoss(CompletionLoss):
         prefers = (p.chosen > p.rejected).float() + 0.5 * (p.chosen == p.rejected).float()
         stats = torch.stack(
             [chosen, rejected, accuracy, chosen - rejected, p.chosen.detach(), p.rejected.detach(), prefers.detach()], dim=1
+        )
+        return {"loss_sum": loss, "tokens": torch.ones_like(loss), "stats": stats}
+
+
+KTO_STAT_KEYS = ("rewards_desirable", "desirable", "rewards_undesirable", "undesirable", "kl", "logps", "accuracy")
+"""Per-row figures :class:`KTOLoss` returns (``stats``: [rows, len(KTO_STAT_KEYS)]); averaged over rows, then made
+into the step's and the evaluation's figures by :func:`figures`: the implicit reward (beta x the log-ratio to the
+reference) of the desirable and of the undesirable completions, the KL estimate z0, the completions'
+log-probabilities, and the accuracy of the reward's sign (above 0 for a desirable completion, below for an
+undesirable one; a tie counts half)."""
+
+
+def figures(objective: str, means: dict[str, float]) -> dict[str, float]:
+    """The step's (or evaluation's) figures from the per-item means of the loss module's stats: as they are for the
+    pair objectives; for KTO the rewards averaged over the desirable and the undesirable completions alone (a kind
+    the step lacks is left out)."""
+    if objective != "kto":
+        return means
+    out = {k: means[k] for k in ("kl", "logps", "accuracy")}
+    for kind in ("desirable", "undesirable"):
+        if means[kind] > 0:
+            out[f"rewards_{kind}"] = means[f"rewards_{kind}"] / means[kind]
+    return out
+
+
+class KTOLoss(PreferenceLoss):
+    """The KTO loss of a micro-batch of completions, each desirable or not (``desirable`` [rows] bool), with the KL
+    rows of the same micro-batch (each prompt followed by the next row's completion: ``kl_input_ids``,
+    ``kl_attention_mask``, ``kl_labels``). The reference point z0 is ``kl`` when given (the training step's estimate
+    over all its micro-batches and ranks: :func:`dtune.train.step.train_step`), else this micro-batch's (evaluation).
+    The reference is the base with the adapter switched off, as for DPO. ``forward(..., score="kl")`` returns the
+    micro-batch's KL terms: ``kl_sum`` (sum over its KL rows of policy minus reference log-probability) and
+    ``kl_rows``."""
+
+    stat_keys = KTO_STAT_KEYS
+
+    def __init__(
+        self, model: nn.Module, chunk_tokens: int, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+    ) -> None:
+        CompletionLoss.__init__(self, model, chunk_tokens)
+        self.objective, self.beta = "kto", beta
+        self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
+
+    def kl_terms(self, kl_input_ids: torch.Tensor, kl_attention_mask: torch.Tensor, kl_labels: torch.Tensor) -> torch.Tensor:
+        """[2]: the sum over the KL rows of (policy - reference) summed log-probability, and their number."""
+        policy = self._score("policy", kl_input_ids, kl_attention_mask, kl_labels)
+        ref = self._score("reference", kl_input_ids, kl_attention_mask, kl_labels)
+        return torch.stack([(policy - ref).float().sum(), torch.tensor(float(len(policy)), device=policy.device)])
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        desirable: torch.Tensor | None = None,
+        kl_input_ids: torch.Tensor | None = None,
+        kl_attention_mask: torch.Tensor | None = None,
+        kl_labels: torch.Tensor | None = None,
+        kl: torch.Tensor | None = None,
+        ref_logps: torch.Tensor | None = None,
+        gather_at: torch.Tensor | None = None,
+        score: str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask, labels: [rows, seq]; the KL rows likewise. Returns ``loss_sum`` [rows] (each
+        row's loss), ``tokens`` [rows] (1 each: the step normalises per row) and ``stats`` [rows, len(KTO_STAT_KEYS)]."""
+        assert kl_input_ids is not None and kl_attention_mask is not None and kl_labels is not None and desirable is not None
+        if score == "kl":
+            return {"kl": self.kl_terms(kl_input_ids, kl_attention_mask, kl_labels)}
+        if score is not None:
+            return {"logps": self._score(score, input_ids, attention_mask, labels)}
+        if kl is None:
+            terms = self.kl_terms(kl_input_ids, kl_attention_mask, kl_labels)
+            kl = terms[0] / terms[1].clamp(min=1)
+        logp = -CompletionLoss.forward(self, input_ids, attention_mask, labels)["loss_sum"]
+        if ref_logps is None:
+            ref_logps = self._score("reference", input_ids, attention_mask, labels)
+        z0 = kl.detach().float().clamp(min=0)
+        loss = kto_loss(logp, ref_logps.float(), desirable, z0, self.beta, self.desirable_weight, self.undesirable_weight)
+        reward = (self.beta * (logp - ref_logps.float())).detach()
+        good = desirable.float()
+        right = torch.where(desirable, reward > 0, reward < 0).float() + 0.5 * (reward == 0).float()
+        stats = torch.stack(
+            [reward * good, good, reward * (1 - good), 1 - good, z0.expand_as(reward), logp.detach(), right], dim=1
         )
         return {"loss_sum": loss, "tokens": torch.ones_like(loss), "stats": stats}

@@ -5,9 +5,9 @@ The reference is the base with the adapter switched off, or with train.init_adap
 from (frozen: its log-probabilities are taken before the first step, so no second copy of it is ever held). Each
 rank scores its share of the pairs (every rank runs the same forwards: ZeRO-3 and FSDP2 gather parameters inside
 them), the shares are gathered, and the local main process of each node writes
-``<cache>/<data key>/ref-<key>.npy`` ([pairs of the table, 2] float32: chosen, rejected, NaN where a table row is not
-a pair of this run). The key names what the figures depend on beyond the tokens: the base's files, the quantization,
-the compute precision and attention, and the starting adapter's bytes.
+``<cache>/<data key>/ref-<set>-<key>.npy`` ([pairs of the set, 2] float32, in the set's order: chosen, rejected). The
+key names what the figures depend on beyond the tokens: the base's files, the quantization, the compute precision,
+the engine family (DeepSpeed's residual stream is 16-bit), attention, added tokens, and the starting adapter's bytes.
 """
 
 from __future__ import annotations
@@ -38,26 +38,35 @@ def reference_key(cfg: DtuneConfig, model_path: Path) -> str:
         (f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in model_path.iterdir() if f.suffix in (".safetensors", ".bin")
     )
     adapter = ""
-    if cfg.train.init_adapter:
-        weights = Path(cfg.train.init_adapter) / "adapter_model.safetensors"
-        adapter = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else str(cfg.train.init_adapter)
+    if cfg.train.init_adapter:  # its bytes: a run retrained into the same folder is another reference
+        from dtune.model import adapter_folder
+
+        adapter = hashlib.sha256((adapter_folder(cfg.train.init_adapter) / "adapter_model.safetensors").read_bytes()).hexdigest()
+    added = [cfg.model.add_tokens, cfg.model.add_special_tokens]
     what = {
         "model": str(model_path),
         "files": files,
         "quant": asdict(cfg.quant),
         "precision": cfg.train.precision,
+        # DeepSpeed runs the residual stream in 16 bits, the other engines in fp32 (dtune.model.freeze_as_trained).
+        "deepspeed": cfg.engine.strategy == "deepspeed",
         "attn": cfg.model.attn_implementation,
-        "added": [cfg.model.add_tokens, cfg.model.add_special_tokens],
+        "added": added,
+        "seed": cfg.train.seed if any(added) else None,  # it seeds the added tokens' rows
         "init_adapter": adapter,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
-def score(loss_model: Any, pairs: TokenizedSet, batch_size: int, pad_id: int, engine: Engine, adapter: bool) -> np.ndarray:
+def score(
+    loss_model: Any, pairs: TokenizedSet, batch_size: int, pad_id: int, engine: Engine, adapter: bool, bar: bool = False
+) -> np.ndarray:
     """[pairs, 2] float32: the summed log-probabilities of each pair's chosen and rejected reply under the model with
-    its adapter (``adapter``) or without it. ``loss_model``: the :class:`~dtune.preference.PreferenceLoss` (unwrapped);
-    collective."""
+    its adapter (``adapter``) or without it. ``loss_model``: the :class:`~dtune.preference.PreferenceLoss` as the
+    engine prepared it (its forward runs, with the engine's hooks); collective. ``bar``: a progress bar (rank 0)."""
+    from tqdm.auto import tqdm
+
     was_training = loss_model.training
     loss_model.eval()
     n, world = len(pairs), engine.world_size
@@ -65,12 +74,12 @@ def score(loss_model: Any, pairs: TokenizedSet, batch_size: int, pad_id: int, en
     real = len(mine)
     mine += [0] * (-(-n // world) - real)  # the same number of forwards on every rank
     scored: list[tuple[list[int], np.ndarray]] = []
-    for start in range(0, len(mine), batch_size):
+    starts = range(0, len(mine), batch_size)
+    for start in tqdm(starts, desc="reference log-probabilities", disable=not (bar and engine.is_main), dynamic_ncols=True):
         index = mine[start : start + batch_size]
         batch = {k: v.to(engine.device) for k, v in collate([pairs[i] for i in index], pad_id).items()}
-        rows = (batch["input_ids"], batch["attention_mask"], batch["labels"])
         with engine.autocast():
-            logps = loss_model.policy_logps(*rows) if adapter else loss_model.reference_logps(*rows)
+            logps = loss_model(**batch, score="policy" if adapter else "reference")["logps"]
         counted = max(0, min(len(index), real - start))  # pairs past this are padding
         values = torch.stack([logps[: len(index)], logps[len(index) :]], dim=1).float().cpu().numpy()
         scored.append((index[:counted], values[:counted]))
@@ -100,7 +109,7 @@ def attach(
             log.info("preference: reference log-probabilities of %d %s pairs read from %s", len(pairs), name, file)
             continue
         started = time.perf_counter()
-        ref = score(loss_model, pairs, cfg.train.eval_batch_size, pad_id, engine, adapter)
+        ref = score(loss_model, pairs, cfg.train.eval_batch_size, pad_id, engine, adapter, cfg.logger.progress)
         log.info(
             "preference: reference log-probabilities of %d %s pairs from %s in %.1f s",
             len(pairs),

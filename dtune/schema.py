@@ -17,7 +17,7 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 OVERLONG = ("truncate", "drop", "error")
 LORA_INITS = ("default", "gaussian", "loftq", "pissa", "olora")
 BEST_METRICS = ("loss", "accuracy")
-OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto")
 """train.objective: supervised fine-tuning, or one of the preference objectives (dtune.preference)."""
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 """pref.loss_type of train.objective=dpo."""
@@ -295,8 +295,9 @@ class TrainConfig:
     force: bool = False
     """Train even when the memory plan predicts the config does not fit."""
     objective: str = "sft"
-    """What the adapter learns: sft (the next-token loss on the trained spans), or from preference pairs
-    (data.format=preference) dpo, orpo or simpo (settings: pref.*; see dtune.preference)."""
+    """What the adapter learns: sft (the next-token loss on the trained spans); from preference pairs
+    (data.format=preference) dpo, orpo or simpo; from completions labelled desirable or not (data.format=kto) kto.
+    Their settings: pref.*; see dtune.preference."""
     init_adapter: str | None = None
     """Start the adapter from a trained one (its folder, or a run's output dir: its adapter/), e.g. DPO after SFT.
     lora.* must match its settings. With train.objective=dpo the reference is then that adapter, frozen: its
@@ -319,11 +320,16 @@ class PreferenceConfig:
     beta: float | None = None
     """DPO: the strength of the pull towards the reference (the implicit reward is beta x the log-ratio; IPO: its tau,
     the target margin of the per-token log-ratios being 1 / (2 beta)); ORPO: the odds-ratio term's weight (lambda);
-    SimPO: the reward scale. null: the objective's usual value (dpo 0.1, orpo 0.1, simpo 2.0)."""
+    SimPO: the reward scale; KTO: as DPO's. null: the objective's usual value (dpo 0.1, orpo 0.1, simpo 2.0, kto 0.1)."""
     label_smoothing: float = 0.0
     """DPO (sigmoid) only: the probability that a pair's preference label is flipped (conservative DPO), in [0, 0.5)."""
-    gamma: float = 1.0
-    """SimPO: the target reward margin (the paper's gamma; its experiments use gamma / beta about 0.5)."""
+    gamma: float | None = None
+    """SimPO: the target reward margin (the paper's gamma; its experiments use gamma / beta about 0.5); null: 1.0."""
+    desirable_weight: float = 1.0
+    """KTO: the weight of a desirable completion's loss (the paper's lambda_D; with more undesirable than desirable
+    rows, raise it so that lambda_D x desirable / (lambda_U x undesirable) is in [1, 4/3])."""
+    undesirable_weight: float = 1.0
+    """KTO: the weight of an undesirable completion's loss (lambda_U)."""
 
 
 @dataclass

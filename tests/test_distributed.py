@@ -258,16 +258,24 @@ def test_two_ranks_stream_disjoint_shares_and_resume_exactly(tmp_path: Path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
-def test_preference_training_on_two_sharded_ranks_matches_one_rank_and_resumes(tmp_path: Path, engine: str):
-    """DPO on 2 ranks with the 4-bit base sharded (the reference forward with the adapter switched off inside each
-    sharded forward, the loss normalised per pair over ranks): the 1-rank run's losses, preference figures and
-    adapter; resumed on 1 rank from the 2-rank checkpoint of step 2, the rest of the 1-rank run, bit for bit."""
-    from tests.test_preference import pair_rows
+@pytest.mark.parametrize(("objective", "engine"), [("dpo", "zero3"), ("dpo+precompute", "fsdp2"), ("kto", "zero3")])
+def test_preference_training_on_two_sharded_ranks_matches_one_rank_and_resumes(tmp_path: Path, objective: str, engine: str):
+    """DPO (and KTO) on 2 ranks with the 4-bit base sharded (the reference forward with the adapter switched off
+    inside each sharded forward, the loss normalised per pair -- per row, and KTO's KL estimate over the step, across
+    ranks): the 1-rank run's losses, preference figures and adapter; resumed on 1 rank from the 2-rank checkpoint of
+    step 2, the rest of the 1-rank run, bit for bit."""
+    from tests.test_preference import kto_rows, pair_rows
 
     source = tmp_path / "pairs.jsonl"
-    source.write_text("".join(json.dumps(r) + "\n" for r in pair_rows(48)))
-    pref = [*COMMON, "train.objective=dpo", "data=preference", f"data.source={source}", "data.eval_size=8", "pref.beta=0.5"]
+    rows = kto_rows(48) if objective == "kto" else pair_rows(48)
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    name, _, precompute = objective.partition("+")  # the reference precomputed: its forwards through FSDP2's root too
+    pref = [*COMMON, f"train.objective={name}", "data=preference", f"data.source={source}", "data.eval_size=8"]
+    pref += [
+        "pref.beta=0.5",
+        *(["data.format=kto"] if name == "kto" else []),
+        *(["train.precompute_ref=true"] if precompute else []),
+    ]
     alone = tmp_path / "one"
     run([sys.executable, "-m", "dtune.train", *pref, "train.grad_accum_steps=2", f"hydra.run.dir={alone}"], tmp_path)
     out = tmp_path / engine
@@ -276,10 +284,11 @@ def test_preference_training_on_two_sharded_ranks_matches_one_rank_and_resumes(t
 
     def preference_figures(run_dir: Path) -> list[dict[str, float]]:
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k.startswith(("train/accuracy", "train/margin", "eval/"))} for r in records]
+        keys = ("train/accuracy", "train/margin", "train/kl", "eval/")
+        return [{k: v for k, v in r.items() if k.startswith(keys)} for r in records]
 
     ours, theirs = preference_figures(out), preference_figures(alone)
-    assert len(ours) == len(theirs) and any("train/margin" in r for r in ours)
+    assert len(ours) == len(theirs) and any("train/accuracy" in r for r in ours)
     for mine, reference in zip(ours, theirs, strict=True):
         assert mine == pytest.approx(reference, abs=1e-5)
     resumed = tmp_path / "resumed"

@@ -76,6 +76,12 @@ def test_every_pair_form_gives_the_prompt_and_two_replies():
     assert rows[2].messages[:3] == convo and rows[2].prompt_turns == 3 and rows[2].untrained == {1}
     assert rows[3].messages[0] == {"role": "system", "content": "Be brief."} and rows[3].prompt_turns == 4
     assert rows[3].untrained == {2}
+    system = {"role": "system", "content": "S."}  # replies that repeat the prompt after a system message of their own
+    repeated = {"prompt": "Q?", "chosen": [system, *convo[:1], {"role": "assistant", "content": "Y"}],
+                "rejected": [system, *convo[:1], {"role": "assistant", "content": "N"}], "tools": [{"type": "function",
+                "function": {"name": "f"}}]}  # fmt: skip
+    row = row_from_obj(repeated, "p.jsonl:9", "preference")
+    assert row.messages[:2] == [system, convo[0]] and row.prompt_turns == 2 and row.tools[0]["function"]["name"] == "f"
 
 
 @pytest.mark.parametrize(
@@ -88,6 +94,16 @@ def test_every_pair_form_gives_the_prompt_and_two_replies():
         ({"prompt": "Q?", "chosen": [{"role": "user", "content": "Q?"}], "rejected": "No."}, "field 'chosen': a reply is"),
         ({"prompt": "Q?", "chosen": 3, "rejected": "No."}, "field 'chosen' must be a string, a message or"),
         ({"prompt": "Q?", "chosen": [{"role": "bot", "content": "x"}], "rejected": "N"}, "chosen[0]: role 'bot'"),
+        ({"prompt": "Q?", "chosen": {"role": "assistant", "content": "Y", "train": False}, "rejected": "N"}, "has no place"),
+        (
+            {
+                "prompt": [{"role": "system", "content": "A"}, {"role": "user", "content": "Q"}],
+                "chosen": "Y",
+                "rejected": "N",
+                "system": "B",
+            },
+            "field 'system' and the prompt's own system message differ",
+        ),
     ],
 )
 def test_bad_pairs_name_the_line_and_field(obj, message):
@@ -424,3 +440,94 @@ def test_dpo_from_an_sft_adapter_takes_that_adapter_as_its_reference(tmp_path: P
             compose_config(_pref_overrides(tmp_path, "bad2", f"train.init_adapter={sft}", "train.precompute_ref=false")),
             tmp_path / "b2",
         )
+
+
+# --- KTO ----------------------------------------------------------------------------------------------------------
+
+
+def kto_rows(n: int) -> list[dict]:
+    """``n`` completions: the polite reply desirable, the curt one not (alternating)."""
+    return [
+        {"prompt": pair["prompt"], "completion": pair["chosen"] if i % 2 == 0 else pair["rejected"], "label": i % 2 == 0}
+        for i, pair in enumerate(pair_rows(n))
+    ]
+
+
+def test_kto_rows_parse_with_their_label_and_bad_labels_are_named():
+    row = row_from_obj({"prompt": "Q?", "completion": "A.", "label": False}, "k.jsonl:1", "kto")
+    assert row.desirable is False and row.prompt_turns == 1 and row.messages[-1]["content"] == "A."
+    convo = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]
+    assert row_from_obj({"completion": convo, "label": True}, "k.jsonl:2", "kto").prompt_turns == 1
+    with pytest.raises(DataError, match=r"k.jsonl:3: field 'label' must be true \(desirable\) or false; got 'yes'"):
+        row_from_obj({"prompt": "Q?", "completion": "A.", "label": "yes"}, "k.jsonl:3", "kto")
+
+
+def test_kto_loss_is_its_closed_form_with_the_batch_kl_estimate(tiny_pairs):
+    """KTO on 4 rows: each row's loss from the model's own log-probabilities, z0 the mean over the KL rows (each prompt
+    with the next row's completion) of the policy's minus the reference's log-probability, clipped at 0."""
+    from dtune.preference import KTOLoss
+
+    _, tok, model, _ = tiny_pairs
+    renderer = Renderer(tok, DataConfig(format="kto", choices=None))
+    examples = [renderer(row_from_obj(o, f"k:{i}", "kto")) for i, o in enumerate(kto_rows(4))]
+    batch = collate(examples, tok.pad_token_id)
+    assert batch["desirable"].tolist() == [True, False, True, False]
+    kl_rows = {"input_ids": batch["kl_input_ids"], "attention_mask": batch["kl_attention_mask"], "labels": batch["kl_labels"]}
+    for i, row in enumerate(kl_rows["input_ids"].tolist()):  # row i: its prompt, then row i+1's completion
+        a, b = examples[i], examples[(i + 1) % 4]
+        assert row[: len(a.input_ids[: a.prompt_len]) + len(b.input_ids) - b.prompt_len] == (
+            a.input_ids[: a.prompt_len] + b.input_ids[b.prompt_len :]
+        )
+    policy, _ = sequence_logps(model, batch)
+    ref, _ = sequence_logps(model, batch, adapter=False)
+    kl_policy, _ = sequence_logps(model, kl_rows)
+    kl_ref, _ = sequence_logps(model, kl_rows, adapter=False)
+    z0 = max(0.0, sum(p - r for p, r in zip(kl_policy, kl_ref, strict=True)) / 4)
+    beta, wd, wu = 0.5, 1.0, 1.5
+    want = []
+    for i, good in enumerate(batch["desirable"].tolist()):
+        r = policy[i] - ref[i]
+        want.append(wd * (1 - 1 / (1 + math.exp(-beta * (r - z0)))) if good else wu * (1 - 1 / (1 + math.exp(-beta * (z0 - r)))))
+    model.eval()
+    out = KTOLoss(model, 0, beta, wd, wu)(**batch)
+    assert out["loss_sum"].tolist() == pytest.approx(want, rel=1e-4, abs=1e-7)
+    assert out["stats"][:, 4].tolist() == pytest.approx([z0] * 4, abs=1e-5)
+
+
+@pytest.mark.integration
+def test_a_kto_run_learns_to_tell_desirable_from_undesirable(tmp_path: Path):
+    from dtune.train import run
+
+    source = write_jsonl(tmp_path / "kto.jsonl", kto_rows(80))
+    cfg = compose_config(
+        tiny_overrides(
+            tmp_path / "out",
+            "train.objective=kto",
+            "data=preference",
+            "data.format=kto",
+            f"data.source={source}",
+            "data.eval_size=16",
+            "data.max_seq_len=128",
+            "train.max_steps=12",
+            "optim.lr=1e-2",
+        )
+    )
+    results = run(cfg, tmp_path / "out")
+    before, after = results["before"], results["after"]
+    assert {"eval/kl", "eval/rewards_desirable", "eval/rewards_undesirable", "eval/accuracy"} <= set(before)
+    assert before["eval/accuracy"] == 0.5 and after["eval/accuracy"] >= 0.75, (before, after)
+    assert after["eval/rewards_desirable"] > after["eval/rewards_undesirable"] and after["eval/loss"] < before["eval/loss"]
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert all("train/kl" in r for r in records if "train/loss" in r)
+
+
+def test_orpo_stays_finite_on_a_reply_the_model_is_certain_of():
+    """A mean log-probability of 0 (every token's cross-entropy exactly 0 in fp32) has infinite odds: the loss and its
+    gradient stay finite."""
+    from dtune.preference import PairLogps, orpo_loss
+
+    chosen = torch.tensor([0.0, -3e-8, -2.0], requires_grad=True)
+    p = PairLogps(chosen, torch.tensor([-1.0, -0.5, -1e-9]), torch.ones(3), torch.ones(3))
+    loss, _ = orpo_loss(p, 0.1)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(chosen.grad).all()

@@ -37,7 +37,7 @@ def compare(
     ``base`` when given (an adapter whose init moved part of the base weights into it, PiSSA or OLoRA: switched off,
     the base left is the residual, not the base). Preference pairs are scored with ``cfg``'s objective (the base's
     rewards against itself are 0: its preference accuracy is one half)."""
-    pairs = cfg is not None and len(examples) > 0 and examples[0].rejected is not None
+    pairs = cfg is not None and len(examples) > 0 and (examples[0].rejected is not None or examples[0].desirable is not None)
 
     def loss(m: nn.Module) -> nn.Module:
         return PreferenceLoss.of(cfg, m) if pairs and cfg is not None else CompletionLoss(m)

@@ -16,7 +16,8 @@ from dtune.errors import DataError
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sample. Returns input_ids, attention_mask, labels: [batch, seq]. Preference pairs
     (examples with ``rejected``) give 2 x pairs rows: every pair's chosen reply, then their rejected replies in the
-    same order.
+    same order (and ``ref_logps`` [2 x pairs] when precomputed); KTO rows add their labels and KL rows
+    (:func:`_kto_batch`).
 
     With packed rows, also position_ids [batch, seq] restarting per sample (and at the padding): the model is then
     given no attention mask and builds the per-sample masks from them (see dtune.data.packing); attention_mask
@@ -29,6 +30,8 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
             ref = [e.ref_logps or (0.0, 0.0) for e in examples]
             batch["ref_logps"] = torch.tensor([c for c, _ in ref] + [r for _, r in ref], dtype=torch.float32)
         return batch
+    if examples and examples[0].desirable is not None:  # KTO: the rows, their labels, and the KL rows
+        return _kto_batch(examples, pad_id)
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -42,6 +45,22 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     if any(e.segments for e in examples):
         segments = [e.segments or [len(e.input_ids)] for e in examples]
         batch["position_ids"] = position_ids(segments, width)
+    return batch
+
+
+def _kto_batch(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """KTO rows: the rows, ``desirable`` [rows] bool, and the KL rows (``kl_input_ids``, ``kl_attention_mask``,
+    ``kl_labels``): row i's prompt followed by row i+1's completion (the last row's by the first's), cut to the rows'
+    width -- mismatched pairs whose log-ratio estimates the KL divergence (Ethayarajh et al. 2024, section 4.1)."""
+    batch = collate([Example(e.input_ids, e.labels, e.prompt_len) for e in examples], pad_id)
+    batch["desirable"] = torch.tensor([bool(e.desirable) for e in examples])
+    width, mismatched = batch["input_ids"].shape[1], []
+    for e, other in zip(examples, examples[1:] + examples[:1], strict=True):
+        ids = e.input_ids[: e.prompt_len] + other.input_ids[other.prompt_len :]
+        labels = [IGNORE] * e.prompt_len + other.labels[other.prompt_len :]
+        mismatched.append(Example(ids[:width], labels[:width], e.prompt_len))
+    kl = collate(mismatched, pad_id)
+    batch |= {"kl_input_ids": kl["input_ids"], "kl_attention_mask": kl["attention_mask"], "kl_labels": kl["labels"]}
     return batch
 
 

@@ -12,7 +12,7 @@
 * ``sharegpt`` -- ``{"conversations": [{"from": "human" | "gpt" | "system" | ..., "value": str}, ...],
   "system": str?, "tools": ...?}`` with the usual role names (see :data:`SHAREGPT_ROLES`).
 * ``text`` -- ``{"text": str}``: continued pre-training, every token is trained on.
-* ``preference`` -- ``{"prompt": str | [messages], "chosen": reply, "rejected": reply, "system": str?}`` for the
+* ``preference`` -- ``{"prompt": str | [messages], "chosen": reply, "rejected": reply, "system": str?, "tools": ...?}`` for the
   preference objectives (DPO, ORPO, SimPO, KTO). A reply is a string, an assistant message, or a list of messages.
   Conversations that repeat the prompt in both replies (``chosen: [user, assistant]``, as UltraFeedback ships them),
   or carry it only there (no ``prompt``), are split where chosen and rejected first differ.
@@ -50,8 +50,8 @@ KNOWN_KEYS = {
     "chat": {"messages", "tools"},
     "sharegpt": {"conversations", "system", "tools"},
     "text": {"text"},
-    "preference": {"prompt", "chosen", "rejected", "system"},
-    "kto": {"prompt", "completion", "label", "system"},
+    "preference": {"prompt", "chosen", "rejected", "system", "tools"},
+    "kto": {"prompt", "completion", "label", "system", "tools"},
 }
 MESSAGE_KEYS = {"role", "content", "tool_calls", "tool_call_id", "name", "reasoning_content", "train", "weight"}
 
@@ -269,7 +269,10 @@ def _turns(value: Any, key: str, where: str, role: str, unknown: UnknownKeys | N
             raise DataError(f"{at}: missing field 'content'")
         if unknown is not None and (extra := set(m) - MESSAGE_KEYS):
             unknown.note(extra, at, prefix=f"{key}[].")
-        out.append(_message(m, at, r, m.get("content"))[0])
+        message, trained = _message(m, at, r, m.get("content"))
+        if not trained and key != "prompt":
+            raise DataError(f"{at}: a reply is trained as a whole; 'train': false (or 'weight': 0) has no place in it")
+        out.append(message)
     return out
 
 
@@ -298,17 +301,22 @@ def _preference(obj: dict, where: str, fmt: str, unknown: UnknownKeys | None) ->
             shared += 1
     else:  # a completion that holds its conversation: the reply starts after the last user message
         shared = 0 if prompt else max((i + 1 for i, m in enumerate(replies[0]) if m["role"] == "user"), default=0)
-    prompt = [*prompt, *replies[0][:shared]]
+    head = replies[0][:shared]
+    # What both replies share is the prompt's context; when it ends with the prompt (a system message before it), it
+    # is the whole prompt.
+    prompt = head if prompt and head[-len(prompt) :] == prompt else [*prompt, *head]
     if not prompt:
         raise DataError(f"{where}: missing field 'prompt' (and the replies hold no prompt of their own)")
     system = _string(obj, "system", where, required=False)
     if system.strip() and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": system}, *prompt]
+    elif system.strip() and prompt[0]["content"] != system:
+        raise DataError(f"{where}: field 'system' and the prompt's own system message differ; keep one")
     if prompt[-1]["role"] not in ("user", "tool"):
         raise DataError(f"{where}: the prompt must end with a user (or tool) message; it ends with {prompt[-1]['role']!r}")
     chosen = _reply(replies[0][shared:], keys[0], where)
     untrained = frozenset(i for i, m in enumerate(prompt) if m["role"] == "assistant")
-    row = Row([*prompt, *chosen], where, untrained=untrained, prompt_turns=len(prompt))
+    row = Row([*prompt, *chosen], where, tools=_tools(obj, where), untrained=untrained, prompt_turns=len(prompt))
     if fmt == "preference":
         row.rejected = _reply(replies[1][shared:], "rejected", where)
         if row.rejected == chosen:

@@ -138,7 +138,7 @@ class Trainer:
         loss_model, optimizer = engine.prepare(loss_model, optimizer)
         if precomputes_reference(cfg):  # before a checkpoint's adapter is put back: the reference is the start's
             sets = {"training": train_set, "held-out": self.eval_set}
-            attach_reference(engine.unwrap(loss_model), sets, cfg, engine, pad_id, model_dir(cfg))
+            attach_reference(loss_model, sets, cfg, engine, pad_id, model_dir(cfg))
         self.parts = Stateful(loss_model, optimizer, scheduler, sampler)
         self.held = engine.local_bytes(loss_model)
         log.info(
@@ -204,7 +204,7 @@ class Trainer:
             next(self.parts.sampler),
             self.engine,
             self.cfg.optim.max_grad_norm,
-            per_pair=self.cfg.train.objective != "sft",
+            objective=self.cfg.train.objective,
         )
         self.parts.scheduler.step()
         state = self.state

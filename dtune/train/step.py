@@ -32,7 +32,7 @@ class StepResult:
     attention_pairs: int
     """Query-key pairs attended, all ranks (for the FLOP count)."""
     stats: dict[str, float] | None = None
-    """Preference objectives: the step's mean of each figure in :data:`dtune.preference.STAT_KEYS`, all ranks."""
+    """Preference objectives: the step's figures (:func:`dtune.preference.figures`), all ranks."""
 
 
 def labelled_tokens(batch: Batch) -> torch.Tensor:
@@ -45,7 +45,7 @@ def accumulate_gradients(
 ) -> float | tuple[float, dict[str, float]]:
     """Forward and backward each micro-batch of one optimizer step (on ``engine.device``); return the step's mean
     token loss over all ranks -- with a preference loss (whose output has ``stats``), the mean pair loss and the
-    mean of each figure of :data:`~dtune.preference.STAT_KEYS`.
+    mean of each of its ``stat_keys`` figures.
 
     ``step_tokens``: what the loss is normalised by over all ranks: the step's labelled tokens (counted and reduced
     here when not given), or its pairs.
@@ -64,11 +64,9 @@ def accumulate_gradients(
             stats = summed if stats is None else stats + summed
     if stats is None:
         return float(engine.sum(total))
-    from dtune.preference import STAT_KEYS
-
     reduced = engine.sum(torch.cat([total.double().reshape(1), stats])).cpu()
     means = (reduced[1:] / float(step_tokens)).tolist()
-    return float(reduced[0]), dict(zip(STAT_KEYS, means, strict=True))
+    return float(reduced[0]), dict(zip(engine.unwrap(loss_model).stat_keys, means, strict=True))
 
 
 def train_step(
@@ -77,10 +75,12 @@ def train_step(
     batches: list[Batch],
     engine: Engine,
     max_grad_norm: float | None,
-    per_pair: bool = False,
+    objective: str = "sft",
 ) -> StepResult:
     """One optimizer step over this rank's ``batches`` (CPU tensors, ``train.grad_accum_steps`` micro-batches).
-    ``per_pair``: the batches hold preference pairs (2 rows each) and the loss is normalised by the step's pairs.
+    ``objective`` (train.objective) says what the loss is normalised by over the step's micro-batches and ranks: the
+    labelled tokens (sft), the pairs (2 rows each: dpo, orpo, simpo) or the rows (kto, whose reference point z0 is
+    estimated first over the whole step: :func:`kl_estimate`).
 
     Raises ValueError when ``len(batches)`` is not the engine's ``grad_accum_steps`` (the contract of
     :meth:`~dtune.distributed.engine.Engine.backward`). The learning-rate schedule is the caller's to step.
@@ -89,14 +89,34 @@ def train_step(
         raise ValueError(f"train_step: {len(batches)} micro-batches for grad_accum_steps={engine.grad_accum_steps}")
     # Counted on the CPU batches (no device synchronisation), reduced over ranks in one all-reduce.
     counts = torch.tensor(
-        [
-            [int(b["attention_mask"].sum()), int(labelled_tokens(b)), attention_pairs(b), b["input_ids"].shape[0] // 2]
-            for b in batches
-        ]
+        [[int(b["attention_mask"].sum()), int(labelled_tokens(b)), attention_pairs(b), b["input_ids"].shape[0]] for b in batches]
     )
-    tokens, labelled, pairs, preference_pairs = (int(v) for v in engine.sum(counts.sum(dim=0).to(engine.device)))
+    tokens, labelled, pairs, rows = (int(v) for v in engine.sum(counts.sum(dim=0).to(engine.device)))
     micro = [{k: v.to(engine.device) for k, v in b.items()} for b in batches]
-    out = accumulate_gradients(loss_model, micro, engine, torch.tensor(preference_pairs if per_pair else labelled))
+    units = {"sft": labelled, "kto": rows}.get(objective, rows // 2)
+    if objective == "kto":
+        z0 = kl_estimate(loss_model, micro, engine)
+        for m in micro:
+            m["kl"] = z0
+    out = accumulate_gradients(loss_model, micro, engine, torch.tensor(units))
     loss, stats = out if isinstance(out, tuple) else (out, None)
+    if stats is not None:
+        from dtune.preference import figures
+
+        stats = figures(objective, stats)
     grad_norm = engine.step(loss_model, optimizer, max_grad_norm)
     return StepResult(loss, grad_norm, tokens, labelled, pairs, stats)
+
+
+def kl_estimate(loss_model: nn.Module, micro: list[Batch], engine: Engine) -> torch.Tensor:
+    """KTO's reference point z0 for one optimizer step: the mean over the KL rows of all its micro-batches on all ranks
+    of the policy's minus the reference's log-probability (no gradients), so that any split of the step into
+    micro-batches and ranks gives the same z0. A forward of each micro-batch's KL rows (``score="kl"``) before the
+    step's forwards and backwards."""
+    terms = torch.zeros(2, device=engine.device)
+    with torch.no_grad():
+        for m in micro:
+            with engine.autocast():
+                terms += loss_model(**m, score="kl")["kl"].float()
+    total = engine.sum(terms)
+    return total[0] / total[1].clamp(min=1)
