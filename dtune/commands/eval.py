@@ -102,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{trained.adapter_dir} on {cfg.model.name_or_path}; task: {len(task)} held-out rows of {held_out_source(cfg.data)}"
             + (f"; general: {args.general_rows} rows of {args.general}" if args.general else "")
         )
+        if cfg.train.objective not in ("sft", "orpo", "simpo") and cfg.train.init_adapter:
+            print(
+                f"note: the preference figures compare with the base (adapter off); training compared with its starting "
+                f"adapter {cfg.train.init_adapter} (results.json has those)"
+            )
         print(comparison_table([(name, pair["base"], pair["adapter"]) for name, pair in results.items()], ("base", "adapter")))
         if args.json:
             atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")

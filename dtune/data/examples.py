@@ -84,7 +84,8 @@ class TokenizedSet:
 
     ``table`` (a ``datasets`` Table) has columns ``input_ids`` (lists of int32), ``trained`` (lists of bool: the
     label is the token where true, IGNORE elsewhere), ``prompt_len``, and with ``data.choices`` ``choice_ids`` and
-    ``gold``. Sample i is table row ``index[i]`` (all rows in order when None). With ``packs`` (CSR ``offsets``
+    ``gold``; preference pairs also ``rejected_ids`` and ``rejected_trained`` (a pair's length is its longer reply's,
+    ``tokens`` counts both), KTO rows ``desirable``; ``ref`` holds precomputed reference log-probabilities. Sample i is table row ``index[i]`` (all rows in order when None). With ``packs`` (CSR ``offsets``
     [rows + 1], ``members`` [samples] over the samples, see :func:`dtune.data.packing.pack_bins`) item r is packed
     row r. A sequence: ``len``, indexing (an :class:`Example`; a slice gives a list), iteration; ``lengths`` [items]
     holds each item's tokens (int64), read from the table's offsets alone.
