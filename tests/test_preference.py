@@ -337,6 +337,12 @@ def test_a_step_normalises_per_pair_however_pairs_fall_into_micro_batches(tiny_p
 # --- runs ---------------------------------------------------------------------------------------------------------
 
 
+def _short_run(out: Path, source: Path, *extra: str) -> list[str]:
+    """12 steps of the tiny model on ``source``'s rows, 16 held out."""
+    data = ["data=preference", f"data.source={source}", "data.eval_size=16", "data.max_seq_len=128"]
+    return tiny_overrides(out, *data, "train.max_steps=12", "optim.lr=1e-2", *extra)
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("objective", ["dpo", "simpo"])
 def test_a_preference_run_learns_the_preferred_replies(tmp_path: Path, objective):
@@ -345,19 +351,7 @@ def test_a_preference_run_learns_the_preferred_replies(tmp_path: Path, objective
     from dtune.train import run
 
     source = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(80))
-    cfg = compose_config(
-        tiny_overrides(
-            tmp_path / "out",
-            f"train.objective={objective}",
-            "data=preference",
-            f"data.source={source}",
-            "data.eval_size=16",
-            "data.max_seq_len=128",
-            "train.max_steps=12",
-            "optim.lr=1e-2",
-        )
-    )
-    results = run(cfg, tmp_path / "out")
+    results = run(compose_config(_short_run(tmp_path / "out", source, f"train.objective={objective}")), tmp_path / "out")
     before, after = results["before"], results["after"]
     assert set(before) == {"eval/loss", "eval/rewards_chosen", "eval/rewards_rejected", "eval/accuracy", "eval/margin",
                            "eval/logps_chosen", "eval/logps_rejected", "eval/logps_accuracy"}  # fmt: skip
@@ -499,20 +493,8 @@ def test_a_kto_run_learns_to_tell_desirable_from_undesirable(tmp_path: Path):
     from dtune.train import run
 
     source = write_jsonl(tmp_path / "kto.jsonl", kto_rows(80))
-    cfg = compose_config(
-        tiny_overrides(
-            tmp_path / "out",
-            "train.objective=kto",
-            "data=preference",
-            "data.format=kto",
-            f"data.source={source}",
-            "data.eval_size=16",
-            "data.max_seq_len=128",
-            "train.max_steps=12",
-            "optim.lr=1e-2",
-        )
-    )
-    results = run(cfg, tmp_path / "out")
+    overrides = _short_run(tmp_path / "out", source, "train.objective=kto", "data.format=kto")
+    results = run(compose_config(overrides), tmp_path / "out")
     before, after = results["before"], results["after"]
     assert {"eval/kl", "eval/rewards_desirable", "eval/rewards_undesirable", "eval/accuracy"} <= set(before)
     assert before["eval/accuracy"] == 0.5 and after["eval/accuracy"] >= 0.75, (before, after)
