@@ -27,14 +27,15 @@ def comparison_table(
     """A fixed-width table: for each (label, before, after) row and each metric both have, the two values and the
     change. ``names``: the headers of the two value columns (e.g. base, adapter)."""
     label_width = max([len("set"), *(len(label) for label, _, _ in rows)]) + 2
-    lines = [f"{'set':<{label_width}}{'metric':<16}{names[0]:>12}{names[1]:>12}   change"]
+    width = max([14, *(len(k) for _, before, _ in rows for k in before)]) + 2  # metric names: eval/logps_rejected
+    lines = [f"{'set':<{label_width}}{'metric':<{width}}{names[0]:>12}{names[1]:>12}   change"]
     for label, before, after in rows:
         for key, b in before.items():
             if key not in after:
                 continue
             a = after[key]
             if key.endswith("accuracy"):
-                lines.append(f"{label:<{label_width}}{key:<16}{b:>12.1%}{a:>12.1%}   {_change(key, b, a)}")
+                lines.append(f"{label:<{label_width}}{key:<{width}}{b:>12.1%}{a:>12.1%}   {_change(key, b, a)}")
             else:
-                lines.append(f"{label:<{label_width}}{key:<16}{b:>12.4g}{a:>12.4g}   {_change(key, b, a)}")
+                lines.append(f"{label:<{label_width}}{key:<{width}}{b:>12.4g}{a:>12.4g}   {_change(key, b, a)}")
     return "\n".join(lines)
