@@ -115,20 +115,31 @@ class Renderer:
             seen_user = seen_user or m["role"] == "user"
             if m["role"] == "assistant" and seen_user and (i - shift) not in row.untrained:
                 turns.append(i)
-        # Every rendering the row needs, in two calls to the template: the conversation and, per trained turn, the
-        # conversation with that turn's content marked; then each turn's generation prompt.
-        marked = [[*messages[:i], {**messages[i], "content": MARKER}, *messages[i + 1 :]] for i in turns]
-        full, *variants = self._chat_many([messages, *marked], False, row.tools)
+        # The renderings the row needs: the conversation and the conversation with every trained turn's content marked
+        # (one call to the template); when putting the contents back into the marked rendering does not give the
+        # conversation's (the template rewrote a content, or renders a turn by what another holds), the conversation
+        # with each turn marked alone; then each turn's generation prompt.
+        contents = [messages[i]["content"] for i in turns]
+        together = [{**m, "content": _marker(turns.index(i))} if i in turns else m for i, m in enumerate(messages)]
+        full, marked = self._chat_many([messages, together], False, row.tools)
         if full is None:
             full = self.chat(messages, where=row.where, tools=row.tools)  # raises, naming the row and the reason
         if row.tools and not all(_tool_name(t) in full for t in row.tools):
             raise DataError(f"{row.where}: the chat template does not render the row's tools (no tool support)")
         if not turns:
             raise DataError(f"{row.where}: no assistant turn to train on (each follows no user turn, or is opted out)")
+        contents_at = _put_back(full, marked, contents) if marked is not None else None
+        if contents_at is None:
+            if len(turns) == 1:
+                variants = [marked]
+            else:
+                alone = [[*messages[:i], {**messages[i], "content": _marker(0)}, *messages[i + 1 :]] for i in turns]
+                variants = self._chat_many(alone, False, row.tools)
+            contents_at = [_content_span(full, v or "", _marker(0)) for v in variants]
         headers = self._chat_many([messages[:i] for i in turns], True, row.tools)
         spans = [
-            self._turn(full, variant or "", header, f"{row.where}: messages[{i}]")
-            for i, variant, header in zip(turns, variants, headers, strict=True)
+            self._turn(full, content, header, f"{row.where}: messages[{i}]")
+            for i, content, header in zip(turns, contents_at, headers, strict=True)
         ]
         # The prompt ends where the last trained turn starts -- where the reply starts, for a preference or KTO row.
         return full, spans, spans[0 if row.prompt_turns else -1][0], True
@@ -208,15 +219,9 @@ class Renderer:
                 return None
         return render
 
-    def _turn(self, full: str, variant: str, header: str | None, at: str) -> tuple[int, int]:
-        """Character span in ``full`` of the assistant turn whose content ``variant`` marks, and whose generation
-        prompt ends ``header`` (see the module docstring)."""
-        content: tuple[int, int] | None = None
-        k = variant.find(MARKER)
-        if k >= 0 and variant.count(MARKER) == 1:
-            before, after = variant[:k], variant[k + len(MARKER) :]
-            if full.startswith(before) and full.endswith(after) and k <= len(full) - len(after):
-                content = (k, len(full) - len(after))
+    def _turn(self, full: str, content: tuple[int, int] | None, header: str | None, at: str) -> tuple[int, int]:
+        """Character span in ``full`` of the assistant turn whose content is at ``content`` in it (None: not found),
+        and whose generation prompt ends ``header`` (see the module docstring)."""
         start = content[0] if content else None
         if header is not None and full.startswith(header) and (content is None or len(header) <= content[0]):
             start = len(header)
@@ -368,6 +373,43 @@ def prompt_format(cfg: DtuneConfig, tokenizer: Any) -> dict[str, Any]:
         note = "trained on plain text without a chat template: prompt it with plain text, it ends answers with eos"
         return {"chat_template": False, "end_of_turn": None, "system_prompt": None, "note": note}
     return {"chat_template": True, "end_of_turn": renderer.end_of_turn, "system_prompt": cfg.data.system_prompt}
+
+
+def _marker(j: int) -> str:
+    """The marker of the j-th trained turn's content: private-use characters, which no dataset or template writes."""
+    return f"\ue000dtune{j}\ue001"
+
+
+def _content_span(full: str, variant: str, marker: str) -> tuple[int, int] | None:
+    """Where in ``full`` the content is that ``marker`` stands for in ``variant`` (the same conversation with that one
+    content marked): what precedes and follows the marker precedes and follows it. None when the template wrote the
+    marker other than once, or around it what it does not write around the content."""
+    k = variant.find(marker)
+    if k < 0 or variant.count(marker) != 1:
+        return None
+    before, after = variant[:k], variant[k + len(marker) :]
+    if full.startswith(before) and full.endswith(after) and k <= len(full) - len(after):
+        return k, len(full) - len(after)
+    return None
+
+
+def _put_back(full: str, marked: str, contents: list[str]) -> list[tuple[int, int]] | None:
+    """Where each content is in ``full``, from ``marked`` (the conversation with content j replaced by ``_marker(j)``):
+    each marker once and in order, and the contents put back in their places giving ``full`` exactly -- the template
+    wrote every content as it is, whatever the others hold. None otherwise."""
+    parts, spans, at, pos = [], [], 0, 0
+    for j, content in enumerate(contents):
+        marker = _marker(j)
+        k = marked.find(marker, pos)
+        if k < 0 or marked.count(marker) != 1:
+            return None
+        parts += [marked[pos:k], content]
+        at += k - pos
+        spans.append((at, at + len(content)))
+        at += len(content)
+        pos = k + len(marker)
+    parts.append(marked[pos:])
+    return spans if "".join(parts) == full else None
 
 
 def _plain(messages: list[dict[str, Any]]) -> bool:

@@ -193,7 +193,7 @@ def _map(
         return Dataset.from_dict({"key": todo}).map(
             Tokenize(sources, tokenizer, cfg, stop),
             batched=True,
-            batch_size=256,
+            batch_size=1000,  # the writer's batch: fewer, larger Arrow tables (a bad record still stops all within one)
             num_proc=procs if procs > 1 else None,
             remove_columns=["key"],
             features=_features(cfg),
