@@ -36,8 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from dtune.data.render import prompt_format
 from dtune.errors import DtuneError
-from dtune.fsutil import recover, staged_dir
+from dtune.fsutil import atomic_write_text, recover, staged_dir
 from dtune.schema import DtuneConfig
 
 log = logging.getLogger(__name__)
@@ -238,3 +239,10 @@ def check_resumable(saved_yaml: str, cfg: Any, path: Path) -> list[str]:
             "fresh in another train.output_dir"
         )
     return changed
+
+
+def export_prompt_format(cfg: DtuneConfig, tokenizer: Any, folder: Path) -> None:
+    """The tokenizer with the chat template training rendered with, and how prompts were rendered
+    (``prompt_format.json``: :func:`~dtune.data.render.prompt_format`), into ``folder`` (beside an adapter)."""
+    tokenizer.save_pretrained(folder)
+    atomic_write_text(folder / PROMPT_FORMAT, json.dumps(prompt_format(cfg, tokenizer), indent=2) + "\n")

@@ -13,6 +13,7 @@ from torch import nn
 
 from dtune.data import IGNORE, Example, collate
 from dtune.distributed.engine import Engine
+from dtune.preference import figures
 
 
 def _first_tokens_distinct(ex: Example) -> bool:
@@ -90,8 +91,6 @@ def _evaluate_preference(
     model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, engine: Engine
 ) -> dict[str, float]:
     """Pairs or KTO rows: the mean loss per item and :func:`dtune.preference.figures` of the loss module's stats."""
-    from dtune.preference import figures
-
     loss_module = engine.unwrap(model)
     keys = loss_module.stat_keys
     was_training = model.training

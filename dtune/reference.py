@@ -27,6 +27,7 @@ import torch
 from dtune.data.batching import collate
 from dtune.data.examples import TokenizedSet
 from dtune.distributed.engine import Engine
+from dtune.model import adapter_folder
 from dtune.schema import DtuneConfig
 
 log = logging.getLogger("dtune")
@@ -39,8 +40,6 @@ def reference_key(cfg: DtuneConfig, model_path: Path) -> str:
     )
     adapter = ""
     if cfg.train.init_adapter:  # its bytes: a run retrained into the same folder is another reference
-        from dtune.model import adapter_folder
-
         adapter = hashlib.sha256((adapter_folder(cfg.train.init_adapter) / "adapter_model.safetensors").read_bytes()).hexdigest()
     added = [cfg.model.add_tokens, cfg.model.add_special_tokens]
     what = {

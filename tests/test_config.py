@@ -29,8 +29,10 @@ def test_every_group_exists_and_has_an_option():
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in group_options(g)])
 def test_every_shipped_option_composes_and_validates(group: str, option: str):
     overrides = [f"{group}={option}"]
-    if group == "data" and option == "jsonl":
+    if group == "data" and option in ("jsonl", "preference"):
         overrides.append("data.source=train.jsonl")  # the one field that option leaves for the user
+    if group == "data" and option in ("preference", "rotten_tomatoes_pairs"):
+        overrides.append("train.objective=dpo")  # pairs train a preference objective
     cfg = compose_config(overrides)
     validate(cfg)
 

@@ -30,10 +30,9 @@ from jinja2 import TemplateError
 from dtune.data.examples import IGNORE, DataStats, Example
 from dtune.data.formats import CHATML, Row
 from dtune.data.sources import BadRows
+from dtune.data.template import MARKER, content_span, direct_renderer, marker, plain, put_back, tool_name
 from dtune.errors import ConfigError, DataError
 from dtune.schema import DataConfig, DtuneConfig
-
-MARKER = "\ue000dtune\ue001"  # private-use characters: no dataset or template writes them
 
 
 class Renderer:
@@ -57,7 +56,7 @@ class Renderer:
         self.stats = DataStats()
         self.piecewise = self._joins_cleanly()
         self._fast = self._backend_agrees()
-        self._direct = self._direct_template()
+        self._direct = direct_renderer(tokenizer, self.template, self.chat)  # plain messages: straight through
         self.end_of_turn = self._end_of_turn() if cfg.chat_template else None
         if cfg.system_prompt and cfg.chat_template:
             self._check_system_prompt(cfg.system_prompt)
@@ -120,22 +119,22 @@ class Renderer:
         # conversation's (the template rewrote a content, or renders a turn by what another holds), the conversation
         # with each turn marked alone; then each turn's generation prompt.
         contents = [messages[i]["content"] for i in turns]
-        together = [{**m, "content": _marker(turns.index(i))} if i in turns else m for i, m in enumerate(messages)]
+        together = [{**m, "content": marker(turns.index(i))} if i in turns else m for i, m in enumerate(messages)]
         full, marked = self._chat_many([messages, together], False, row.tools)
         if full is None:
             full = self.chat(messages, where=row.where, tools=row.tools)  # raises, naming the row and the reason
-        if row.tools and not all(_tool_name(t) in full for t in row.tools):
+        if row.tools and not all(tool_name(t) in full for t in row.tools):
             raise DataError(f"{row.where}: the chat template does not render the row's tools (no tool support)")
         if not turns:
             raise DataError(f"{row.where}: no assistant turn to train on (each follows no user turn, or is opted out)")
-        contents_at = _put_back(full, marked, contents) if marked is not None else None
+        contents_at = put_back(full, marked, contents) if marked is not None else None
         if contents_at is None:
             if len(turns) == 1:
                 variants = [marked]
             else:
-                alone = [[*messages[:i], {**messages[i], "content": _marker(0)}, *messages[i + 1 :]] for i in turns]
+                alone = [[*messages[:i], {**messages[i], "content": marker(0)}, *messages[i + 1 :]] for i in turns]
                 variants = self._chat_many(alone, False, row.tools)
-            contents_at = [_content_span(full, v or "", _marker(0)) for v in variants]
+            contents_at = [content_span(full, v or "", marker(0)) for v in variants]
         headers = self._chat_many([messages[:i] for i in turns], True, row.tools)
         spans = [
             self._turn(full, content, header, f"{row.where}: messages[{i}]")
@@ -148,9 +147,9 @@ class Renderer:
         self, conversations: list[list[dict[str, Any]]], generation_prompt: bool, tools: list | None
     ) -> list[str | None]:
         """Each conversation rendered as :meth:`chat` renders it, None where the template refuses it: straight through
-        the compiled template when every message is plain (see :meth:`_direct_template`), else in one call to
+        the compiled template when every message is plain (:func:`~dtune.data.template.direct_renderer`), else in one call to
         ``apply_chat_template`` when the template refuses none (a third less time than one call each)."""
-        if self._direct is not None and tools is None and all(_plain(c) for c in conversations):
+        if self._direct is not None and tools is None and all(plain(c) for c in conversations):
             try:
                 return [self._direct(c, generation_prompt) for c in conversations]
             except Exception:  # the template's own errors: apply_chat_template below says them
@@ -174,50 +173,6 @@ class Renderer:
             except DataError:
                 rendered.append(None)
         return rendered
-
-    def _direct_template(self) -> Any:
-        """``render(messages, generation_prompt)`` through transformers' own compiled template (its sandbox, filters
-        and globals) with the arguments ``apply_chat_template`` gives it; or None.
-
-        ``apply_chat_template`` spends more than half its time per call copying and normalizing the messages (message
-        objects to dicts, None values dropped, strings rebuilt as plain ``str``, reasoning copied under other names),
-        which changes nothing in plain messages (:func:`_plain`); rendering those directly halves the time a row spends
-        in the template (a third more rows/s in all). Taken only when transformers has the compile function
-        (``transformers.utils.chat_template_utils._compile_jinja_template``, private: another version may lack it) and,
-        on probe conversations (a system turn, several turns, non-ASCII text, the marker, with and without the
-        generation prompt), renders what ``apply_chat_template`` renders and refuses what it refuses."""
-        try:
-            from transformers.utils.chat_template_utils import _compile_jinja_template
-
-            compiled = _compile_jinja_template(self.template)
-        except Exception:  # another transformers, or a template that does not compile
-            return None
-        extra = dict(self.tok.special_tokens_map)
-
-        def render(messages: list[dict[str, Any]], generation_prompt: bool) -> str:
-            return compiled.render(
-                messages=messages, tools=None, documents=None, add_generation_prompt=generation_prompt, **extra
-            )
-
-        turns = [
-            {"role": "user", "content": "Hi \u00e9\u4e2d 7"},
-            {"role": "assistant", "content": " An answer.\n"},
-            {"role": "user", "content": "and?"},
-            {"role": "assistant", "content": MARKER},
-        ]
-        probes = [turns[:1], turns[:2], turns, [{"role": "system", "content": "Be brief."}, *turns]]
-        for probe, generation_prompt in itertools.product(probes, (False, True)):
-            try:
-                expected: str | None = self.chat(probe, generation_prompt)
-            except DataError:  # e.g. a template without a system turn: it must refuse the probe directly too
-                expected = None
-            try:
-                got: str | None = render(probe, generation_prompt)
-            except Exception:  # whatever the template raises
-                got = None
-            if got != expected:
-                return None
-        return render
 
     def _turn(self, full: str, content: tuple[int, int] | None, header: str | None, at: str) -> tuple[int, int]:
         """Character span in ``full`` of the assistant turn whose content is at ``content`` in it (None: not found),
@@ -373,60 +328,6 @@ def prompt_format(cfg: DtuneConfig, tokenizer: Any) -> dict[str, Any]:
         note = "trained on plain text without a chat template: prompt it with plain text, it ends answers with eos"
         return {"chat_template": False, "end_of_turn": None, "system_prompt": None, "note": note}
     return {"chat_template": True, "end_of_turn": renderer.end_of_turn, "system_prompt": cfg.data.system_prompt}
-
-
-def _marker(j: int) -> str:
-    """The marker of the j-th trained turn's content: private-use characters, which no dataset or template writes."""
-    return f"\ue000dtune{j}\ue001"
-
-
-def _content_span(full: str, variant: str, marker: str) -> tuple[int, int] | None:
-    """Where in ``full`` the content is that ``marker`` stands for in ``variant`` (the same conversation with that one
-    content marked): what precedes and follows the marker precedes and follows it. None when the template wrote the
-    marker other than once, or around it what it does not write around the content."""
-    k = variant.find(marker)
-    if k < 0 or variant.count(marker) != 1:
-        return None
-    before, after = variant[:k], variant[k + len(marker) :]
-    if full.startswith(before) and full.endswith(after) and k <= len(full) - len(after):
-        return k, len(full) - len(after)
-    return None
-
-
-def _put_back(full: str, marked: str, contents: list[str]) -> list[tuple[int, int]] | None:
-    """Where each content is in ``full``, from ``marked`` (the conversation with content j replaced by ``_marker(j)``):
-    each marker once and in order, and the contents put back in their places giving ``full`` exactly -- the template
-    wrote every content as it is, whatever the others hold. None otherwise."""
-    parts, spans, at, pos = [], [], 0, 0
-    for j, content in enumerate(contents):
-        marker = _marker(j)
-        k = marked.find(marker, pos)
-        if k < 0 or marked.count(marker) != 1:
-            return None
-        parts += [marked[pos:k], content]
-        at += k - pos
-        spans.append((at, at + len(content)))
-        at += len(content)
-        pos = k + len(marker)
-    parts.append(marked[pos:])
-    return spans if "".join(parts) == full else None
-
-
-def _plain(messages: list[dict[str, Any]]) -> bool:
-    """Whether ``apply_chat_template``'s normalization leaves ``messages`` as they are: dicts of ``str`` keys and
-    values (no None, no nested objects), none of them a reasoning field (which it copies under other names)."""
-    return all(
-        type(m) is dict and all(type(k) is str and type(v) is str for k, v in m.items()) and not _REASONING.intersection(m)
-        for m in messages
-    )
-
-
-_REASONING = frozenset({"reasoning_content", "thinking", "reasoning"})
-
-
-def _tool_name(tool: Any) -> str:
-    fn = tool.get("function", tool) if isinstance(tool, dict) else tool
-    return str(fn.get("name", "")) if isinstance(fn, dict) else ""
 
 
 def build_examples(rows: list[Row], renderer: Renderer, what: str, bad: BadRows | None = None) -> list[Example]:

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,10 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from dtune.checkpoint import BEST_ADAPTER, PROMPT_FORMAT, save_adapter
+from dtune.checkpoint import BEST_ADAPTER, export_prompt_format, save_adapter
 from dtune.config import validate
 from dtune.data.batching import StepSampler
 from dtune.data.load import load_data
-from dtune.data.render import prompt_format
 from dtune.data.stream import StreamSampler, stream_data
 from dtune.distributed.engine import Engine
 from dtune.distributed.preempt import Preempted, Preemption
@@ -198,13 +198,9 @@ class Trainer:
         """One optimizer step, the schedule's step, the metrics and the progress bar; a mid-run evaluation when due."""
         t0 = time.perf_counter()
         lr = self.parts.scheduler.get_last_lr()[0]
+        parts, cfg = self.parts, self.cfg
         result = train_step(
-            self.parts.model,
-            self.parts.optimizer,
-            next(self.parts.sampler),
-            self.engine,
-            self.cfg.optim.max_grad_norm,
-            objective=self.cfg.train.objective,
+            parts.model, parts.optimizer, next(parts.sampler), self.engine, cfg.optim.max_grad_norm, cfg.train.objective
         )
         self.parts.scheduler.step()
         state = self.state
@@ -289,18 +285,11 @@ class Trainer:
         self.tracker.finish()
         raise Preempted(self.state.step, self.preemption.received, self.preemption.previous_handler())
 
-    def export_prompt_format(self, folder: Path) -> None:
-        """The tokenizer with the chat template training rendered with, and how prompts were rendered
-        (``prompt_format.json``: templated or plain, end-of-turn marker, system prompt), beside the adapter."""
-        self.tokenizer.save_pretrained(folder)
-        fmt = prompt_format(self.cfg, self.tokenizer)
-        atomic_write_text(folder / PROMPT_FORMAT, json.dumps(fmt, indent=2) + "\n")
-
     def write_adapter(self, name: str, tensors: dict[str, torch.Tensor] | None) -> Path:
-        """``<output_dir>/<name>``: a PEFT adapter folder of the full adapter ``tensors``, with the tokenizer and prompt
-        format beside it. Rank 0."""
+        """``<output_dir>/<name>``: a PEFT adapter folder of the full adapter ``tensors``, with the tokenizer and how
+        prompts were rendered beside it (:func:`~dtune.checkpoint.export_prompt_format`). Rank 0."""
         model = self.engine.unwrap(self.parts.model).model
-        return save_adapter(model, self.output_dir / name, tensors, self.export_prompt_format)
+        return save_adapter(model, self.output_dir / name, tensors, partial(export_prompt_format, self.cfg, self.tokenizer))
 
     def finish(self, train_time: float) -> dict[str, Any]:
         """Evaluate after training (or early stop), write the final checkpoint, the adapter and results.json; the

@@ -15,6 +15,7 @@ from torch import nn
 from dtune.data.examples import IGNORE
 from dtune.distributed.engine import Engine
 from dtune.flops import attention_pairs
+from dtune.preference import figures
 
 Batch = dict[str, torch.Tensor]
 
@@ -101,8 +102,6 @@ def train_step(
     out = accumulate_gradients(loss_model, micro, engine, torch.tensor(units))
     loss, stats = out if isinstance(out, tuple) else (out, None)
     if stats is not None:
-        from dtune.preference import figures
-
         stats = figures(objective, stats)
     grad_norm = engine.step(loss_model, optimizer, max_grad_norm)
     return StepResult(loss, grad_norm, tokens, labelled, pairs, stats)
