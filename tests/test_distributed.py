@@ -281,8 +281,9 @@ def test_preference_training_on_two_sharded_ranks_matches_one_rank_and_resumes(t
     out = tmp_path / engine
     run([*torchrun(2), "-m", "dtune.train", *pref, f"engine={engine}", f"hydra.run.dir={out}"], tmp_path)
     # KTO's saturating sigmoid leaves some gradients near Adam's eps, where the ranks' reduction order moves an update
-    # by up to lr x 1e-2 (measured: 3 of 1,024 elements, 1.6e-4): the adapter variants' tolerance.
-    tol = 1e-4 if name == "kto" else 1e-5
+    # by up to lr x 1e-2 (measured, the same in every run: 3 of 1,024 elements off by 1.6e-4; assert_same_run allows
+    # tol / 10 on adapter tensors).
+    tol = 2e-3 if name == "kto" else 1e-5
     assert_same_run(out, alone, abs_tol=tol)
 
     def preference_figures(run_dir: Path) -> list[dict[str, float]]:
