@@ -199,10 +199,6 @@ class PreferenceLoss(CompletionLoss):
         with torch.no_grad(), off or contextlib.nullcontext():  # (a model without an adapter is its own reference)
             return -CompletionLoss.forward(self, input_ids, attention_mask, labels)["loss_sum"]
 
-    def reference_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
-        """[rows] summed log-probabilities of the labelled tokens under the reference (inside a forward)."""
-        return self._score("reference", input_ids, attention_mask, labels)
-
     def forward(  # type: ignore[override]
         self,
         input_ids: torch.Tensor,
@@ -226,7 +222,7 @@ class PreferenceLoss(CompletionLoss):
         logp, tokens = -out["loss_sum"], out["tokens"]
         pairs = logp.shape[0] // 2
         if self.needs_reference and ref_logps is None:
-            ref_logps = self.reference_logps(input_ids, attention_mask, labels)
+            ref_logps = self._score("reference", input_ids, attention_mask, labels)
         ref = (None, None) if ref_logps is None else (ref_logps[:pairs].float(), ref_logps[pairs:].float())
         p = PairLogps(logp[:pairs], logp[pairs:], tokens[:pairs], tokens[pairs:], *ref)
         if self.objective == "dpo":

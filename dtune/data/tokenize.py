@@ -44,6 +44,7 @@ class Tokenize:
     def __init__(self, sources: list[Records], tokenizer: Any, cfg: DataConfig, stop_file: Path) -> None:
         self.sources, self.tokenizer, self.cfg, self.stop_file = sources, tokenizer, cfg, stop_file
         self._renderer: Renderer | None = None
+        self._schema = _features(cfg).arrow_schema  # the columns' Arrow types, made once (not per batch)
 
     def _fail(self, err: DataError) -> None:
         with contextlib.suppress(OSError):
@@ -105,7 +106,7 @@ class Tokenize:
                 cols.setdefault("desirable", []).append(bool(example and example.desirable))
         if unknown.counts and cols["unknown"]:
             cols["unknown"][0] = json.dumps({k: [n, unknown.first[k]] for k, n in unknown.counts.items()})
-        schema = _features(self.cfg).arrow_schema
+        schema = self._schema
         arrays = {}
         for name, column in samples.items():
             arrays[name], arrays[TRAINED[name]] = _token_columns(column)
