@@ -26,6 +26,7 @@ from dtune.config import load_saved
 from dtune.errors import DtuneError
 from dtune.model import freeze_as_trained, load_tokenizer, pin_cpu_4bit_layout
 from dtune.model import load_base as load_model_base
+from dtune.moe_peft import adopt_expert_adapters, peft_view
 from dtune.runtime import quiet_libraries
 from dtune.schema import DtuneConfig
 
@@ -201,6 +202,8 @@ def load_trained(trained: Trained, device: torch.device, allow_pickle: bool = Fa
 
     base = load_frozen_base(trained, device, allow_pickle)
     check_compatible(trained.adapter_dir, base)
-    model = PeftModel.from_pretrained(base, trained.adapter_dir, is_trainable=False)
+    with peft_view(base):  # LoRA on NF4 experts (MoE): PEFT sizes it from stand-ins of the 16-bit experts
+        model = PeftModel.from_pretrained(base, trained.adapter_dir, is_trainable=False)
+    adopt_expert_adapters(model)
     pin_cpu_4bit_layout(model)
     return model.eval()

@@ -7,6 +7,7 @@ Adapters are ordinary PEFT LoRA layers: what we save is a standard PEFT adapter.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from dtune.lora import (
     token_rows,
     warn_partial_targets,
 )
+from dtune.moe import finish_experts, quantizing_experts
+from dtune.moe_peft import adopt_expert_adapters, peft_view
 from dtune.quant import fuse_lora_layers, use_fused_kernels
 from dtune.schema import DtuneConfig
 from dtune.units import DTYPES
@@ -114,18 +117,24 @@ def load_base(
         pickled = sorted(p.name for p in directory.glob("*.bin"))
         detail = f" (it holds pickled {', '.join(pickled[:2])}: pass --allow-pickle if you trust them)" if pickled else ""
         raise DtuneError(f"{directory}: no safetensors weights{detail}")
+    compute = dtype or DTYPES[cfg.train.precision]
+    experts = quantized and cfg.quant.quant_type == "nf4" and cfg.quant.experts
+    loading = quantizing_experts(compute, cfg.quant.double_quant, cfg.quant.kernel == "triton")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            directory,
-            quantization_config=quantization_config(cfg) if quantized else None,
-            dtype=dtype or DTYPES[cfg.train.precision],
-            device_map=None if device is None else {"": device},
-            attn_implementation=cfg.model.attn_implementation,
-            use_safetensors=True if safetensors_only else None,  # None: safetensors first, pickles allowed
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
+        with loading if experts else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_pretrained(
+                directory,
+                quantization_config=quantization_config(cfg) if quantized else None,
+                dtype=compute,
+                device_map=None if device is None else {"": device},
+                attn_implementation=cfg.model.attn_implementation,
+                use_safetensors=True if safetensors_only else None,  # None: safetensors first, pickles allowed
+                trust_remote_code=cfg.model.trust_remote_code,
+            )
     except OSError as err:
         raise DtuneError(f"{directory}: cannot load the base model ({err})") from None
+    if experts and (layers := finish_experts(model)):
+        log.info("quant.experts: the experts of %d MoE layers are NF4, per expert", layers)
     pin_cpu_4bit_layout(model)
     if cfg.model.add_tokens or cfg.model.add_special_tokens:
         grow_vocabulary(cfg, model)
@@ -216,9 +225,11 @@ def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # adapter init depends on the seed only, not on what ran before
         try:
-            model = get_peft_model(base, lora)
+            with peft_view(base):
+                model = get_peft_model(base, lora)
         except ValueError as err:  # PEFT: "Target modules {...} not found in the base model"
             raise ConfigError(f"lora.target_modules: {err}") from None
+    adopt_expert_adapters(model)
     check_modules_to_save(model, cfg.lora.modules_to_save)
     if cfg.lora.init == "loftq":
         init_loftq(model, model_dir(cfg))

@@ -160,6 +160,10 @@ class QuantConfig:
     """With kernel=triton: each LoRA adapter runs inside its base layer's fused kernel (the low-rank term added in
     the matmul's epilogue, forward and input gradient) instead of as PEFT's separate matmuls and adds. Layers with
     LoRA dropout (lora.dropout > 0), DoRA or adapter biases keep PEFT's path."""
+    experts: bool = True
+    """Mixture-of-experts bases: quantize the fused expert tensors to NF4 too, per expert, as they load (without it
+    they stay in the compute dtype: most of the model). Their matmuls follow ``kernel``: dtune's grouped NF4 kernel
+    (triton) or per-expert dequantize + matmul (bnb)."""
 
 
 @dataclass

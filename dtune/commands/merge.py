@@ -24,6 +24,7 @@ from dtune.data.render import prompt_format
 from dtune.errors import DtuneError, user_errors
 from dtune.fsutil import staged_dir
 from dtune.model import load_tokenizer
+from dtune.moe import dequantize_experts
 from dtune.units import CONFIG_DTYPE, DTYPES
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ def merge(
         base = load_base(trained, cpu, quantized=trained.cfg.quant.quant_type != "none", allow_pickle=allow_pickle)
         if getattr(base, "hf_quantizer", None) is not None:
             base = base.dequantize(dtype=torch.float32)  # NF4 -> the values training saw, exactly, in fp32
+        dequantize_experts(base, torch.float32)  # NF4 experts (MoE) alike, into dense 3-D parameters
     else:
         base = load_base(trained, cpu, quantized=False, allow_pickle=allow_pickle, dtype=torch.float32)
     base = base.float()
