@@ -120,7 +120,7 @@ class NF4ExpertsMixin(nn.Module):
     """Mixed into an experts class (first in its MRO) by :func:`_nf4_class`: 3-D expert tensors assigned to the
     module are quantized on assignment; forward computes from the packed weights."""
 
-    _dtune_nf4: dict[str, Any]  # dtype (compute), double_quant, triton, shapes {name: (E, N, K)}
+    _dtune_nf4: dict[str, Any]  # dtype (compute), double_quant, triton, shapes {name: (E, N, K)}, order (of names)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in EXPERT_PARAMS and isinstance(value, torch.Tensor) and value.dim() == 3 and not value.is_meta:
@@ -198,7 +198,7 @@ class NF4ExpertsMixin(nn.Module):
 
     def dequantize_(self, dtype: torch.dtype | None = None) -> None:
         """Back to the experts class with dense 3-D parameters (``dtype``: default the compute dtype)."""
-        dense = {name: self.nf4(name).dequantize(dtype) for name in list(self._dtune_nf4["shapes"])}
+        dense = {name: self.nf4(name).dequantize(dtype) for name in self._dtune_nf4["order"]}  # the class's order
         for name in dense:
             del self._parameters[f"{name}_nf4"]
             for part in ("absmax", "absmax2", "offset"):
@@ -228,7 +228,9 @@ def prepare_experts(model: nn.Module, dtype: torch.dtype, double_quant: bool, tr
             continue
         _check_layout(name, module)
         module.__class__ = _nf4_class(type(module))
+        order = [p for p in module._parameters if p in EXPERT_PARAMS]  # the class's: PEFT nests its wrappers by it
         module._dtune_nf4 = {"dtype": dtype, "double_quant": double_quant, "triton": triton, "shapes": {}, "blocksize2": 1}
+        module._dtune_nf4["order"] = order
         for param in EXPERT_PARAMS:
             value = module._parameters[param]
             if not value.is_meta:

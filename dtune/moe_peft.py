@@ -41,8 +41,8 @@ def stand_in(experts: NF4ExpertsMixin, name: str) -> torch.Tensor:
 def peft_view(model: nn.Module) -> Iterator[None]:
     """While PEFT attaches or loads adapters: NF4 experts modules show stand-in parameters (:func:`stand_in`)."""
     modules = nf4_experts(model)
-    for module in modules:
-        for name in module._dtune_nf4["shapes"]:
+    for module in modules:  # in the 16-bit class's order: PEFT nests (and names) the wrappers of one module by it
+        for name in module._dtune_nf4["order"]:
             module._parameters[name] = nn.Parameter(stand_in(module, name), requires_grad=False)
     try:
         yield

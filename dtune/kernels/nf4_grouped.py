@@ -308,7 +308,7 @@ def block_m_for(rows: int, experts: int) -> int:
 def _launch(inp: torch.Tensor, w: NF4Experts, offsets: torch.Tensor, grad_input: bool) -> torch.Tensor:
     _, n, k = w.shape
     rows, out_width = inp.shape[0], (k if grad_input else n)
-    out = torch.empty((rows, out_width), dtype=inp.dtype, device=inp.device)
+    out = torch.zeros((rows, out_width), dtype=inp.dtype, device=inp.device)  # rows routed to no expert stay 0
     if rows == 0:
         return out
     inp = inp.contiguous()

@@ -1,0 +1,131 @@
+"""MoE QLoRA: fused experts quantized to NF4 per expert as they load, LoRA on them in PEFT's format."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtune.kernels.nf4_grouped import NF4Experts
+from dtune.model import build_model, load_base
+from dtune.moe import EXPERT_PARAMS, NF4ExpertsMixin, dequantize_experts, nf4_experts
+from tests.helpers import compose_config, tiny_overrides
+
+LAYERS, EXPERTS, HIDDEN, MOE_INTERMEDIATE = 4, 8, 64, 32
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen3-MoE of 4 layers x 8 experts, saved as transformers saves it (per-expert tensors)."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(
+        vocab_size=128,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        moe_intermediate_size=MOE_INTERMEDIATE,
+        num_experts=EXPERTS,
+        num_experts_per_tok=2,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("moe")
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    return out
+
+
+def moe_cfg(moe_dir: Path, tmp_path: Path, *extra: str):
+    return compose_config(tiny_overrides(tmp_path, f"model.name_or_path={moe_dir}", *extra))
+
+
+def test_experts_quantize_as_they_load_one_layer_at_a_time(moe_dir, tmp_path, monkeypatch):
+    """Every experts module holds packed NF4 (half a byte per weight) and no 16-bit expert tensor; while loading, at
+    most one layer's 16-bit expert tensors are alive when one is quantized; the logits are those of the same model
+    with the experts dequantized (what bitsandbytes would compute)."""
+    alive: list[int] = []
+    quantize = NF4Experts.quantize.__func__
+
+    def counting(cls, weight, *args, **kwargs):
+        dense = [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.dim() == 3 and not t.is_meta]
+        alive.append(len({t.untyped_storage().data_ptr() for t in dense if t.shape[0] == EXPERTS}))
+        return quantize(cls, weight, *args, **kwargs)
+
+    monkeypatch.setattr(NF4Experts, "quantize", classmethod(counting))
+    model = load_base(moe_cfg(moe_dir, tmp_path), torch.device("cpu"), training=False)
+    assert len(alive) == LAYERS * 2 and max(alive) <= 2, alive  # gate_up and down of one layer, at most
+
+    modules = nf4_experts(model)
+    assert len(modules) == LAYERS
+    weights = LAYERS * EXPERTS * 3 * HIDDEN * MOE_INTERMEDIATE
+    packed = sum(m._parameters[f"{p}_nf4"].numel() * 4 for m in modules for p in EXPERT_PARAMS)  # fp32 storage
+    assert packed == weights // 2  # 4 bits a weight
+    assert not any(p in m._parameters for m in modules for p in EXPERT_PARAMS)
+
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        nf4 = model(ids).logits
+        dequantize_experts(model)
+        assert not nf4_experts(model) and model.model.layers[0].mlp.experts.gate_up_proj.dim() == 3
+        dense = model(ids).logits
+    torch.testing.assert_close(nf4, dense, rtol=0, atol=1e-5)
+
+
+def test_quant_experts_false_keeps_them_dense(moe_dir, tmp_path):
+    model = load_base(moe_cfg(moe_dir, tmp_path, "quant.experts=false"), torch.device("cpu"))
+    assert not nf4_experts(model)
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.float32
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n.replace("default.", ""): p.grad.clone() for n, p in model.named_parameters() if "experts" in n and p.grad is not None}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("kernel", ["bnb", "triton"])
+def test_lora_on_nf4_experts_is_pefts_lora_on_the_dequantized_experts(moe_dir, tmp_path, kernel):
+    """LoRA on the NF4 experts has PEFT's tensors and names (gate_up at twice the rank, as PEFT converts the v4
+    names), computes what PEFT's own ParamWrapper computes on the dequantized experts (loss and adapter gradients),
+    switches off with PEFT's disable_adapter(), and saves an adapter PEFT loads on the 16-bit model."""
+    from peft import PeftModel
+
+    cfg = moe_cfg(moe_dir, tmp_path, f"quant.kernel={kernel}", "model.gradient_checkpointing=false")
+    model = build_model(cfg, torch.device("cpu"))
+    wrappers = [m for m in model.modules() if type(m).__name__ == "NF4ExpertsLora"]
+    assert len(wrappers) == LAYERS * 2
+    assert {"gate_up_proj", "down_proj"} <= set(model.peft_config["default"].target_parameters)
+    with torch.no_grad():  # a trained-looking adapter: B away from its zero init
+        for name, param in model.named_parameters():
+            if "experts" in name and "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    loss, grads = _loss_and_grads(model, ids)
+    with model.disable_adapter(), torch.no_grad():
+        switched_off = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+
+    base = load_base(cfg, torch.device("cpu"))
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+    torch.testing.assert_close(switched_off, base_logits, rtol=0, atol=1e-6)
+    dequantize_experts(base)
+    peft = PeftModel.from_pretrained(base, tmp_path / "adapter", is_trainable=True)
+    assert not any(isinstance(m, NF4ExpertsMixin) for m in peft.modules())
+    peft_loss, peft_grads = _loss_and_grads(peft, ids)
+    torch.testing.assert_close(loss, peft_loss, rtol=0, atol=1e-5)
+    assert grads.keys() == peft_grads.keys() and len(grads) == LAYERS * 4
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, peft_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+    dense = load_base(cfg, torch.device("cpu"), quantized=False)  # the 16-bit model: PEFT loads it unchanged
+    loaded = PeftModel.from_pretrained(dense, tmp_path / "adapter")
+    wrapped = [m.parameter_name for m in loaded.modules() if type(m).__name__ == "ParamWrapper"]
+    assert sorted(wrapped) == sorted(["gate_up_proj", "down_proj", "weight"] * LAYERS)  # experts and routers
