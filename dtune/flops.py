@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dtune.moe import expert_shapes, is_fused_experts
+
 # Dense (no sparsity) bf16/fp16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name(); the first
 # match wins, so the specific names come first. From the vendors' datasheets.
 PEAK_FLOPS_16BIT = (
@@ -59,20 +61,30 @@ class FlopCounts:
 
     @classmethod
     def of(cls, model: nn.Module) -> FlopCounts:
-        """From a (PEFT-wrapped) model, real or on the meta device."""
+        """From a (PEFT-wrapped) model, real or on the meta device. MoE experts count as active parameters: the
+        ``num_experts_per_tok`` experts (and their adapters' slices) a token is routed to."""
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         head = base.get_output_embeddings()
         config = base.config
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        top_k = getattr(text, "num_experts_per_tok", None) or 1
         base_linear = lora = 0
+        active: dict[int, float] = {}  # the adapters of MoE experts: a token runs top_k of the E experts' slices
+        for module in base.modules():
+            if is_fused_experts(module):  # MoE experts (3-D parameters, dense or NF4): top_k of them per token
+                base_linear += top_k * sum(n * k for _, n, k in expert_shapes(module).values())
+            experts = getattr(module, "num_experts", 1)
+            if isinstance(experts, int) and experts > 1 and hasattr(module, "lora_A"):  # PEFT's ParamWrapper
+                for linear in (*module.lora_A.values(), *module.lora_B.values()):
+                    active[id(linear)] = top_k / experts
         for module in base.modules():
             # nn.Linear covers bitsandbytes' 4-bit layers and LoRA's A/B (PEFT's wrapper around them is not one).
             if module is head or not isinstance(module, nn.Linear):
                 continue
             numel = module.in_features * module.out_features  # a 4-bit layer packs two weights per byte
             if module.weight.requires_grad:
-                lora += numel
+                lora += round(numel * active.get(id(module), 1.0))
             else:
                 base_linear += numel
         head_shape = getattr(head.weight, "ds_shape", head.weight.shape) if head is not None else (0, 0)  # ZeRO-3

@@ -55,6 +55,34 @@ def is_fused_experts(module: nn.Module) -> bool:
     return any(getattr(module._parameters.get(p), "dim", lambda: 0)() == 3 for p in EXPERT_PARAMS)
 
 
+def expert_shapes(module: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """(experts, out, in) of each expert tensor of a fused experts module, dense (the meta skeleton) or NF4."""
+    if isinstance(module, NF4ExpertsMixin):
+        return dict(module._dtune_nf4["shapes"])
+    return {p: tuple(module._parameters[p].shape) for p in EXPERT_PARAMS if p in module._parameters}
+
+
+EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")  # Qwen-MoE, Mixtral, DeepSeek names
+
+
+def fewer_experts(config: Any, keep: int = 16) -> Any:
+    """A copy of an MoE text config with ``keep`` experts (at least twice ``num_experts_per_tok``), for probes of a
+    layer's activation bytes: per token those do not depend on the expert count (tokens x top-k rows go through the
+    grouped matmuls whatever E is), except the router's E logits (fp32, a few bytes a token). ``config`` itself when
+    it has fewer experts, or none."""
+    import copy
+
+    top_k = getattr(config, "num_experts_per_tok", None) or 1
+    keep = max(keep, 2 * top_k)
+    names = [n for n in EXPERT_COUNTS if isinstance(getattr(config, n, None), int) and getattr(config, n) > keep]
+    if not names:
+        return config
+    smaller = copy.deepcopy(config)
+    for name in names:
+        setattr(smaller, name, keep)
+    return smaller
+
+
 def _check_layout(name: str, module: nn.Module) -> None:
     odd = [
         flag

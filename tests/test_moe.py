@@ -86,7 +86,9 @@ def _loss_and_grads(model, ids):
     model.zero_grad()
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    grads = {n.replace("default.", ""): p.grad.clone() for n, p in model.named_parameters() if "experts" in n and p.grad is not None}
+    grads = {
+        n.replace("default.", ""): p.grad.clone() for n, p in model.named_parameters() if "experts" in n and p.grad is not None
+    }
     return loss.detach(), grads
 
 
@@ -159,3 +161,48 @@ def test_moe_qlora_on_two_sharded_ranks_matches_one_rank_and_resumes(family_dir,
     run_ok([*cmd, f"hydra.run.dir={resumed}"], tmp_path)
     assert json.loads((resumed / "results.json").read_text())["resumed_from_step"] == 2
     assert_same_run(resumed, alone, resumed_at=2, abs_tol=tol)
+
+
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "tie_word_embeddings": False,
+}
+"""Qwen3-30B-A3B's shape (its config.json, the fields that size it)."""
+
+
+def test_a_30b_a3b_is_planned_from_its_config_with_4bit_experts(tmp_path: Path):
+    """From config.json alone: the 48 x 128 x 3 expert matrices are 4-bit, each expert quantized on its own (nibbles,
+    a uint8 scale per 64 weights, an fp32 second-level scale per 256 blocks and an offset per expert); FLOPs count the
+    8 routed experts of a token (Qwen's "3.3B activated"), not the 128."""
+    import json
+
+    from dtune.flops import FlopCounts
+    from dtune.plan.shape import parameter_bytes, skeleton
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
+    cfg = compose_config([f"model.name_or_path={tmp_path}", "train.precision=bf16"])
+    model, _ = skeleton(cfg)
+    planned = parameter_bytes(cfg, model)
+    gate_up, down = 1536 * 2048, 2048 * 768  # weights of one expert's matrices
+    experts = 48 * 128 * (gate_up + down) // 2 + 48 * 128 * (
+        gate_up // 64 + 4 * -(-gate_up // 64 // 256) + 4 + down // 64 + 4 * -(-down // 64 // 256) + 4
+    )
+    attention = 48 * 2048 * (4096 + 512 + 512) + 48 * 4096 * 2048  # q, k, v, o
+    attention_bytes = attention // 2 + attention // 64 + 4 * 48 * 4 * 2  # + their constants, roughly
+    assert planned["base_4bit"] == pytest.approx(experts + attention_bytes, rel=1e-3)
+    assert planned["base_4bit"] < 16e9  # vs 61 GB of bf16 weights
+    flops = FlopCounts.of(model.requires_grad_(False))  # the frozen base, no adapters
+    active = flops.base_linear + flops.head + 151936 * 2048  # + the embeddings
+    assert active == pytest.approx(3.3e9, rel=0.02)
+    assert flops.base_linear == attention + 48 * 8 * (gate_up + down)

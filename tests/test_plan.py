@@ -13,6 +13,7 @@ import torch
 from dtune.loss import CompletionLoss
 from dtune.model import build_model
 from dtune.plan import VALIDATION_GRID, fit, make_plan, measure
+from dtune.plan.shape import parameter_bytes, skeleton
 from dtune.units import GiB, parse_bytes
 from tests.families import FAMILIES
 from tests.helpers import ENV, SMOKE, compose_config
@@ -63,12 +64,16 @@ def test_every_family_is_planned_with_the_adapters_peft_makes(family_dir, name: 
     model = build_model(cfg, torch.device("cpu"))  # the adapters and the frozen base a run trains
     assert plan.extra["lora_params"] == model.get_nb_trainable_parameters()[0]
     seen: set[int] = set()
-    other = 0
-    for p in model.parameters():
-        if id(p) not in seen and not p.requires_grad and type(p).__name__ != "Params4bit":
+    other = packed = 0
+    for param_name, p in model.named_parameters():
+        if id(p) not in seen and not p.requires_grad:
             seen.add(id(p))
-            other += p.numel() * p.element_size()
-    assert plan.components["base (other)"] == other  # embeddings (tied or not), norms, biases, experts: bf16
+            four_bit = type(p).__name__ == "Params4bit" or param_name.endswith("_nf4")  # linear layers; MoE experts
+            packed += p.numel() * p.element_size() if four_bit else 0
+            other += 0 if four_bit else p.numel() * p.element_size()
+    assert plan.components["base (other)"] == other  # embeddings (tied or not), norms, biases, routers: bf16
+    planned = parameter_bytes(cfg, skeleton(cfg)[0])
+    assert planned["base_4bit"] - planned["base_4bit_constants"] == packed  # the experts' packed bytes included
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -76,8 +81,6 @@ def test_the_frozen_base_keeps_the_compute_dtype_and_its_bytes_are_planned(preci
     """Not PEFT's fp32 upcast: embeddings, norms and head of a 4-bit base stay in the compute dtype, and the residual
     stream is still fp32 (the embeddings' output is cast), as are the logits the loss takes. The plan counts the
     frozen bytes the built model holds: the packed weights (their constants are no parameters) and the rest."""
-    from dtune.plan.shape import parameter_bytes, skeleton
-
     cfg = compose_config([*SMOKE, f"train.precision={precision}"])
     model = build_model(cfg, torch.device("cpu"))
     compute = torch.bfloat16 if precision == "bf16" else torch.float16

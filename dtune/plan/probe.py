@@ -17,6 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from dtune.errors import ConfigError
+from dtune.moe import fewer_experts, prepare_experts
+from dtune.moe_peft import adopt_expert_adapters, peft_view
 from dtune.plan.shape import adapted, decoder_layers
 from dtune.schema import DtuneConfig
 from dtune.units import DTYPES
@@ -77,7 +79,12 @@ def probe_activations(cfg: DtuneConfig, model: nn.Module, config: Any) -> dict[s
     lora = adapted(cfg, model)[1]
     kinds = layer_kinds(text)
     with torch.random.fork_rng(devices=[]):  # the caller's random streams (rank 0's dropout) stay as they were
-        probes = [(n, _probe(layer_cls, index, text, rotary_cls, lora, dtype, quantized)) for index, n in kinds.items()]
+        experts = quantized and cfg.quant.quant_type == "nf4" and cfg.quant.experts
+        probed = fewer_experts(text)  # an MoE layer probed with 16 experts: per token, its activations are the same
+        probes = [
+            (n, _probe(layer_cls, index, probed, rotary_cls, lora, dtype, quantized, experts, cfg.quant.double_quant))
+            for index, n in kinds.items()
+        ]
     return {
         "saved_per_token": sum(n * probe["saved_per_token"] for n, probe in probes) / sum(kinds.values()),
         "backward_peak_per_token": max(probe["backward_peak_per_token"] for _, probe in probes),
@@ -101,7 +108,15 @@ def _position_embeddings(rotary: nn.Module, hidden: torch.Tensor, position_ids: 
 
 
 def _probe(
-    layer_cls: type, index: int, text: Any, rotary_cls: type, lora: LoraConfig | None, dtype: torch.dtype, quantized: bool
+    layer_cls: type,
+    index: int,
+    text: Any,
+    rotary_cls: type,
+    lora: LoraConfig | None,
+    dtype: torch.dtype,
+    quantized: bool,
+    experts: bool = False,
+    double_quant: bool = True,
 ) -> dict[str, float]:
     torch.manual_seed(0)
     with torch.device("meta"):  # allocate without initialising (a 70B layer has 0.9B weights), then fill
@@ -114,12 +129,15 @@ def _probe(
     for module in list(layer.modules()):
         if quantized and type(module) is nn.Linear:  # 4-bit layers return their input's dtype, as bitsandbytes' do
             module.__class__ = _Linear4bitStandIn
+    if experts:  # MoE experts as training holds them: NF4 per expert, the grouped forward (dtune.moe)
+        prepare_experts(layer, dtype, double_quant, triton=False)
     for p in layer.parameters():
         p.requires_grad_(False)  # in the compute dtype, as freeze_as_trained leaves them
     if lora is not None:
-        with warnings.catch_warnings():  # PEFT's notes on patterns that name modules of other layers
+        with warnings.catch_warnings(), peft_view(layer):  # PEFT's notes on patterns that name modules of other layers
             warnings.simplefilter("ignore")
             layer = inject_adapter_in_model(copy.deepcopy(lora), layer)
+        adopt_expert_adapters(layer)
     for name, p in layer.named_parameters():
         if "lora_" in name:
             p.data = p.data.float()
@@ -152,7 +170,11 @@ def _probe(
         return saved, live.peak - before
 
     (s1, p1), (s2, p2) = run(32), run(96)
-    return {"saved_per_token": (s2 - s1) / 64, "backward_peak_per_token": (p2 - p1) / 64}
+    saved = (s2 - s1) / 64
+    # Backward starts with everything saved alive, so its peak per token is at least that. The slope of the peaks can
+    # come out below it when a transient of fixed size (an MoE expert dequantized in backward) sets the short run's
+    # peak and not the long one's.
+    return {"saved_per_token": saved, "backward_peak_per_token": max((p2 - p1) / 64, saved)}
 
 
 class _Linear4bitStandIn(nn.Linear):

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from dtune.errors import ConfigError
 from dtune.lora import layer_projections, lora_config
 from dtune.model import model_dir
+from dtune.moe import expert_shapes, is_fused_experts
 from dtune.schema import DtuneConfig
 
 BLOCK = 64  # bitsandbytes 4-bit block size
@@ -84,6 +85,15 @@ def _quantized_bytes(numel: int, double_quant: bool) -> tuple[int, int]:
     return packed, 4 * blocks
 
 
+def _expert_bytes(experts: int, numel: int, double_quant: bool) -> tuple[int, int]:
+    """Bytes of ``experts`` weights of ``numel`` elements each quantized on its own (dtune.kernels.nf4_grouped's
+    NF4Experts): (packed nibbles per expert, every quantization constant: per expert, plus the shared maps)."""
+    blocks = math.ceil(numel / BLOCK)
+    if double_quant:  # uint8 absmax, fp32 absmax2 per 256 blocks and an offset each; code2 (256) and code (16) shared
+        return math.ceil(numel / 2), experts * (blocks + 4 * math.ceil(blocks / 256) + 4) + 4 * (256 + 16)
+    return math.ceil(numel / 2), experts * (4 * blocks + 8) + 4 * (1 + 16)
+
+
 def parameter_bytes(cfg: DtuneConfig, model: nn.Module) -> dict[str, int]:
     """Bytes of the 4-bit packed base (``base_4bit``, of which ``base_4bit_constants`` are its quantization constants:
     no parameters, so FSDP2 neither shards nor offloads them), of the other base parameters, and the adapters'
@@ -106,8 +116,19 @@ def parameter_bytes(cfg: DtuneConfig, model: nn.Module) -> dict[str, int]:
     layers = decoder_layers(model)
     first_layer = {id(p) for p in layers[0].parameters()} if layers else set()
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    experts_4bit = quantize and cfg.quant.quant_type == "nf4" and cfg.quant.experts
     for module in model.modules():
-        if isinstance(module, nn.Linear):
+        if experts_4bit and is_fused_experts(module):  # NF4 per expert (dtune.moe): packed params, constants buffers
+            for name, (experts, n, k) in expert_shapes(module).items():
+                packed, constants = _expert_bytes(experts, n * k, cfg.quant.double_quant)
+                out["base_4bit"] += experts * packed + constants
+                out["base_4bit_constants"] += constants
+                out["largest_linear"] = max(out["largest_linear"], n * k)  # bitsandbytes' way: one expert at a time
+                param = module._parameters[name]
+                if id(param) in first_layer:
+                    out["layer_base"] += experts * packed + constants
+                seen.add(id(param))
+        elif isinstance(module, nn.Linear):
             numel = module.in_features * module.out_features
             if quantize and module is not head:
                 packed, constants = _quantized_bytes(numel, cfg.quant.double_quant)
