@@ -23,6 +23,7 @@ from dtune.lora import (
     gather_dora_layers_whole,
     init_loftq,
     layer_projections,
+    load_init_adapter,
     lora_config,
     token_rows,
     warn_partial_targets,
@@ -243,88 +244,6 @@ def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
         model.peft_config["default"].base_model_name_or_path, model.peft_config["default"].revision = recorded
     warn_partial_targets(cfg.lora.target_modules, projections, model.base_model.targeted_module_names, type(base).__name__)
     return model
-
-
-# Adapter settings that must agree for an adapter's tensors to be the starting point of this run's adapter.
-_ADAPTER_FIELDS = (
-    "r",
-    "lora_alpha",
-    "use_dora",
-    "use_rslora",
-    "bias",
-    "rank_pattern",
-    "alpha_pattern",
-    "layers_to_transform",
-    "modules_to_save",
-    "trainable_token_indices",
-)
-
-
-def adapter_folder(path: str | Path) -> Path:
-    """The PEFT adapter folder ``path`` names: the folder itself, or a run's ``adapter/``. Raises ConfigError."""
-    folder = Path(path)
-    if (folder / "adapter" / "adapter_config.json").is_file():
-        folder = folder / "adapter"
-    if not (folder / "adapter_config.json").is_file() or not (folder / "adapter_model.safetensors").is_file():
-        raise ConfigError(f"train.init_adapter: {path} holds no PEFT adapter (adapter_config.json, adapter_model.safetensors)")
-    return folder
-
-
-def load_init_adapter(model: nn.Module, path: str | Path) -> None:
-    """Start the run's adapter (PEFT's ``default``) from the trained adapter at ``path`` (an adapter folder or a run):
-    its tensors, every one, into the adapter this run's lora.* settings made. Raises ConfigError naming the settings
-    that differ (the adapter was trained with other lora.*) or the tensors that do not fit."""
-    from peft import LoraConfig, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    folder = adapter_folder(path)
-    saved, mine = LoraConfig.from_pretrained(str(folder)), model.peft_config["default"]
-    init = saved.init_lora_weights
-    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
-        raise ConfigError(
-            f"train.init_adapter: {folder} was initialised with {init}, which changes the base it adapts; start from an "
-            "adapter of the plain base (or from `dtune merge`'s model as model.name_or_path)"
-        )
-    if any(hasattr(p, "ds_id") for p in model.parameters() if p.requires_grad):
-        raise ConfigError("train.init_adapter: not under ZeRO-3 (its adapter tensors are partitioned at load); use fsdp2")
-    differ = [
-        f"{name}: {getattr(saved, name)!r} there, {getattr(mine, name)!r} here"
-        for name in _ADAPTER_FIELDS
-        if _normal(getattr(saved, name, None)) != _normal(getattr(mine, name, None))
-    ]
-    if _targets(saved.target_modules) != _targets(mine.target_modules):
-        differ.append(f"target_modules: {sorted(saved.target_modules or [])} there, {sorted(mine.target_modules or [])} here")
-    if differ:
-        raise ConfigError(
-            f"train.init_adapter: {folder} was trained with other adapter settings; set lora.* to its own ("
-            + "; ".join(differ)
-            + ")"
-        )
-    state = load_file(str(folder / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, state)
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    trained = ("lora_", "modules_to_save", "trainable_tokens")
-    missing = [k for k in getattr(result, "missing_keys", []) or [] if any(t in k for t in trained)]
-    if unexpected or missing:
-        raise ConfigError(
-            f"train.init_adapter: {folder}'s tensors do not fit this model ({len(unexpected)} unknown, e.g. "
-            f"{unexpected[:2]}; {len(missing)} missing, e.g. {missing[:2]}): another base?"
-        )
-    log.info("train.init_adapter: the adapter starts from %s (%d tensors)", folder, len(state))
-
-
-def _targets(value: Any) -> Any:
-    """target_modules compared: a regular expression as itself, a list as a set."""
-    return value if isinstance(value, str) else set(value or [])
-
-
-def _normal(value: Any) -> Any:
-    """A LoraConfig value compared across versions: empty containers as None, sets as sorted lists."""
-    if value in (None, [], {}, ()):
-        return None
-    if isinstance(value, set | frozenset | tuple):
-        return sorted(value)
-    return value
 
 
 def build_model(cfg: DtuneConfig, device: torch.device | None) -> nn.Module:

@@ -27,7 +27,7 @@ import torch
 from dtune.data.batching import collate
 from dtune.data.examples import TokenizedSet
 from dtune.distributed.engine import Engine
-from dtune.model import adapter_folder
+from dtune.lora import adapter_folder
 from dtune.schema import DtuneConfig
 
 log = logging.getLogger("dtune")

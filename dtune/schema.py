@@ -161,9 +161,7 @@ class QuantConfig:
     the matmul's epilogue, forward and input gradient) instead of as PEFT's separate matmuls and adds. Layers with
     LoRA dropout (lora.dropout > 0), DoRA or adapter biases keep PEFT's path."""
     experts: bool = True
-    """Mixture-of-experts bases: quantize the fused expert tensors to NF4 too, per expert, as they load (without it
-    they stay in the compute dtype: most of the model). Their matmuls follow ``kernel``: dtune's grouped NF4 kernel
-    (triton) or per-expert dequantize + matmul (bnb)."""
+    """MoE bases: the fused experts in NF4 too, per expert, as they load (false: compute dtype); matmuls per kernel."""
 
 
 @dataclass

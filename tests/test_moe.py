@@ -49,12 +49,15 @@ def test_experts_quantize_as_they_load_one_layer_at_a_time(moe_dir, tmp_path, mo
     most one layer's 16-bit expert tensors are alive when one is quantized; the logits are those of the same model
     with the experts dequantized (what bitsandbytes would compute)."""
     alive: list[int] = []
+    shapes = {(EXPERTS, 2 * MOE_INTERMEDIATE, HIDDEN), (EXPERTS, HIDDEN, MOE_INTERMEDIATE)}  # gate_up, down
     quantize = NF4Experts.quantize.__func__
 
     def counting(cls, weight, *args, **kwargs):
-        dense = [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.dim() == 3 and not t.is_meta]
-        alive.append(len({t.untyped_storage().data_ptr() for t in dense if t.shape[0] == EXPERTS}))
+        dense = [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and not t.is_meta and tuple(t.shape) in shapes]
+        alive.append(len({t.untyped_storage().data_ptr() for t in dense}))
         return quantize(cls, weight, *args, **kwargs)
+
+    gc.collect()
 
     monkeypatch.setattr(NF4Experts, "quantize", classmethod(counting))
     model = load_base(moe_cfg(moe_dir, tmp_path), torch.device("cpu"), training=False)
