@@ -172,7 +172,7 @@ def test_rehearsal_runs_every_stage_of_the_gpu_check(tmp_path: Path):
     env["DTUNE_CACHE"] = str(tmp_path / "cache")
     # The dry run's own budget (stages' limits x 8 for the interpreter) stays inside the test's limit.
     code, output = run_bounded(
-        ["bash", "kernels/gpu/rehearse.sh", str(out), "--budget", "180", "--only", "env,tests,shard,nf4,plan"],
+        ["bash", "kernels/gpu/rehearse.sh", str(out), "--budget", "180", "--only", "env,tests,shard,nf4,moe,plan"],
         2400,
         env=env,
         cwd=REPO,
@@ -180,7 +180,7 @@ def test_rehearsal_runs_every_stage_of_the_gpu_check(tmp_path: Path):
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     stages = {name: s["status"] for name, s in results.get("stages", {}).items()}
     assert code == 0, f"{stages}\n{output[-6000:]}"
-    assert stages == dict.fromkeys(["env", "tests", "shard", "nf4", "plan"], "pass")
+    assert stages == dict.fromkeys(["env", "tests", "shard", "nf4", "moe", "plan"], "pass")
     env_info = results["env"]
     assert env_info["versions"]["triton"] == "3.6.0" and env_info["versions"]["transformers"] == "5.17.0"
     assert not env_info["import_failures"] and not env_info["missing_packages"]

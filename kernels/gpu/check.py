@@ -8,10 +8,13 @@ Stages, in order (a stage that fails or runs out of time does not stop the next;
 
     env      device, driver, every version; every dtune module imports (a missing wheel fails here)
     tests    the CUDA test subset: NF4 kernels bit-exact and matmul/GEMV/LoRA-fused vs references, the custom
-             ops (opcheck), QLoRA steps through quant.kernel=bnb/triton and fuse_lora equal, packing via SDPA
+             ops (opcheck), QLoRA steps through quant.kernel=bnb/triton and fuse_lora equal, packing via SDPA,
+             the grouped MoE kernel, and MoE experts quantized while this transformers loads them
     shard    FSDP2 and ZeRO-3 on one rank: the packed NF4 bytes each layer computes with equal the loaded ones
              at every forward (kernels/gpu/shard_check.py), and the steps train
     nf4      kernels/bench_nf4.py at 4096->11008 and 11008->4096 (1 and 4096 tokens) and 8192->28672 (Llama 70B)
+    moe      kernels/bench_moe.py: Qwen3-30B-A3B's experts (128, top-8), grouped NF4 kernel vs bf16 grouped matmul vs
+             bitsandbytes' dequantize + matmul per expert, forward and input gradient, 512 to 16384 tokens
     train    kernels/bench_train.py on a Llama-3.2-1B-shaped model: engines and kernel choices beside HF Trainer
     plan     dtune plan --validate: predicted vs max_memory_allocated on the same shapes
 
@@ -220,12 +223,17 @@ def build_stages(args: argparse.Namespace, work: Path, py: str) -> list[Stage]:
         "tests/test_kernels.py",
         "tests/test_packing.py",
         "tests/test_adapters.py::test_loftq_starts_the_4bit_model_nearer_the_16bit_one",
+        "tests/test_moe_kernels.py",
+        "tests/test_moe.py",  # its CPU tests: experts quantized while transformers loads (this version's loader)
     ]
     pytest = [py, "-m", "pytest", *tests, "-p", "no:cacheprovider", "-v", "-rfE", f"--junitxml={args.out / 'tests.xml'}"]
+    # test_moe.py's 2-rank runs on CPU processes are the CPU suite's
+    pytest += ["--deselect", "tests/test_moe.py::test_moe_qlora_on_two_sharded_ranks_matches_one_rank_and_resumes"]
     if args.tests_k:
         pytest += ["-k", args.tests_k]
     elif dry:  # the interpreter is slow: one test of each kind; the fused layers, not a fine-tune through them
         pytest += ["-k", "bit_exact and dtype1 and storage1 and shape0 or opcheck or fused_lora_layer or packed_row"]
+        pytest[-1] += " or grouped_matmul and shape0 and dtype1 or one_layer_at_a_time or pefts_lora and bnb"
     if not dry and importlib.util.find_spec("xdist"):
         pytest += ["-n", "8"]  # the first launch of every kernel config compiles: 16 cores share that
     model = "builtin:tiny-llama" if dry else "builtin:shape-llama-1b"
@@ -243,6 +251,7 @@ def build_stages(args: argparse.Namespace, work: Path, py: str) -> list[Stage]:
     shard_cmds += [[*shard("zero3", 29761), *shard_overrides]]
     if dry:
         nf4 = [[py, "kernels/bench_nf4.py", "--smoke", "--out", str(work / "nf4.json")]]
+        moe = [py, "kernels/bench_moe.py", "--smoke", "--out", str(work / "moe.json")]
         # (FSDP2 under these versions: the shard stage; tests/test_bench.py runs the harness's engines on CPU)
         train = [py, "kernels/bench_train.py", "--smoke", "--engines", "ddp", "--kernels", "bnb,triton"]
         train += ["--out", str(work / "train.json")]
@@ -256,6 +265,8 @@ def build_stages(args: argparse.Namespace, work: Path, py: str) -> list[Stage]:
             nf4 += [
                 [py, "kernels/bench_nf4.py", "--shapes", *more, *timing, "--lora-ranks", "--out", str(work / "nf4-more.json")]
             ]
+        moe = [py, "kernels/bench_moe.py", "--tokens", "512", "4096", "16384", "--reps", "10", "--warmup", "3"]
+        moe += ["--out", str(work / "moe.json")]
         train = [py, "kernels/bench_train.py", "--model", model, "--steps", "8", "--warmup", "3", "--micro", "4", "--seq", "1024"]
         train += [
             "--timeout",
@@ -283,6 +294,7 @@ def build_stages(args: argparse.Namespace, work: Path, py: str) -> list[Stage]:
             "shard", 90, "FSDP2 + ZeRO-3 on one rank: packed NF4 bytes unchanged, steps train", shard_cmds, caps=[25, 45, None]
         ),
         Stage("nf4", 80, "bench_nf4: 4096x11008 @ 1/4096 tokens + LoRA r16, then 70B 8192x28672", nf4, caps=[55, None]),
+        Stage("moe", 45, "bench_moe: Qwen3-30B-A3B experts, grouped NF4 vs bf16 grouped vs bnb per expert", [moe]),
         Stage("train", 120, "bench_train: 1B-shaped QLoRA, kernel paths beside HF Trainer", [train]),
         Stage("plan", 40, "dtune plan --validate: predicted vs measured peak", [plan]),
     ]
@@ -313,6 +325,9 @@ def _figures_of(stage: Stage, work: Path, output: str, out_dir: Path) -> dict[st
     if stage.name == "nf4":  # written after every shape: a stage cut short keeps the shapes it finished
         data, more = read_json(work / "nf4.json"), read_json(work / "nf4-more.json")
         return {"targets": (data or {}).get("targets"), "raw": data, "raw_more_shapes": more} if data or more else {}
+    if stage.name == "moe":
+        data = read_json(work / "moe.json")
+        return {"rows": data["rows"], "shape": data["shape"], "grouped_bf16": data["grouped_bf16"]} if data else {}
     if stage.name == "train":
         data = read_json(work / "train.json")
         rows = data["rows"] if data else [r for r in json_lines(output) if "engine" in r]
@@ -355,6 +370,12 @@ def key_figures(stage: Stage) -> str:
             )
         if stage.name == "nf4" and f.get("targets"):
             return "; ".join(str(t) for t in f["targets"])[:300]
+        if stage.name == "moe" and f.get("rows"):
+            return "; ".join(
+                f"{r['projection']} {r['tokens']}: nf4 {r['forward_nf4_ms']:.2f} ms, bnb/nf4 {r['forward_bnb_over_nf4']:.1f}x, "
+                f"nf4/bf16 {r['forward_nf4_over_bf16']:.2f}x"
+                for r in f["rows"]
+            )[:300]
         if stage.name == "train":
             return "; ".join(
                 f"{r['engine']} {r['tokens_per_s']:,.0f} tok/s {r['peak_memory_bytes'] / 2**30:.1f} GiB"
