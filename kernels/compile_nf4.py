@@ -55,8 +55,8 @@ def cases() -> list[dict[str, Any]]:
     from importlib import import_module
 
     # The modules, not the functions of the same names that dtune.kernels exports.
-    nf4_dequantize, nf4_gemv, nf4_matmul = (
-        import_module(f"dtune.kernels.{m}") for m in ("nf4_dequantize", "nf4_gemv", "nf4_matmul")
+    nf4_dequantize, nf4_gemv, nf4_matmul, nf4_grouped = (
+        import_module(f"dtune.kernels.{m}") for m in ("nf4_dequantize", "nf4_gemv", "nf4_matmul", "nf4_grouped")
     )
 
     out = []
@@ -100,6 +100,33 @@ def cases() -> list[dict[str, Any]]:
                         },
                     }
                 )
+        for grad_input in (False, True):  # MoE experts: the grouped kernel, each row-tile height it launches with
+            for block_m in (16, 32, 64, 128) if dname == "bf16" else (64,):
+                for aligned in (True, False) if dname == "bf16" and block_m == 64 else (True,):
+                    out.append(
+                        {
+                            "name": f"nf4_grouped{'_grad_input' if grad_input else ''} {dname} BLOCK_M {block_m}"
+                            + ("" if aligned else " ragged K"),
+                            "kernel": nf4_grouped._nf4_grouped_kernel,
+                            "ptrs": {
+                                "in_ptr": f"*{ptr}",
+                                **NF4_PTRS,
+                                "offsets_ptr": "*i32",
+                                "tile_expert_ptr": "*i32",
+                                "tile_first_ptr": "*i32",
+                                "out_ptr": f"*{ptr}",
+                            },
+                            "const": {
+                                **LAYOUT,
+                                "GRAD_INPUT": grad_input,
+                                "ALIGNED": aligned,
+                                "X_DTYPE": tl_dtype,
+                                "DOT_FP32": False,
+                                "RNE_BF16": False,
+                                "BLOCK_M": block_m,
+                            },
+                        }
+                    )
         for m_pad in nf4_gemv.M_BUCKETS:
             out.append(
                 {

@@ -417,8 +417,8 @@ def test_benchmark_harness_runs_end_to_end(tmp_path: Path):
 @pytest.mark.integration
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the kernels compile and run for real above")
 def test_kernels_compile_for_hopper_without_spills(tmp_path: Path):
-    """The interpreter accepts code the GPU compiler rejects: compile the training, LoRA, decode and dequantize
-    kernels with Triton's CUDA backend for sm_90 (no GPU needed) and require no spills and a launchable config."""
+    """The interpreter accepts code the GPU compiler rejects: compile the training, LoRA, decode, dequantize and
+    grouped (MoE) kernels with Triton's CUDA backend for sm_90 (no GPU needed) and require no spills and a launchable config."""
     import json
     import subprocess
     import sys
@@ -432,5 +432,6 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path: Path):
     result = json.loads(out.read_text())
     kinds = {r["kernel"] for r in result["compiled"]}
     assert {"nf4_dequantize bf16", "nf4_matmul bf16", "nf4_matmul_grad_input bf16 +LoRA r16", "nf4_gemv bf16 rows<=1"} <= kinds
+    assert {"nf4_grouped bf16 BLOCK_M 16", "nf4_grouped_grad_input bf16 BLOCK_M 128"} <= kinds  # MoE experts
     assert not result["failures"]
     assert all(r["launches"] and r["spill_bytes"] == 0 and r["registers"] > 0 for r in result["compiled"])
