@@ -16,28 +16,34 @@ from tests.helpers import compose_config, tiny_overrides
 LAYERS, EXPERTS, HIDDEN, MOE_INTERMEDIATE = 4, 8, 64, 32
 
 
-@pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory) -> Path:
-    """A tiny random Qwen3-MoE of 4 layers x 8 experts, saved as transformers saves it (per-expert tensors)."""
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+def _save_moe(out: Path, family: str) -> Path:
+    from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, Qwen3MoeConfig
 
-    config = Qwen3MoeConfig(
-        vocab_size=128,
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        moe_intermediate_size=MOE_INTERMEDIATE,
-        num_experts=EXPERTS,
-        num_experts_per_tok=2,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        tie_word_embeddings=False,
-    )
+    common = {
+        "vocab_size": 128,
+        "hidden_size": HIDDEN,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "tie_word_embeddings": False,
+    }
+    if family == "qwen3_moe":
+        config = Qwen3MoeConfig(**common, intermediate_size=64, moe_intermediate_size=MOE_INTERMEDIATE, num_experts=EXPERTS)
+    elif family == "mixtral":
+        config = MixtralConfig(**common, intermediate_size=MOE_INTERMEDIATE, num_local_experts=EXPERTS)
+    else:
+        config = GptOssConfig(**common, intermediate_size=MOE_INTERMEDIATE, num_local_experts=EXPERTS)
     torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("moe")
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
+def moe_dir(request, tmp_path_factory) -> Path:
+    """A tiny random Qwen3-MoE or Mixtral of 4 layers x 8 experts, saved as transformers saves it."""
+    return _save_moe(tmp_path_factory.mktemp(request.param), request.param)
 
 
 def moe_cfg(moe_dir: Path, tmp_path: Path, *extra: str):
@@ -74,15 +80,25 @@ def test_experts_quantize_as_they_load_one_layer_at_a_time(moe_dir, tmp_path, mo
     with torch.no_grad():
         nf4 = model(ids).logits
         dequantize_experts(model)
-        assert not nf4_experts(model) and model.model.layers[0].mlp.experts.gate_up_proj.dim() == 3
+        assert not nf4_experts(model)
+        assert all(m.gate_up_proj.dim() == 3 for m in model.modules() if type(m).__name__.endswith("Experts"))
         dense = model(ids).logits
     torch.testing.assert_close(nf4, dense, rtol=0, atol=1e-5)
+
+
+def test_an_expert_layout_not_supported_is_refused_with_the_way_out(tmp_path):
+    """gpt-oss keeps its experts transposed, with biases: refused at load, naming quant.experts=false."""
+    from dtune.errors import ConfigError
+
+    model_dir = _save_moe(tmp_path / "gpt_oss", "gpt_oss")
+    with pytest.raises(ConfigError, match=r"transposed weights.*quant.experts=false keeps the experts in 16 bits"):
+        load_base(moe_cfg(model_dir, tmp_path, "model.attn_implementation=eager"), torch.device("cpu"))
 
 
 def test_quant_experts_false_keeps_them_dense(moe_dir, tmp_path):
     model = load_base(moe_cfg(moe_dir, tmp_path, "quant.experts=false"), torch.device("cpu"))
     assert not nf4_experts(model)
-    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.float32
+    assert all(m.gate_up_proj.dtype == torch.float32 for m in model.modules() if type(m).__name__.endswith("Experts"))
 
 
 def _loss_and_grads(model, ids):
