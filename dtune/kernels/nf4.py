@@ -225,6 +225,56 @@ if HAS_TRITON:
         return tl.reshape(levels * scale[:, :, None], (rows.shape[0], BK))
 
     @triton.jit
+    def nf4_operand(
+        packed_ptr,
+        absmax_ptr,
+        absmax2_ptr,
+        code2_ptr,
+        offset_ptr,
+        code_ptr,
+        offs_a,
+        offs_b,
+        a0,
+        b0,
+        N,
+        K,
+        GRAD_INPUT: tl.constexpr,
+        ALIGNED: tl.constexpr,
+        BLOCK_A: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCKSIZE: tl.constexpr,
+        BLOCKSIZE2: tl.constexpr,
+        DOUBLE_QUANT: tl.constexpr,
+    ):
+        """fp32 [BLOCK_B, BLOCK_A] tile V[b, a] of the weight W [N, K] a matmul multiplies by: V = W^T forward
+        (a over N, b over K), V = W for the input gradient (a over K, b over N). ``a0``/``b0``: the tile's first a
+        and b. ALIGNED (whole quantization blocks per row): byte tiles (``nf4_tile``); else element by element."""
+        nf4 = (packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr)
+        if ALIGNED:
+            if GRAD_INPUT:
+                v = nf4_tile(*nf4, offs_b, a0, N, K, BLOCK_A, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+            else:
+                v = tl.trans(nf4_tile(*nf4, offs_a, b0, N, K, BLOCK_B, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT))
+        else:
+            A = K if GRAD_INPUT else N
+            B = N if GRAD_INPUT else K
+            idx = offs_b[:, None] * K + offs_a[None, :] if GRAD_INPUT else offs_a[None, :] * K + offs_b[:, None]
+            v = nf4_values(*nf4, idx, (offs_b[:, None] < B) & (offs_a[None, :] < A), BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+        return v
+
+    @triton.jit
+    def dot_nf4(acc, x, v, X_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, RNE_BF16: tl.constexpr):
+        """acc + x @ v, v a dequantized fp32 tile rounded to the activation dtype as bitsandbytes' weight is; in the
+        interpreter (DOT_FP32) both operands in fp32, its bf16 dot being wrong."""
+        if DOT_FP32:
+            acc += tl.dot(x.to(tl.float32), round_like(v, X_DTYPE, RNE_BF16), input_precision="ieee")
+        elif tl.float32 == X_DTYPE:
+            acc += tl.dot(x, v, input_precision="ieee")
+        else:
+            acc += tl.dot(x, v.to(X_DTYPE))
+        return acc
+
+    @triton.jit
     def round_to_bf16_bits(x):
         """fp32 -> bf16 with round-to-nearest-even, done on the bits (the interpreter's cast truncates)."""
         bits = x.to(tl.uint32, bitcast=True)

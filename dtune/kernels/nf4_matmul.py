@@ -34,7 +34,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from dtune.kernels.nf4 import autotune_candidates, cast_out, nf4_tile, nf4_values, round_like
+    from dtune.kernels.nf4 import autotune_candidates, cast_out, dot_nf4, nf4_operand
 
     def _configs(tiles: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
         if interpreting():  # one config (autotune cannot run here); the interpreter pays per program and K-step
@@ -128,20 +128,23 @@ if HAS_TRITON:
                 other=0.0,
             )
             # V[b, a] = W[n=b, k=a] for the input gradient, W[n=a, k=b] forward
-            if ALIGNED:  # whole quantization blocks per row: byte tiles, one scale per block
-                if GRAD_INPUT:
-                    v = nf4_tile(*nf4, offs_b, pid_a * BLOCK_A, N, K, BLOCK_A, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
-                else:
-                    v = tl.trans(nf4_tile(*nf4, offs_a, b0, N, K, BLOCK_B, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT))
-            else:  # ragged rows (K not a multiple of the block size): element by element
-                idx = offs_b[:, None] * K + offs_a[None, :] if GRAD_INPUT else offs_a[None, :] * K + offs_b[:, None]
-                v = nf4_values(*nf4, idx, (offs_b[:, None] < B) & (offs_a[None, :] < A), BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
-            if DOT_FP32:
-                acc += tl.dot(x.to(tl.float32), round_like(v, X_DTYPE, RNE_BF16), input_precision="ieee")
-            elif tl.float32 == X_DTYPE:
-                acc += tl.dot(x, v, input_precision="ieee")
-            else:
-                acc += tl.dot(x, v.to(X_DTYPE))
+            v = nf4_operand(
+                *nf4,
+                offs_a,
+                offs_b,
+                pid_a * BLOCK_A,
+                b0,
+                N,
+                K,
+                GRAD_INPUT,
+                ALIGNED,
+                BLOCK_A,
+                BLOCK_B,
+                BLOCKSIZE,
+                BLOCKSIZE2,
+                DOUBLE_QUANT,
+            )
+            acc = dot_nf4(acc, x, v, X_DTYPE, DOT_FP32, RNE_BF16)
         if R_PAD > 0:
             offs_r = tl.arange(0, R_PAD)
             u = tl.load(
