@@ -244,3 +244,22 @@ def test_a_30b_a3b_is_planned_from_its_config_with_4bit_experts(tmp_path: Path):
     active = flops.base_linear + flops.head + 151936 * 2048  # + the embeddings
     assert active == pytest.approx(3.3e9, rel=0.02)
     assert flops.base_linear == attention + 48 * 8 * (gate_up + down)
+
+
+def test_flops_count_the_routed_experts_and_their_adapter_slices(moe_dir, tmp_path):
+    """MFU's FLOPs: a token runs top-k of the E experts (base) and the same k/E of each expert adapter's rows."""
+    from dtune.flops import FlopCounts
+
+    model = build_model(moe_cfg(moe_dir, tmp_path), torch.device("cpu"))
+    expert_lora = other_lora = 0
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            if ".experts." in name:
+                expert_lora += param.numel()
+            else:
+                other_lora += param.numel()
+    flops = FlopCounts.of(model)
+    assert expert_lora > 0 and flops.lora == other_lora + expert_lora * 2 // EXPERTS
+    experts_per_token = LAYERS * 2 * (2 * MOE_INTERMEDIATE * HIDDEN + HIDDEN * MOE_INTERMEDIATE)
+    attention = LAYERS * (HIDDEN * 64 + 2 * HIDDEN * 32 + 64 * HIDDEN)  # q, k, v (2 kv heads x 16), o
+    assert flops.base_linear == experts_per_token + attention
