@@ -229,6 +229,11 @@ def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
             with peft_view(base):
                 model = get_peft_model(base, lora)
         except ValueError as err:  # PEFT: "Target modules {...} not found in the base model"
+            if "ParamWrapper does not work with" in str(err):  # LoRA on MoE experts (3-D parameters)
+                raise ConfigError(
+                    f"lora: the MoE experts take plain LoRA only ({err}); set lora.dropout=0 and lora.use_dora=false, "
+                    "or keep the experts out of the targets (lora=attn_only: lora.target_modules=[q_proj,k_proj,v_proj,o_proj])"
+                ) from None
             raise ConfigError(f"lora.target_modules: {err}") from None
     adopt_expert_adapters(model)
     check_modules_to_save(model, cfg.lora.modules_to_save)

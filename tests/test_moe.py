@@ -95,6 +95,14 @@ def test_an_expert_layout_not_supported_is_refused_with_the_way_out(tmp_path):
         load_base(moe_cfg(model_dir, tmp_path, "model.attn_implementation=eager"), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("variant", ["lora.dropout=0.1", "lora.use_dora=true"])
+def test_lora_variants_peft_cannot_put_on_experts_are_refused_with_the_way_out(moe_dir, tmp_path, variant):
+    from dtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"MoE experts take plain LoRA only.*lora.target_modules=\[q_proj"):
+        build_model(moe_cfg(moe_dir, tmp_path, variant), torch.device("cpu"))
+
+
 def test_quant_experts_false_keeps_them_dense(moe_dir, tmp_path):
     model = load_base(moe_cfg(moe_dir, tmp_path, "quant.experts=false"), torch.device("cpu"))
     assert not nf4_experts(model)
