@@ -105,19 +105,25 @@ def _check_layout(name: str, module: nn.Module) -> None:
 
 
 class _ExpertMatmul(torch.autograd.Function):
-    """y = grouped x @ dequant(W_e)^T; backward: grad_x = grouped grad_y @ dequant(W_e). W is frozen."""
+    """y = grouped x @ dequant(W_e)^T; backward: grad_x = grouped grad_y @ dequant(W_e). W is frozen.
+
+    The experts' packed weight is read from the module again in backward, not kept from forward: ZeRO-3 releases a
+    layer's gathered parameters after its forward and gathers them again for its backward (and FSDP2 reshards and
+    unshards them); a tensor kept from forward would hold every layer's gathered experts alive until backward."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, w: NF4Experts, offsets: torch.Tensor, triton: bool) -> torch.Tensor:
-        ctx.w, ctx.triton = w, triton
+    def forward(ctx: Any, x: torch.Tensor, experts: NF4ExpertsMixin, name: str, offsets: torch.Tensor) -> torch.Tensor:
+        ctx.experts, ctx.name = experts, name
         ctx.save_for_backward(offsets)
-        return (nf4_grouped_matmul if triton else nf4_grouped_matmul_ref)(x, w, offsets)
+        triton = experts._dtune_nf4["triton"]
+        return (nf4_grouped_matmul if triton else nf4_grouped_matmul_ref)(x, experts.nf4(name), offsets)
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple:
         (offsets,) = ctx.saved_tensors
-        grad = nf4_grouped_matmul_grad_input if ctx.triton else nf4_grouped_matmul_grad_input_ref
-        return grad(grad_y.contiguous(), ctx.w, offsets), None, None, None
+        experts = ctx.experts
+        grad = nf4_grouped_matmul_grad_input if experts._dtune_nf4["triton"] else nf4_grouped_matmul_grad_input_ref
+        return grad(grad_y.contiguous(), experts.nf4(ctx.name), offsets), None, None, None
 
 
 def grouped_dense(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -208,17 +214,17 @@ class NF4ExpertsMixin(nn.Module):
         """hidden_states [T, H], top_k_index / top_k_weights [T, k] -> [T, H] (hidden_states' dtype), as the eager
         experts forward of transformers computes it; ``lora``: adapters per projection name (:class:`NF4ExpertsLora`)."""
         lora = lora or {}
-        compute, triton = self._dtune_nf4["dtype"], self._dtune_nf4["triton"]
+        compute = self._dtune_nf4["dtype"]
         experts, k = self._dtune_nf4["shapes"]["down_proj"][0], top_k_index.shape[-1]
         order, offsets = group_by_expert(top_k_index, experts)
         token = order // k
         x = hidden_states.to(compute)[token]
-        gate_up = _ExpertMatmul.apply(x, self.nf4("gate_up_proj"), offsets, triton)
+        gate_up = _ExpertMatmul.apply(x, self, "gate_up_proj", offsets)
         for adapter in lora.get("gate_up_proj", []):
             gate_up = gate_up + lora_term(x, adapter, offsets)
         gate, up = gate_up.chunk(2, dim=-1)
         h = self.act_fn(gate) * up
-        out = _ExpertMatmul.apply(h, self.nf4("down_proj"), offsets, triton)
+        out = _ExpertMatmul.apply(h, self, "down_proj", offsets)
         for adapter in lora.get("down_proj", []):
             out = out + lora_term(h, adapter, offsets)
         out = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
