@@ -44,6 +44,7 @@ def assert_same_run(out: Path, single: Path, resumed_at: int = 0, abs_tol: float
 
 ENGINES = ["ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2", "fsdp2_offload"]
 RESUMED_UNDER = {"fsdp2_offload": "ddp"}  # across engines: the one whose optimizer states live on CPU shards -> DDP
+NOT_RESUMED = {"zero1"}  # DeepSpeed's stage-1 optimizer is its stage-2 one (checkpoints alike): zero2 resumes
 
 
 @pytest.mark.integration
@@ -69,6 +70,8 @@ def test_two_ranks_match_one_rank(tmp_path: Path, single: Path, engine: str):
 
     # Resumed from the 2-rank checkpoint of step 2 on one rank (2 micro-batches per step): the rest of the run is
     # the 1-rank run's. Optimizer states are saved whole and by name, whatever the strategy sharded.
+    if engine in NOT_RESUMED:
+        return
     resumed_under = RESUMED_UNDER.get(engine, engine)
     resumed = tmp_path / f"{engine}-resumed-on-1-{resumed_under}"
     checkpoint = out / "checkpoints" / "step-00000002"
