@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         "skew": args.skew,
         "grouped_bf16": "torch._grouped_mm" if device == "cuda" and hasattr(torch, "_grouped_mm") else "matmul per expert",
         "timing": {"reps": timer.reps, "warmup": timer.warmup, "statistic": "median"},
+        "autotune_configs": os.environ.get("DTUNE_NF4_AUTOTUNE_CONFIGS", "all"),
         "rows": [],
     }
     out = args.out or Path(__file__).parent / "results" / (
