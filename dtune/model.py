@@ -28,7 +28,7 @@ from dtune.lora import (
     token_rows,
     warn_partial_targets,
 )
-from dtune.moe import finish_experts, quantizing_experts
+from dtune.moe import finish_experts, is_fused_experts, quantizing_experts
 from dtune.moe_peft import adopt_expert_adapters, peft_view
 from dtune.quant import fuse_lora_layers, use_fused_kernels
 from dtune.schema import DtuneConfig
@@ -136,6 +136,8 @@ def load_base(
         raise DtuneError(f"{directory}: cannot load the base model ({err})") from None
     if experts and (layers := finish_experts(model)):
         log.info("quant.experts: the experts of %d MoE layers are NF4, per expert", layers)
+    elif quantized and cfg.quant.quant_type == "fp4" and any(is_fused_experts(m) for m in model.modules()):
+        log.warning("quant.quant_type=fp4: the MoE experts stay in %s (dtune quantizes experts to nf4 only)", compute)
     pin_cpu_4bit_layout(model)
     if cfg.model.add_tokens or cfg.model.add_special_tokens:
         grow_vocabulary(cfg, model)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dtune.errors import ConfigError
+from dtune.errors import ConfigError, DtuneError
 from dtune.kernels.nf4_grouped import (
     NF4Experts,
     group_by_expert,
@@ -96,6 +96,10 @@ def _check_layout(name: str, module: nn.Module) -> None:
         if bad
     ]
     missing = [p for p in EXPERT_PARAMS if p not in module._parameters]
+    if not hasattr(module, "is_transposed"):  # not described by transformers' experts interface: unknown semantics
+        odd.append("a class outside transformers' experts interface (use_experts_implementation)")
+    elif not missing and module._parameters[EXPERT_PARAMS[0]].shape[0] != module._parameters[EXPERT_PARAMS[1]].shape[0]:
+        odd.append("gate_up and down projections over different expert counts")
     if odd or missing:
         what = ", ".join(odd + [f"no {p}" for p in missing])
         raise ConfigError(
@@ -157,7 +161,10 @@ class NF4ExpertsMixin(nn.Module):
     _dtune_nf4: dict[str, Any]  # dtype (compute), double_quant, triton, shapes {name: (E, N, K)}, order (of names)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in EXPERT_PARAMS and isinstance(value, torch.Tensor) and value.dim() == 3 and not value.is_meta:
+        # What transformers' loader assigns from the checkpoint (flagged _is_hf_initialized); not the empty
+        # placeholders it puts where a checkpoint lacks a tensor (finish_experts refuses those).
+        loaded = isinstance(value, torch.Tensor) and getattr(value, "_is_hf_initialized", False)
+        if name in EXPERT_PARAMS and loaded and value.dim() == 3 and not value.is_meta:
             self.quantize_(name, value)
             return
         super().__setattr__(name, value)
@@ -173,30 +180,26 @@ class NF4ExpertsMixin(nn.Module):
         packed = nn.Parameter(q.packed.view(dtype), requires_grad=False)
         packed._is_hf_initialized = True
         super().__setattr__(f"{name}_nf4", packed)
-        for part in ("absmax", "absmax2", "offset"):
-            self.register_buffer(
-                f"{name}_{part}", getattr(q, part)
-            )  # persistent: transformers re-creates non-persistent buffers empty after loading
-        self.register_buffer("nf4_code", q.code)  # persistent: transformers re-creates non-persistent buffers empty after loading
-        self.register_buffer(
-            "nf4_code2", q.code2
-        )  # persistent: transformers re-creates non-persistent buffers empty after loading
+        # Buffers, persistent (transformers re-creates non-persistent ones empty after loading); fp32 ones held as
+        # int32 bits, which no module-wide cast to 16 bits (older DeepSpeed's module.bfloat16()) can round.
+        constants = {f"{name}_absmax": q.absmax, f"{name}_absmax2": q.absmax2, f"{name}_offset": q.offset}
+        for key, value in {**constants, "nf4_code": q.code, "nf4_code2": q.code2}.items():
+            self.register_buffer(key, value.view(torch.int32) if value.dtype == torch.float32 else value)
         settings["shapes"][name] = q.shape
         settings["blocksize2"] = q.blocksize2
-        if len(settings["shapes"]) == len(EXPERT_PARAMS):  # loaded: transformers must not initialise it
-            self._is_hf_initialized = True
 
     def nf4(self, name: str) -> NF4Experts:
         """Expert tensor ``name`` as the grouped kernels take it."""
         s = self._dtune_nf4
         shape = s["shapes"][name]
+        absmax = getattr(self, f"{name}_absmax")
         return NF4Experts(
             packed=getattr(self, f"{name}_nf4").data.view(torch.uint8).reshape(shape[0], -1),
-            absmax=getattr(self, f"{name}_absmax"),
-            absmax2=getattr(self, f"{name}_absmax2"),
-            code2=self.nf4_code2,
-            offset=getattr(self, f"{name}_offset"),
-            code=self.nf4_code,
+            absmax=absmax if absmax.dtype == torch.uint8 else absmax.view(torch.float32),
+            absmax2=getattr(self, f"{name}_absmax2").view(torch.float32),
+            code2=self.nf4_code2.view(torch.float32),
+            offset=getattr(self, f"{name}_offset").view(torch.float32),
+            code=self.nf4_code.view(torch.float32),
             shape=shape,
             blocksize=BLOCKSIZE,
             blocksize2=s["blocksize2"],
@@ -222,12 +225,11 @@ class NF4ExpertsMixin(nn.Module):
         gate_up = _ExpertMatmul.apply(x, self, "gate_up_proj", offsets)
         for adapter in lora.get("gate_up_proj", []):
             gate_up = gate_up + lora_term(x, adapter, offsets)
-        gate, up = gate_up.chunk(2, dim=-1)
-        h = self.act_fn(gate) * up
+        h = self._apply_gate(gate_up)  # the class's gating (transformers' default: act(gate) * up)
         out = _ExpertMatmul.apply(h, self, "down_proj", offsets)
         for adapter in lora.get("down_proj", []):
             out = out + lora_term(h, adapter, offsets)
-        out = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
+        out = out * top_k_weights.reshape(-1)[order, None]  # in the weights' dtype when wider (fp32 routers), as eager
         return torch.zeros_like(hidden_states).index_add_(0, token, out.to(hidden_states.dtype))
 
     def dequantize_(self, dtype: torch.dtype | None = None) -> None:
@@ -265,6 +267,7 @@ def prepare_experts(model: nn.Module, dtype: torch.dtype, double_quant: bool, tr
         order = [p for p in module._parameters if p in EXPERT_PARAMS]  # the class's: PEFT nests its wrappers by it
         module._dtune_nf4 = {"dtype": dtype, "double_quant": double_quant, "triton": triton, "shapes": {}, "blocksize2": 1}
         module._dtune_nf4["order"] = order
+        module._is_hf_initialized = True  # its tensors come from the checkpoint or nowhere (finish_experts checks)
         for param in EXPERT_PARAMS:
             value = module._parameters[param]
             if not value.is_meta:
@@ -294,16 +297,17 @@ def quantizing_experts(dtype: torch.dtype, double_quant: bool, triton: bool) -> 
 
 
 def finish_experts(model: nn.Module) -> int:
-    """After loading: quantize expert tensors that were not assigned while loading (initialised instead), and
-    refuse a module left without one. Returns how many NF4 experts modules the model has."""
+    """After loading: every expert tensor came from the checkpoint and is quantized. Returns how many NF4 experts
+    modules the model has. Raises DtuneError naming the module whose tensors the checkpoint lacks."""
     modules = nf4_experts(model)
+    names = {id(m): n for n, m in model.named_modules()}
     for module in modules:
-        for name in EXPERT_PARAMS:
-            value = module._parameters.get(name)
-            if value is not None and not value.is_meta:
-                module.quantize_(name, value)
-            elif name not in module._dtune_nf4["shapes"]:
-                raise ConfigError(f"quant.experts: {type(module).__name__}.{name} was never loaded (still on the meta device)")
+        missing = [p for p in EXPERT_PARAMS if p not in module._dtune_nf4["shapes"]]
+        if missing:
+            raise DtuneError(
+                f"model: the checkpoint has no {', '.join(missing)} for {names[id(module)]} ({type(module).__name__}): "
+                "an incomplete or foreign checkpoint; nothing is trained on experts it does not hold"
+            )
     return len(modules)
 
 

@@ -103,6 +103,20 @@ def test_lora_variants_peft_cannot_put_on_experts_are_refused_with_the_way_out(m
         build_model(moe_cfg(moe_dir, tmp_path, variant), torch.device("cpu"))
 
 
+def test_a_checkpoint_without_some_experts_is_refused_naming_them(tmp_path):
+    """Expert tensors a checkpoint lacks are not trained as transformers' placeholders: the load names the layer."""
+    from safetensors.torch import load_file, save_file
+
+    from dtune.errors import DtuneError
+
+    model_dir = _save_moe(tmp_path / "qwen3_moe", "qwen3_moe")
+    weights = model_dir / "model.safetensors"
+    state = load_file(str(weights))
+    save_file({k: v for k, v in state.items() if not k.startswith("model.layers.1.mlp.experts.")}, str(weights))
+    with pytest.raises(DtuneError, match=r"no gate_up_proj, down_proj for model.layers.1.mlp.experts"):
+        load_base(moe_cfg(model_dir, tmp_path), torch.device("cpu"))
+
+
 def test_quant_experts_false_keeps_them_dense(moe_dir, tmp_path):
     model = load_base(moe_cfg(moe_dir, tmp_path, "quant.experts=false"), torch.device("cpu"))
     assert not nf4_experts(model)

@@ -64,7 +64,7 @@ class Engine:
     def __init__(self, cfg: DtuneConfig) -> None:
         from accelerate import Accelerator, DeepSpeedPlugin
         from accelerate.state import AcceleratorState
-        from accelerate.utils import DistributedType, InitProcessGroupKwargs
+        from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 
         # Started by srun with one task per GPU (submitit, or srun without torchrun): rank and rendezvous from Slurm.
         os.environ.update(slurm_process_env())
@@ -85,6 +85,9 @@ class Engine:
             want = DistributedType.DEEPSPEED
         else:
             kwargs["cpu"] = not cuda  # what makes Accelerate form a gloo group on CPU (else each rank trains alone)
+            # Every rank loads the same frozen base: nothing to re-broadcast before each forward (an MoE's NF4
+            # expert constants are buffers, ~450 MB on a 30B-A3B).
+            kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(broadcast_buffers=False)]
             want = None
         kwargs["mixed_precision"] = MIXED_PRECISION[cfg.train.precision]
         self.accelerator = Accelerator(**kwargs)

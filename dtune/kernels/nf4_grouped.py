@@ -14,8 +14,8 @@ The matmul takes the routed token rows sorted by expert (``offsets[e]:offsets[e+
 
 One Triton program computes a [BLOCK_M, BLOCK_A] output tile of one expert's rows, dequantizing the tiles of W_e
 it multiplies on chip (``nf4_tile``, as the dense kernel does): the 16-bit experts never exist in device memory.
-Which expert and rows a program takes comes from a tile schedule built on the device from ``offsets`` (no
-host synchronisation): ceil(rows_e / BLOCK_M) row tiles per expert, at most ceil(M / BLOCK_M) + E in all;
+Which expert and rows a program takes comes from a tile schedule built on the device from ``offsets`` (nothing
+copied to the host): ceil(rows_e / BLOCK_M) row tiles per expert, at most ceil(M / BLOCK_M) + E in all;
 programs past the last tile return at once.
 
 The references (``*_ref``) dequantize each expert that has rows and run a dense matmul, as bitsandbytes would.
@@ -66,6 +66,8 @@ class NF4Experts:
 
         if weight.dim() != 3:
             raise ValueError(f"NF4Experts.quantize: expected a 3-D [experts, out, in] weight, got {tuple(weight.shape)}")
+        if weight.shape[1] * weight.shape[2] >= 2**31:
+            raise ValueError(f"NF4Experts.quantize: experts of {tuple(weight.shape[1:])} exceed 2**31 elements (int32 indexing)")
         parts = [
             bnbF.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
             for w in weight.detach()
@@ -132,7 +134,7 @@ def group_by_expert(top_k_index: torch.Tensor, experts: int) -> tuple[torch.Tens
 
     ``top_k_index``: int [T, k], the experts each token is routed to. Returns ``order`` (int64 [T*k]: flat
     (token * k + slot) positions sorted by expert, stable) and ``offsets`` (int32 [E+1]: expert e's rows of the
-    sorted list are ``offsets[e]:offsets[e+1]``). Both stay on the device (no synchronisation).
+    sorted list are ``offsets[e]:offsets[e+1]``). Both stay on the device (CUDA's bincount synchronises once).
     """
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
