@@ -5,7 +5,7 @@ In transformers 5 an MoE layer's experts are one module with 3-D parameters (``Q
 stay in 16 bits, most of the model. Here:
 
 * **Loading** (:func:`quantizing_experts`): before the weights load, each experts module becomes an NF4 experts
-  module (its class gains :class:`NF4ExpertsMixin`), and every 3-D expert tensor transformers assigns to it is
+  module (its class gains :class:`NF4ExpertsMixin`), and every 3-D expert tensor transformers loads into it is
   quantized there and then, expert by expert, in bitsandbytes' layout (:class:`~dtune.kernels.nf4_grouped.NF4Experts`):
   one layer's 16-bit experts exist at a time, never the model's. The packed bytes are a frozen parameter in the
   compute dtype (``<name>_nf4`` [E, bytes / itemsize]), so ZeRO-3 and FSDP2 shard them like the 4-bit linear
@@ -21,8 +21,10 @@ stay in 16 bits, most of the model. Here:
   s (x A_e^T) B_e^T per expert to the grouped matmuls. Saved adapters are PEFT's own format: PEFT loads them on the
   16-bit model unchanged.
 
-Architectures: experts with concatenated [gate; up] projections, no biases, not transposed (Qwen3-MoE, Qwen2-MoE,
-Mixtral, DeepSeek-V3, GLM-4-MoE layouts); others are refused at load with the field that keeps them 16-bit.
+Architectures: experts classes of transformers' experts interface (``use_experts_implementation``) with
+concatenated [gate; up] projections, no biases, not transposed (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V3,
+GLM-4-MoE), gated by the class's own ``_apply_gate``; others are refused at load with the field that keeps them
+16-bit. Only tensors the checkpoint holds are quantized: a checkpoint lacking an experts module's is refused.
 """
 
 from __future__ import annotations
