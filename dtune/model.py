@@ -28,7 +28,7 @@ from dtune.lora import (
     token_rows,
     warn_partial_targets,
 )
-from dtune.moe import finish_experts, is_fused_experts, quantizing_experts
+from dtune.moe import experts_in_nf4, finish_experts, is_fused_experts, quantizing_experts
 from dtune.moe_peft import adopt_expert_adapters, peft_view
 from dtune.quant import fuse_lora_layers, use_fused_kernels
 from dtune.schema import DtuneConfig
@@ -119,7 +119,7 @@ def load_base(
         detail = f" (it holds pickled {', '.join(pickled[:2])}: pass --allow-pickle if you trust them)" if pickled else ""
         raise DtuneError(f"{directory}: no safetensors weights{detail}")
     compute = dtype or DTYPES[cfg.train.precision]
-    experts = quantized and cfg.quant.quant_type == "nf4" and cfg.quant.experts
+    experts = quantized and experts_in_nf4(cfg)
     loading = quantizing_experts(compute, cfg.quant.double_quant, cfg.quant.kernel == "triton")
     try:
         with loading if experts else contextlib.nullcontext():

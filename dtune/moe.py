@@ -50,6 +50,11 @@ EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 BLOCKSIZE = 64  # bitsandbytes' Params4bit default, as the 4-bit linear layers of the same model
 
 
+def experts_in_nf4(cfg: Any) -> bool:
+    """Whether a 4-bit load of ``cfg`` quantizes MoE experts too (``quant.experts`` with NF4; FP4 leaves them 16-bit)."""
+    return cfg.quant.quant_type == "nf4" and cfg.quant.experts
+
+
 def is_fused_experts(module: nn.Module) -> bool:
     """A module holding an MoE layer's experts as 3-D parameters (or already quantized here)."""
     if isinstance(module, NF4ExpertsMixin):
@@ -132,10 +137,10 @@ class _ExpertMatmul(torch.autograd.Function):
         return grad(grad_y.contiguous(), experts.nf4(ctx.name), offsets), None, None, None
 
 
-def grouped_dense(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """x [M, in] sorted by expert -> [M, out], row m of expert e times ``weight[e]``^T ([E, out, in]); rows past
-    ``offsets[E]`` are zero. Differentiable in both (the LoRA factors are small: a loop over the experts)."""
-    bounds = offsets.tolist()
+def grouped_dense(x: torch.Tensor, weight: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    """x [M, in] sorted by expert -> [M, out], row m of expert e times ``weight[e]``^T ([E, out, in]); ``bounds``:
+    the offsets on the host; rows past ``bounds[E]`` are zero. Differentiable in both (the LoRA factors are small:
+    a loop over the experts)."""
     parts = [x[bounds[e] : bounds[e + 1]] @ weight[e].t() for e in range(weight.shape[0])]
     parts.append(x.new_zeros((x.shape[0] - bounds[-1], weight.shape[1])))
     return torch.cat(parts)
@@ -145,15 +150,16 @@ Adapter = tuple[torch.Tensor, torch.Tensor, float]
 """PEFT's (lora_A [r*E, in], lora_B [out, r*E], scaling) of one expert projection."""
 
 
-def lora_term(x: torch.Tensor, adapter: Adapter, offsets: torch.Tensor) -> torch.Tensor:
+def lora_term(x: torch.Tensor, adapter: Adapter, bounds: list[int]) -> torch.Tensor:
     """s (x A_e^T) B_e^T per expert e, with PEFT's ParamWrapper layout: A_e = A.view(E, r, in)[e],
-    B_e = B.view(out, r, E)[:, :, e] (so that PEFT's merge adds s B_e A_e to W_e [out, in])."""
+    B_e = B.view(out, r, E)[:, :, e] (so that PEFT's merge adds s B_e A_e to W_e [out, in]). ``bounds``: the
+    grouping's offsets on the host."""
     lora_a, lora_b, scale = adapter
-    experts = offsets.numel() - 1
+    experts = len(bounds) - 1
     rank = lora_a.shape[0] // experts
     a = lora_a.to(x.dtype).view(experts, rank, -1)
     b = lora_b.to(x.dtype).view(lora_b.shape[0], rank, experts).permute(2, 0, 1)
-    return grouped_dense(grouped_dense(x, a, offsets), b, offsets) * scale
+    return grouped_dense(grouped_dense(x, a, bounds), b, bounds) * scale
 
 
 class NF4ExpertsMixin(nn.Module):
@@ -223,14 +229,15 @@ class NF4ExpertsMixin(nn.Module):
         experts, k = self._dtune_nf4["shapes"]["down_proj"][0], top_k_index.shape[-1]
         order, offsets = group_by_expert(top_k_index, experts)
         token = order // k
+        bounds = offsets.tolist() if lora else []  # the adapters' loop over experts: one copy to the host a layer
         x = hidden_states.to(compute)[token]
         gate_up = _ExpertMatmul.apply(x, self, "gate_up_proj", offsets)
         for adapter in lora.get("gate_up_proj", []):
-            gate_up = gate_up + lora_term(x, adapter, offsets)
+            gate_up = gate_up + lora_term(x, adapter, bounds)
         h = self._apply_gate(gate_up)  # the class's gating (transformers' default: act(gate) * up)
         out = _ExpertMatmul.apply(h, self, "down_proj", offsets)
         for adapter in lora.get("down_proj", []):
-            out = out + lora_term(h, adapter, offsets)
+            out = out + lora_term(h, adapter, bounds)
         out = out * top_k_weights.reshape(-1)[order, None]  # in the weights' dtype when wider (fp32 routers), as eager
         return torch.zeros_like(hidden_states).index_add_(0, token, out.to(hidden_states.dtype))
 
@@ -266,9 +273,14 @@ def prepare_experts(model: nn.Module, dtype: torch.dtype, double_quant: bool, tr
             continue
         _check_layout(name, module)
         module.__class__ = _nf4_class(type(module))
-        order = [p for p in module._parameters if p in EXPERT_PARAMS]  # the class's: PEFT nests its wrappers by it
-        module._dtune_nf4 = {"dtype": dtype, "double_quant": double_quant, "triton": triton, "shapes": {}, "blocksize2": 1}
-        module._dtune_nf4["order"] = order
+        module._dtune_nf4 = {
+            "dtype": dtype,
+            "double_quant": double_quant,
+            "triton": triton,
+            "shapes": {},
+            "blocksize2": 1,
+            "order": [p for p in module._parameters if p in EXPERT_PARAMS],  # the class's: PEFT nests its wrappers by it
+        }
         module._is_hf_initialized = True  # its tensors come from the checkpoint or nowhere (finish_experts checks)
         for param in EXPERT_PARAMS:
             value = module._parameters[param]

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from dtune.errors import ConfigError
-from dtune.moe import fewer_experts, prepare_experts
+from dtune.moe import experts_in_nf4, fewer_experts, prepare_experts
 from dtune.moe_peft import adopt_expert_adapters, peft_view
 from dtune.plan.shape import adapted, decoder_layers
 from dtune.schema import DtuneConfig
@@ -79,7 +79,7 @@ def probe_activations(cfg: DtuneConfig, model: nn.Module, config: Any) -> dict[s
     lora = adapted(cfg, model)[1]
     kinds = layer_kinds(text)
     with torch.random.fork_rng(devices=[]):  # the caller's random streams (rank 0's dropout) stay as they were
-        experts = quantized and cfg.quant.quant_type == "nf4" and cfg.quant.experts
+        experts = quantized and experts_in_nf4(cfg)
         probed = fewer_experts(text)  # an MoE layer probed with 16 experts: per token, its activations are the same
         probes = [
             (n, _probe(layer_cls, index, probed, rotary_cls, lora, dtype, quantized, experts, cfg.quant.double_quant))

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from dtune.errors import ConfigError
 from dtune.lora import layer_projections, lora_config
 from dtune.model import model_dir
-from dtune.moe import expert_shapes, is_fused_experts
+from dtune.moe import expert_shapes, experts_in_nf4, is_fused_experts
 from dtune.schema import DtuneConfig
 
 BLOCK = 64  # bitsandbytes 4-bit block size
@@ -116,7 +116,7 @@ def parameter_bytes(cfg: DtuneConfig, model: nn.Module) -> dict[str, int]:
     layers = decoder_layers(model)
     first_layer = {id(p) for p in layers[0].parameters()} if layers else set()
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
-    experts_4bit = quantize and cfg.quant.quant_type == "nf4" and cfg.quant.experts
+    experts_4bit = quantize and experts_in_nf4(cfg)
     for module in model.modules():
         if experts_4bit and is_fused_experts(module):  # NF4 per expert (dtune.moe): packed params, constants buffers
             for name, (experts, n, k) in expert_shapes(module).items():
