@@ -342,6 +342,35 @@ def test_fused_lora_layer_equals_peft_and_falls_back_where_it_must(tmp_path: Pat
     assert fuse_lora_layers(build_model(dropout, torch.device(DEVICE))) == 0  # plain LoRA only: nothing switched
 
 
+@pytest.mark.parametrize("fuse_lora", [False, True])
+def test_backward_reads_the_weight_zero3_gathers_again_instead_of_keeping_the_forward_one(tmp_path: Path, fuse_lora):
+    """ZeRO-3 frees a gathered parameter after the module's forward with ``param.data = torch.empty(0)`` and gathers
+    it again before its backward. The fused ops must save the Parameter itself: a view of its bytes saved for
+    backward would keep every layer's gathered 4-bit weight alive from forward to backward (ZeRO-3's sharding of the
+    base lost whenever activations are not recomputed)."""
+    from dtune.model import build_model
+    from dtune.quant import FusedLinear4bit, FusedLoraLinear4bit
+    from tests.helpers import compose_config, tiny_overrides
+
+    cfg = compose_config(tiny_overrides(tmp_path, "quant=nf4_triton", f"quant.fuse_lora={str(fuse_lora).lower()}"))
+    model = build_model(cfg, torch.device(DEVICE))
+    kind = FusedLoraLinear4bit if fuse_lora else FusedLinear4bit
+    layer = next(m for m in model.modules() if isinstance(m, kind))
+    weight = (layer.base_layer if fuse_lora else layer).weight
+    x = torch.randn(2, 21, layer.in_features, device=DEVICE, requires_grad=True)
+    y = layer(x)
+    expected = torch.autograd.grad(y.sum(), x, retain_graph=True)[0]
+    node = y.grad_fn
+    while "dtune" not in type(node).__name__:  # past the output's dtype cast
+        node = node.next_functions[0][0]
+    gathered = weight.data
+    weight.data = torch.empty(0, dtype=gathered.dtype, device=gathered.device)  # what ZeRO-3 does after forward
+    held = [t for t in node.saved_tensors if t.untyped_storage().data_ptr() == gathered.untyped_storage().data_ptr()]
+    assert not held, "a tensor saved for backward still holds the freed weight's bytes"
+    weight.data = gathered  # gathered again before backward
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], expected, rtol=0, atol=0)
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("variant", ["triton", "triton_lora"])
 def test_training_through_fused_kernels_equals_bitsandbytes(tmp_path: Path, variant: str, monkeypatch):

@@ -93,6 +93,11 @@ class NF4Weight:
     double_quant: bool
     dtype: torch.dtype
     """The dtype bitsandbytes would dequantize to (the model's compute dtype)."""
+    stored: torch.Tensor | None = None
+    """The packed bytes as the model holds them (its Parameter, in the storage dtype), when they came from one: the
+    custom ops take and save this tensor, not the uint8 view ``packed``. ZeRO-3 frees a gathered parameter with
+    ``param.data = torch.empty(0)``, which releases the bytes only when no other tensor views them; a view saved
+    for backward would keep every layer's gathered weight alive until backward."""
 
     @classmethod
     def from_bnb(cls, packed: torch.Tensor, state: object) -> NF4Weight:
@@ -124,11 +129,16 @@ class NF4Weight:
             blocksize2=bs2,
             double_quant=bool(state.nested),
             dtype=state.dtype,
+            stored=packed if isinstance(packed, torch.nn.Parameter) else None,
         )
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The tensor arguments every NF4 kernel takes, in kernel order (see ``nf4_values``)."""
         return (self.packed, self.absmax, self.absmax2, self.code2, self.offset, self.code)
+
+    def op_tensors(self) -> tuple[torch.Tensor, ...]:
+        """``tensors()`` with the packed bytes as stored (see ``stored``): what the custom ops take."""
+        return (self.packed if self.stored is None else self.stored, *self.tensors()[1:])
 
     def meta(self) -> dict[str, int | bool]:
         """The compile-time layout parameters every NF4 kernel takes."""

@@ -24,7 +24,9 @@ from dtune.kernels.nf4_matmul import nf4_matmul, nf4_matmul_grad_input
 
 
 def _weight(packed, absmax, absmax2, code2, offset, code, n, k, blocksize, blocksize2, double_quant, dtype) -> NF4Weight:
-    return NF4Weight(packed, absmax, absmax2, code2, offset, code, (n, k), blocksize, blocksize2, double_quant, dtype)
+    """The ops take the packed bytes as the model stores them (any dtype and shape) and view them as uint8 here."""
+    raw = packed.reshape(-1).view(torch.uint8)
+    return NF4Weight(raw, absmax, absmax2, code2, offset, code, (n, k), blocksize, blocksize2, double_quant, dtype)
 
 
 @torch.library.custom_op("dtune::nf4_linear", mutates_args=())
@@ -193,11 +195,11 @@ def nf4_lora_linear(
     if not (x.dtype == lora_a.dtype == lora_b.dtype):
         raise ValueError(f"nf4_lora_linear: x, lora_a, lora_b must share a dtype (got {x.dtype}, {lora_a.dtype}, {lora_b.dtype})")
     return nf4_lora_linear_op(
-        x, *w.tensors(), bias, lora_a, lora_b, float(scale), n, k, w.blocksize, w.blocksize2, w.double_quant
+        x, *w.op_tensors(), bias, lora_a, lora_b, float(scale), n, k, w.blocksize, w.blocksize2, w.double_quant
     )
 
 
 def nf4_linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., K] -> [..., N] = x @ dequant(W).T + bias, differentiable in x (and bias)."""
     n, k = w.shape
-    return nf4_linear_op(x, *w.tensors(), bias, n, k, w.blocksize, w.blocksize2, w.double_quant)
+    return nf4_linear_op(x, *w.op_tensors(), bias, n, k, w.blocksize, w.blocksize2, w.double_quant)
