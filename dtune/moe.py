@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from dtune.errors import ConfigError, DtuneError
+from dtune.kernels.grouped_dense import ExpertRows, grouped_dense
 from dtune.kernels.nf4_grouped import (
     NF4Experts,
     group_by_expert,
@@ -137,29 +138,20 @@ class _ExpertMatmul(torch.autograd.Function):
         return grad(grad_y.contiguous(), experts.nf4(ctx.name), offsets), None, None, None
 
 
-def grouped_dense(x: torch.Tensor, weight: torch.Tensor, bounds: list[int]) -> torch.Tensor:
-    """x [M, in] sorted by expert -> [M, out], row m of expert e times ``weight[e]``^T ([E, out, in]); ``bounds``:
-    the offsets on the host; rows past ``bounds[E]`` are zero. Differentiable in both (the LoRA factors are small:
-    a loop over the experts)."""
-    parts = [x[bounds[e] : bounds[e + 1]] @ weight[e].t() for e in range(weight.shape[0])]
-    parts.append(x.new_zeros((x.shape[0] - bounds[-1], weight.shape[1])))
-    return torch.cat(parts)
-
-
 Adapter = tuple[torch.Tensor, torch.Tensor, float]
 """PEFT's (lora_A [r*E, in], lora_B [out, r*E], scaling) of one expert projection."""
 
 
-def lora_term(x: torch.Tensor, adapter: Adapter, bounds: list[int]) -> torch.Tensor:
+def lora_term(x: torch.Tensor, adapter: Adapter, rows: ExpertRows) -> torch.Tensor:
     """s (x A_e^T) B_e^T per expert e, with PEFT's ParamWrapper layout: A_e = A.view(E, r, in)[e],
-    B_e = B.view(out, r, E)[:, :, e] (so that PEFT's merge adds s B_e A_e to W_e [out, in]). ``bounds``: the
-    grouping's offsets on the host."""
+    B_e = B.view(out, r, E)[:, :, e] (so that PEFT's merge adds s B_e A_e to W_e [out, in]). x [M, in] sorted by
+    expert (``rows``) -> [M, out]."""
     lora_a, lora_b, scale = adapter
-    experts = len(bounds) - 1
+    experts = rows.offsets.shape[0] - 1
     rank = lora_a.shape[0] // experts
     a = lora_a.to(x.dtype).view(experts, rank, -1)
     b = lora_b.to(x.dtype).view(lora_b.shape[0], rank, experts).permute(2, 0, 1)
-    return grouped_dense(grouped_dense(x, a, bounds), b, bounds) * scale
+    return grouped_dense(grouped_dense(x, a, rows), b, rows) * scale
 
 
 class NF4ExpertsMixin(nn.Module):
@@ -229,15 +221,15 @@ class NF4ExpertsMixin(nn.Module):
         experts, k = self._dtune_nf4["shapes"]["down_proj"][0], top_k_index.shape[-1]
         order, offsets = group_by_expert(top_k_index, experts)
         token = order // k
-        bounds = offsets.tolist() if lora else []  # the adapters' loop over experts: one copy to the host a layer
+        rows = ExpertRows(offsets)  # the adapters' grouping (a loop over experts copies it to the host once)
         x = hidden_states.to(compute)[token]
         gate_up = _ExpertMatmul.apply(x, self, "gate_up_proj", offsets)
         for adapter in lora.get("gate_up_proj", []):
-            gate_up = gate_up + lora_term(x, adapter, bounds)
+            gate_up = gate_up + lora_term(x, adapter, rows)
         h = self._apply_gate(gate_up)  # the class's gating (transformers' default: act(gate) * up)
         out = _ExpertMatmul.apply(h, self, "down_proj", offsets)
         for adapter in lora.get("down_proj", []):
-            out = out + lora_term(h, adapter, bounds)
+            out = out + lora_term(h, adapter, rows)
         out = out * top_k_weights.reshape(-1)[order, None]  # in the weights' dtype when wider (fp32 routers), as eager
         return torch.zeros_like(hidden_states).index_add_(0, token, out.to(hidden_states.dtype))
 

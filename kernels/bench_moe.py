@@ -18,6 +18,11 @@ down: 768 -> 2048) and token count, forward and input gradient, three ways:
 * ``bnb``  -- bitsandbytes' way for experts it does not fuse: per expert with tokens, ``dequantize_4bit`` then a
   matmul (what dtune's ``quant.kernel=bnb`` runs).
 
+and, for LoRA r``--lora-rank`` on every expert (PEFT's layout: s (x A_e^T) B_e^T), one training pass (both grouped
+matmuls forward, then backward into x, A and B), two ways: ``grouped`` -- ``dtune.kernels.grouped_dense``
+(``torch._grouped_mm``: one launch a matmul) -- and ``loop`` -- a matmul per expert (what runs where the grouped GEMM
+does not).
+
 Timing: CUDA events, warm-up first, median over repetitions, rotating over copies of the experts so L2 does not
 flatter. Every case is checked against an fp32 reference first. Prints a table with ratios; writes JSON.
 """
@@ -134,11 +139,40 @@ def bench_projection(name: str, n: int, k: int, shape: dict, tokens: list[int], 
                 row[f"{what}_{case}_rel_err"] = err
             row[f"{what}_bnb_over_nf4"] = row[f"{what}_bnb_ms"] / row[f"{what}_nf4_ms"]
             row[f"{what}_nf4_over_bf16"] = row[f"{what}_nf4_ms"] / row[f"{what}_bf16_ms"]
+        if args.lora_rank:
+            row.update(bench_lora(x, g, n, k, experts, args.lora_rank, offsets, timer, gen))
         nf4 = weights[0]["nf4"]
         row["bytes_nf4"], row["bytes_bf16"] = nf4.nbytes(), experts * n * k * 2
         rows.append(row)
         print(f"done {name} {t} tokens", file=sys.stderr, flush=True)
     return rows
+
+
+def bench_lora(x, g, n, k, experts, rank, offsets, timer, gen) -> dict[str, Any]:
+    """One LoRA training pass over every expert's rows: grouped GEMM vs a matmul per expert (ms, and the ratio)."""
+    from dtune.kernels.grouped_dense import ExpertRows, grouped_dense, grouped_dense_loop, grouped_mm_fits
+
+    a = (torch.randn(experts, rank, k, generator=gen) * 0.02).to(x.device, x.dtype).requires_grad_()
+    b = (torch.randn(experts, n, rank, generator=gen) * 0.02).to(x.device, x.dtype).requires_grad_()
+    x = x.detach().requires_grad_()
+
+    def step(fn):
+        def run(i: int) -> torch.Tensor:
+            rows = ExpertRows(offsets)  # a fresh grouping each pass: the loop pays its copy to the host every time
+            y = fn(fn(x, a, rows), b, rows)
+            y.backward(g)
+            return y
+
+        return run
+
+    grouped, loop = step(grouped_dense), step(grouped_dense_loop)
+    err = rel_err(grouped(0).detach(), loop(0).detach().float())
+    if err > 2e-2:
+        raise AssertionError(f"LoRA grouped vs loop: relative error {err:.2e}")
+    out = {"lora_rank": rank, "lora_grouped_gemm": grouped_mm_fits(x, a), "lora_grouped_ms": timer(grouped)}
+    out["lora_loop_ms"] = timer(loop)
+    out["lora_loop_over_grouped"] = out["lora_loop_ms"] / out["lora_grouped_ms"]
+    return out
 
 
 def print_table(result: dict) -> None:
@@ -154,6 +188,14 @@ def print_table(result: dict) -> None:
             line += f"{r[f'{what}_nf4_ms']:>14.3f}{r[f'{what}_bf16_ms']:>8.3f}{r[f'{what}_bnb_ms']:>9.3f}"
             line += f"{r[f'{what}_bnb_over_nf4']:>8.2f}x{r[f'{what}_nf4_over_bf16']:>8.2f}x"
         print(line)
+    if "lora_grouped_ms" in result["rows"][0]:
+        print(f"\nLoRA r{result['rows'][0]['lora_rank']} on every expert, one training pass; ms (median)")
+        print(f"{'projection':<10}{'tokens':>7}{'grouped':>10}{'loop':>10}{'loop/grouped':>14}  grouped GEMM")
+        for r in result["rows"]:
+            print(
+                f"{r['projection']:<10}{r['tokens']:>7}{r['lora_grouped_ms']:>10.3f}{r['lora_loop_ms']:>10.3f}"
+                f"{r['lora_loop_over_grouped']:>13.2f}x  {'yes' if r['lora_grouped_gemm'] else 'no (loop)'}"
+            )
     r = result["rows"][0]
     print(f"experts of one projection: {r['bytes_nf4'] / 2**20:.1f} MiB in NF4 vs {r['bytes_bf16'] / 2**20:.1f} MiB in bf16")
 
@@ -162,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", nargs="+", type=int, default=TOKENS)
     parser.add_argument("--skew", type=float, default=1.0, help="std of the router's per-expert bias (0: even groups)")
+    parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on every expert (0: no LoRA timing)")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default kernels/results/moe-<device>.json)")

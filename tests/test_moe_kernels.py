@@ -107,3 +107,39 @@ def test_wrong_shapes_are_refused():
         nf4_grouped_matmul(torch.randn(3, 32, device=DEVICE), q, offsets)
     with pytest.raises(ValueError, match="offsets must be"):
         nf4_grouped_matmul(torch.randn(3, 64, device=DEVICE), q, offsets[:3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width,out", [(64, 16), (64, 3), (20, 32)])  # grouped GEMM; rows or outputs of odd bytes
+def test_grouped_dense_equals_a_matmul_per_expert_with_gradients(dtype, width, out):
+    """The MoE adapters' grouped matmul (torch._grouped_mm where its layout rules hold, else the loop) gives each
+    expert's rows times that expert's matrix, and the gradients of both, an empty expert included; a gradient of
+    stride 0 (from ``y.sum()``) is taken too."""
+    from dtune.kernels.grouped_dense import ExpertRows, grouped_dense, grouped_dense_loop, grouped_mm_fits
+
+    g = torch.Generator().manual_seed(0)
+    n_experts, k = 5, 2
+    _, offsets = group_by_expert(routed(23, k, n_experts, empty=(3,)), n_experts)
+    x = torch.randn(23 * k, width, generator=g).to(DEVICE, dtype)
+    weight = torch.randn(n_experts, out, width, generator=g).to(DEVICE, dtype)
+    grad = torch.randn(23 * k, out, generator=g).to(DEVICE, dtype)
+    aligned = width * x.element_size() % 16 == 0 and out * x.element_size() % 16 == 0
+    if DEVICE == "cpu" and hasattr(torch, "_grouped_mm") and dtype == torch.float32:
+        assert grouped_mm_fits(x, weight) == aligned  # the grouped GEMM really runs here when the layout allows
+
+    def run(fn, reduce_by_sum=False):
+        xi, wi = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        y = fn(xi, wi, ExpertRows(offsets))
+        (y.sum() if reduce_by_sum else y).backward(None if reduce_by_sum else grad)
+        return y.detach().double(), xi.grad.double(), wi.grad.double()
+
+    bounds = offsets.tolist()
+    y_ref = torch.cat([x[bounds[e] : bounds[e + 1]].double() @ weight[e].double().t() for e in range(n_experts)])
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    ours, loop = run(grouped_dense), run(grouped_dense_loop)
+    torch.testing.assert_close(ours[0], y_ref, **tol)
+    for a, b in zip(ours, loop, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    assert ours[2][3].abs().max() == 0  # the empty expert's matrix gets no gradient
+    for a, b in zip(run(grouped_dense, reduce_by_sum=True), run(grouped_dense_loop, reduce_by_sum=True), strict=True):
+        torch.testing.assert_close(a, b, **tol)

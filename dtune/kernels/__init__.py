@@ -6,6 +6,8 @@
 - ``nf4_gemv`` / ``nf4_gemv_ref``: the decode path (<= 16 rows), split-K for memory bandwidth.
 - ``nf4_linear``: the differentiable custom op (``dtune::nf4_linear``) the 4-bit layers call.
 - ``nf4_lora_linear``: the same with the layer's LoRA adapter fused in (``dtune::nf4_lora_linear``).
+- ``nf4_grouped`` (module): MoE experts in NF4, one grouped matmul over token rows sorted by expert.
+- ``grouped_dense`` (module): the MoE adapters' dense grouped matmul (``torch._grouped_mm``, else a loop).
 
 ``nf4_matmul`` and ``nf4_matmul_grad_input`` take an optional low-rank term added in the kernel's epilogue: that is
 how the LoRA path is fused with the base (see ``nf4_lora_linear``).
