@@ -134,6 +134,24 @@ def test_plan_validation_grids():
         validation_grid("gpu", ["70b"], cuda=True)
 
 
+def test_the_tests_stage_names_tests_that_exist(monkeypatch):
+    """The GPU tests stage's subset and its deselections name real tests: a renamed test would silently drop out of
+    the subset, or stay in it and spend the stage's minutes (CPU 2-rank runs) on the GPU machine."""
+    import importlib
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "kernels" / "gpu" / "check.py")
+    check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, check)  # its dataclasses look their module up there
+    spec.loader.exec_module(check)
+    for node in [*check.GPU_TESTS, *check.NOT_ON_GPU]:
+        path, _, name = node.partition("::")
+        assert (REPO / path).is_file(), node
+        if name:
+            module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+            assert callable(getattr(module, name, None)), f"{node}: no such test"
+
+
 @pytest.mark.integration
 def test_a_run_without_wandb_does_not_import_it(tmp_path: Path):
     """wandb is not carried to the GPU machine: with logger.wandb=false dtune must run without it."""

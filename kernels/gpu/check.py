@@ -212,6 +212,20 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     return rows
 
 
+GPU_TESTS = [
+    "tests/test_kernels.py",
+    "tests/test_packing.py",
+    "tests/test_adapters.py::test_loftq_starts_the_4bit_model_nearer_the_16bit_one",
+    "tests/test_moe_kernels.py",
+    "tests/test_moe.py",  # its CPU tests: experts quantized while transformers loads (this version's loader)
+]
+"""The tests stage's subset (tests/test_gpu_kit.py checks that each names a test)."""
+NOT_ON_GPU = [
+    "tests/test_moe.py::test_moe_qlora_on_two_ranks_matches_one_rank_resumes_and_merges",  # CPU ranks: the CPU suite's
+]
+"""Deselected from GPU_TESTS (tests/test_gpu_kit.py checks that each names a test: a stale name deselects nothing)."""
+
+
 def build_stages(args: argparse.Namespace, work: Path, py: str) -> list[Stage]:
     """The stages and their commands. Limits are seconds on the H200 (x8 with --dry-run); ``caps`` bound single
     commands so that one that hangs leaves time to the next."""
@@ -219,16 +233,8 @@ def build_stages(args: argparse.Namespace, work: Path, py: str) -> list[Stage]:
     torchrun = [py, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1"]
     env_cmd = [py, str(Path(__file__).resolve()), str(args.out), "--env-stage", str(work / "env.json")]
     env_cmd += ["--dry-run"] if dry else []
-    tests = [
-        "tests/test_kernels.py",
-        "tests/test_packing.py",
-        "tests/test_adapters.py::test_loftq_starts_the_4bit_model_nearer_the_16bit_one",
-        "tests/test_moe_kernels.py",
-        "tests/test_moe.py",  # its CPU tests: experts quantized while transformers loads (this version's loader)
-    ]
-    pytest = [py, "-m", "pytest", *tests, "-p", "no:cacheprovider", "-v", "-rfE", f"--junitxml={args.out / 'tests.xml'}"]
-    # test_moe.py's 2-rank runs on CPU processes are the CPU suite's
-    pytest += ["--deselect", "tests/test_moe.py::test_moe_qlora_on_two_sharded_ranks_matches_one_rank_and_resumes"]
+    pytest = [py, "-m", "pytest", *GPU_TESTS, "-p", "no:cacheprovider", "-v", "-rfE", f"--junitxml={args.out / 'tests.xml'}"]
+    pytest += [arg for test in NOT_ON_GPU for arg in ("--deselect", test)]
     if args.tests_k:
         pytest += ["-k", args.tests_k]
     elif dry:  # the interpreter is slow: one test of each kind; the fused layers, not a fine-tune through them
