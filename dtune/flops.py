@@ -10,6 +10,10 @@ Two bases, per step (gradient-checkpointing recomputation is not counted: this i
 * **6N** -- the conventional figure of full fine-tuning, ``6 N`` per token over every non-embedding parameter (head
   at every position) plus the same attention term; comparable with numbers other frameworks print.
 
+Both add the step's forwards without gradients, ``2 N + 4 L d s`` per token with the head at labelled positions: a
+preference reference's (the base alone, adapters off) unless precomputed, and KTO's forwards of its KL rows
+(policy and reference).
+
 MFU = FLOPs / (time x devices x peak). The peak is the device's dense bf16/fp16 tensor rate (table below, by device
 name) or ``train.peak_tflops``; unknown (CPU, fp32, an unlisted GPU) -> MFU is not reported.
 """
@@ -47,6 +51,10 @@ def device_peak_flops(precision: str, override_tflops: float | None = None) -> f
         return None
     name = torch.cuda.get_device_name()
     return next((peak for key, peak in PEAK_FLOPS_16BIT if key in name), None)
+
+
+Counts = tuple[int, int, int]
+"""(tokens, labelled tokens, attention pairs) of some rows."""
 
 
 @dataclass
@@ -96,13 +104,30 @@ class FlopCounts:
             attn_dim=text.num_attention_heads * head_dim,
         )
 
-    def step(self, tokens: int, labelled: int, attention_pairs: int) -> dict[str, float]:
+    def step(
+        self,
+        tokens: int,
+        labelled: int,
+        attention_pairs: int,
+        reference: Counts = (0, 0, 0),
+        policy_scored: Counts = (0, 0, 0),
+    ) -> dict[str, float]:
         """FLOPs of one optimizer step on ``tokens`` tokens (``labelled`` of them with a loss), where
-        ``attention_pairs`` = sum over samples of length**2."""
+        ``attention_pairs`` = sum over samples of length**2; plus the step's forwards without gradients, each as
+        (tokens, labelled, attention pairs): ``reference`` through the base with the adapters off (a preference
+        reference not precomputed), ``policy_scored`` through the model with them (KTO's KL rows). Those count on
+        both bases: they are work the objective asks for."""
         attention = 12 * self.layers * self.attn_dim * attention_pairs
         frozen = 2 * (2 * self.base_linear + 3 * self.lora) * tokens + 4 * self.head * labelled + attention
         six_n = 6 * (self.base_linear + self.lora + self.head) * tokens + attention
-        return {"frozen_base": float(frozen), "six_n": float(six_n)}
+        no_grad = self.forward(*reference, adapters=False) + self.forward(*policy_scored, adapters=True)
+        return {"frozen_base": float(frozen + no_grad), "six_n": float(six_n + no_grad)}
+
+    def forward(self, tokens: int, labelled: int, attention_pairs: int, adapters: bool) -> int:
+        """FLOPs of a forward without gradients: the linear layers (with the adapters or not), the head at labelled
+        positions only, attention scores and values (a third of the training step's attention term)."""
+        linear = self.base_linear + (self.lora if adapters else 0)
+        return 2 * linear * tokens + 2 * self.head * labelled + 4 * self.layers * self.attn_dim * attention_pairs
 
 
 def attention_pairs(batch: dict[str, torch.Tensor]) -> int:

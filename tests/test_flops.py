@@ -41,6 +41,39 @@ def example(n: int) -> Example:
     return Example(input_ids=list(range(1, n + 1)), labels=list(range(1, n + 1)), prompt_len=1)
 
 
+def test_forwards_without_gradients_count_what_they_run(tmp_path: Path):
+    """A preference step's FLOPs include its reference forwards (the base alone: adapters off) unless the reference
+    was precomputed, and KTO's forwards of the KL rows (policy and reference); SFT, ORPO and SimPO have none."""
+    from dtune.train.step import step_counts
+
+    counts = FlopCounts.of(build_model(compose_config(tiny_overrides(tmp_path)), torch.device("cpu")))
+    forward = counts.forward(tokens=10, labelled=4, attention_pairs=36, adapters=False)
+    assert forward == 2 * counts.base_linear * 10 + 2 * counts.head * 4 + 4 * counts.layers * counts.attn_dim * 36
+    assert counts.forward(10, 4, 36, adapters=True) == forward + 2 * counts.lora * 10
+    plain = counts.step(100, 10, 2500)
+    both = counts.step(100, 10, 2500, reference=(10, 4, 36), policy_scored=(10, 4, 36))
+    assert both["frozen_base"] - plain["frozen_base"] == both["six_n"] - plain["six_n"] == 2 * forward + 2 * counts.lora * 10
+
+    def pair(prompt: int, chosen: int, rejected: int, ref=None) -> Example:
+        def row(n):
+            return Example(list(range(1, prompt + n + 1)), [-100] * prompt + list(range(n)), prompt)
+
+        return Example(**{**vars(row(chosen)), "rejected": row(rejected), "ref_logps": ref})
+
+    dpo = collate([pair(3, 2, 4), pair(2, 5, 1)], pad_id=0)  # rows: 5, 7 chosen; 7, 3 rejected tokens
+    rows = [22, 2 + 5 + 4 + 1, 5**2 + 7**2 + 7**2 + 3**2]  # labelled: the replies' tokens
+    assert step_counts(dpo, "dpo") == [*rows, *rows, 0, 0, 0, 4]
+    for free in ("orpo", "simpo", "sft"):
+        assert step_counts(dpo, free) == [*rows, 0, 0, 0, 0, 0, 0, 4]
+    precomputed = collate([pair(3, 2, 4, ref=(-1.0, -2.0)), pair(2, 5, 1, ref=(-1.0, -2.0))], pad_id=0)
+    assert step_counts(precomputed, "dpo") == [*rows, 0, 0, 0, 0, 0, 0, 4]
+
+    kto_rows = [Example(**{**vars(pair(3, n, 1)), "rejected": None, "desirable": n > 2}) for n in (2, 4)]
+    kto = collate(kto_rows, pad_id=0)  # KL rows: each prompt (3) followed by the other row's reply (4, then 2)
+    own, kl = [5 + 7, 2 + 4, 5**2 + 7**2], [7 + 5, 4 + 2, 7**2 + 5**2]
+    assert step_counts(kto, "kto") == [*own, *(a + b for a, b in zip(own, kl, strict=True)), *kl, 2]
+
+
 def test_attention_pairs_of_padded_and_packed_batches():
     assert attention_pairs(collate([example(3), example(5)], pad_id=0)) == 3**2 + 5**2
     packed = Example(input_ids=list(range(1, 9)), labels=list(range(1, 9)), prompt_len=1, segments=[3, 5])

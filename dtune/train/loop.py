@@ -255,7 +255,10 @@ class Trainer:
             "train/tokens": state.tokens_seen,
             "train/epoch": self.parts.sampler.epochs_done,  # passes over the training samples, fractional
             **throughput(
-                self.flops.step(result.tokens, result.labelled, result.attention_pairs), elapsed, world, self.peak_flops
+                self.flops.step(result.tokens, result.labelled, result.attention_pairs, result.reference, result.policy_scored),
+                elapsed,
+                world,
+                self.peak_flops,
             ),
             **{f"train/{k}": v for k, v in (result.stats or {}).items()},
         }

@@ -14,8 +14,8 @@ from torch import nn
 
 from dtune.data.examples import IGNORE
 from dtune.distributed.engine import Engine
-from dtune.flops import attention_pairs
-from dtune.preference import figures
+from dtune.flops import Counts, attention_pairs
+from dtune.preference import REFERENCE_FREE, figures
 
 Batch = dict[str, torch.Tensor]
 
@@ -34,11 +34,29 @@ class StepResult:
     """Query-key pairs attended, all ranks (for the FLOP count)."""
     stats: dict[str, float] | None = None
     """Preference objectives: the step's figures (:func:`dtune.preference.figures`), all ranks."""
+    reference: Counts = (0, 0, 0)
+    """(tokens, labelled, attention pairs) the step's reference forwards ran, all ranks (for the FLOP count)."""
+    policy_scored: Counts = (0, 0, 0)
+    """The same for forwards of the policy without gradients (KTO's KL rows)."""
 
 
-def labelled_tokens(batch: Batch) -> torch.Tensor:
+def labelled_tokens(batch: Batch, labels: str = "labels") -> torch.Tensor:
     """Positions whose next token carries loss (the label shifted by one, as the loss sees it)."""
-    return (batch["labels"][:, 1:] != IGNORE).sum()
+    return (batch[labels][:, 1:] != IGNORE).sum()
+
+
+def step_counts(batch: Batch, objective: str) -> list[int]:
+    """What one micro-batch's forwards run through, for the FLOP count: (tokens, labelled, attention pairs) of its
+    rows, then of its reference forwards (a preference objective's reference, unless precomputed: ``ref_logps``;
+    KTO's runs on the KL rows too), then of the policy's forwards without gradients (KTO's KL rows); and its rows."""
+    rows = [int(batch["attention_mask"].sum()), int(labelled_tokens(batch)), attention_pairs(batch)]
+    kl = [0, 0, 0]
+    if "kl_input_ids" in batch:
+        mask = batch["kl_attention_mask"]
+        kl = [int(mask.sum()), int(labelled_tokens(batch, "kl_labels")), attention_pairs({"attention_mask": mask})]
+    referenced = objective not in ("sft", *REFERENCE_FREE) and "ref_logps" not in batch
+    reference = [a + b for a, b in zip(rows, kl, strict=True)] if referenced else [0, 0, 0]
+    return [*rows, *reference, *kl, batch["input_ids"].shape[0]]
 
 
 def accumulate_gradients(
@@ -89,10 +107,9 @@ def train_step(
     if len(batches) != engine.grad_accum_steps:
         raise ValueError(f"train_step: {len(batches)} micro-batches for grad_accum_steps={engine.grad_accum_steps}")
     # Counted on the CPU batches (no device synchronisation), reduced over ranks in one all-reduce.
-    counts = torch.tensor(
-        [[int(b["attention_mask"].sum()), int(labelled_tokens(b)), attention_pairs(b), b["input_ids"].shape[0]] for b in batches]
-    )
-    tokens, labelled, pairs, rows = (int(v) for v in engine.sum(counts.sum(dim=0).to(engine.device)))
+    counts = torch.tensor([step_counts(b, objective) for b in batches])
+    summed = [int(v) for v in engine.sum(counts.sum(dim=0).to(engine.device))]
+    (tokens, labelled, pairs), reference, policy_scored, rows = summed[:3], summed[3:6], summed[6:9], summed[9]
     micro = [{k: v.to(engine.device) for k, v in b.items()} for b in batches]
     units = {"sft": labelled, "kto": rows}.get(objective, rows // 2)
     if objective == "kto":
@@ -104,7 +121,7 @@ def train_step(
     if stats is not None:
         stats = figures(objective, stats)
     grad_norm = engine.step(loss_model, optimizer, max_grad_norm)
-    return StepResult(loss, grad_norm, tokens, labelled, pairs, stats)
+    return StepResult(loss, grad_norm, tokens, labelled, pairs, stats, tuple(reference), tuple(policy_scored))
 
 
 def kl_estimate(loss_model: nn.Module, micro: list[Batch], engine: Engine) -> torch.Tensor:
