@@ -245,7 +245,8 @@ class Trainer:
 
     def step_metrics(self, result: StepResult, lr: float, elapsed: float) -> dict[str, float]:
         """The step's figures, logged every ``logger.log_every`` steps, on the first and on the last."""
-        state, world = self.state, self.engine.world_size
+        state, world, r = self.state, self.engine.world_size, result
+        flops = self.flops.step(r.tokens, r.labelled, r.attention_pairs, r.reference, r.policy_scored)
         metrics = {
             "train/loss": result.loss,
             "train/lr": lr,
@@ -254,12 +255,7 @@ class Trainer:
             "train/tokens_per_s_per_device": result.tokens / elapsed / world,
             "train/tokens": state.tokens_seen,
             "train/epoch": self.parts.sampler.epochs_done,  # passes over the training samples, fractional
-            **throughput(
-                self.flops.step(result.tokens, result.labelled, result.attention_pairs, result.reference, result.policy_scored),
-                elapsed,
-                world,
-                self.peak_flops,
-            ),
+            **throughput(flops, elapsed, world, self.peak_flops),
             **{f"train/{k}": v for k, v in (result.stats or {}).items()},
         }
         step = state.step
