@@ -371,14 +371,34 @@ def test_backward_reads_the_weight_zero3_gathers_again_instead_of_keeping_the_fo
     torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], expected, rtol=0, atol=0)
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("variant", ["triton", "triton_lora"])
-def test_training_through_fused_kernels_equals_bitsandbytes(tmp_path: Path, variant: str, monkeypatch):
-    """Three QLoRA steps with quant.kernel=triton (and with the LoRA path fused too) give bitsandbytes' losses."""
+FUSED = {"bnb": [], "triton": ["quant.kernel=triton"], "triton_lora": ["quant.kernel=triton", "quant.fuse_lora=true"]}
+
+
+def _fused_losses(out: Path, kernel: str) -> list[float]:
+    """The train losses of three QLoRA steps through ``kernel`` (FUSED), then the eval loss."""
     import json
 
-    import dtune.quant
     from dtune.train import run
+    from tests.helpers import compose_config, tiny_overrides
+
+    overrides = ["optim.lr=1e-2", "data.train_size=8", "data.max_seq_len=96", "train.micro_batch_size=2"]
+    overrides += ["data.eval_size=2"]  # the interpreter's time goes to every row: 2 held-out rows, not 8
+    run(compose_config(tiny_overrides(out, *FUSED[kernel], *overrides)), out)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in records if "train/loss" in r] + [records[-1]["eval/loss"]]
+
+
+@pytest.fixture(scope="module")
+def bnb_losses(tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+    """The same steps through bitsandbytes' own path, run once for both fused variants."""
+    return _fused_losses(tmp_path_factory.mktemp("bnb"), "bnb")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("variant", ["triton", "triton_lora"])
+def test_training_through_fused_kernels_equals_bitsandbytes(bnb_losses, tmp_path: Path, variant: str, monkeypatch):
+    """Three QLoRA steps with quant.kernel=triton (and with the LoRA path fused too) give bitsandbytes' losses."""
+    import dtune.quant
 
     calls = {"nf4_linear": 0, "nf4_lora_linear": 0}
     for name in calls:
@@ -389,30 +409,10 @@ def test_training_through_fused_kernels_equals_bitsandbytes(tmp_path: Path, vari
             return _op(*args, **kwargs)
 
         monkeypatch.setattr(dtune.quant, name, counted)
-    from tests.helpers import compose_config, tiny_overrides
-
-    fused = {"bnb": [], "triton": ["quant.kernel=triton"], "triton_lora": ["quant.kernel=triton", "quant.fuse_lora=true"]}
-    losses = {}
-    for kernel in ("bnb", variant):
-        out = tmp_path / kernel
-        cfg = compose_config(
-            tiny_overrides(
-                out,
-                *fused[kernel],
-                "optim.lr=1e-2",
-                "data.train_size=8",
-                "data.eval_size=2",  # the interpreter's time goes to every row: 2 held-out rows, not 8
-                "data.max_seq_len=96",
-                "train.micro_batch_size=2",
-            )
-        )
-        run(cfg, out)
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        losses[kernel] = [r["train/loss"] for r in records if "train/loss" in r] + [records[-1]["eval/loss"]]
-    assert losses[variant] == pytest.approx(losses["bnb"], abs=1e-4)
+    assert _fused_losses(tmp_path / variant, variant) == pytest.approx(bnb_losses, abs=1e-4)
     assert calls["nf4_lora_linear" if variant == "triton_lora" else "nf4_linear"] > 0  # the fused path really ran
     assert calls["nf4_lora_linear"] == 0 or calls["nf4_linear"] == 0  # fused: no projection takes the plain path
-    assert losses["bnb"][0] - losses["bnb"][2] > 0.05  # the steps really trained
+    assert bnb_losses[0] - bnb_losses[2] > 0.05  # the steps really trained
 
 
 @pytest.mark.integration

@@ -24,14 +24,22 @@ from tests.helpers import ENV, REPO, SMOKE, checkpoint_state, free_port, real_sl
 SMOKE = [*SMOKE, "optim.lr=1e-3", "train.micro_batch_size=2", "train.checkpoint_every=0"]
 
 
+SIGNALLED = [sys.executable, "-m", "dtune.train", *SMOKE, "train.max_steps=120", "train.grad_accum_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run the signalled ones are held to, run through once."""
+    ref = tmp_path_factory.mktemp("uninterrupted")
+    done = subprocess.run([*SIGNALLED, f"hydra.run.dir={ref}"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return ref
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
-def test_signalled_run_checkpoints_exits_75_and_resumes_exactly(tmp_path: Path, sig: int):
-    cmd = [sys.executable, "-m", "dtune.train", *SMOKE, "train.max_steps=120", "train.grad_accum_steps=2"]
-    ref = tmp_path / "uninterrupted"
-    done = subprocess.run([*cmd, f"hydra.run.dir={ref}"], env=ENV, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
+def test_signalled_run_checkpoints_exits_75_and_resumes_exactly(uninterrupted: Path, tmp_path: Path, sig: int):
+    cmd, ref = SIGNALLED, uninterrupted
     out = tmp_path / "preempted"
     proc = subprocess.Popen([*cmd, f"hydra.run.dir={out}"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     signal_after_step(proc, out, 3, sig)
