@@ -115,8 +115,10 @@ def dtune_here(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.Com
 
 
 @pytest.mark.integration
-def test_bad_inputs_are_clear_errors(trained_run: Path, tmp_path: Path, capsys):
+def test_bad_inputs_are_clear_errors(trained_run: Path, tmp_path: Path, capsys, monkeypatch):
     from dtune.assets import resolve_model
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # errors as a user sees them, whatever the caller's environment
 
     # An adapter made for another base: the built-in SmolLM2 has other layer sizes than the tiny Llama.
     other = dtune_here(

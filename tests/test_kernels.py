@@ -359,7 +359,6 @@ def test_backward_reads_the_weight_zero3_gathers_again_instead_of_keeping_the_fo
     weight = (layer.base_layer if fuse_lora else layer).weight
     x = torch.randn(2, 21, layer.in_features, device=DEVICE, requires_grad=True)
     y = layer(x)
-    expected = torch.autograd.grad(y.sum(), x, retain_graph=True)[0]
     node = y.grad_fn
     while "dtune" not in type(node).__name__:  # past the output's dtype cast
         node = node.next_functions[0][0]
@@ -367,8 +366,14 @@ def test_backward_reads_the_weight_zero3_gathers_again_instead_of_keeping_the_fo
     weight.data = torch.empty(0, dtype=gathered.dtype, device=gathered.device)  # what ZeRO-3 does after forward
     held = [t for t in node.saved_tensors if t.untyped_storage().data_ptr() == gathered.untyped_storage().data_ptr()]
     assert not held, "a tensor saved for backward still holds the freed weight's bytes"
-    weight.data = gathered  # gathered again before backward
-    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], expected, rtol=0, atol=0)
+    # Gathered again before backward, into new memory: backward must read these bytes (here other ones than forward
+    # saw, so that a copy kept from forward would show), as a fresh forward and backward through them do.
+    weight.data = gathered.flip(0).contiguous()
+    got = torch.autograd.grad(y.sum(), x)[0]
+    expected = torch.autograd.grad(layer(x).sum(), x)[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    weight.data = gathered
+    assert not torch.equal(got, torch.autograd.grad(layer(x).sum(), x)[0])  # the flipped bytes do change it
 
 
 FUSED = {"bnb": [], "triton": ["quant.kernel=triton"], "triton_lora": ["quant.kernel=triton", "quant.fuse_lora=true"]}

@@ -191,7 +191,8 @@ def moe_alone(family_dir, tmp_path_factory) -> tuple[Path, list[str]]:
 RESUMED = {"zero3", "fsdp2"}
 """Engines whose MoE checkpoints are resumed and merged here: the two that partition the expert adapters (ZeRO-3's
 gathered save, FSDP2's sharded state dict). Checkpoint code is shared by every engine and adapter shape:
-tests/test_distributed.py resumes each engine on the dense model."""
+tests/test_distributed.py resumes the dense model's checkpoints of every engine (zero1's through zero2, its class;
+fsdp2_offload's under ddp)."""
 
 
 @pytest.mark.integration

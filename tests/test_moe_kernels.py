@@ -143,3 +143,7 @@ def test_grouped_dense_equals_a_matmul_per_expert_with_gradients(dtype, width, o
     assert ours[2][3].abs().max() == 0  # the empty expert's matrix gets no gradient
     for a, b in zip(run(grouped_dense, reduce_by_sum=True), run(grouped_dense_loop, reduce_by_sum=True), strict=True):
         torch.testing.assert_close(a, b, **tol)
+    with pytest.raises((RuntimeError, ValueError)):  # a row no expert owns: refused, never left unwritten
+        grouped_dense(torch.cat([x, x[:1]]), weight, ExpertRows(offsets))
+    with pytest.raises(ValueError, match="offsets"):
+        grouped_dense_loop(torch.cat([x, x[:1]]), weight, ExpertRows(offsets))

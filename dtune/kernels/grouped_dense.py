@@ -53,9 +53,12 @@ def _grouped_mm_on_cpu() -> bool:
 
 
 def grouped_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` takes x [M, in] and weight [E, out, in] (contiguous) on this device: its
-    strides must be multiples of 16 bytes, and on CUDA it needs bf16 on compute capability 9.0 or later."""
+    """Whether ``torch._grouped_mm`` takes x [M, in] and weight [E, out, in] (both contiguous) on this device: 16-bit
+    or fp32, strides and start addresses multiples of 16 bytes (a ZeRO-3 parameter can be a view into a flat buffer
+    at any offset), and on CUDA bf16 on compute capability 9.0 or later."""
     if not hasattr(torch, "_grouped_mm") or x.dtype != weight.dtype or x.dim() != 2 or weight.dim() != 3:
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.data_ptr() % 16 or weight.data_ptr() % 16:
         return False
     item = x.element_size()
     if (weight.shape[1] * item) % 16 or (weight.shape[2] * item) % 16:
@@ -66,18 +69,20 @@ def grouped_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def grouped_dense(x: torch.Tensor, weight: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
-    """x [M, in] sorted by expert (``rows``; every row belongs to an expert: ``offsets[E] == M``) -> [M, out],
-    row m of expert e times ``weight[e]``^T, weight [E, out, in]. Differentiable in both. Raises ValueError on
-    shapes that do not fit."""
+    """x [M, in] sorted by expert (``rows``) -> [M, out], row m of expert e times ``weight[e]``^T, weight
+    [E, out, in]. Differentiable in both. Every row must belong to an expert (``offsets[E] == M``, as
+    :func:`~dtune.kernels.nf4_grouped.group_by_expert` gives for routed indices below E): the grouped GEMM leaves
+    other rows (and their input gradient) unwritten, so they are refused -- on the device, without a sync
+    (``torch._assert_async``), by the loop with ValueError. Raises ValueError on shapes that do not fit."""
     experts, _, width = weight.shape
     if x.dim() != 2 or x.shape[1] != width or rows.offsets.shape != (experts + 1,):
         raise ValueError(
             f"grouped_dense: rows {tuple(x.shape)}, weight {tuple(weight.shape)} and offsets "
             f"{tuple(rows.offsets.shape)} do not fit ([M, in], [E, out, in], [E+1])"
         )
-    weight = weight.contiguous()
+    weight, x = weight.contiguous(), x.contiguous()
     if grouped_mm_fits(x, weight):
-        x = x.contiguous()
+        torch._assert_async(rows.offsets[-1] == x.shape[0])
         return _ContiguousGrad.apply(torch._grouped_mm(x, weight.transpose(1, 2), offs=rows.offsets[1:]))
     return grouped_dense_loop(x, weight, rows)
 
@@ -85,4 +90,6 @@ def grouped_dense(x: torch.Tensor, weight: torch.Tensor, rows: ExpertRows) -> to
 def grouped_dense_loop(x: torch.Tensor, weight: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
     """:func:`grouped_dense` as a loop over the experts, always (the reference the tests hold it to)."""
     bounds = rows.bounds()
+    if bounds[-1] != x.shape[0]:
+        raise ValueError(f"grouped_dense: {x.shape[0]} rows, but the experts own {bounds[-1]} (offsets[E] must be M)")
     return torch.cat([x[bounds[e] : bounds[e + 1]] @ weight[e].t() for e in range(weight.shape[0])])

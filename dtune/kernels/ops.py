@@ -24,8 +24,14 @@ from dtune.kernels.nf4_matmul import nf4_matmul, nf4_matmul_grad_input
 
 
 def _weight(packed, absmax, absmax2, code2, offset, code, n, k, blocksize, blocksize2, double_quant, dtype) -> NF4Weight:
-    """The ops take the packed bytes as the model stores them (any dtype and shape) and view them as uint8 here."""
+    """The ops take the packed bytes as the model stores them (any dtype and shape) and view them as uint8 here. A
+    weight of another size (a sharded one that was not gathered for this forward or backward) is a ValueError."""
     raw = packed.reshape(-1).view(torch.uint8)
+    if raw.numel() != (n * k + 1) // 2:
+        raise ValueError(
+            f"NF4 weight [{n}, {k}] holds {raw.numel()} packed bytes, expected {(n * k + 1) // 2}: a sharded weight "
+            "not gathered for this op?"
+        )
     return NF4Weight(raw, absmax, absmax2, code2, offset, code, (n, k), blocksize, blocksize2, double_quant, dtype)
 
 

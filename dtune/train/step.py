@@ -48,14 +48,14 @@ def labelled_tokens(batch: Batch, labels: str = "labels") -> torch.Tensor:
 def step_counts(batch: Batch, objective: str) -> list[int]:
     """What one micro-batch's forwards run through, for the FLOP count: (tokens, labelled, attention pairs) of its
     rows, then of its reference forwards (a preference objective's reference, unless precomputed: ``ref_logps``;
-    KTO's runs on the KL rows too), then of the policy's forwards without gradients (KTO's KL rows); and its rows."""
+    and KTO's on its KL rows), then of the policy's forwards without gradients (KTO's KL rows); and its rows."""
     rows = [int(batch["attention_mask"].sum()), int(labelled_tokens(batch)), attention_pairs(batch)]
     kl = [0, 0, 0]
     if "kl_input_ids" in batch:
         mask = batch["kl_attention_mask"]
         kl = [int(mask.sum()), int(labelled_tokens(batch, "kl_labels")), attention_pairs({"attention_mask": mask})]
     referenced = objective not in ("sft", *REFERENCE_FREE) and "ref_logps" not in batch
-    reference = [a + b for a, b in zip(rows, kl, strict=True)] if referenced else [0, 0, 0]
+    reference = [a + b for a, b in zip(rows if referenced else [0, 0, 0], kl, strict=True)]  # KL rows: always scored
     return [*rows, *reference, *kl, batch["input_ids"].shape[0]]
 
 
