@@ -210,3 +210,30 @@ def test_an_adapter_on_a_tied_head_merges_into_what_was_trained(tmp_path: Path):
     assert not torch.equal(merged.get_output_embeddings().weight, merged.get_input_embeddings().weight)
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(logits_of(merged, ids), logits_of(reference, ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.integration
+def test_a_data_file_changed_since_training_is_refused_by_eval_and_resume(tmp_path: Path, capsys):
+    """Rows appended to the training file move the held-out split: eval would score rows the adapter trained on as
+    held out, and a resumed run would train on other rows than the checkpoint's order assumed. Both refuse, naming
+    the file; a file only touched (same size) passes."""
+    from dtune.errors import DataError
+    from tests.families import chat_rows
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(20))
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out, "data=jsonl", f"data.source={data}", "data.format=chat", "data.choices=null")
+    run(compose_config([*overrides, "train.max_steps=2"]), out)
+    original = data.read_text()
+    data.write_text(original + "".join(json.dumps(row) + "\n" for row in chat_rows(10, seed=1)))
+
+    refused = dtune_here(capsys, "eval", str(out), "--general", "")
+    assert refused.returncode == 2 and f"{data.resolve()}: changed since training" in refused.stderr
+    assert "--allow-changed-data" in refused.stderr
+    allowed = dtune_here(capsys, "eval", str(out), "--general", "", "--allow-changed-data")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    with pytest.raises(DataError, match=r"changed since training .* resuming from"):
+        run(compose_config([*overrides, "train.max_steps=3"]), out)
+
+    data.write_text(original)  # the same rows, a new modification time
+    assert dtune_here(capsys, "eval", str(out), "--general", "").returncode == 0

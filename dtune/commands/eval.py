@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 from omegaconf import OmegaConf
 from torch import nn
 
 from dtune.adapters import load_frozen_base, load_trained, locate_args, mutates_base, trained_parser
+from dtune.checkpoint import CHECKPOINTS, TRAINER_STATE, checkpoints
 from dtune.data.examples import Example
-from dtune.data.load import load_data
+from dtune.data.load import check_sources, load_data, source_stats
 from dtune.data.stream import streamed_eval_set
 from dtune.distributed.engine import Engine
 from dtune.errors import ConfigError, user_errors
@@ -58,6 +60,17 @@ def held_out_source(data: DataConfig) -> str:
     return ", ".join(sources) + " (held out of the training source)"
 
 
+def recorded_sources(config_file: Path) -> dict[str, list[int]]:
+    """The data files the run read, as its checkpoint recorded them (:func:`~dtune.data.load.source_stats`): the
+    checkpoint whose config ``config_file`` is, or the run's newest one; empty for a run of an older dtune."""
+    folder = config_file.parent
+    states = [folder / TRAINER_STATE, *(path / TRAINER_STATE for _, path in reversed(checkpoints(folder / CHECKPOINTS)))]
+    for state in states:
+        if state.is_file():
+            return json.loads(state.read_text()).get("data_sources", {})
+    return {}
+
+
 def main(argv: list[str] | None = None) -> int:
     """``dtune eval RUN [data.key=value ...]``: held-out loss/perplexity (and accuracy) of base and base+adapter side
     by side on the run's data (or the data the overrides name), and a forgetting check: the same on general text."""
@@ -67,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--general-rows", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument(
+        "--allow-changed-data", action="store_true", help="evaluate even if the held-out rows' file changed since training"
+    )
     args = parser.parse_args(argv)
     with user_errors():
         trained = locate_args(args)
@@ -77,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
             merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(args.overrides))
             cfg = OmegaConf.to_object(merged)
             assert isinstance(cfg, DtuneConfig)
+        if not args.allow_changed_data:  # the split is drawn from the file as it is now: rows trained on may be in it
+            remedy = "put it back as it was, name held-out data (data.eval_source=FILE) or pass --allow-changed-data"
+            check_sources(
+                recorded_sources(Path(trained.source)), source_stats(cfg.data, held_out_only=True), "dtune eval", remedy
+            )
         cfg.logger.wandb = False
         # One process, whatever engine trained it (fsdp2 would want torchrun; the adapter is whole on disk).
         cfg.engine = replace(cfg.engine, strategy="ddp", zero_stage=0, offload_optimizer=False, offload_params=False)

@@ -49,16 +49,47 @@ def cache_key(cfg: DataConfig, tokenizer: Any) -> str:
     h = hashlib.sha256(f"dtune-data-v{CACHE_VERSION}".encode())
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("num_proc", "streaming")}
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    for src in [cfg.source, cfg.eval_source, *(m.path for m in cfg.mix)]:
-        if src and not src.startswith(BUILTIN_PREFIX) and Path(src).exists():
-            files = [Path(src)] if Path(src).is_file() else sorted(p for p in Path(src).rglob("*") if p.is_file())
-            for f in files:
-                st = f.stat()
-                h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for path, (size, mtime_ns) in source_stats(cfg).items():
+        h.update(f"{path}:{size}:{mtime_ns}".encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
     h.update(str(getattr(tokenizer, "chat_template", "")).encode())
     return h.hexdigest()[:24]
+
+
+def source_stats(cfg: DataConfig, held_out_only: bool = False) -> dict[str, list[int]]:
+    """Each local file the data settings read -- ``source``, ``eval_source``, the mixture's paths, a folder's files --
+    as resolved path -> ``[bytes, mtime_ns]``; ``held_out_only``: the files the held-out rows come from
+    (``eval_source`` if set, else the training sources they are split from). Built-in data ships with dtune: left out."""
+    sources = [cfg.source, *(m.path for m in cfg.mix)]
+    sources = ([cfg.eval_source] if cfg.eval_source else sources) if held_out_only else [*sources, cfg.eval_source]
+    stats: dict[str, list[int]] = {}
+    for src in sources:
+        if src and not src.startswith(BUILTIN_PREFIX) and Path(src).exists():
+            files = [Path(src)] if Path(src).is_file() else sorted(p for p in Path(src).rglob("*") if p.is_file())
+            for f in files:
+                st = f.stat()
+                stats[str(f.resolve())] = [st.st_size, st.st_mtime_ns]
+    return stats
+
+
+def check_sources(recorded: dict[str, list[int]], now: dict[str, list[int]], what: str, remedy: str) -> None:
+    """Compare the data files a run read (``recorded``, :func:`source_stats` then) with the same files ``now``.
+
+    Raises:
+        DataError: a file's size changed (rows added, removed or edited): ``what`` would not read the rows the run
+            read; the message names the file, both sizes and ``remedy``.
+    A file whose size is the same but whose modification time moved (touched, copied) is logged as a warning: the
+    rows are likely the same. Files in only one of the two are not compared (other data named on purpose)."""
+    for path in sorted(set(recorded) & set(now)):
+        (size, mtime), (size_now, mtime_now) = recorded[path], now[path]
+        if size != size_now:
+            raise DataError(
+                f"{path}: changed since training ({size:,} bytes then, {size_now:,} now): {what} would not read the "
+                f"rows the run read; {remedy}"
+            )
+        if mtime != mtime_now:
+            log.warning("%s: modified since training, same size (%s bytes): taken to hold the same rows", path, f"{size:,}")
 
 
 def default_num_proc() -> int:

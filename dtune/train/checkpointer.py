@@ -26,6 +26,7 @@ from dtune.checkpoint import (
     save_checkpoint,
 )
 from dtune.data.batching import StepSampler
+from dtune.data.load import check_sources, source_stats
 from dtune.data.stream import StreamSampler
 from dtune.distributed.engine import Engine
 from dtune.distributed.full_state import FullState
@@ -54,6 +55,7 @@ class Checkpointer:
         self.full = FullState(engine)
         self.every = cfg.train.checkpoint_every
         self.best_dir = output_dir / BEST_ADAPTER
+        self.sources = source_stats(cfg.data)  # as the run starts reading them; every checkpoint records them
 
     def load(self) -> tuple[dict[str, Any], Path] | None:
         """The checkpoint ``train.resume`` asks for (chosen on rank 0, so that every rank loads the same one whatever
@@ -63,6 +65,8 @@ class Checkpointer:
             return None
         saved = load_checkpoint(path)
         changed = check_resumable(saved["config"], self.cfg, path)
+        remedy = "put the file back as it was, or train on the new data in another train.output_dir"
+        check_sources(saved["trainer_state"].get("data_sources", {}), self.sources, f"resuming from {path}", remedy)
         log.info("resuming from %s (step %d)", path, saved["trainer_state"]["step"])
         if changed:
             log.warning("resume: settings changed since the checkpoint: %s", ", ".join(changed))
@@ -142,6 +146,7 @@ class Checkpointer:
                 "scheduler": parts.scheduler.state_dict(),
                 "scaler": self.full.scaler_state(parts.optimizer),
                 "world_size": self.engine.world_size,
+                "data_sources": self.sources,
                 "wandb_id": state.wandb_id,
                 "time": time.time(),
             }
