@@ -237,3 +237,49 @@ def test_a_data_file_changed_since_training_is_refused_by_eval_and_resume(tmp_pa
 
     data.write_text(original)  # the same rows, a new modification time
     assert dtune_here(capsys, "eval", str(out), "--general", "").returncode == 0
+
+
+def test_generate_reads_prompts_in_every_record_format_without_their_answers(tokenizer, tmp_path: Path):
+    """A prompts file holds prompts, not training rows: no answer is needed, a reference answer is left out, and the
+    record's system turn and earlier turns stay in the prompt (rendered as training rendered them)."""
+    from dtune.commands.generate import read_prompts, render
+    from dtune.data import Renderer
+    from dtune.errors import DataError
+    from dtune.schema import DataConfig
+
+    system = {"role": "system", "content": "Be brief."}
+    rows = [
+        {"prompt": "plain"},
+        {"messages": [system, {"role": "user", "content": "hi"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "1+1?"},
+                {"role": "assistant", "content": "2"},
+                {"role": "user", "content": "and 2+2?"},
+            ]
+        },
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "the reference answer"}]},
+        {"conversations": [{"from": "human", "value": "hey"}]},
+        {"instruction": "Translate", "input": "cat"},
+        {"prompt": [system, {"role": "user", "content": "conversational"}]},
+        {"text": "Once upon"},
+    ]
+    prompts = read_prompts(write_jsonl(tmp_path / "prompts.jsonl", rows))
+    assert prompts[0] == "plain" and prompts[-1] == "Once upon"
+    assert prompts[1] == [system, {"role": "user", "content": "hi"}]
+    assert [m["content"] for m in prompts[2]] == ["1+1?", "2", "and 2+2?"]
+    assert prompts[3] == [{"role": "user", "content": "q"}]
+    assert prompts[4] == [{"role": "user", "content": "hey"}]
+    assert prompts[5] == [{"role": "user", "content": "Translate\n\ncat"}]
+    assert prompts[6] == [system, {"role": "user", "content": "conversational"}]
+
+    chat = Renderer(tokenizer, DataConfig())
+    text, _ = render(chat, prompts[1], "The run's system prompt.")  # the record's own system turn wins
+    assert "Be brief." in text and "run's system prompt" not in text and text.endswith("<|im_start|>assistant\n")
+    text, _ = render(chat, prompts[2], None)
+    assert text.count("<|im_start|>user") == 2 and "the reference answer" not in render(chat, prompts[3], None)[0]
+
+    with pytest.raises(DataError, match=r"prompts.jsonl:2: messages\[0\]: role 'robot'"):
+        read_prompts(
+            write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "ok"}, {"messages": [{"role": "robot", "content": "x"}]}])
+        )

@@ -4,7 +4,7 @@ The base loads in 4-bit exactly as it was trained, the adapter on top; each prom
 prompts (the tokenizer's chat template, or ChatML when it has none, with the run's system prompt; plain text with
 ``--no-chat-template`` or when the run trained without a template),
 and the answer is streamed to stdout token by token. Prompts come from ``--prompt`` (repeatable) or a JSONL file
-(``{"prompt": ...}`` per line, or any record format dtune trains on); ``--out`` writes prompt/answer pairs as JSONL.
+(``{"prompt": ...}`` per line, or a chat, ShareGPT or alpaca record, its reference answer optional and left out); ``--out`` writes prompt/answer pairs as JSONL.
 """
 
 from __future__ import annotations
@@ -23,36 +23,71 @@ from dtune.errors import DataError, user_errors
 from dtune.model import load_tokenizer
 from dtune.units import DTYPES
 
+Prompt = str | list[dict[str, Any]]
+"""A user message, or a conversation (chat messages) that the model's answer continues."""
 
-def read_prompts(path: Path) -> list[str]:
-    """Prompts of a JSONL file: ``prompt`` fields, or the user turns of any dtune record format."""
-    prompts = []
+PLACEHOLDER = "(the answer to generate)"
+"""Stands in for a record's missing answer so that the training formats' parser reads it; dropped again."""
+
+
+def read_prompts(path: Path) -> list[Prompt]:
+    """Prompts of a JSONL file, one a line: ``{"prompt": TEXT or [messages]}``, a chat/ShareGPT record (its
+    system turn, tools' messages and earlier turns kept; a final assistant reply, the reference answer, dropped), an
+    alpaca record (``output`` optional), or ``{"text": ...}`` (plain text). Raises DataError naming file and line."""
+    prompts: list[Prompt] = []
     for i, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
+        where = f"{path}:{i}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{i}: malformed JSON: {err.msg} (column {err.colno})") from None
+            raise DataError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
         if not isinstance(obj, dict):
-            raise DataError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        if isinstance(obj.get("prompt"), list):
+            obj = {"messages": obj["prompt"]}  # a conversational prompt (TRL's and dtune's preference rows)
         if isinstance(obj.get("prompt"), str):
             prompts.append(obj["prompt"])
-            continue
-        fmt = next((f for key, f in (("messages", "chat"), ("conversations", "sharegpt")) if key in obj), "alpaca")
-        row = row_from_obj(obj, f"{path}:{i}", fmt)
-        prompts.append(next(m["content"] for m in row.messages if m["role"] == "user"))
+        elif isinstance(obj.get("text"), str) and not ({"messages", "conversations", "instruction"} & set(obj)):
+            prompts.append(obj["text"])
+        else:
+            prompts.append(_conversation_prompt(obj, where))
     if not prompts:
         raise DataError(f"{path}: no prompts")
     return prompts
 
 
-def render(renderer: Renderer, prompt: str, system: str | None) -> tuple[str, bool]:
-    """The text the model sees before its answer, as training rendered prompts; and whether it is templated."""
-    if not renderer.templated:  # trained on plain text
-        return prompt, False
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+def _conversation_prompt(obj: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """The messages before the answer of a chat, ShareGPT or alpaca record (parsed as training parses them)."""
+    fmt = next((f for key, f in (("messages", "chat"), ("conversations", "sharegpt")) if key in obj), "alpaca")
+    key = {"chat": "messages", "sharegpt": "conversations"}.get(fmt)
+    if key and isinstance(obj[key], list) and obj[key]:
+        last = obj[key][-1]
+        answered = isinstance(last, dict) and (last.get("role") == "assistant" or last.get("from") == "gpt")
+        if not answered:
+            answer = {"role": "assistant", "content": PLACEHOLDER} if fmt == "chat" else {"from": "gpt", "value": PLACEHOLDER}
+            obj = {**obj, key: [*obj[key], answer]}
+    elif fmt == "alpaca" and "output" not in obj:
+        obj = {**obj, "output": PLACEHOLDER}
+    messages = row_from_obj(obj, where, fmt).messages
+    return [{k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "name")} for m in messages[:-1]]
+
+
+def render(renderer: Renderer, prompt: Prompt, system: str | None) -> tuple[str, bool]:
+    """The text the model sees before its answer, as training rendered prompts; and whether it is templated.
+    ``system`` goes first unless the conversation has its own system turn."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if not renderer.templated:  # trained on plain text: the last user turn is the text to continue
+        return next(m["content"] for m in reversed(messages) if m["role"] == "user"), False
+    if system and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": system}, *messages]
     return renderer.chat(messages, generation_prompt=True), True
+
+
+def shown(prompt: Prompt) -> str:
+    """A prompt as the stream shows it: its last user turn."""
+    return prompt if isinstance(prompt, str) else next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
 
 
 def end_of_turn(renderer: Renderer) -> str | None:
@@ -64,7 +99,7 @@ def end_of_turn(renderer: Renderer) -> str | None:
 def generate(
     model: Any,
     renderer: Renderer,
-    prompts: list[str],
+    prompts: list[Prompt],
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -85,7 +120,7 @@ def generate(
         inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not templated).to(device)
         streamer = None
         if stream is not None:
-            stream.write(f"\n>>> {prompt}\n")
+            stream.write(f"\n>>> {shown(prompt)}\n")
             streamer = _streamer(tokenizer, stream)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
         if stop:
