@@ -58,6 +58,14 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="dtune_schema", node=DtuneConfig)
     OmegaConf.register_new_resolver("dtune_job_dir", job_dir_name, replace=True)
     OmegaConf.register_new_resolver("dtune_rank_suffix", rank_suffix, replace=True)
+    OmegaConf.register_new_resolver("dtune_run_dir", run_dir, replace=True)
+
+
+def run_dir(output_dir: str | None) -> str:
+    """Hydra's run directory (``.hydra/``, ``dtune.log``): ``train.output_dir`` when set, so that a run's logs and
+    config record sit beside its checkpoints and adapter (a resumed run appends to the same ``dtune.log``);
+    otherwise ``outputs/<one folder per job>``."""
+    return str(output_dir) if output_dir else f"outputs/{job_dir_name()}"
 
 
 register_configs()

@@ -166,6 +166,8 @@ class OutputLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            with contextlib.suppress(OSError):  # an ended run leaves no holder: the next one has nothing to take over
+                os.ftruncate(self._fd, 0)
             os.close(self._fd)  # closing drops the record lock
             self._fd = None
 

@@ -58,12 +58,15 @@ def test_python_dash_m_dtune_train_and_own_data(tmp_path: Path):
         f"data.source={train}",
         f"data.eval_source={evals}",
         "data.choices=[yes,no]",
-        f"hydra.run.dir={out}",
+        f"train.output_dir={out}",
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["data"]["train_rows"] == 24 and results["data"]["eval_rows"] == 6
+    # Hydra's record and the log sit beside the run's checkpoints, not in a second folder under ./outputs
+    assert (out / ".hydra" / "overrides.yaml").is_file() and "training" in (out / "dtune.log").read_text()
+    assert not (tmp_path / "outputs").exists()
 
 
 @pytest.mark.integration

@@ -50,10 +50,16 @@ def test_a_stale_lock_file_is_taken_over(tmp_path: Path, caplog):
     assert "taking over from a run that ended without releasing it (host gone-node, pid 4242" in caplog.text
 
 
-def test_released_when_the_run_ends(tmp_path: Path):
+def test_released_when_the_run_ends(tmp_path: Path, caplog):
     with OutputLock(tmp_path):
         pass
     OutputLock(tmp_path).acquire().release()
+    # A run in another process that ended cleanly leaves no holder behind: the next run takes over nothing.
+    ended = f"from dtune.fsutil import OutputLock; OutputLock({str(tmp_path)!r}).acquire().release()"
+    subprocess.run([sys.executable, "-c", ended], env=ENV, check=True, timeout=120)
+    with caplog.at_level("INFO", logger="dtune.fsutil"), OutputLock(tmp_path):
+        pass
+    assert "taking over" not in caplog.text
 
 
 @pytest.mark.integration
