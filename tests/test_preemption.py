@@ -37,14 +37,16 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
-def test_signalled_run_checkpoints_exits_75_and_resumes_exactly(uninterrupted: Path, tmp_path: Path, sig: int):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])  # (SIGUSR1: the set-up test here, tests/test_slurm.py)
+def test_signalled_run_checkpoints_exits_and_resumes_exactly(uninterrupted: Path, tmp_path: Path, sig: int):
+    """SIGTERM (preemption) exits 75, which launchers requeue; Ctrl-C exits 130, the same checkpoint, no traceback."""
     cmd, ref = SIGNALLED, uninterrupted
     out = tmp_path / "preempted"
     proc = subprocess.Popen([*cmd, f"hydra.run.dir={out}"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     signal_after_step(proc, out, 3, sig)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 75, err[-3000:]
+    assert proc.returncode == (130 if sig == signal.SIGINT else 75), err[-3000:]
+    assert "Traceback" not in err
     state = checkpoint_state(out)
     assert state["reason"] == f"preempted: {signal.Signals(sig).name}"
     stopped = state["step"]
@@ -77,6 +79,19 @@ def test_a_signal_while_setting_up_stops_at_once_without_a_checkpoint(tmp_path: 
     assert proc.returncode == 75, err[-3000:]
     assert "stopped at step 0 on SIGUSR1" in (out / "dtune.log").read_text()
     assert not (out / "checkpoints").exists() and not (out / "results.json").exists()
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    from dtune.distributed.preempt import Preemption
+
+    with Preemption() as preemption:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs between bytecodes of the main thread
+        assert preemption.received == signal.SIGINT and preemption.previous_handler() is None
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def _fake_slurm(bin_dir: Path, log: Path) -> None:

@@ -43,20 +43,23 @@ def main(dict_cfg: DictConfig) -> float | None:
             write_status("done", results["steps"], str(output_dir))
             value = run_objective(output_dir, results)
         except Preempted as err:
-            log.warning(
-                "stopped at step %d on %s: checkpoint written; exit %d asks the launcher to requeue",
-                err.step,
-                err.signal_name,
-                REQUEUE_EXIT,
-            )
-            write_status("preempted", err.step, str(output_dir), err.signal_name)
+            if err.interrupted:
+                log.warning("stopped at step %d on Ctrl-C: checkpoint written; the same command resumes it", err.step)
+            else:
+                log.warning(
+                    "stopped at step %d on %s: checkpoint written; exit %d asks the launcher to requeue",
+                    err.step,
+                    err.signal_name,
+                    REQUEUE_EXIT,
+                )
+            write_status("interrupted" if err.interrupted else "preempted", err.step, str(output_dir), err.signal_name)
             stopped = err
     # Under submitit the task returns (its result is recorded) and submitit's own handler requeues the job.
     submitit = under_submitit()
     shutdown_distributed(
-        exit_code=REQUEUE_EXIT if stopped else 0, then=stopped.chain if stopped else None, exit_process=not submitit
+        exit_code=stopped.exit_code if stopped else 0, then=stopped.chain if stopped else None, exit_process=not submitit
     )
     if stopped and not submitit:
-        raise SystemExit(REQUEUE_EXIT)
+        raise SystemExit(stopped.exit_code)
     # A stopped run returns None: its requeued job returns the value (under submitit, the result the launcher reads).
     return value

@@ -5,6 +5,9 @@ forwards the signals it is told to (``--signals-to-handle``, see launch/torchrun
 of them dtune sets a flag; the training loop asks all ranks after each step (a signal may reach some ranks only),
 writes a checkpoint and leaves with :data:`REQUEUE_EXIT`. A handler that was installed before ours (submitit's,
 which requeues the job itself) is called after the checkpoint is written.
+
+Ctrl-C (SIGINT) in an interactive run stops the same way -- at the step boundary, with a checkpoint -- but exits
+:data:`INTERRUPT_EXIT`, which no launch script requeues; a second Ctrl-C stops at once (KeyboardInterrupt).
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ log = logging.getLogger(__name__)
 REQUEUE_EXIT = 75
 """Exit status of a run that stopped on a signal after writing its checkpoint (EX_TEMPFAIL: try again)."""
 
-SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
+INTERRUPT_EXIT = 130
+"""Exit status of a run stopped by Ctrl-C after writing its checkpoint (the shell's 128 + SIGINT): not requeued."""
+
+SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
 
 
 class Preemption:
@@ -41,9 +47,12 @@ class Preemption:
         return self.received is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user will not wait for the step to end
         if self.received is None:
             self.received = signal.Signals(signum)
-            log.warning("received %s: stopping after the current step to write a checkpoint", self.received.name)
+            again = "; Ctrl-C again to stop at once, without one" if signum == signal.SIGINT else ""
+            log.warning("received %s: stopping after the current step to write a checkpoint%s", self.received.name, again)
 
     def __enter__(self) -> Preemption:
         if threading.current_thread() is threading.main_thread():  # handlers can only be set from the main thread
@@ -58,7 +67,7 @@ class Preemption:
 
     def previous_handler(self) -> Callable[[int, FrameType | None], Any] | None:
         """The Python handler that our handler replaced for the signal received (e.g. submitit's), if any."""
-        if self.received is None:
+        if self.received is None or self.received == signal.SIGINT:  # Python's own raises KeyboardInterrupt: not wanted
             return None
         previous = self._previous.get(self.received)
         return previous if callable(previous) else None
@@ -76,6 +85,15 @@ class Preempted(Exception):
     @property
     def signal_name(self) -> str:
         return self.received.name if self.received else "a signal received by another rank"
+
+    @property
+    def interrupted(self) -> bool:
+        """Stopped by Ctrl-C: the user ends the run; it is not to be requeued."""
+        return self.received == signal.SIGINT
+
+    @property
+    def exit_code(self) -> int:
+        return INTERRUPT_EXIT if self.interrupted else REQUEUE_EXIT
 
     def chain(self) -> None:
         """Hand the signal on to the handler ours replaced (submitit's requeues the job and exits)."""
