@@ -41,8 +41,9 @@ if [[ -z "${NPROC_PER_NODE:-}" && -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
 fi
 echo "dtune: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $NNODES node(s): $SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT"
 
-# dtune's rank 0 writes how the run ended here ("done", "preempted" or "interrupted": Ctrl-C, not requeued): torchrun exits 1 for any stop, so its status
-# cannot tell a checkpointed stop from a crash. On the submit directory's filesystem, which every node shares.
+# dtune's rank 0 writes how the run ended here ("done", "preempted", or "interrupted" by Ctrl-C: not requeued):
+# torchrun exits 1 for any stop, so its status cannot tell a checkpointed stop from a crash. On the submit
+# directory's filesystem, which every node shares.
 export DTUNE_STATUS_FILE="${DTUNE_STATUS_FILE:-$PWD/outputs/.dtune-status-$SLURM_JOB_ID.json}"
 rm -f "$DTUNE_STATUS_FILE"
 
