@@ -65,7 +65,9 @@ def run_dir(output_dir: str | None) -> str:
     """Hydra's run directory (``.hydra/``, ``dtune.log``): ``train.output_dir`` when set, so that a run's logs and
     config record sit beside its checkpoints and adapter (a resumed run appends to the same ``dtune.log``);
     otherwise ``outputs/<one folder per job>``."""
-    return str(output_dir) if output_dir else f"outputs/{job_dir_name()}"
+    if output_dir and not (Path(output_dir).exists() and not Path(output_dir).is_dir()):
+        return str(output_dir)
+    return f"outputs/{job_dir_name()}"  # (a train.output_dir that is a file: refused by validate, in one line)
 
 
 register_configs()
@@ -84,6 +86,8 @@ def validate(cfg: DtuneConfig) -> None:
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         e.append(f"optim.min_lr_ratio: must be in [0, 1]; got {cfg.optim.min_lr_ratio}")
     one_of(e, "optim.schedule", cfg.optim.schedule, SCHEDULES)
+    if cfg.train.output_dir and Path(cfg.train.output_dir).exists() and not Path(cfg.train.output_dir).is_dir():
+        e.append(f"train.output_dir: {cfg.train.output_dir} is a file, not a directory")
     steps = cfg.train.max_steps  # a length in epochs (given, or the default) is checked once the data is known
     if steps is not None and cfg.optim.warmup_steps > steps:
         e.append(f"optim.warmup_steps: {cfg.optim.warmup_steps} exceeds train.max_steps ({steps})")

@@ -237,3 +237,12 @@ def test_chunked_loss_lowers_the_peak_as_planned():
         (peaks[chunk],) = measure(cfg).values()
         assert peaks[chunk] == pytest.approx(predicted, rel=0.10), f"chunk {chunk}: measured {peaks[chunk]} predicted {predicted}"
     assert peaks[64] < 0.6 * peaks[0]
+
+
+@pytest.mark.parametrize("world", ["0", "-2"])
+def test_a_world_size_below_one_is_refused(world: str, capsys):
+    from dtune.commands.plan import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--world-size", world])
+    assert stop.value.code == 2 and f"--world-size: must be at least 1, got {world}" in capsys.readouterr().err

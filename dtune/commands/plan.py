@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             worst = max(abs(r["measured"] / r["predicted"] - 1) for r in rows)
             print(f"largest deviation: {worst:.1%} ({rows[0]['kind']}, {platform.processor() or platform.machine()})")
             return 0
+        if args.world_size is not None and args.world_size < 1:
+            raise ConfigError(f"--world-size: must be at least 1, got {args.world_size}")
         cfg = compose(args.overrides)
         world = args.world_size or cfg.launcher.nproc_per_node * cfg.launcher.nnodes
         gpu = parse_bytes(args.gpu_mem, "--gpu-mem", default_unit="G") if args.gpu_mem else gpu_memory()
