@@ -89,6 +89,7 @@ def test_every_pair_form_gives_the_prompt_and_two_replies():
     [
         ({"prompt": "Q?", "chosen": "Yes."}, "missing field 'rejected'"),
         ({"prompt": "Q?", "chosen": "Same.", "rejected": "Same."}, "are the same reply"),
+        ({"prompt": "Q?", "chosen": "Yes.", "rejected": "  "}, "rejected: the assistant turn is empty"),
         ({"chosen": "Yes.", "rejected": "No."}, "missing field 'prompt'"),
         ({"prompt": [{"role": "assistant", "content": "Hi."}], "chosen": "Y", "rejected": "N"}, "must end with a user"),
         ({"prompt": "Q?", "chosen": [{"role": "user", "content": "Q?"}], "rejected": "No."}, "field 'chosen': a reply is"),
@@ -454,6 +455,8 @@ def test_kto_rows_parse_with_their_label_and_bad_labels_are_named():
     assert row_from_obj({"completion": convo, "label": True}, "k.jsonl:2", "kto").prompt_turns == 1
     with pytest.raises(DataError, match=r"k.jsonl:3: field 'label' must be true \(desirable\) or false; got 'yes'"):
         row_from_obj({"prompt": "Q?", "completion": "A.", "label": "yes"}, "k.jsonl:3", "kto")
+    with pytest.raises(DataError, match=r"k\.jsonl:4: completion: the assistant turn is empty"):
+        row_from_obj({"prompt": "Q?", "completion": "", "label": False}, "k.jsonl:4", "kto")
 
 
 def test_kto_loss_is_its_closed_form_with_the_batch_kl_estimate(tiny_pairs):

@@ -252,8 +252,8 @@ def _alpaca(obj: dict, where: str) -> Row:
 
 def _turns(value: Any, key: str, where: str, role: str, unknown: UnknownKeys | None) -> list[dict[str, Any]]:
     """A prompt or reply field: a string (one ``role`` message), a message, or a non-empty list of messages."""
-    if isinstance(value, str):
-        return [{"role": role, "content": value}]
+    if isinstance(value, str):  # an empty reply is refused as an empty assistant turn is (nothing to learn from)
+        return [_message(None, f"{where}: {key}", role, value)[0]]
     items = [value] if isinstance(value, dict) else value
     if not isinstance(items, list) or not items:
         raise DataError(f"{where}: field '{key}' must be a string, a message or a non-empty list of messages")
