@@ -79,6 +79,14 @@ def test_eval_fraction_and_size(tmp_path: Path):
         split_rows(DataConfig(source=str(src), eval_size=50))
 
 
+def test_a_train_size_beyond_the_data_is_said(tmp_path: Path, caplog):
+    src = write_jsonl(tmp_path / "d.jsonl", records("d", 20))
+    with caplog.at_level("WARNING", logger="dtune.data.sources"):
+        train, _ = split_rows(DataConfig(source=str(src), eval_size=8, train_size=32))
+    assert len(train) == 12
+    assert f"data.train_size=32, but {src} leaves 12 training rows after 8 held out: training on those" in caplog.text
+
+
 def test_tokenized_data_is_cached_and_rebuilt_when_inputs_change(tmp_path: Path, tokenizer, monkeypatch):
     import os
     import time

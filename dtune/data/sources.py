@@ -6,6 +6,7 @@ from __future__ import annotations
 import bz2
 import csv
 import json
+import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,8 @@ from dtune.assets import BUILTIN_PREFIX, package_dir
 from dtune.data.formats import Row, UnknownKeys, row_from_obj
 from dtune.errors import DataError
 from dtune.schema import DataConfig
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -258,5 +261,13 @@ def split(cfg: DataConfig, load: Callable[[str, str, str], list[T]]) -> tuple[li
     if cfg.eval_source is not None:
         evals = load(cfg.eval_source, "data.eval_source", cfg.format)
     if cfg.train_size is not None:
+        if len(train) < cfg.train_size and not cfg.mix:  # (a mixture samples its sources up to the size)
+            log.warning(
+                "data.train_size=%d, but %s leaves %d training rows%s: training on those",
+                cfg.train_size,
+                cfg.source,
+                len(train),
+                "" if cfg.eval_source is not None else f" after {len(evals)} held out",
+            )
         train = train[: cfg.train_size]
     return train, evals
