@@ -58,6 +58,11 @@ def test_signalled_run_checkpoints_exits_and_resumes_exactly(uninterrupted: Path
     assert again.returncode == 0, again.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["resumed_from_step"] == stopped
+    # Tokens count the whole run; the rate is this start's tokens over this start's time.
+    assert (
+        0 < results["segment_tokens"] < results["train_tokens"] == json.loads((ref / "results.json").read_text())["train_tokens"]
+    )
+    assert results["tokens_per_s"] == pytest.approx(results["segment_tokens"] / results["train_time_s"], rel=0.01)
     # Bit-exact on CPU: every step's loss, before and after the stop, is the uninterrupted run's.
     assert [(r["step"], r["train/loss"]) for r in train_records(out)] == [
         (r["step"], r["train/loss"]) for r in train_records(ref)

@@ -315,7 +315,8 @@ class Trainer:
             "steps_per_epoch": self.length.steps_per_epoch,
             "stopped_early": stopped_early,
             "resumed_from_step": state.resumed_from_step,
-            "train_tokens": state.tokens_seen,
+            "train_tokens": state.tokens_seen,  # the whole run's; time and throughput are this start's (resumed: since)
+            "segment_tokens": state.segment_tokens,
             "train_time_s": round(train_time, 2),
             "tokens_per_s": round(rate, 1),
             "tokens_per_s_per_device": round(rate / engine.world_size, 1),
