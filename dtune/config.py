@@ -10,6 +10,7 @@ The training code receives a plain :class:`DtuneConfig` (``to_dataclass``), neve
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from hydra import compose as hydra_compose
@@ -222,6 +223,7 @@ def _composition_error(err: BaseException) -> str:
         if e is None:
             continue
         text = str(e).split("Config search path:")[0]
+        text = re.sub(r"To append to your config use \+\S+", "", text)  # dtune reads only its schema's keys
         lines = [
             line.strip()
             for line in text.splitlines()

@@ -115,13 +115,16 @@ def test_malformed_json_line(tmp_path: Path):
 @pytest.mark.integration
 def test_unknown_config_key(tmp_path: Path):
     proc = dtune(*SMOKE, "optim.learning_rate=1e-4", cwd=tmp_path)
-    assert_clean_failure(proc, "learning_rate", "optim")
+    assert_clean_failure(proc, "dtune: error: overrides:", "learning_rate", "full_key: optim.learning_rate")
+    assert proc.returncode == 2 and "+optim.learning_rate" not in proc.stderr  # a '+key' dtune would refuse too
+    assert not (tmp_path / "outputs").exists()  # stopped before Hydra made a run dir
 
 
 @pytest.mark.integration
 def test_wrong_type(tmp_path: Path):
     proc = dtune(*SMOKE, "lora.r=sixteen", cwd=tmp_path)
-    assert_clean_failure(proc, "lora.r")
+    assert_clean_failure(proc, "dtune: error: overrides:", "lora.r")
+    assert proc.returncode == 2
 
 
 @pytest.mark.integration

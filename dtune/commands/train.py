@@ -6,13 +6,14 @@ value an Optuna sweep (``sweeper=optuna``) minimises."""
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from dtune.config import conf_dir, to_dataclass, validate
+from dtune.config import compose, conf_dir, to_dataclass, validate
 from dtune.distributed.env import shutdown_distributed
 from dtune.distributed.preempt import REQUEUE_EXIT, Preempted, under_submitit, write_status
 from dtune.errors import user_errors
@@ -30,8 +31,25 @@ def job_output_dir(cfg: DtuneConfig) -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+def check_overrides(argv: list[str]) -> None:
+    """Compose a plain run's config before Hydra does, so that a misspelt key, a value of the wrong type or an
+    unknown group option is one ``dtune: error:`` line and exit status 2, as every other bad input (Hydra reports
+    them over several lines, exit 1, and proposes ``+key=`` for a misspelt key, which dtune refuses). Runs given
+    Hydra's own flags (``--multirun`` sweeps, ``--config-dir``, ``--cfg``, ``--help``) are left to Hydra."""
+    if any(arg.startswith("-") for arg in argv):
+        return
+    with user_errors():
+        compose([arg for arg in argv if not arg.lstrip("+~").startswith("hydra.")], check=False)
+
+
+def main() -> None:
+    """``dtune train``: the overrides checked (:func:`check_overrides`), then the Hydra job."""
+    check_overrides(sys.argv[1:])
+    train_job()
+
+
 @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
-def main(dict_cfg: DictConfig) -> float | None:
+def train_job(dict_cfg: DictConfig) -> float | None:
     stopped: Preempted | None = None
     value: float | None = None
     with user_errors():
