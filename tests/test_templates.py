@@ -212,7 +212,8 @@ def test_generate_reads_prompts_from_every_record_format(tmp_path: Path):
     share = {"conversations": [{"from": "human", "value": "Pick a colour."}, {"from": "gpt", "value": "Teal."}]}
     alpaca = {"instruction": "Name a fruit", "output": "Plum"}
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}, PRIME, share, alpaca])
-    assert read_prompts(path) == ["Hi", "Name a prime below 10.", "Pick a colour.", "Name a fruit"]
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731 -- the reference answers are left out
+    assert read_prompts(path) == ["Hi", user("Name a prime below 10."), user("Pick a colour."), user("Name a fruit")]
 
 
 def test_a_tokenizer_that_prepends_spaces_is_labelled_through_offsets():
