@@ -4,7 +4,8 @@ The base loads in 4-bit exactly as it was trained, the adapter on top; each prom
 prompts (the tokenizer's chat template, or ChatML when it has none, with the run's system prompt; plain text with
 ``--no-chat-template`` or when the run trained without a template),
 and the answer is streamed to stdout token by token. Prompts come from ``--prompt`` (repeatable) or a JSONL file
-(``{"prompt": ...}`` per line, or a chat, ShareGPT or alpaca record, its reference answer optional and left out); ``--out`` writes prompt/answer pairs as JSONL.
+(``{"prompt": ...}`` per line, or a chat, ShareGPT or alpaca record, its reference answer optional and left out);
+``--out`` writes prompt/answer pairs as JSONL.
 """
 
 from __future__ import annotations

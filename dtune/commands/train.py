@@ -35,8 +35,9 @@ def check_overrides(argv: list[str]) -> None:
     """Compose a plain run's config before Hydra does, so that a misspelt key, a value of the wrong type or an
     unknown group option is one ``dtune: error:`` line and exit status 2, as every other bad input (Hydra reports
     them over several lines, exit 1, and proposes ``+key=`` for a misspelt key, which dtune refuses). Runs given
-    Hydra's own flags (``--multirun`` sweeps, ``--config-dir``, ``--cfg``, ``--help``) are left to Hydra."""
-    if any(arg.startswith("-") for arg in argv):
+    Hydra's own flags (``--multirun`` sweeps, ``--config-dir``, ``--cfg``, ``--help``) or interpolations (``${hydra:...}``
+    resolves only inside the job) are left to Hydra."""
+    if any(arg.startswith("-") or "${" in arg for arg in argv):
         return
     with user_errors():
         compose([arg for arg in argv if not arg.lstrip("+~").startswith("hydra.")], check=False)
