@@ -41,7 +41,15 @@ def main(argv: list[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
-    command, rest = args[0], args[1:]
+    try:
+        dispatch(args[0], args[1:])
+    except KeyboardInterrupt:  # Ctrl-C while importing, generating, merging...: no traceback (dtune train saves first)
+        print("dtune: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def dispatch(command: str, rest: list[str]) -> None:
+    """Run ``dtune <command> <rest>``; exits with the command's status."""
     if command in COMMANDS:
         offline_defaults()
         # Imported on demand: each command's module pulls in torch, transformers or DeepSpeed, which `dtune --help`

@@ -60,6 +60,7 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("dtune_job_dir", job_dir_name, replace=True)
     OmegaConf.register_new_resolver("dtune_rank_suffix", rank_suffix, replace=True)
     OmegaConf.register_new_resolver("dtune_run_dir", run_dir, replace=True)
+    OmegaConf.register_new_resolver("dtune_hydra_subdir", hydra_subdir, replace=True)
 
 
 def run_dir(output_dir: str | None) -> str:
@@ -69,6 +70,13 @@ def run_dir(output_dir: str | None) -> str:
     if output_dir and not (Path(output_dir).exists() and not Path(output_dir).is_dir()):
         return str(output_dir)
     return f"outputs/{job_dir_name()}"  # (a train.output_dir that is a file: refused by validate, in one line)
+
+
+def hydra_subdir(output_dir: str | None) -> str:
+    """Where Hydra records the composed config and overrides in the run dir: ``.hydra/``; in a ``train.output_dir``,
+    which every start of the run (resumes, requeued jobs, a second launch refused because the first still runs)
+    shares, ``.hydra/<start>/``, so that no start overwrites another's record."""
+    return f".hydra/{job_dir_name()}" if output_dir else ".hydra"
 
 
 register_configs()

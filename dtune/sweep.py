@@ -78,9 +78,14 @@ def run_objective(output_dir: Path, results: Mapping[str, Any]) -> float | None:
 
 
 def _overrides(job_dir: Path) -> list[str]:
+    """The job's overrides: ``.hydra/overrides.yaml``, or the newest start's (``.hydra/<start>/``, see
+    :func:`dtune.config.hydra_subdir`)."""
     path = job_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
-        return []
+        starts = sorted((job_dir / ".hydra").rglob("overrides.yaml"))
+        if not starts:
+            return []
+        path = starts[-1]
     return [str(o) for o in OmegaConf.load(path)]
 
 

@@ -65,7 +65,8 @@ def test_python_dash_m_dtune_train_and_own_data(tmp_path: Path):
     results = json.loads((out / "results.json").read_text())
     assert results["data"]["train_rows"] == 24 and results["data"]["eval_rows"] == 6
     # Hydra's record and the log sit beside the run's checkpoints, not in a second folder under ./outputs
-    assert (out / ".hydra" / "overrides.yaml").is_file() and "training" in (out / "dtune.log").read_text()
+    # (.hydra/<start>/: every start into one train.output_dir keeps its own record)
+    assert len(list((out / ".hydra").rglob("overrides.yaml"))) == 1 and "training" in (out / "dtune.log").read_text()
     assert not (tmp_path / "outputs").exists()
 
 

@@ -170,10 +170,11 @@ def test_installed_wheel_ships_the_configs(tmp_path: Path):
 def test_an_output_dir_that_is_a_file_is_refused_and_hydra_does_not_trip_on_it(tmp_path: Path):
     """train.output_dir is also Hydra's run dir; a file there must reach validate's one-line error, not Hydra's
     FileExistsError traceback."""
-    from dtune.config import run_dir
+    from dtune.config import hydra_subdir, run_dir
 
     file = tmp_path / "train.jsonl"
     file.write_text("{}\n")
     with pytest.raises(ConfigError, match=re.escape(f"train.output_dir: {file} is a file, not a directory")):
         validate(compose_config([f"train.output_dir={file}"]))
     assert run_dir(str(file)).startswith("outputs/") and run_dir(str(tmp_path / "new")) == str(tmp_path / "new")
+    assert hydra_subdir(None) == ".hydra" and hydra_subdir(str(tmp_path)).startswith(".hydra/")  # one record per start

@@ -86,13 +86,17 @@ def test_a_signal_while_setting_up_stops_at_once_without_a_checkpoint(tmp_path: 
     assert not (out / "checkpoints").exists() and not (out / "results.json").exists()
 
 
-def test_a_second_ctrl_c_stops_at_once():
+def test_ctrl_c_before_training_or_a_second_one_stops_at_once():
     from dtune.distributed.preempt import Preemption
 
     with Preemption() as preemption:
+        with pytest.raises(KeyboardInterrupt):  # still setting up: nothing to save, no step to wait for
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # the handler runs between bytecodes of the main thread
+        preemption.arm()  # training has begun
         os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.01)  # the handler runs between bytecodes of the main thread
-        assert preemption.received == signal.SIGINT and preemption.previous_handler() is None
+        time.sleep(0.01)
+        assert preemption.received == signal.SIGINT and preemption.interrupted and preemption.previous_handler() is None
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from dtune.config import compose, conf_dir, to_dataclass, validate
 from dtune.distributed.env import shutdown_distributed
-from dtune.distributed.preempt import REQUEUE_EXIT, Preempted, under_submitit, write_status
+from dtune.distributed.preempt import INTERRUPT_EXIT, REQUEUE_EXIT, Preempted, under_submitit, write_status
 from dtune.errors import user_errors
 from dtune.schema import DtuneConfig
 from dtune.sweep import run_objective
@@ -35,12 +35,13 @@ def check_overrides(argv: list[str]) -> None:
     """Compose a plain run's config before Hydra does, so that a misspelt key, a value of the wrong type or an
     unknown group option is one ``dtune: error:`` line and exit status 2, as every other bad input (Hydra reports
     them over several lines, exit 1, and proposes ``+key=`` for a misspelt key, which dtune refuses). Runs given
-    Hydra's own flags (``--multirun`` sweeps, ``--config-dir``, ``--cfg``, ``--help``) or interpolations (``${hydra:...}``
-    resolves only inside the job) are left to Hydra."""
-    if any(arg.startswith("-") or "${" in arg for arg in argv):
+    Hydra's own flags (``--multirun`` sweeps, ``--config-dir``, ``--cfg``, ``--help``), settings of Hydra itself
+    (``hydra.searchpath``, ``hydra.mode``, ``hydra/launcher=...``) or interpolations (``${hydra:...}`` resolves only
+    inside the job) are left to Hydra."""
+    if any(arg.startswith("-") or "${" in arg or arg.lstrip("+~").startswith(("hydra.", "hydra/")) for arg in argv):
         return
     with user_errors():
-        compose([arg for arg in argv if not arg.lstrip("+~").startswith("hydra.")], check=False)
+        compose(argv, check=False)
 
 
 def main() -> None:
@@ -73,6 +74,9 @@ def train_job(dict_cfg: DictConfig) -> float | None:
                 )
             write_status("interrupted" if err.interrupted else "preempted", err.step, str(output_dir), err.signal_name)
             stopped = err
+        except KeyboardInterrupt:  # Ctrl-C while setting up, or a second one: no traceback, nothing more saved
+            print("dtune: interrupted; stopped at once (anything not in a checkpoint is not saved)", file=sys.stderr)
+            raise SystemExit(INTERRUPT_EXIT) from None
     # Under submitit the task returns (its result is recorded) and submitit's own handler requeues the job.
     submitit = under_submitit()
     shutdown_distributed(

@@ -6,8 +6,10 @@ of them dtune sets a flag; the training loop asks all ranks after each step (a s
 writes a checkpoint and leaves with :data:`REQUEUE_EXIT`. A handler that was installed before ours (submitit's,
 which requeues the job itself) is called after the checkpoint is written.
 
-Ctrl-C (SIGINT) in an interactive run stops the same way -- at the step boundary, with a checkpoint -- but exits
-:data:`INTERRUPT_EXIT`, which no launch script requeues; a second Ctrl-C stops at once (KeyboardInterrupt).
+Ctrl-C (SIGINT) in an interactive run stops the same way once training has begun (:meth:`Preemption.arm`) -- at
+the step boundary, with a checkpoint -- but exits :data:`INTERRUPT_EXIT`, which no launch script requeues; before
+that (downloading, tokenizing, loading: nothing to save), and at a second Ctrl-C, it stops at once
+(KeyboardInterrupt).
 """
 
 from __future__ import annotations
@@ -40,15 +42,25 @@ class Preemption:
     def __init__(self, signals: tuple[str, ...] = SIGNALS) -> None:
         self.signals = [getattr(signal, name) for name in signals]
         self.received: signal.Signals | None = None
+        self.armed = False
         self._previous: dict[int, Any] = {}
+
+    def arm(self) -> None:
+        """Training has begun: from here a Ctrl-C waits for the step boundary and a checkpoint."""
+        self.armed = True
 
     @property
     def requested(self) -> bool:
         return self.received is not None
 
+    @property
+    def interrupted(self) -> bool:
+        """Stopped by Ctrl-C (the user ends the run; it is not to be requeued)."""
+        return self.received == signal.SIGINT
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGINT and self.received is not None:
-            raise KeyboardInterrupt  # a second Ctrl-C: the user will not wait for the step to end
+        if signum == signal.SIGINT and (self.received is not None or not self.armed):
+            raise KeyboardInterrupt  # still setting up (nothing to save), or a second Ctrl-C: the user will not wait
         if self.received is None:
             self.received = signal.Signals(signum)
             again = "; Ctrl-C again to stop at once, without one" if signum == signal.SIGINT else ""
@@ -77,10 +89,15 @@ class Preempted(Exception):
     """Raised by the training loop after it wrote the checkpoint of ``step`` on a preemption signal."""
 
     def __init__(
-        self, step: int, received: signal.Signals | None, previous: Callable[[int, FrameType | None], Any] | None
+        self,
+        step: int,
+        received: signal.Signals | None,
+        previous: Callable[[int, FrameType | None], Any] | None,
+        interrupted: bool | None = None,
     ) -> None:
         super().__init__(f"preempted after step {step}")
         self.step, self.received, self.previous = step, received, previous
+        self._interrupted = received == signal.SIGINT if interrupted is None else interrupted
 
     @property
     def signal_name(self) -> str:
@@ -88,8 +105,8 @@ class Preempted(Exception):
 
     @property
     def interrupted(self) -> bool:
-        """Stopped by Ctrl-C: the user ends the run; it is not to be requeued."""
-        return self.received == signal.SIGINT
+        """Stopped by Ctrl-C on any rank (the ranks agree): the user ends the run; it is not to be requeued."""
+        return self._interrupted
 
     @property
     def exit_code(self) -> int:

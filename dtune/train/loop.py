@@ -177,6 +177,7 @@ class Trainer:
         if self.engine.device.type == "cuda":  # peak memory of the training steps, not of loading or evaluation
             torch.cuda.reset_peak_memory_stats(self.engine.device)
         started = time.perf_counter()
+        self.preemption.arm()  # a Ctrl-C from here on waits for the step boundary and a checkpoint
         self.stop_if_preempted()
         while self.should_continue():
             self.step()
@@ -276,13 +277,12 @@ class Trainer:
             return
         self.bar.close()
         if self.state.step > self.start_step:
-            received = self.preemption.received
-            self.checkpointer.save(
-                self.state, self.parts, f"preempted: {received.name if received else 'signal on another rank'}"
-            )
+            why = self.preemption.received.name if self.preemption.received else "signal on another rank"
+            self.checkpointer.save(self.state, self.parts, f"preempted: {why}")
         self.tracker.preempted()
         self.tracker.finish()
-        raise Preempted(self.state.step, self.preemption.received, self.preemption.previous_handler())
+        interrupted = self.engine.any(self.preemption.interrupted)  # Ctrl-C on any rank: no rank asks for a requeue
+        raise Preempted(self.state.step, self.preemption.received, self.preemption.previous_handler(), interrupted)
 
     def write_adapter(self, name: str, tensors: dict[str, torch.Tensor] | None) -> Path:
         """``<output_dir>/<name>``: a PEFT adapter folder of the full adapter ``tensors``, with the tokenizer and how
