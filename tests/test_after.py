@@ -73,7 +73,7 @@ def test_generate_streams_the_trained_models_greedy_answers(trained_run: Path, t
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     answers = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [a["prompt"] for a in answers][1] == [{"role": "user", "content": "Say hi."}]  # the reference answer left out
+    assert [a["prompt"] for a in answers][1] == {"messages": [{"role": "user", "content": "Say hi."}]}  # no reference answer
     assert ">>> Say hi." in proc.stdout
     for a in answers:
         assert a["answer"] and a["answer"] in proc.stdout  # streamed as written
@@ -266,18 +266,37 @@ def test_generate_reads_prompts_in_every_record_format_without_their_answers(tok
     ]
     prompts = read_prompts(write_jsonl(tmp_path / "prompts.jsonl", rows))
     assert prompts[0] == "plain" and prompts[-1] == "Once upon"
-    assert prompts[1] == [system, {"role": "user", "content": "hi"}]
-    assert [m["content"] for m in prompts[2]] == ["1+1?", "2", "and 2+2?"]
-    assert prompts[3] == [{"role": "user", "content": "q"}]
-    assert prompts[4] == [{"role": "user", "content": "hey"}]
-    assert prompts[5] == [{"role": "user", "content": "Translate\n\ncat"}]
-    assert prompts[6] == [system, {"role": "user", "content": "conversational"}]
+    assert prompts[1] == {"messages": [system, {"role": "user", "content": "hi"}]}
+    assert [m["content"] for m in prompts[2]["messages"]] == ["1+1?", "2", "and 2+2?"]
+    assert prompts[3] == {"messages": [{"role": "user", "content": "q"}]}
+    assert prompts[4] == {"messages": [{"role": "user", "content": "hey"}]}
+    assert prompts[5] == {"messages": [{"role": "user", "content": "Translate\n\ncat"}]}
+    assert prompts[6] == {"messages": [system, {"role": "user", "content": "conversational"}]}
+    # ShareGPT's other names of the assistant are answers too; a record's tools and tool-call ids stay
+    call = {"name": "add", "arguments": {"a": 1, "b": 2}}
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    sharegpt = {"conversations": [{"from": "human", "value": "hey"}, {"from": "chatgpt", "value": "REFERENCE"}]}
+    tool_row = {
+        "messages": [
+            {"role": "user", "content": "1+2?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]},
+            {"role": "tool", "content": "3", "tool_call_id": "c1"},
+        ],
+        "tools": tools,
+    }
+    named, tooled = read_prompts(write_jsonl(tmp_path / "more.jsonl", [sharegpt, tool_row]))
+    assert named == {"messages": [{"role": "user", "content": "hey"}]}
+    assert tooled["tools"] == tools and tooled["messages"][-1]["tool_call_id"] == "c1"
 
     chat = Renderer(tokenizer, DataConfig())
     text, _ = render(chat, prompts[1], "The run's system prompt.")  # the record's own system turn wins
     assert "Be brief." in text and "run's system prompt" not in text and text.endswith("<|im_start|>assistant\n")
     text, _ = render(chat, prompts[2], None)
     assert text.count("<|im_start|>user") == 2 and "the reference answer" not in render(chat, prompts[3], None)[0]
+    plain = Renderer(tokenizer, DataConfig(format="text"))
+    assert render(plain, prompts[2], None) == ("and 2+2?", False)
+    with pytest.raises(DataError, match="prompt 3: this run trained on plain text; the prompt needs a user turn"):
+        render(plain, {"messages": [system]}, None, "prompt 3")
 
     with pytest.raises(DataError, match=r"prompts.jsonl:2: messages\[0\]: role 'robot'"):
         read_prompts(

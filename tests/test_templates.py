@@ -212,7 +212,7 @@ def test_generate_reads_prompts_from_every_record_format(tmp_path: Path):
     share = {"conversations": [{"from": "human", "value": "Pick a colour."}, {"from": "gpt", "value": "Teal."}]}
     alpaca = {"instruction": "Name a fruit", "output": "Plum"}
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}, PRIME, share, alpaca])
-    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731 -- the reference answers are left out
+    user = lambda text: {"messages": [{"role": "user", "content": text}]}  # noqa: E731 -- the reference answers left out
     assert read_prompts(path) == ["Hi", user("Name a prime below 10."), user("Pick a colour."), user("Name a fruit")]
 
 

@@ -18,14 +18,15 @@ from typing import Any
 import torch
 
 from dtune.adapters import load_trained, locate_args, trained_parser
-from dtune.data.formats import row_from_obj
+from dtune.data.formats import SHAREGPT_ROLES, row_from_obj
 from dtune.data.render import Renderer
 from dtune.errors import DataError, user_errors
 from dtune.model import load_tokenizer
 from dtune.units import DTYPES
 
-Prompt = str | list[dict[str, Any]]
-"""A user message, or a conversation (chat messages) that the model's answer continues."""
+Prompt = str | dict[str, Any]
+"""A user message, or a conversation the model's answer continues: ``{"messages": [...], "tools": [...]}`` (tools
+only where the record defines some), the messages as training's parser gives them to the chat template."""
 
 PLACEHOLDER = "(the answer to generate)"
 """Stands in for a record's missing answer so that the training formats' parser reads it; dropped again."""
@@ -33,8 +34,8 @@ PLACEHOLDER = "(the answer to generate)"
 
 def read_prompts(path: Path) -> list[Prompt]:
     """Prompts of a JSONL file, one a line: ``{"prompt": TEXT or [messages]}``, a chat/ShareGPT record (its
-    system turn, tools' messages and earlier turns kept; a final assistant reply, the reference answer, dropped), an
-    alpaca record (``output`` optional), or ``{"text": ...}`` (plain text). Raises DataError naming file and line."""
+    system turn, tools and earlier turns kept; a final assistant reply, the reference answer, dropped), an alpaca
+    record (``output`` optional), or ``{"text": ...}`` (plain text). Raises DataError naming file and line."""
     prompts: list[Prompt] = []
     for i, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -46,8 +47,8 @@ def read_prompts(path: Path) -> list[Prompt]:
             raise DataError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        if isinstance(obj.get("prompt"), list):
-            obj = {"messages": obj["prompt"]}  # a conversational prompt (TRL's and dtune's preference rows)
+        if isinstance(obj.get("prompt"), list):  # a conversational prompt (TRL's and dtune's preference rows)
+            obj = {"messages": obj["prompt"], **({"tools": obj["tools"]} if "tools" in obj else {})}
         if isinstance(obj.get("prompt"), str):
             prompts.append(obj["prompt"])
         elif isinstance(obj.get("text"), str) and not ({"messages", "conversations", "instruction"} & set(obj)):
@@ -59,36 +60,42 @@ def read_prompts(path: Path) -> list[Prompt]:
     return prompts
 
 
-def _conversation_prompt(obj: dict[str, Any], where: str) -> list[dict[str, Any]]:
+def _conversation_prompt(obj: dict[str, Any], where: str) -> dict[str, Any]:
     """The messages before the answer of a chat, ShareGPT or alpaca record (parsed as training parses them)."""
     fmt = next((f for key, f in (("messages", "chat"), ("conversations", "sharegpt")) if key in obj), "alpaca")
     key = {"chat": "messages", "sharegpt": "conversations"}.get(fmt)
     if key and isinstance(obj[key], list) and obj[key]:
-        last = obj[key][-1]
-        answered = isinstance(last, dict) and (last.get("role") == "assistant" or last.get("from") == "gpt")
-        if not answered:
+        last = obj[key][-1] if isinstance(obj[key][-1], dict) else {}
+        role = last.get("role") if fmt == "chat" else SHAREGPT_ROLES.get(str(last.get("from")))
+        if role != "assistant":  # no reference answer: a placeholder is parsed in its place and dropped below
             answer = {"role": "assistant", "content": PLACEHOLDER} if fmt == "chat" else {"from": "gpt", "value": PLACEHOLDER}
             obj = {**obj, key: [*obj[key], answer]}
     elif fmt == "alpaca" and "output" not in obj:
         obj = {**obj, "output": PLACEHOLDER}
-    messages = row_from_obj(obj, where, fmt).messages
-    return [{k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "name")} for m in messages[:-1]]
+    row = row_from_obj(obj, where, fmt)
+    return {"messages": row.messages[:-1], **({"tools": row.tools} if row.tools else {})}
 
 
-def render(renderer: Renderer, prompt: Prompt, system: str | None) -> tuple[str, bool]:
+def render(renderer: Renderer, prompt: Prompt, system: str | None, where: str = "") -> tuple[str, bool]:
     """The text the model sees before its answer, as training rendered prompts; and whether it is templated.
-    ``system`` goes first unless the conversation has its own system turn."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    ``system`` goes first unless the conversation has its own system turn. Raises DataError (naming ``where``) for
+    a conversation an untemplated run cannot continue (no user turn) or that the chat template refuses."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt["messages"]
+    tools = None if isinstance(prompt, str) else prompt.get("tools")
     if not renderer.templated:  # trained on plain text: the last user turn is the text to continue
-        return next(m["content"] for m in reversed(messages) if m["role"] == "user"), False
+        if not (users := [m["content"] for m in messages if m["role"] == "user"]):
+            raise DataError(f"{where}: this run trained on plain text; the prompt needs a user turn to continue")
+        return users[-1], False
     if system and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": system}, *messages]
-    return renderer.chat(messages, generation_prompt=True), True
+    return renderer.chat(messages, generation_prompt=True, where=where, tools=tools), True
 
 
 def shown(prompt: Prompt) -> str:
     """A prompt as the stream shows it: its last user turn."""
-    return prompt if isinstance(prompt, str) else next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+    if isinstance(prompt, str):
+        return prompt
+    return next((m["content"] for m in reversed(prompt["messages"]) if m["role"] == "user"), "")
 
 
 def end_of_turn(renderer: Renderer) -> str | None:
@@ -116,8 +123,8 @@ def generate(
     stop = end_of_turn(renderer)
     answers = []
     device = next(model.parameters()).device
-    for prompt in prompts:
-        text, templated = render(renderer, prompt, system)
+    for i, prompt in enumerate(prompts, start=1):
+        text, templated = render(renderer, prompt, system, f"prompt {i}")
         inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not templated).to(device)
         streamer = None
         if stream is not None:
