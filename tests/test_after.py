@@ -235,8 +235,14 @@ def test_a_data_file_changed_since_training_is_refused_by_eval_and_resume(tmp_pa
     with pytest.raises(DataError, match=r"changed since training .* resuming from"):
         run(compose_config([*overrides, "train.max_steps=3"]), out)
 
+    data.write_text(original.replace("a", "e", 1))  # edited in place: the same size, other rows
+    edited = dtune_here(capsys, "eval", str(out), "--general", "")
+    assert edited.returncode == 2 and "edited since training (same size, other content)" in edited.stderr
     data.write_text(original)  # the same rows, a new modification time
     assert dtune_here(capsys, "eval", str(out), "--general", "").returncode == 0
+    shutil.rmtree(out / "checkpoints")  # the record in results.json is enough
+    data.write_text(original + "\n")
+    assert "changed since training" in dtune_here(capsys, "eval", str(out), "--general", "").stderr
 
 
 def test_generate_reads_prompts_in_every_record_format_without_their_answers(tokenizer, tmp_path: Path):

@@ -6,6 +6,7 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 from torch import nn
@@ -60,14 +61,15 @@ def held_out_source(data: DataConfig) -> str:
     return ", ".join(sources) + " (held out of the training source)"
 
 
-def recorded_sources(config_file: Path) -> dict[str, list[int]]:
-    """The data files the run read, as its checkpoint recorded them (:func:`~dtune.data.load.source_stats`): the
-    checkpoint whose config ``config_file`` is, or the run's newest one; empty for a run of an older dtune."""
+def recorded_sources(config_file: Path) -> dict[str, list[Any]]:
+    """The data files the run read, as it recorded them (:func:`~dtune.data.load.source_stats`): in the checkpoint
+    whose config ``config_file`` is, the run's newest checkpoint or its ``results.json``; empty for a run of an older
+    dtune."""
     folder = config_file.parent
-    states = [folder / TRAINER_STATE, *(path / TRAINER_STATE for _, path in reversed(checkpoints(folder / CHECKPOINTS)))]
-    for state in states:
-        if state.is_file():
-            return json.loads(state.read_text()).get("data_sources", {})
+    records = [folder / TRAINER_STATE, *(path / TRAINER_STATE for _, path in reversed(checkpoints(folder / CHECKPOINTS)))]
+    for record in [*records, folder / "results.json"]:
+        if record.is_file() and "data_sources" in (saved := json.loads(record.read_text())):
+            return saved["data_sources"]
     return {}
 
 

@@ -57,39 +57,71 @@ def cache_key(cfg: DataConfig, tokenizer: Any) -> str:
     return h.hexdigest()[:24]
 
 
-def source_stats(cfg: DataConfig, held_out_only: bool = False) -> dict[str, list[int]]:
-    """Each local file the data settings read -- ``source``, ``eval_source``, the mixture's paths, a folder's files --
-    as resolved path -> ``[bytes, mtime_ns]``; ``held_out_only``: the files the held-out rows come from
-    (``eval_source`` if set, else the training sources they are split from). Built-in data ships with dtune: left out."""
+DIGEST_WHOLE = 256 * 2**20
+"""Data files up to this size are hashed whole for :func:`file_digest`; larger ones by their ends."""
+DIGEST_ENDS = 8 * 2**20
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file (whole up to :data:`DIGEST_WHOLE` bytes; beyond, of its first and last :data:`DIGEST_ENDS`
+    bytes and its size): what tells a data file edited in place from one only touched or copied."""
+    h, size = hashlib.sha256(), path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= DIGEST_WHOLE:
+            for chunk in iter(lambda: f.read(2**20), b""):
+                h.update(chunk)
+        else:
+            h.update(f.read(DIGEST_ENDS))
+            f.seek(size - DIGEST_ENDS)
+            h.update(f.read(DIGEST_ENDS) + str(size).encode())
+    return h.hexdigest()[:32]
+
+
+def source_stats(cfg: DataConfig, held_out_only: bool = False, digest: bool = False) -> dict[str, list[Any]]:
+    """Each local file the data settings read -- ``source``, ``eval_source``, the mixture's paths, a folder's files
+    (not hidden ones) -- as resolved path -> ``[bytes, mtime_ns]`` (``digest``: and its :func:`file_digest`);
+    ``held_out_only``: the files the held-out rows come from (``eval_source`` if set, else the training sources they
+    are split from). Built-in data ships with dtune: left out."""
     sources = [cfg.source, *(m.path for m in cfg.mix)]
     sources = ([cfg.eval_source] if cfg.eval_source else sources) if held_out_only else [*sources, cfg.eval_source]
-    stats: dict[str, list[int]] = {}
+    stats: dict[str, list[Any]] = {}
     for src in sources:
         if src and not src.startswith(BUILTIN_PREFIX) and Path(src).exists():
-            files = [Path(src)] if Path(src).is_file() else sorted(p for p in Path(src).rglob("*") if p.is_file())
+            root = Path(src)
+            files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
             for f in files:
+                if f != root and any(part.startswith(".") for part in f.relative_to(root).parts):
+                    continue  # a folder's .lock, .cache/, .DS_Store: not data
                 st = f.stat()
-                stats[str(f.resolve())] = [st.st_size, st.st_mtime_ns]
+                stats[str(f.resolve())] = [st.st_size, st.st_mtime_ns, *([file_digest(f)] if digest else [])]
     return stats
 
 
-def check_sources(recorded: dict[str, list[int]], now: dict[str, list[int]], what: str, remedy: str) -> None:
+def check_sources(recorded: dict[str, list[Any]], now: dict[str, list[Any]], what: str, remedy: str) -> None:
     """Compare the data files a run read (``recorded``, :func:`source_stats` then) with the same files ``now``.
 
     Raises:
-        DataError: a file's size changed (rows added, removed or edited): ``what`` would not read the rows the run
-            read; the message names the file, both sizes and ``remedy``.
-    A file whose size is the same but whose modification time moved (touched, copied) is logged as a warning: the
-    rows are likely the same. Files in only one of the two are not compared (other data named on purpose)."""
+        DataError: a file's size changed (rows added, removed or edited), or, where its modification time moved, its
+            content (:func:`file_digest`, when recorded): ``what`` would not read the rows the run read; the message
+            names the file and ``remedy``.
+    A file touched or copied (same content, new time) passes; without a recorded digest (a streamed corpus, an older
+    dtune's checkpoint) it passes with a warning. Files in only one of the two are not compared (other data named
+    on purpose)."""
     for path in sorted(set(recorded) & set(now)):
-        (size, mtime), (size_now, mtime_now) = recorded[path], now[path]
+        (size, mtime, *digest), (size_now, mtime_now, *_) = recorded[path], now[path]
         if size != size_now:
             raise DataError(
                 f"{path}: changed since training ({size:,} bytes then, {size_now:,} now): {what} would not read the "
                 f"rows the run read; {remedy}"
             )
-        if mtime != mtime_now:
+        if mtime == mtime_now:
+            continue
+        if not digest:
             log.warning("%s: modified since training, same size (%s bytes): taken to hold the same rows", path, f"{size:,}")
+        elif file_digest(Path(path)) != digest[0]:
+            raise DataError(
+                f"{path}: edited since training (same size, other content): {what} would not read the rows the run read; {remedy}"
+            )
 
 
 def default_num_proc() -> int:

@@ -55,7 +55,8 @@ class Checkpointer:
         self.full = FullState(engine)
         self.every = cfg.train.checkpoint_every
         self.best_dir = output_dir / BEST_ADAPTER
-        self.sources = source_stats(cfg.data)  # as the run starts reading them; every checkpoint records them
+        # The data files as the run starts reading them (rank 0 saves them; a streamed corpus is not hashed: too big)
+        self.sources = source_stats(cfg.data, digest=engine.is_main and not cfg.data.streaming)
 
     def load(self) -> tuple[dict[str, Any], Path] | None:
         """The checkpoint ``train.resume`` asks for (chosen on rank 0, so that every rank loads the same one whatever
@@ -65,8 +66,11 @@ class Checkpointer:
             return None
         saved = load_checkpoint(path)
         changed = check_resumable(saved["config"], self.cfg, path)
-        remedy = "put the file back as it was, or train on the new data in another train.output_dir"
-        check_sources(saved["trainer_state"].get("data_sources", {}), self.sources, f"resuming from {path}", remedy)
+        remedy = f"put the file back as it was, or go on from this adapter (train.init_adapter={path / 'adapter'}) on the "
+        remedy += "new data in another train.output_dir"
+        recorded = saved["trainer_state"].get("data_sources", {})
+        # On rank 0, raised on every rank: a rank that alone refused would leave the others waiting at a collective.
+        self.engine.on_main(lambda: check_sources(recorded, self.sources, f"resuming from {path}", remedy))
         log.info("resuming from %s (step %d)", path, saved["trainer_state"]["step"])
         if changed:
             log.warning("resume: settings changed since the checkpoint: %s", ", ".join(changed))

@@ -324,6 +324,7 @@ class Trainer:
             "peak_memory": {"bytes": int(state.peak_memory), "kind": peak_memory_bytes(engine.device)[1]},
             "flop_counts": asdict(self.flops),
             "data": asdict(self.data_stats),
+            "data_sources": self.checkpointer.sources,  # what dtune eval compares the files with
             "param_bytes_rank0": self.held,
             "wandb": self.tracker.info,
         }
