@@ -36,6 +36,15 @@ COMMANDS = {
 }
 
 
+INFO_FLAGS = ("-h", "--help", "--hydra-help", "-i", "--info", "-c", "--cfg")
+"""Hydra's flags that print and exit without running the job."""
+
+
+def wants_info(argv: list[str]) -> bool:
+    """Whether ``dtune train argv`` only asks Hydra to print (help, info, the config)."""
+    return any(arg in INFO_FLAGS or arg.startswith(("--cfg=", "--info=")) for arg in argv)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -54,7 +63,9 @@ def dispatch(command: str, rest: list[str]) -> None:
         offline_defaults()
         # Imported on demand: each command's module pulls in torch, transformers or DeepSpeed, which `dtune --help`
         # and `dtune version` should not wait for.
-        module = import_module(COMMANDS[command])
+        # `dtune train --help` / `--cfg job` print the config without the training code's imports.
+        info = command == "train" and wants_info(rest)
+        module = import_module("dtune.commands.config_info" if info else COMMANDS[command])
         if command == "train":
             sys.argv = ["dtune train", *rest]  # Hydra reads its overrides from sys.argv
             module.main()
