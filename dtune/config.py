@@ -67,7 +67,7 @@ def run_dir(output_dir: str | None) -> str:
     """Hydra's run directory (``.hydra/``, ``dtune.log``): ``train.output_dir`` when set, so that a run's logs and
     config record sit beside its checkpoints and adapter (a resumed run appends to the same ``dtune.log``);
     otherwise ``outputs/<one folder per job>``."""
-    if output_dir and not (Path(output_dir).exists() and not Path(output_dir).is_dir()):
+    if output_dir and not Path(output_dir).is_file():
         return str(output_dir)
     return f"outputs/{job_dir_name()}"  # (a train.output_dir that is a file: refused by validate, in one line)
 

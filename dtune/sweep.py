@@ -82,10 +82,10 @@ def _overrides(job_dir: Path) -> list[str]:
     :func:`dtune.config.hydra_subdir`)."""
     path = job_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
-        starts = sorted((job_dir / ".hydra").rglob("overrides.yaml"))
+        starts = list((job_dir / ".hydra").rglob("overrides.yaml"))
         if not starts:
             return []
-        path = starts[-1]
+        path = max(starts, key=lambda p: p.stat().st_mtime)
     return [str(o) for o in OmegaConf.load(path)]
 
 

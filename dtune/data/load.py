@@ -109,19 +109,15 @@ def check_sources(recorded: dict[str, list[Any]], now: dict[str, list[Any]], wha
     on purpose)."""
     for path in sorted(set(recorded) & set(now)):
         (size, mtime, *digest), (size_now, mtime_now, *_) = recorded[path], now[path]
+        change = None
         if size != size_now:
-            raise DataError(
-                f"{path}: changed since training ({size:,} bytes then, {size_now:,} now): {what} would not read the "
-                f"rows the run read; {remedy}"
-            )
-        if mtime == mtime_now:
-            continue
-        if not digest:
+            change = f"changed since training ({size:,} bytes then, {size_now:,} now)"
+        elif mtime != mtime_now and not digest:
             log.warning("%s: modified since training, same size (%s bytes): taken to hold the same rows", path, f"{size:,}")
-        elif file_digest(Path(path)) != digest[0]:
-            raise DataError(
-                f"{path}: edited since training (same size, other content): {what} would not read the rows the run read; {remedy}"
-            )
+        elif mtime != mtime_now and file_digest(Path(path)) != digest[0]:
+            change = "edited since training (same size, other content)"
+        if change:
+            raise DataError(f"{path}: {change}: {what} would not read the rows the run read; {remedy}")
 
 
 def default_num_proc() -> int:
