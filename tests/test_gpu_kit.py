@@ -134,22 +134,48 @@ def test_plan_validation_grids():
         validation_grid("gpu", ["70b"], cuda=True)
 
 
-def test_the_tests_stage_names_tests_that_exist(monkeypatch):
-    """The GPU tests stage's subset and its deselections name real tests: a renamed test would silently drop out of
-    the subset, or stay in it and spend the stage's minutes (CPU 2-rank runs) on the GPU machine."""
-    import importlib
+def load_check(monkeypatch):
+    """kernels/gpu/check.py as a module (it is a script, outside any package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gpu_check", REPO / "kernels" / "gpu" / "check.py")
     check = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, check)  # its dataclasses look their module up there
     spec.loader.exec_module(check)
+    return check
+
+
+def test_the_tests_stage_names_tests_that_exist(monkeypatch):
+    """The GPU tests stage's subset and its deselections name real tests: a renamed test would silently drop out of
+    the subset, or stay in it and spend the stage's minutes (CPU 2-rank runs) on the GPU machine."""
+    import importlib
+
+    check = load_check(monkeypatch)
     for node in [*check.GPU_TESTS, *check.NOT_ON_GPU]:
         path, _, name = node.partition("::")
         assert (REPO / path).is_file(), node
         if name:
             module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
             assert callable(getattr(module, name, None)), f"{node}: no such test"
+
+
+def test_a_stage_that_runs_to_its_limit_leaves_the_later_stages_their_share(monkeypatch):
+    """The stages' limits add up to more than the GPU call's budget: a hanging stage (ZeRO-3 on the H200) must not
+    leave the last stages nothing, and a stage that ends early passes its time on."""
+    check = load_check(monkeypatch)
+    limits, budget = [25.0, 120.0, 90.0, 80.0, 60.0, 120.0, 40.0], 470.0
+    fraction = (budget - limits[0]) / sum(limits[1:])
+    spent, given = 0.0, []
+    for i in range(len(limits)):  # every stage runs to the limit it is given
+        given.append(check.stage_limit(limits, i, budget - spent, budget))
+        spent += given[-1]
+    assert abs(spent - budget) < 1e-6 and given[0] == 25.0  # env first, whole: every later stage needs it
+    assert all(abs(g - lim * fraction) < 1e-6 for g, lim in zip(given[1:], limits[1:], strict=True))  # the last ones too
+    # stages that end early: the later ones get their whole limits
+    assert check.stage_limit(limits, 5, budget - 200.0, budget) == 120.0
+    # limits within the budget: each stage its own
+    assert check.stage_limit([10.0, 20.0], 0, 100.0, 100.0) == 10.0
+    assert check.stage_limit([10.0, 20.0], 1, 5.0, 100.0) == 5.0  # but never more than is left
 
 
 @pytest.mark.integration

@@ -4,7 +4,8 @@
     bash kernels/gpu/check.sh OUT_DIR --dry-run    # anywhere: interpreter, smoke sizes, every stage end to end
 
 Stages, in order (a stage that fails or runs out of time does not stop the next; the whole run keeps to
-``--budget`` seconds, each stage getting at most its own limit and what is left):
+``--budget`` seconds, each stage getting at most its own limit, less what the stages after it are owed when the
+limits add up to more: ``stage_limit``):
 
     env      device, driver, every version; every dtune module imports (a missing wheel fails here)
     tests    the CUDA test subset: NF4 kernels bit-exact and matmul/GEMV/LoRA-fused vs references, the custom
@@ -312,6 +313,19 @@ def build_stages(args: argparse.Namespace, work: Path, py: str) -> list[Stage]:
     ]
 
 
+def stage_limit(limits: list[float], index: int, left: float, budget: float) -> float:
+    """Seconds the stage at ``index`` may take: its own limit, less what the stages after it are owed.
+
+    The first stage (env: everything after it needs its answer) is owed its whole limit. When the others' limits add
+    up to more than what remains of ``budget``, each is owed the same fraction of its limit, so a stage that runs to
+    its limit (a hang) cannot leave the last ones nothing; a stage that ends early passes its time on. All in
+    seconds; ``left``: the budget not yet spent."""
+    rest = sum(limits[1:])
+    fraction = min(1.0, max(0.0, budget - limits[0]) / rest) if rest > 0 else 1.0
+    owed = sum(limits[index + 1 :]) * fraction
+    return max(0.0, min(limits[index], left - owed))
+
+
 def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -483,18 +497,18 @@ def main() -> int:
 
     log = sys.stdout
     save()  # a call cut short before the first stage ends still returns a results.json
-    for stage in stages:
-        left = budget - (time.monotonic() - start)
-        print(f"\n===== stage {stage.name}: {stage.what} (limit {min(stage.limit * scale, left):.0f} s)", flush=True)
+    limits = [s.limit * scale for s in stages]
+    for index, stage in enumerate(stages):
+        limit = stage_limit(limits, index, budget - (time.monotonic() - start), budget)
+        print(f"\n===== stage {stage.name}: {stage.what} (limit {limit:.0f} s)", flush=True)
         t0 = time.monotonic()
-        if left < 5:
+        if limit < 5:
             stage.status = "skipped (budget spent)"
             save()
             continue
         if stage.name == "tests":
             (args.out / "tests.xml").unlink(missing_ok=True)  # an earlier run's would be read as this one's
         codes, output = [], ""
-        limit = min(stage.limit * scale, left)
         for i, cmd in enumerate(stage.commands):
             remaining = limit - (time.monotonic() - t0)
             cap = stage.caps[i] if i < len(stage.caps) else None
