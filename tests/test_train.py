@@ -204,3 +204,25 @@ def test_a_16bit_base_stays_16bit_and_trains(tmp_path: Path):
     results = run(cfg, tmp_path)
     assert results["after"]["eval/loss"] < results["before"]["eval/loss"] - 0.05
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_run_summary_holds_the_last_and_the_best_evaluation():
+    """What W&B's run summary shows: the final evaluation, the step count, the data's counts and the best step."""
+    from types import SimpleNamespace
+
+    from dtune.data.examples import DataStats
+    from dtune.train.results import final_summary
+
+    results = {
+        "after": {"eval/loss": 1.25, "eval/accuracy": 0.5},
+        "steps": 12,
+        "stopped_early": True,
+        "best": {"step": 8, "metric": "eval/loss", "value": 1.0, "adapter": "best_adapter"},
+    }
+    summary = final_summary(SimpleNamespace(data_stats=DataStats(train_rows=40, eval_rows=8)), results)
+    assert summary["final/eval/loss"] == 1.25 and summary["final/eval/accuracy"] == 0.5
+    assert summary["final/steps"] == 12 and summary["final/stopped_early"] is True
+    assert summary["best/step"] == 8 and summary["best/eval/loss"] == 1.0
+    assert summary["data/train_rows"] == 40 and summary["data/eval_rows"] == 8
+    del results["best"]
+    assert not any(k.startswith("best/") for k in final_summary(SimpleNamespace(data_stats=DataStats()), results))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from dtune.train.best import METRIC_KEYS
 from dtune.train.checkpointer import Checkpointer, Stateful
 from dtune.train.length import RunLength
 from dtune.train.metrics import progress_fields, throughput
+from dtune.train.results import final_summary, run_results
 from dtune.train.state import TrainState
 from dtune.train.step import StepResult, train_step
 
@@ -305,34 +305,7 @@ class Trainer:
         if stopped_early:
             log.info("stopped early at step %d of %d (train.early_stopping)", state.step, self.length.max_steps)
         adapter = self.checkpointer.save(state, self.parts, "end")
-        rate = state.segment_tokens / max(train_time, 1e-9)
-        results: dict[str, Any] = {
-            "before": state.before,
-            "after": after,
-            "steps": state.step,
-            "max_steps": self.length.max_steps,
-            "epochs": round(self.parts.sampler.epochs_done, 6),
-            "steps_per_epoch": self.length.steps_per_epoch,
-            "stopped_early": stopped_early,
-            "resumed_from_step": state.resumed_from_step,
-            "train_tokens": state.tokens_seen,  # the whole run's; time and throughput are this start's (resumed: since)
-            "segment_tokens": state.segment_tokens,
-            "train_time_s": round(train_time, 2),
-            "tokens_per_s": round(rate, 1),
-            "tokens_per_s_per_device": round(rate / engine.world_size, 1),
-            # Over the logged training steps, the fullest rank: CUDA max_memory_allocated, or the process's peak RSS.
-            "peak_memory": {"bytes": int(state.peak_memory), "kind": peak_memory_bytes(engine.device)[1]},
-            "flop_counts": asdict(self.flops),
-            "data": asdict(self.data_stats),
-            "data_sources": self.checkpointer.sources,  # what dtune eval compares the files with
-            "param_bytes_rank0": self.held,
-            "wandb": self.tracker.info,
-        }
-        if state.best.step is not None and state.best.metric is not None:
-            metric = METRIC_KEYS[state.best.metric]
-            results["best"] = {"step": state.best.step, "metric": metric, "value": state.best.value}
-            if self.cfg.train.keep_best:
-                results["best"]["adapter"] = str(self.output_dir / BEST_ADAPTER)
+        results = run_results(self, after, stopped_early, train_time)
         if self.cfg.train.save_adapter and engine.is_main:
             results["adapter"] = str(self.write_adapter("adapter", adapter))
         engine.barrier()
@@ -340,11 +313,7 @@ class Trainer:
             table = comparison_table([("held-out", state.before or {}, after)])
             log.info("held-out evaluation (%d samples), before and after training:\n%s", self.data_stats.eval_rows, table)
             atomic_write_text(self.output_dir / "results.json", json.dumps(results, indent=2) + "\n")
-            summary: dict[str, Any] = {f"final/{k}": v for k, v in after.items()}
-            summary.update({"final/steps": state.step, "final/stopped_early": stopped_early, **self.data_stats.figures()})
-            if "best" in results:
-                summary.update({"best/step": state.best.step, f"best/{results['best']['metric']}": state.best.value})
-            self.tracker.summary(summary)
+            self.tracker.summary(final_summary(self, results))
             log.info("outputs in %s", self.output_dir)
         self.tracker.finish()
         return results
