@@ -17,6 +17,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtune.data import IGNORE
+from dtune.errors import ConfigError
+
+HEAD_CHECK_TOKENS = 8  # tokens of the first row that the one-time check of the output head runs on
+HEAD_CHECK_TOLERANCE = 0.02  # relative L2 difference: 16-bit rounding is ~0.5%; a missed scale is 10% and more
+
+
+def logit_transform(config: object) -> tuple[float, float | None]:
+    """(scale, softcap) that a model's forward applies to ``lm_head``'s output, read from its config or, for
+    multimodal wrappers, its text config: ``logits * scale``, then ``tanh(logits / softcap) * softcap``.
+
+    Scales: Granite's ``logits_scaling`` (divides), Cohere's ``logit_scale`` and Falcon-H1's ``lm_head_multiplier``
+    (multiply); softcap: Gemma 2/3/3n's ``final_logit_softcapping``. None of them: (1.0, None). The first forward
+    checks the result against the model's own (:meth:`CompletionLoss.check_head`)."""
+    configs = [config]
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    if text is not None and text is not config:
+        configs.append(text)
+
+    def first(name: str) -> float | None:
+        return next((v for c in configs if (v := getattr(c, name, None)) is not None), None)
+
+    scale = 1.0
+    if (divide := first("logits_scaling")) is not None:
+        scale /= float(divide)
+    for name in ("logit_scale", "lm_head_multiplier"):
+        if (multiply := first(name)) is not None:
+            scale *= float(multiply)
+    softcap = first("final_logit_softcapping")
+    return scale, float(softcap) if softcap else None
 
 
 class CompletionLoss(nn.Module):
@@ -32,18 +61,44 @@ class CompletionLoss(nn.Module):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._decoder = base.get_decoder()
         self._head = base.get_output_embeddings()
-        self._softcap = getattr(base.config, "final_logit_softcapping", None)
+        self._scale, self._softcap = logit_transform(base.config)
         self._config = base.config
+        self._head_checked = False
 
     def _token_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.logits(hidden), targets, reduction="none")
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [n, d] -> fp32 logits [n, vocab]."""
+        """hidden: [n, d] -> fp32 logits [n, vocab], as the model's own forward computes them (see
+        :func:`logit_transform`)."""
         out = self._head(hidden).float()
-        if self._softcap:  # Gemma 2-style models cap logits in their own forward
+        if self._scale != 1.0:
+            out = out * self._scale
+        if self._softcap:
             out = torch.tanh(out / self._softcap) * self._softcap
         return out
+
+    def check_head(self, input_ids: torch.Tensor) -> None:
+        """Compare :meth:`logits` with the model's own forward on the first tokens of ``input_ids`` [batch, seq], once:
+        a model whose forward changes its logits in a way :func:`logit_transform` does not know (a scale under another
+        name, remote code) would otherwise train, be evaluated and score preferences at the wrong temperature, with
+        nothing to show for it but an adapter that behaves badly under the model's own forward (generate, merge).
+
+        Raises :class:`~dtune.errors.ConfigError` naming the architecture and the difference."""
+        self._head_checked = True
+        ids = input_ids[:1, :HEAD_CHECK_TOKENS]
+        with torch.no_grad():
+            theirs = self.model(input_ids=ids, use_cache=False).logits[0].float()
+            ours = self.logits(self._decoder(input_ids=ids, use_cache=False).last_hidden_state[0])
+        error = ((ours - theirs).norm() / theirs.norm().clamp_min(1e-6)).item()
+        if not error <= HEAD_CHECK_TOLERANCE:  # (NaN too)
+            arch = ", ".join(getattr(self._config, "architectures", None) or [type(self._config).__name__])
+            raise ConfigError(
+                f"model {arch}: dtune's output head computes other logits than the model's own forward (relative "
+                f"difference {error:.3g}): its forward scales or caps them in a way dtune does not reproduce (dtune "
+                "knows final_logit_softcapping, logits_scaling, logit_scale and lm_head_multiplier); training would "
+                "run at the wrong temperature"
+            )
 
     def forward(
         self,
@@ -61,6 +116,8 @@ class CompletionLoss(nn.Module):
         Returns ``loss_sum`` and ``tokens``, both [batch] (summed cross-entropy and count of labelled tokens per
         row), and with ``gather_at`` the fp32 logits there, ``logits_at``: [batch, vocab].
         """
+        if not self._head_checked:
+            self.check_head(input_ids)
         if position_ids is not None:
             attention_mask = None
         hidden = self._decoder(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -226,3 +227,65 @@ def test_the_run_summary_holds_the_last_and_the_best_evaluation():
     assert summary["data/train_rows"] == 40 and summary["data/eval_rows"] == 8
     del results["best"]
     assert not any(k.startswith("best/") for k in final_summary(SimpleNamespace(data_stats=DataStats()), results))
+
+
+def _logit_models() -> dict[str, Any]:
+    from transformers import (
+        CohereConfig,
+        FalconH1Config,
+        Gemma2Config,
+        GraniteConfig,
+        LlamaConfig,
+    )
+
+    size = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+    heads = {"num_attention_heads": 4, "num_key_value_heads": 2}
+    return {
+        "granite": GraniteConfig(**size, **heads, logits_scaling=8.0),
+        "cohere": CohereConfig(**size, **heads, logit_scale=0.0625),
+        "gemma2": Gemma2Config(**size, **heads, head_dim=8, final_logit_softcapping=2.0),
+        "falcon_h1": FalconH1Config(**size, **heads, lm_head_multiplier=0.25, mamba_d_ssm=32, mamba_n_heads=4),
+        "llama": LlamaConfig(**size, **heads),
+    }
+
+
+@pytest.mark.parametrize("family", ["granite", "cohere", "gemma2", "falcon_h1", "llama"])
+def test_the_loss_sees_the_logits_the_models_own_forward_computes(family: str):
+    """Granite divides its logits, Cohere and Falcon-H1 scale them, Gemma 2 caps them, each in its own forward: the
+    loss (which projects only labelled positions itself) must apply the same, or training runs at another
+    temperature than generation and the merged model."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_logit_models()[family]).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30)  # logits well away from 0: a missed scale shows in the loss
+    ids = torch.randint(0, 96, (2, 12))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=labels)
+        ours = CompletionLoss(model)(ids, torch.ones_like(ids), labels, gather_at=torch.tensor([5, 9]))
+    assert float(ours["loss_sum"].sum() / ours["tokens"].sum()) == pytest.approx(float(ref.loss), rel=1e-4)
+    torch.testing.assert_close(ours["logits_at"], ref.logits[torch.arange(2), torch.tensor([5, 9])].float())
+
+
+def test_a_model_whose_forward_changes_its_logits_unknowingly_is_refused():
+    """A scale dtune does not know (another name, remote code) is caught by the first forward, not trained through."""
+    from transformers import LlamaForCausalLM
+
+    from dtune.errors import ConfigError
+
+    class Scaled(LlamaForCausalLM):
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits / 4
+            return out
+
+    torch.manual_seed(0)
+    model = Scaled(_logit_models()["llama"]).eval()
+    ids = torch.randint(0, 96, (1, 10))
+    loss = CompletionLoss(model)
+    with pytest.raises(ConfigError, match="other logits than the model's own forward"):
+        loss(ids, torch.ones_like(ids), ids)
+    CompletionLoss(LlamaForCausalLM(_logit_models()["llama"]).eval())(ids, torch.ones_like(ids), ids)  # the same passes
