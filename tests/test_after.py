@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,32 @@ def test_bad_inputs_are_clear_errors(trained_run: Path, tmp_path: Path, capsys, 
     (occupied / "keep.txt").write_text("mine")
     refused = dtune_here(capsys, "merge", str(trained_run), "--out", str(occupied))
     assert refused.returncode == 2 and "is not empty" in refused.stderr and (occupied / "keep.txt").read_text() == "mine"
+
+    # A hold-out drawn again (another seed) would score rows the adapter trained on as held out.
+    redrawn = dtune_here(capsys, "eval", str(trained_run), "data.seed=1", "--general", "")
+    assert redrawn.returncode == 2 and "data.seed=1 (trained: 0)" in redrawn.stderr and "data.eval_source" in redrawn.stderr
+
+
+def test_eval_refuses_overrides_that_would_hold_out_trained_rows():
+    """dtune eval draws the held-out rows again from the data settings: overrides that change the draw would put
+    trained rows among them (the review found 104 of 200 with data.eval_size=200 on the default job)."""
+    from dtune.commands.eval import split_changes
+    from dtune.schema import DataConfig, MixSource
+
+    trained = DataConfig(source="a.jsonl", eval_size=50)
+    assert split_changes(trained, replace(trained, eval_size=20)) == []  # fewer: a subset of the same shuffle
+    assert split_changes(trained, replace(trained, max_seq_len=64, choices=None, system_prompt="x")) == []
+    assert split_changes(trained, replace(trained, eval_source="test.jsonl", seed=3)) == []  # named held-out data
+    assert split_changes(trained, replace(trained, eval_size=200)) == ["data.eval_size=200: more than training held out (50)"]
+    for changed in ({"seed": 1}, {"source": "b.jsonl"}, {"format": "chat"}, {"eval_fraction": 0.1}, {"streaming": True}):
+        assert len(split_changes(trained, replace(trained, **changed))) == 1, changed
+    mixed = replace(trained, mix=[MixSource("a.jsonl", 1.0), MixSource("b.jsonl", 2.0)], eval_fraction=0.1)
+    assert split_changes(mixed, replace(mixed, mix=[MixSource("a.jsonl", 5.0), MixSource("b.jsonl", 1.0)])) == []  # weights
+    assert split_changes(mixed, replace(mixed, mix=list(reversed(mixed.mix))))  # the order draws other rows
+    assert split_changes(mixed, replace(mixed, eval_fraction=0.05)) == []
+    assert split_changes(mixed, replace(mixed, eval_fraction=0.2))
+    held = replace(trained, eval_source="test.jsonl")  # training read all of a.jsonl
+    assert "trained on every row" in split_changes(held, replace(held, eval_source=None))[0]
 
 
 def test_generation_stops_where_training_taught_the_answer_to_end(tokenizer):

@@ -61,6 +61,34 @@ def held_out_source(data: DataConfig) -> str:
     return ", ".join(sources) + " (held out of the training source)"
 
 
+SPLIT_KEYS = ("source", "format", "seed", "streaming")  # data.* settings that decide which rows are held out
+
+
+def split_changes(trained: DataConfig, now: DataConfig) -> list[str]:
+    """The data overrides under which the held-out rows drawn now would include rows the adapter was trained on:
+    another source, format, seed, streaming or mixture (paths, formats, order), more rows held out (fewer are a
+    subset of the same shuffle), or a hold-out from a source that training read whole (it had ``eval_source``).
+    None with ``eval_source`` set now: that file is what the user names as held out."""
+    if now.eval_source is not None:
+        return []
+    if trained.eval_source is not None:
+        return [f"data.eval_source=null (training held out {trained.eval_source} and trained on every row of its source)"]
+    out = [
+        f"data.{k}={getattr(now, k)} (trained: {getattr(trained, k)})"
+        for k in SPLIT_KEYS
+        if getattr(now, k) != getattr(trained, k)
+    ]
+    if [(m.path, m.format) for m in now.mix] != [(m.path, m.format) for m in trained.mix]:
+        out.append("data.mix: other sources, formats or order than training's")
+    if (now.eval_fraction is None) != (trained.eval_fraction is None):
+        out.append(f"data.eval_fraction={now.eval_fraction} (trained: {trained.eval_fraction}, eval_size {trained.eval_size})")
+    elif now.eval_fraction is not None and trained.eval_fraction is not None and now.eval_fraction > trained.eval_fraction:
+        out.append(f"data.eval_fraction={now.eval_fraction}: more than training held out ({trained.eval_fraction})")
+    elif now.eval_fraction is None and now.eval_size > trained.eval_size:
+        out.append(f"data.eval_size={now.eval_size}: more than training held out ({trained.eval_size})")
+    return out
+
+
 def recorded_sources(config_file: Path) -> dict[str, list[Any]]:
     """The data files the run read, as it recorded them (:func:`~dtune.data.load.source_stats`): in the checkpoint
     whose config ``config_file`` is, the run's newest checkpoint or its ``results.json``; empty for a run of an older
@@ -95,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
             merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(args.overrides))
             cfg = OmegaConf.to_object(merged)
             assert isinstance(cfg, DtuneConfig)
+            if changes := split_changes(trained.cfg.data, cfg.data):
+                raise ConfigError(
+                    "overrides: the held-out rows would be drawn again and hold rows the adapter was trained on: "
+                    + "; ".join(changes)
+                    + ". Name held-out data instead: data.eval_source=FILE"
+                )
         if not args.allow_changed_data:  # the split is drawn from the file as it is now: rows trained on may be in it
             remedy = "put it back as it was, name held-out data (data.eval_source=FILE) or pass --allow-changed-data"
             check_sources(
