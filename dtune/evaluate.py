@@ -32,15 +32,18 @@ def _score_choices(model: nn.Module, ex: Example, pad_id: int, engine: Engine) -
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, engine: Engine) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, engine: Engine, max_len: int | None = None
+) -> dict[str, float]:
     """Returns eval/loss (mean over completion tokens), eval/ppl, and eval/accuracy when choices are set. Preference
     pairs or KTO rows (``model`` a :class:`~dtune.preference.PreferenceLoss` or ``KTOLoss``): eval/loss (mean over
     pairs or rows) and its figures (eval/accuracy: preference accuracy, eval/margin, eval/rewards_chosen, ...).
+    ``max_len``: of KTO's KL rows (``data.max_seq_len``; see :func:`dtune.data.batching.collate`).
 
     Each rank scores its own share of ``examples``; the sums are reduced over ranks.
     """
     if len(examples) and (examples[0].rejected is not None or examples[0].desirable is not None):
-        return _evaluate_preference(model, examples, batch_size, pad_id, engine)
+        return _evaluate_preference(model, examples, batch_size, pad_id, engine, max_len)
     was_training = model.training
     model.eval()
     shard, real = _shard(examples, engine)
@@ -88,7 +91,7 @@ def _shard(examples: list[Example], engine: Engine) -> tuple[list[Example], int]
 
 
 def _evaluate_preference(
-    model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, engine: Engine
+    model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, engine: Engine, max_len: int | None
 ) -> dict[str, float]:
     """Pairs or KTO rows: the mean loss per item and :func:`dtune.preference.figures` of the loss module's stats."""
     loss_module = engine.unwrap(model)
@@ -100,7 +103,7 @@ def _evaluate_preference(
     for start in range(0, len(shard), batch_size):
         chunk = shard[start : start + batch_size]
         counted = max(0, min(len(chunk), real - start))  # items past this are padding
-        batch = {k: v.to(engine.device) for k, v in collate(chunk, pad_id).items()}
+        batch = {k: v.to(engine.device) for k, v in collate(chunk, pad_id, max_len).items()}
         with engine.autocast():
             out = model(**batch)
         sums[0] += out["loss_sum"][:counted].double().sum()

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dtune.data import IGNORE
 from dtune.loss import CompletionLoss
 from dtune.schema import DPO_LOSSES, OBJECTIVES, REFERENCE_FREE, DtuneConfig
 
@@ -280,10 +281,12 @@ class KTOLoss(PreferenceLoss):
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
 
     def kl_terms(self, kl_input_ids: torch.Tensor, kl_attention_mask: torch.Tensor, kl_labels: torch.Tensor) -> torch.Tensor:
-        """[2]: the sum over the KL rows of (policy - reference) summed log-probability, and their number."""
+        """[2]: the sum over the KL rows of (policy - reference) summed log-probability, and their number; a KL row
+        left without a completion token (its prompt fills ``data.max_seq_len``) is not counted."""
         policy = self._score("policy", kl_input_ids, kl_attention_mask, kl_labels)
         ref = self._score("reference", kl_input_ids, kl_attention_mask, kl_labels)
-        return torch.stack([(policy - ref).float().sum(), torch.tensor(float(len(policy)), device=policy.device)])
+        counted = (kl_labels[:, 1:] != IGNORE).any(dim=1)
+        return torch.stack([((policy - ref) * counted).float().sum(), counted.sum().float()])
 
     def forward(  # type: ignore[override]
         self,

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dtune.data import IGNORE, Renderer, collate
+from dtune.data.examples import Example
 from dtune.data.formats import UnknownKeys, row_from_obj
 from dtune.errors import ConfigError, DataError
 from dtune.schema import DataConfig
@@ -489,6 +490,33 @@ def test_kto_loss_is_its_closed_form_with_the_batch_kl_estimate(tiny_pairs):
     out = KTOLoss(model, 0, beta, wd, wu)(**batch)
     assert out["loss_sum"].tolist() == pytest.approx(want, rel=1e-4, abs=1e-7)
     assert out["stats"][:, 4].tolist() == pytest.approx([z0] * 4, abs=1e-5)
+
+
+def test_kto_kl_rows_keep_the_other_rows_completion_whole_up_to_max_seq_len(tiny_pairs):
+    """A KL row is a prompt with another row's completion: cut to the micro-batch's width (the review's finding: two
+    32-token rows, one with a 30-token prompt, kept 2 of the other's 29 completion tokens) the KL estimate is biased
+    towards 0. Its own width, capped at data.max_seq_len, as TRL builds them; a row left without a completion token
+    does not count in the estimate."""
+    from dtune.preference import KTOLoss
+
+    def row(prompt: int, completion: int, good: bool) -> Example:
+        ids = list(range(10, 10 + prompt + completion))
+        return Example(ids, [IGNORE] * prompt + ids[prompt:], prompt, desirable=good)
+
+    long_prompt, long_answer = row(30, 2, True), row(3, 29, False)
+    batch = collate([long_prompt, long_answer], pad_id=0, max_len=64)
+    labelled = (batch["kl_labels"][:, 1:] != IGNORE).sum(dim=1).tolist()
+    assert labelled == [29, 2]  # each completion whole
+    assert batch["kl_input_ids"].shape[1] == 30 + 29 and batch["input_ids"].shape[1] == 32
+    cut = collate([long_prompt, long_answer], pad_id=0, max_len=40)
+    assert cut["kl_input_ids"].shape[1] == 40 and (cut["kl_labels"][0, 1:] != IGNORE).sum() == 40 - 30
+
+    _, _, model, _ = tiny_pairs
+    model.eval()
+    kl = collate([long_prompt, long_answer], pad_id=0, max_len=30)  # row 0's prompt fills it: no completion left
+    assert (kl["kl_labels"][0] != IGNORE).sum() == 0
+    terms = KTOLoss(model, 0, 0.1).kl_terms(kl["kl_input_ids"], kl["kl_attention_mask"], kl["kl_labels"])
+    assert terms[1].item() == 1.0  # the row without a completion token is not counted
 
 
 @pytest.mark.integration

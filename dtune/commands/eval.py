@@ -45,11 +45,12 @@ def compare(
     def loss(m: nn.Module) -> nn.Module:
         return PreferenceLoss.of(cfg, m) if pairs and cfg is not None else CompletionLoss(m)
 
-    tuned = evaluate(loss(model), examples, batch_size, pad_id, engine)
+    max_len = cfg.data.max_seq_len if cfg is not None else None
+    tuned = evaluate(loss(model), examples, batch_size, pad_id, engine, max_len)
     if base is not None:
-        return {"base": evaluate(loss(base), examples, batch_size, pad_id, engine), "adapter": tuned}
+        return {"base": evaluate(loss(base), examples, batch_size, pad_id, engine, max_len), "adapter": tuned}
     with model.disable_adapter():
-        untuned = evaluate(loss(model), examples, batch_size, pad_id, engine)
+        untuned = evaluate(loss(model), examples, batch_size, pad_id, engine, max_len)
     return {"base": untuned, "adapter": tuned}
 
 

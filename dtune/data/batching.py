@@ -13,11 +13,11 @@ from dtune.data.packing import position_ids
 from dtune.errors import DataError
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(examples: list[Example], pad_id: int, max_len: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sample. Returns input_ids, attention_mask, labels: [batch, seq]. Preference pairs
     (examples with ``rejected``) give 2 x pairs rows: every pair's chosen reply, then their rejected replies in the
     same order (and ``ref_logps`` [2 x pairs] when precomputed); KTO rows add their labels and KL rows
-    (:func:`_kto_batch`).
+    (:func:`_kto_batch`, cut at ``max_len`` tokens: ``data.max_seq_len``).
 
     With packed rows, also position_ids [batch, seq] restarting per sample (and at the padding): the model is then
     given no attention mask and builds the per-sample masks from them (see dtune.data.packing); attention_mask
@@ -31,7 +31,7 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
             batch["ref_logps"] = torch.tensor([c for c, _ in ref] + [r for _, r in ref], dtype=torch.float32)
         return batch
     if examples and examples[0].desirable is not None:  # KTO: the rows, their labels, and the KL rows
-        return _kto_batch(examples, pad_id)
+        return _kto_batch(examples, pad_id, max_len)
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -48,17 +48,20 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _kto_batch(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+def _kto_batch(examples: list[Example], pad_id: int, max_len: int | None) -> dict[str, torch.Tensor]:
     """KTO rows: the rows, ``desirable`` [rows] bool, and the KL rows (``kl_input_ids``, ``kl_attention_mask``,
-    ``kl_labels``): row i's prompt followed by row i+1's completion (the last row's by the first's), cut to the rows'
-    width -- mismatched pairs whose log-ratio estimates the KL divergence (Ethayarajh et al. 2024, section 4.1)."""
+    ``kl_labels``): row i's prompt followed by row i+1's completion (the last row's by the first's), cut at
+    ``max_len`` (None: not cut; each row is at most its prompt and the other's completion) and padded to their own
+    width, as TRL's KTOTrainer builds them -- mismatched pairs whose log-ratio estimates the KL divergence
+    (Ethayarajh et al. 2024, section 4.1). Cutting them to the rows' width instead would keep a short-prompted
+    row's long completion after a long prompt only in part, or not at all."""
     batch = collate([Example(e.input_ids, e.labels, e.prompt_len) for e in examples], pad_id)
     batch["desirable"] = torch.tensor([bool(e.desirable) for e in examples])
-    width, mismatched = batch["input_ids"].shape[1], []
+    mismatched = []
     for e, other in zip(examples, examples[1:] + examples[:1], strict=True):
         ids = e.input_ids[: e.prompt_len] + other.input_ids[other.prompt_len :]
         labels = [IGNORE] * e.prompt_len + other.labels[other.prompt_len :]
-        mismatched.append(Example(ids[:width], labels[:width], e.prompt_len))
+        mismatched.append(Example(ids[:max_len], labels[:max_len], e.prompt_len))
     kl = collate(mismatched, pad_id)
     batch |= {"kl_input_ids": kl["input_ids"], "kl_attention_mask": kl["attention_mask"], "kl_labels": kl["labels"]}
     return batch
@@ -87,9 +90,10 @@ class StepSampler:
         pad_id: int,
         rank: int = 0,
         world_size: int = 1,
+        max_len: int | None = None,
     ) -> None:
         self.examples, self.micro, self.seed, self.pad_id, self.rank = examples, micro_batch_size, seed, pad_id, rank
-        self.world_size = world_size
+        self.world_size, self.max_len = world_size, max_len  # max_len: of KTO's KL rows (collate)
         self.per_rank = micro_batch_size * grad_accum_steps
         self.per_step = self.per_rank * world_size
         if len(examples) < self.per_step:
@@ -141,7 +145,7 @@ class StepSampler:
         step = picked[np.argsort(self.lengths[picked], kind="stable")].tolist()  # by length, ties in order
         self.index += 1
         micro = [step[j : j + self.micro] for j in range(0, self.per_step, self.micro)]
-        return [collate([self.examples[i] for i in m], self.pad_id) for m in micro[self.rank :: self.world_size]]
+        return [collate([self.examples[i] for i in m], self.pad_id, self.max_len) for m in micro[self.rank :: self.world_size]]
 
     def state_dict(self) -> dict[str, int]:
         return {

@@ -127,6 +127,7 @@ class Trainer:
                 self.pad_id,
                 engine.rank,
                 engine.world_size,
+                cfg.data.max_seq_len,
             )
             # The one run length the schedule, the progress bar, the loop and results.json go by.
             self.length = RunLength.of(cfg, sampler.steps_per_epoch)
@@ -159,7 +160,10 @@ class Trainer:
         self.state.wandb_id = self.tracker.run_id
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.parts.model, self.eval_set, self.cfg.train.eval_batch_size, self.pad_id, self.engine)
+        cfg = self.cfg
+        return evaluate(
+            self.parts.model, self.eval_set, cfg.train.eval_batch_size, self.pad_id, self.engine, cfg.data.max_seq_len
+        )
 
     def fit(self) -> dict[str, Any]:
         self.setup()
