@@ -309,9 +309,9 @@ def test_the_fast_tokenizer_call_gives_the_tokenizers_ids(family, family_tokeniz
     rng = random.Random(0)
     specials = [t for t in (tok.eos_token, tok.bos_token, "<|im_end|>") if t]
     texts = [f"{words(rng, 0, 9)}{rng.choice(specials)}\n\n {rng.randint(0, 999)} é中 {words(rng, 1, 5)}  \t" for _ in range(40)]
-    if renderer.piecewise:
-        assert renderer._fast is not None  # the fast path is taken
-    assert renderer._pieces(texts) == tok(texts, add_special_tokens=False)["input_ids"]
+    if renderer.encoder.piecewise:
+        assert renderer.encoder._fast is not None  # the fast path is taken
+    assert renderer.encoder.pieces(texts) == tok(texts, add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 64, 1 << 24])

@@ -232,7 +232,7 @@ def test_a_tokenizer_that_prepends_spaces_is_labelled_through_offsets():
     tok = PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     tok.chat_template = MISTRAL
     renderer = Renderer(tok, DataConfig(format="chat", choices=None))
-    assert not renderer.piecewise
+    assert not renderer.encoder.piecewise
     ex = renderer(row_from_obj(PICK, "p:1", "chat"))
     assert [r.strip() for r in trained_runs(tok, ex)] == ["Teal.</s>", "Plum.</s>"]
     assert tok.decode(ex.input_ids[: ex.prompt_len], skip_special_tokens=False).endswith("fruit? [/INST]")
@@ -301,3 +301,34 @@ def test_messages_apply_chat_template_would_change_are_rendered_by_it():
     row = VARIED[6]  # an assistant turn with reasoning_content
     assert outcome(direct, row) == outcome(applied, row)
     assert "[Hm.]" in tok.decode(outcome(direct, row)[0])
+
+
+@pytest.mark.parametrize("piecewise", [True, False])
+def test_a_tokenizer_that_appends_eos_gives_untemplated_rows_one_eos(tokenizer, piecewise: bool):
+    """Tokenizers with add_eos_token append EOS to every text they encode with special tokens. An untemplated row is
+    the prompt, the completion and the eos it is trained to write: the tokenizer's BOS goes in front, its EOS must
+    not follow the prompt (where it would be a context token) nor double the trained one, and the prompt's length
+    in tokens stays right (eval accuracy and choice scoring read the answer there)."""
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tokenizer)
+    bos, eos = "<|im_start|>", tok.eos_token
+    tok.bos_token = bos
+    ids = {bos: tok.convert_tokens_to_ids(bos), eos: tok.convert_tokens_to_ids(eos)}
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=list(ids.items())
+    )
+    assert tok("hi")["input_ids"] == [ids[bos], *tok("hi", add_special_tokens=False)["input_ids"], ids[eos]]
+    for fmt, record, prompt in [
+        ("prompt_completion", {"prompt": "Review: good. Sentiment:", "completion": " positive"}, "Review: good. Sentiment:"),
+        ("text", {"text": "Some text."}, ""),
+    ]:
+        renderer = Renderer(tok, DataConfig(format=fmt, chat_template=False, choices=None))
+        renderer.encoder.piecewise = piecewise
+        ex = renderer(row_from_obj(record, "r:1", fmt))
+        assert ex.input_ids[0] == ids[bos] and ex.input_ids.count(ids[eos]) == 1 and ex.input_ids[-1] == ids[eos], fmt
+        assert ex.labels[-1] == ids[eos]
+        if prompt:
+            assert ex.prompt_len == 1 + len(tok(prompt, add_special_tokens=False)["input_ids"])

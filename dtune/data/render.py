@@ -22,11 +22,11 @@ nor is a turn marked ``"train": false``. Tool calls are trained as the template 
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 from jinja2 import TemplateError
 
+from dtune.data.encode import TextEncoder
 from dtune.data.examples import IGNORE, DataStats, Example
 from dtune.data.formats import CHATML, Row
 from dtune.data.sources import BadRows
@@ -54,8 +54,7 @@ class Renderer:
         self.cfg = cfg
         self.template = getattr(tokenizer, "chat_template", None) or CHATML
         self.stats = DataStats()
-        self.piecewise = self._joins_cleanly()
-        self._fast = self._backend_agrees()
+        self.encoder = TextEncoder(tokenizer)
         self._direct = direct_renderer(tokenizer, self.template, self.chat)  # plain messages: straight through
         self.end_of_turn = self._end_of_turn() if cfg.chat_template else None
         if cfg.system_prompt and cfg.chat_template:
@@ -191,72 +190,12 @@ class Renderer:
             raise DataError(f"{at}: cannot find where this assistant turn ends in the chat template's rendering")
         return start, content[1]
 
-    def _pieces(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, without special tokens: ``tokenizer(texts, add_special_tokens=False)``, through the
-        Rust tokenizer's ``encode_batch_fast`` (no offsets: about a third less time per row) when that gives the
-        same ids (checked at construction)."""
-        if self._fast is not None:
-            return [e.ids for e in self._fast.encode_batch_fast(texts, add_special_tokens=False)]
-        return self.tok(texts, add_special_tokens=False)["input_ids"]
-
-    def _backend_agrees(self) -> Any:
-        """The Rust tokenizer, when calling it directly tokenizes as the tokenizer does (after the tokenizer's own call
-        has set its options: no truncation or padding, special tokens as configured); else None."""
-        backend = getattr(self.tok, "backend_tokenizer", None)
-        if backend is None or not hasattr(backend, "encode_batch_fast"):
-            return None
-        probe = ["Hello, world!", " <|im_end|>\n\n", "  7 \u00e9\u4e2d\t", self.tok.eos_token or "", "x" * 300]
-        slow = self.tok(probe, add_special_tokens=False)["input_ids"]
-        fast = [e.ids for e in backend.encode_batch_fast(probe, add_special_tokens=False)]
-        return backend if fast == slow else None
-
-    def _joins_cleanly(self) -> bool:
-        """Whether text tokenized in pieces decodes to the pieces joined: not so for SentencePiece-style tokenizers
-        that prepend a space to every text they tokenize (Llama 2, Mistral v0.1: ``"a"`` + ``"b"`` -> ``"a b"``)."""
-        pieces = [self.tok(x, add_special_tokens=False)["input_ids"] for x in ("a", "b")]
-        return self.tok.decode(pieces[0] + pieces[1]) == "ab"
-
     def _encode(self, row: Row) -> tuple[list[int], list[int], int]:
-        """Token ids, labels and prompt length.
-
-        The text is tokenized piece by piece, cut where trained spans start and end, so that the prompt's tokens are
-        exactly those of the prompt tokenized alone -- what ``dtune generate`` feeds (tokenizing the whole text can
-        merge across the boundary: ``"\\n\\n"`` + ``"7"``). Tokenizers that prepend a space to every piece tokenize
-        the whole text instead, and label the tokens that overlap a trained span (through their character offsets).
-        """
+        """Token ids, labels and prompt length of the row's text (:meth:`TextEncoder.encode`)."""
         full, spans, prompt_end, templated = self._texts(row)
         if self.cfg.train_on == "all":
             spans = [(0, len(full))]
-        if not self.piecewise:
-            return self._encode_whole(full, spans, prompt_end, templated)
-        cuts = sorted({0, len(full), prompt_end, *(x for span in spans for x in span)})
-        pieces = [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
-        encoded = self._pieces([full[a:b] for a, b in pieces])
-        if not templated:  # the tokenizer's own BOS (and whatever else it adds), as generate gets it
-            encoded[0] = self.tok(full[pieces[0][0] : pieces[0][1]], add_special_tokens=True)["input_ids"]
-        ids: list[int] = []
-        labels: list[int] = []
-        prompt_len = 0
-        for (a, b), piece in zip(pieces, encoded, strict=True):
-            trained = any(a >= lo and b <= hi for lo, hi in spans)
-            ids += piece
-            labels += piece if trained else [IGNORE] * len(piece)
-            if b <= prompt_end:
-                prompt_len = len(ids)
-        return ids, labels, prompt_len
-
-    def _encode_whole(
-        self, full: str, spans: list[tuple[int, int]], prompt_end: int, templated: bool
-    ) -> tuple[list[int], list[int], int]:
-        enc = self.tok(full, add_special_tokens=not templated, return_offsets_mapping=True)
-        ids: list[int] = enc["input_ids"]
-        labels, prompt_len = [], 0
-        for tok_id, (start, stop) in zip(ids, enc["offset_mapping"], strict=True):
-            trained = stop > start and any(stop > a and start < b for a, b in spans)
-            labels.append(tok_id if trained else IGNORE)
-            if stop <= prompt_end:
-                prompt_len += 1
-        return ids, labels, prompt_len
+        return self.encoder.encode(full, spans, prompt_end, templated)
 
     def _pair(self, row: Row) -> Example | None:
         """A preference pair: the chosen reply's Example holding the rejected one's (``rejected``), both with the
