@@ -18,7 +18,7 @@ from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from dtune.checks import (
     adapter_variant_errors,
@@ -61,6 +61,14 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("dtune_rank_suffix", rank_suffix, replace=True)
     OmegaConf.register_new_resolver("dtune_run_dir", run_dir, replace=True)
     OmegaConf.register_new_resolver("dtune_hydra_subdir", hydra_subdir, replace=True)
+    OmegaConf.register_new_resolver("dtune_required", required, replace=True)
+
+
+def required(key: str) -> str:
+    """``${dtune_required:data.source}``: a field that a config group needs the user to set (YAML's ``???`` does not
+    do it here: merged over the schema's default, a missing value leaves the default in place, and ``data=jsonl``
+    would train on the built-in data). Resolved only when not overridden. Raises ConfigError naming the field."""
+    raise ConfigError(f"{key}: the config chosen needs it set; add {key}=... to the command line")
 
 
 def run_dir(output_dir: str | None) -> str:
@@ -181,15 +189,32 @@ def validate(cfg: DtuneConfig) -> None:
 
 def to_dataclass(cfg: DictConfig) -> DtuneConfig:
     """Resolve interpolations and convert the composed config to the typed dataclass tree, once, at the entry."""
-    if unknown := _unknown_keys(cfg, OmegaConf.structured(DtuneConfig)):
+    try:
+        unknown = _unknown_keys(cfg, OmegaConf.structured(DtuneConfig))
+    except InterpolationResolutionError as err:
+        raise own_error(err) from None
+    if unknown:
         raise ConfigError(
             f"config: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} (added with '+'? dtune reads only "
             "the keys of its schema; see `dtune train --cfg job` for them)"
         )
-    obj = OmegaConf.to_object(cfg)
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except InterpolationResolutionError as err:
+        raise own_error(err) from None
     if not isinstance(obj, DtuneConfig):  # composed without the schema (a user's own config.yaml)
         raise ConfigError("config: the primary config must list 'dtune_schema' first in its defaults")
     return obj
+
+
+def own_error(err: InterpolationResolutionError) -> Exception:
+    """A dtune resolver's own ConfigError (``dtune_required``) as it was raised, not wrapped by OmegaConf."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, ConfigError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return err
 
 
 def _unknown_keys(node: DictConfig, schema: DictConfig, prefix: str = "") -> list[str]:

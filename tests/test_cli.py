@@ -107,6 +107,17 @@ def test_missing_data_file(tmp_path: Path):
 
 
 @pytest.mark.integration
+def test_own_data_without_a_file_is_refused_not_replaced_by_the_built_in_data(tmp_path: Path):
+    proc = dtune(*SMOKE, "data=jsonl", cwd=tmp_path)
+    assert_clean_failure(proc, "dtune: error: data.source: the config chosen needs it set; add data.source=")
+    assert proc.returncode == 2 and not (tmp_path / "outputs").exists()
+    # under Hydra's own flags (no pre-composition), the job says the same
+    proc = dtune(*SMOKE, "data=jsonl", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert_clean_failure(proc, "data.source: the config chosen needs it set")
+    assert proc.returncode == 2
+
+
+@pytest.mark.integration
 def test_malformed_json_line(tmp_path: Path):
     path = write_jsonl(tmp_path / "bad.jsonl", [*rows(5), '{"prompt": "x", "completion": "y"', *rows(3)])
     proc = dtune(*SMOKE, "data=jsonl", f"data.source={path}", cwd=tmp_path)
