@@ -49,10 +49,46 @@ if [[ -n "${LOCAL_ADDR:-}" ]]; then
     fi
 fi
 
-# SIGUSR1/SIGUSR2 (Slurm's and submitit's warnings) and SIGTERM are forwarded to the dtune processes, which finish
-# their step, write a checkpoint and exit 75; torchrun waits SHUTDOWN_TIMEOUT seconds for them before killing them.
-exec "$PYTHON" -m torch.distributed.run \
+# SIGUSR1/SIGUSR2 (Slurm's and submitit's warnings), SIGTERM and Ctrl-C are passed on to torchrun, which forwards them
+# to the dtune processes: they finish their step, write a checkpoint and exit 75 (130 for Ctrl-C); torchrun waits
+# SHUTDOWN_TIMEOUT seconds for them before killing them. torchrun itself exits 1 for any stop, so dtune's first
+# process on each node says how the run ended in $DTUNE_STATUS_FILE (slurm/job.sh sets it; else a file of this
+# script's own), and this script exits with that: 0 done, 75 preempted (requeue), 130 interrupted, else torchrun's.
+own_status=""
+if [[ -z "${DTUNE_STATUS_FILE:-}" ]]; then
+    DTUNE_STATUS_FILE="$(mktemp -u "${TMPDIR:-/tmp}/dtune-status-XXXXXXXX")"
+    export DTUNE_STATUS_FILE
+    own_status=1
+fi
+# setsid: torchrun in a session of its own, so that a signal reaches it once, from here (a terminal's Ctrl-C goes to
+# the whole foreground group: torchrun would get it twice, and a second Ctrl-C stops dtune without a checkpoint).
+# No job control in a script: the background child is no group leader, so setsid execs torchrun and $! is torchrun.
+setsid "$PYTHON" -m torch.distributed.run \
     --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
     --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$JOB_ID" ${ADDR_ARGS[@]+"${ADDR_ARGS[@]}"} \
     --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 --shutdown-timeout "${SHUTDOWN_TIMEOUT:-170}" \
-    -m dtune.train "$@"
+    -m dtune.train "$@" &
+torchrun_pid=$!
+for sig in TERM INT HUP QUIT USR1 USR2; do
+    trap "kill -s $sig $torchrun_pid 2>/dev/null || true" "$sig"
+done
+set +e
+while :; do
+    wait "$torchrun_pid"
+    rc=$?
+    kill -0 "$torchrun_pid" 2>/dev/null || break # wait also returns when a trapped signal arrives: keep waiting
+done
+status="$(cat "$DTUNE_STATUS_FILE" 2>/dev/null)"
+[[ -n "$own_status" ]] && rm -f "$DTUNE_STATUS_FILE"
+case "$status" in
+    *'"status": "done"'*) exit "$rc" ;;
+    *'"status": "preempted"'*)
+        echo "launch/torchrun.sh: dtune wrote a checkpoint and stopped (torchrun exited $rc): exit 75, requeue to resume" >&2
+        exit 75
+        ;;
+    *'"status": "interrupted"'*)
+        echo "launch/torchrun.sh: dtune wrote a checkpoint and stopped at Ctrl-C (torchrun exited $rc): exit 130" >&2
+        exit 130
+        ;;
+esac
+exit "$rc"

@@ -120,6 +120,29 @@ def _fake_slurm(bin_dir: Path, log: Path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_the_torchrun_launch_script_exits_75_for_a_preemption_and_130_for_ctrl_c(tmp_path: Path, sig: int):
+    """torchrun exits 1 for any stop (and prints its SignalException): launch/torchrun.sh reads how dtune ended and
+    exits 75 (requeue) or 130, as dtune alone does, so that a supervisor other than slurm/job.sh can tell a
+    checkpointed stop from a crash. The signal reaches the dtune processes once (a second Ctrl-C would skip the
+    checkpoint)."""
+    env = {**ENV, "NPROC_PER_NODE": "2", "JOB_ID": "signalled", "MASTER_PORT": str(free_port()), "PYTHON": sys.executable}
+    env.pop("DTUNE_STATUS_FILE", None)
+    (tmp_path / "tmp").mkdir()
+    env["TMPDIR"] = str(tmp_path / "tmp")  # where the script's own status file goes, and is removed from
+    cmd = ["bash", str(REPO / "launch" / "torchrun.sh"), *SMOKE, "train.max_steps=100"]
+    out = tmp_path / "outputs" / "torchrun-signalled"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    signal_after_step(proc, out, 3, sig)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == (130 if sig == signal.SIGINT else 75), stderr[-3000:]
+    assert "launch/torchrun.sh: dtune wrote a checkpoint and stopped" in stderr
+    state = checkpoint_state(out)
+    assert state["reason"] == f"preempted: {signal.Signals(sig).name}" and state["world_size"] == 2
+    assert not list((tmp_path / "tmp").glob("dtune-status-*"))
+
+
+@pytest.mark.integration
 @pytest.mark.skipif(real_slurm_unavailable() is None, reason="a real Slurm runs here: tests/test_slurm.py covers job.sh")
 def test_slurm_job_forwards_the_warning_requeues_and_the_requeued_job_resumes(tmp_path: Path):
     """The fallback where no real Slurm can be started (not root, no apt-get: laptops, unprivileged CI): job.sh's

@@ -122,10 +122,11 @@ STATUS_FILE_ENV = "DTUNE_STATUS_FILE"
 
 
 def write_status(status: str, step: int | None, output_dir: str, signal_name: str | None = None) -> None:
-    """Tell the launch script how the run ended (``done`` or ``preempted``), in the file named by $DTUNE_STATUS_FILE:
-    torchrun's own exit status cannot say it (1 for any worker that did not exit 0). Rank 0 only."""
+    """Tell the launch script how the run ended (``done``, ``preempted`` or ``interrupted``), in the file named by
+    $DTUNE_STATUS_FILE: torchrun's own exit status cannot say it (1 for any worker that did not exit 0). The first
+    process of each node (every node's launch script reads its own; on a shared filesystem they write the same)."""
     path = os.environ.get(STATUS_FILE_ENV)
-    if not path or int(os.environ.get("RANK", "0")) != 0:
+    if not path or int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) != 0:
         return
     record = {"status": status, "step": step, "signal": signal_name, "output_dir": output_dir}
     atomic_write_text(path, json.dumps(record) + "\n")
