@@ -210,6 +210,11 @@ def test_train_help_and_cfg_print_without_importing_the_training_stack(tmp_path:
 
 
 @pytest.mark.integration
-def test_fsdp2_without_a_launcher_is_a_clear_error(tmp_path: Path):
-    proc = dtune(*SMOKE, "engine=fsdp2", cwd=tmp_path)
-    assert_clean_failure(proc, "engine.strategy=fsdp2: needs a process group")
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_a_sharding_engine_without_a_launcher_runs_as_one_process(tmp_path: Path, engine: str):
+    """`dtune train engine=zero3` on one GPU, as the README's one-GPU line suggests: a process group of one (was:
+    Accelerate's "Default process group has not been initialized" traceback under ZeRO)."""
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK"} & set(ENV)  # no launcher
+    proc = dtune(*SMOKE, f"engine={engine}", "train.max_steps=2", f"train.output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["steps"] == 2

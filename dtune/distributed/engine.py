@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dtune.distributed.env import slurm_process_env
+from dtune.distributed.env import lone_process_env, slurm_process_env
 from dtune.errors import ConfigError
 from dtune.schema import DtuneConfig
 from dtune.units import DTYPES, MIXED_PRECISION
@@ -58,7 +58,8 @@ class Engine:
     """Device, precision and strategy of this process, and the collectives of its job.
 
     Raises :class:`~dtune.errors.ConfigError` when the launch does not give the engine asked for (Accelerate falls
-    back silently to one process or to DDP), or fp16 without CUDA, or FSDP2 without a process group.
+    back silently to one process or to DDP), or fp16 without CUDA. ZeRO and FSDP2 started without a launcher run
+    as a job of one process (:func:`~dtune.distributed.env.lone_process_env`).
     """
 
     def __init__(self, cfg: DtuneConfig) -> None:
@@ -68,6 +69,8 @@ class Engine:
 
         # Started by srun with one task per GPU (submitit, or srun without torchrun): rank and rendezvous from Slurm.
         os.environ.update(slurm_process_env())
+        if cfg.engine.strategy in ("deepspeed", "fsdp2"):  # one process without torchrun: a process group of one
+            os.environ.update(lone_process_env())
         cuda = torch.cuda.is_available()
         if cfg.train.precision == "fp16" and not cuda:
             raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
@@ -99,8 +102,6 @@ class Engine:
                 f"engine.strategy={self.strategy}: launched with WORLD_SIZE={expected}, but the engine formed "
                 f"{self.accelerator.num_processes} process(es) of type {got}"
             )
-        if self.strategy == "fsdp2" and not torch.distributed.is_initialized():
-            raise ConfigError("engine.strategy=fsdp2: needs a process group; launch with torchrun (even for one process)")
         self.zero3 = self.strategy == "deepspeed" and cfg.engine.zero_stage == 3
         # FSDP2 + CPUOffloadPolicy: parameter shards, gradients and optimizer states in CPU memory.
         self.cpu_offload = self.strategy == "fsdp2" and cfg.engine.offload_params

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -67,6 +68,27 @@ def slurm_process_env(env: dict[str, str] | None = None) -> dict[str, str]:
         "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodes),
         # One port per job (jobs sharing a node must not collide), the same on every task.
         "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000),
+    }
+
+
+def lone_process_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """torch.distributed's variables for a job of one process started without a launcher (``dtune train
+    engine=zero3`` on one GPU): rank 0 of 1, a free localhost port. ZeRO and FSDP2 shard over a process group, which
+    Accelerate forms only from a launcher's variables. Empty when a launcher set them (RANK, WORLD_SIZE or
+    LOCAL_RANK present)."""
+    env = dict(os.environ) if env is None else env
+    if any(key in env for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return {}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": env.get("MASTER_PORT") or str(port),
     }
 
 
