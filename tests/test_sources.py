@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -56,11 +57,17 @@ def test_bad_sources_name_the_file_and_record(tmp_path: Path):
         read_source(str(tmp_path / "junk.parquet"), "data.source", "prompt_completion")
 
 
-def test_mix_follows_the_weights_and_holds_out_from_each_source(tmp_path: Path):
+def test_mix_follows_the_weights_and_holds_out_from_each_source(tmp_path: Path, caplog):
     a = write_jsonl(tmp_path / "a.jsonl", records("a", 100))
     b = write_jsonl(tmp_path / "b.jsonl", records("b", 20))
     cfg = DataConfig(mix=[MixSource(str(a), 3.0), MixSource(str(b), 1.0)], eval_fraction=0.1, train_size=400)
-    train, evals = split_rows(cfg)
+    with caplog.at_level("INFO", logger="dtune.data.sources"):
+        train, evals = split_rows(cfg)
+    # what each source gave, said (a newcomer had to decode the cache to find repeats and unused rows)
+    assert f"{a} 300 (90 rows, each 3.3x); {b} 100 (18 rows, each 5.6x)" in caplog.text
+    with caplog.at_level("INFO", logger="dtune.data.sources"):
+        split_rows(replace(cfg, train_size=40))
+    assert f"{a} 30 (30 of 90 rows: 60 unused)" in caplog.text
     share = Counter(r.completion[0] for r in train)
     assert share == {"a": 300, "b": 100}  # b repeats: its share exceeds its 18 training rows
     assert Counter(r.completion[0] for r in evals) == {"a": 10, "b": 2}

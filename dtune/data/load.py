@@ -266,7 +266,8 @@ def _report(stats: DataStats, cfg: DataConfig) -> None:
     if stats.skipped:
         log.warning("data: skipped %d bad rows (data.bad_rows=skip); the first: %s", stats.skipped, stats.first_bad)
     if stats.ignored_keys:
-        log.warning("data: keys that data.format=%s does not read were ignored: %s", cfg.format, stats.ignored_keys)
+        fmt = "their source's format" if any(m.format for m in cfg.mix) else f"data.format={cfg.format}"
+        log.warning("data: keys that %s does not read were ignored: %s", fmt, stats.ignored_keys)
     if stats.truncated or stats.dropped:
         log.warning(
             "data: %d samples truncated and %d dropped at data.max_seq_len=%d (data.overlong=%s)",

@@ -239,9 +239,17 @@ def _mixed(cfg: DataConfig, load: Callable[[str, str, str], list[T]]) -> tuple[l
     total = cfg.train_size or sum(len(rows) for rows in parts)
     weights = sum(src.weight for src in cfg.mix)
     train: list[T] = []
+    shares = []
     for src, rows in zip(cfg.mix, parts, strict=True):
         want = round(total * src.weight / weights)
         train += [rows[j % len(rows)] for j in range(want)]
+        if want >= len(rows):
+            shares.append(f"{src.path} {want} ({len(rows)} rows, each {want / len(rows):.2g}x)")
+        else:
+            shares.append(f"{src.path} {want} ({want} of {len(rows)} rows: {len(rows) - want} unused)")
+    log.info(
+        "data.mix: training samples by source (weights %s): %s", ":".join(f"{m.weight:g}" for m in cfg.mix), "; ".join(shares)
+    )
     rng.shuffle(train)
     return train, evals
 
