@@ -24,6 +24,7 @@ from dtune.assets import declared_base
 from dtune.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS, checkpoints
 from dtune.config import load_saved
 from dtune.errors import DtuneError
+from dtune.lora import dora_norms_in_fp32
 from dtune.model import freeze_as_trained, load_tokenizer, pin_cpu_4bit_layout
 from dtune.model import load_base as load_model_base
 from dtune.moe_peft import adopt_expert_adapters, peft_view
@@ -205,5 +206,6 @@ def load_trained(trained: Trained, device: torch.device, allow_pickle: bool = Fa
     with peft_view(base):  # LoRA on NF4 experts (MoE): PEFT sizes it from stand-ins of the 16-bit experts
         model = PeftModel.from_pretrained(base, trained.adapter_dir, is_trainable=False)
     adopt_expert_adapters(model)
+    dora_norms_in_fp32(model)  # as training computed it
     pin_cpu_4bit_layout(model)
     return model.eval()

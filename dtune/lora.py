@@ -18,6 +18,49 @@ from dtune.schema import DtuneConfig
 
 log = logging.getLogger(__name__)
 
+DORA_NORM_FLOOR = 1e-12  # DoRA's column norm at least this: a zero row of W (Llama-3.1-8B's o_proj has 511) gives 0, not 0/0
+
+
+def dora_norms_in_fp32(model: nn.Module) -> int:
+    """Every DoRA linear layer of ``model`` computes its column norm ``||W + s BA||`` in fp32, floored at
+    :data:`DORA_NORM_FLOOR`, in training, evaluation and merging alike; returns how many layers.
+
+    PEFT (0.21) computes it in the activations' dtype, while the magnitude it divides was initialised in fp32: in bf16
+    the rounding of the norm moves every layer's output before any step (the adapter at init, meant to be the base,
+    scored 3% lower held-out loss than the base on SmolLM2-135M), and a zero row of W divides 0 by 0 at the first
+    forward. The same fix is proposed upstream (huggingface/peft#3237); DoRA itself (Liu et al. 2024,
+    arXiv:2402.09353) stays PEFT's.
+    """
+    import types
+
+    from peft.tuners.lora.dora import DoraLinearLayer
+    from peft.utils.other import transpose
+
+    def weight_norm(self: Any, weight: torch.Tensor, lora_weight: torch.Tensor, scaling: float, adapter_name: Any = None):
+        full = transpose(weight, self.fan_in_fan_out).float() + scaling * lora_weight.float()
+        return torch.linalg.norm(full, dim=1).clamp_min(DORA_NORM_FLOOR)
+
+    layers = [m for m in model.modules() if type(m) is DoraLinearLayer]  # (PEFT's embedding and conv DoRA differ)
+    for layer in layers:
+        layer.get_weight_norm = types.MethodType(weight_norm, layer)
+    return len(layers)
+
+
+def init_dora_magnitudes(model: nn.Module) -> None:
+    """Set every DoRA magnitude to the fp32 column norm of its layer's ``W + s BA`` (:func:`dora_norms_in_fp32`), so
+    that the adapter at init computes the base exactly: PEFT initialises it from the norm rounded to the base's
+    dtype (0.4% off in bf16, for a layer whose forward divides by the norm in fp32). Under ZeRO-3 each layer's
+    parameters are gathered to compute it (PEFT's ``gather_params_ctx``, written back from rank 0)."""
+    from peft.utils.integrations import dequantize_module_weight, gather_params_ctx
+
+    for module in model.modules():
+        for name, dora in getattr(module, "lora_magnitude_vector", {}).items():
+            a, b = module.lora_A[name].weight, module.lora_B[name].weight
+            base = module.get_base_layer()
+            with gather_params_ctx([*base.parameters(), a, b, dora.weight], modifier_rank=0), torch.no_grad():
+                norm = dora.get_weight_norm(dequantize_module_weight(base), b.float() @ a.float(), module.scaling[name])
+                dora.weight.copy_(norm.reshape(dora.weight.shape))
+
 
 def lora_config(cfg: DtuneConfig, projections: set[str] | None = None) -> Any:
     """PEFT's LoraConfig for ``cfg.lora`` (a causal-LM task), as training and the memory plan build it.

@@ -20,7 +20,9 @@ from dtune.data.formats import CHATML
 from dtune.errors import ConfigError, DtuneError
 from dtune.lora import (
     check_modules_to_save,
+    dora_norms_in_fp32,
     gather_dora_layers_whole,
+    init_dora_magnitudes,
     init_loftq,
     layer_projections,
     load_init_adapter,
@@ -238,12 +240,15 @@ def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
                 ) from None
             raise ConfigError(f"lora.target_modules: {err}") from None
     adopt_expert_adapters(model)
+    dora_norms_in_fp32(model)
     check_modules_to_save(model, cfg.lora.modules_to_save)
     if cfg.lora.init == "loftq":
         init_loftq(model, model_dir(cfg))
     for param in model.parameters():  # adapters, DoRA magnitudes and modules_to_save copies: fp32 masters
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
+    if cfg.lora.use_dora:
+        init_dora_magnitudes(model)  # from fp32 norms: at init the adapter computes the base
     if cfg.train.init_adapter:  # into the fp32 masters: the saved fp32 values, not rounded to the base's dtype
         load_init_adapter(model, cfg.train.init_adapter)
     recorded = recorded_base(cfg.model.name_or_path)

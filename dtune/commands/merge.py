@@ -23,6 +23,7 @@ from dtune.checkpoint import ADAPTER_WEIGHTS, PROMPT_FORMAT
 from dtune.data.render import prompt_format
 from dtune.errors import DtuneError, user_errors
 from dtune.fsutil import staged_dir
+from dtune.lora import dora_norms_in_fp32
 from dtune.model import load_tokenizer
 from dtune.moe import dequantize_experts
 from dtune.units import CONFIG_DTYPE, DTYPES
@@ -62,6 +63,7 @@ def merge(
     untied = untie_adapted_embeddings(base, trained.adapter_dir)
     tokenizer = load_tokenizer(trained.cfg)
     adapted = PeftModel.from_pretrained(base, trained.adapter_dir)
+    dora_norms_in_fp32(adapted)  # (fp32 here anyway; the floor as in training)
     probes = probe_rows(tokenizer)
     reference = [logits(adapted, ids) for ids in probes]  # base + adapter in fp32: what training computed
     merged = adapted.merge_and_unload()  # LoRA added in fp32
