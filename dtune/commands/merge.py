@@ -194,9 +194,14 @@ def _verify(path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = trained_parser("dtune merge", __doc__.split("\n\n")[0])
     parser.add_argument("--out", help="where to write the model (default: <run>/merged)")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="dtype of the saved weights")
-    parser.add_argument("--into", default="dequantized", choices=["dequantized", "original"], help="which base weights")
-    parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="dtype of the saved weights (default: bf16)")
+    parser.add_argument(
+        "--into",
+        default="dequantized",
+        choices=["dequantized", "original"],
+        help="base weights to add the adapter to (default: dequantized NF4, what it trained against)",
+    )
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: 5GB)")
     args = parser.parse_args(argv)
     with user_errors():
         trained = locate_args(args)
