@@ -80,9 +80,10 @@ class Engine:
         # notebook) may ask for another precision. The process group (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
         kwargs: dict[str, Any] = {"gradient_accumulation_steps": cfg.train.grad_accum_steps}
+        if not cuda:  # what DeepSpeed probes for, and warns about, when anything imports it (PEFT's save does)
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         if self.strategy == "deepspeed":
             if not cuda:
-                os.environ.setdefault("DS_ACCELERATOR", "cpu")
                 kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
             kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg))
             want = DistributedType.DEEPSPEED
