@@ -266,8 +266,7 @@ class TrainConfig:
     grad_accum_steps: int = 2
     """Micro-batches accumulated per optimizer step."""
     precision: str = "bf16"
-    """Compute dtype of the base and autocast: bf16, fp16 or fp32. The adapters' masters stay fp32; DDP and FSDP2
-    also run them (and the residual stream) in fp32 under autocast, DeepSpeed in this dtype."""
+    """Compute dtype of the base and autocast: bf16, fp16 or fp32. Adapter masters stay fp32 (see README, Launching)."""
     eval_every: int = 18
     """Evaluate every this many steps (0: only before and after training)."""
     eval_batch_size: int = 16
