@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -64,10 +65,13 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("dtune_required", required, replace=True)
 
 
-def required(key: str) -> str:
-    """``${dtune_required:data.source}``: a field that a config group needs the user to set (YAML's ``???`` does not
-    do it here: merged over the schema's default, a missing value leaves the default in place, and ``data=jsonl``
-    would train on the built-in data). Resolved only when not overridden. Raises ConfigError naming the field."""
+def required(key: str, unless: str = "", *, _parent_: Any) -> str:
+    """``${dtune_required:data.source,mix}``: a field that a config group needs the user to set (YAML's ``???`` does
+    not do it here: merged over the schema's default, a missing value leaves the default in place, and ``data=jsonl``
+    would train on the built-in data), unless its sibling ``unless`` is set (``data.mix`` replaces ``data.source``:
+    then ""). Resolved only when not overridden. Raises ConfigError naming the field."""
+    if unless and _parent_.get(unless):
+        return ""
     raise ConfigError(f"{key}: the config chosen needs it set; add {key}=... to the command line")
 
 

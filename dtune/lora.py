@@ -37,8 +37,12 @@ def dora_norms_in_fp32(model: nn.Module) -> int:
     from peft.utils.other import transpose
 
     def weight_norm(self: Any, weight: torch.Tensor, lora_weight: torch.Tensor, scaling: float, adapter_name: Any = None):
-        full = transpose(weight, self.fan_in_fan_out).float() + scaling * lora_weight.float()
-        return torch.linalg.norm(full, dim=1).clamp_min(DORA_NORM_FLOOR)
+        full = transpose(weight, self.fan_in_fan_out).to(torch.float32, copy=True)  # (one fp32 temporary)
+        full.add_(lora_weight.to(torch.float32), alpha=scaling)
+        norm = torch.linalg.norm(full, dim=1).clamp_min(DORA_NORM_FLOOR)
+        # Rounded as the magnitude it divides is (FSDP2's and DeepSpeed's bf16 copies; fp32 under DDP and merge), so
+        # their ratio is 1 at init under every engine; divided in fp32.
+        return norm.to(self.weight.dtype).float()
 
     layers = [m for m in model.modules() if type(m) is DoraLinearLayer]  # (PEFT's embedding and conv DoRA differ)
     for layer in layers:
@@ -51,13 +55,17 @@ def init_dora_magnitudes(model: nn.Module) -> None:
     that the adapter at init computes the base exactly: PEFT initialises it from the norm rounded to the base's
     dtype (0.4% off in bf16, for a layer whose forward divides by the norm in fp32). Under ZeRO-3 each layer's
     parameters are gathered to compute it (PEFT's ``gather_params_ctx``, written back from rank 0)."""
+    from peft.tuners.lora.dora import DoraLinearLayer
     from peft.utils.integrations import dequantize_module_weight, gather_params_ctx
 
     for module in model.modules():
         for name, dora in getattr(module, "lora_magnitude_vector", {}).items():
+            if type(dora) is not DoraLinearLayer:  # (embedding and conv DoRA: PEFT's own)
+                continue
             a, b = module.lora_A[name].weight, module.lora_B[name].weight
             base = module.get_base_layer()
-            with gather_params_ctx([*base.parameters(), a, b, dora.weight], modifier_rank=0), torch.no_grad():
+            # Read-only gather of the base (the adapters are not partitioned before the engine wraps the model).
+            with gather_params_ctx(list(base.parameters()), modifier_rank=None), torch.no_grad():
                 norm = dora.get_weight_norm(dequantize_module_weight(base), b.float() @ a.float(), module.scaling[name])
                 dora.weight.copy_(norm.reshape(dora.weight.shape))
 

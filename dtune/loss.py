@@ -87,10 +87,18 @@ class CompletionLoss(nn.Module):
         Raises :class:`~dtune.errors.ConfigError` naming the architecture and the difference."""
         self._head_checked = True
         ids = input_ids[:1, :HEAD_CHECK_TOKENS]
-        with torch.no_grad():
-            theirs = self.model(input_ids=ids, use_cache=False).logits[0].float()
-            ours = self.logits(self._decoder(input_ids=ids, use_cache=False).last_hidden_state[0])
-        error = ((ours - theirs).norm() / theirs.norm().clamp_min(1e-6)).item()
+        training = self.training
+        self.eval()  # the same forward twice: no dropout masks (a resumed run's first forward is a training step)
+        try:
+            with torch.no_grad():
+                theirs = self.model(input_ids=ids, use_cache=False).logits[0].float()
+                ours = self.logits(self._decoder(input_ids=ids, use_cache=False).last_hidden_state[0])
+        finally:
+            self.train(training)
+        error_t = ((ours - theirs).norm() / theirs.norm().clamp_min(1e-6)).nan_to_num(nan=float("inf")).reshape(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(error_t, op=torch.distributed.ReduceOp.MAX)  # every rank decides alike
+        error = error_t.item()
         if not error <= HEAD_CHECK_TOLERANCE:  # (NaN too)
             arch = ", ".join(getattr(self._config, "architectures", None) or [type(self._config).__name__])
             raise ConfigError(

@@ -60,24 +60,48 @@ if [[ -z "${DTUNE_STATUS_FILE:-}" ]]; then
     export DTUNE_STATUS_FILE
     own_status=1
 fi
-# setsid: torchrun in a session of its own, so that a signal reaches it once, from here (a terminal's Ctrl-C goes to
-# the whole foreground group: torchrun would get it twice, and a second Ctrl-C stops dtune without a checkpoint).
-# No job control in a script: the background child is no group leader, so setsid execs torchrun and $! is torchrun.
-setsid "$PYTHON" -m torch.distributed.run \
-    --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
+rm -f "$DTUNE_STATUS_FILE" # an earlier run's record must not speak for this one (written only after the rendezvous)
+
+# Signals that come before torchrun has started are passed on once it has.
+torchrun_pid=""
+early=""
+forward() {
+    if [[ -n "$torchrun_pid" ]]; then kill -s "$1" "$torchrun_pid" 2>/dev/null || true; else early="$1"; fi
+}
+for sig in TERM INT HUP QUIT USR1 USR2; do
+    trap "forward $sig" "$sig"
+done
+# torchrun in a session of its own, so that a signal reaches it once, from here (a terminal's Ctrl-C goes to the
+# whole foreground group: torchrun would get it twice, and a second Ctrl-C stops dtune without a checkpoint). A
+# background command of a script starts with SIGINT and SIGQUIT ignored and stdin from /dev/null: the shim below
+# restores both signals (or torchrun, waiting for its peers, and dtune, setting up, would ignore Ctrl-C) and the
+# explicit <&0 keeps stdin; then it leaves this session and execs torchrun, so $! is torchrun.
+"$PYTHON" -c '
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+try:
+    os.setsid()
+except OSError:  # already a session leader
+    pass
+os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", *sys.argv[1:]])
+' --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
     --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$JOB_ID" ${ADDR_ARGS[@]+"${ADDR_ARGS[@]}"} \
     --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 --shutdown-timeout "${SHUTDOWN_TIMEOUT:-170}" \
-    -m dtune.train "$@" &
+    -m dtune.train "$@" <&0 &
 torchrun_pid=$!
-for sig in TERM INT HUP QUIT USR1 USR2; do
-    trap "kill -s $sig $torchrun_pid 2>/dev/null || true" "$sig"
-done
+if [[ -n "$early" ]]; then forward "$early"; fi
 set +e
 while :; do
     wait "$torchrun_pid"
     rc=$?
     kill -0 "$torchrun_pid" 2>/dev/null || break # wait also returns when a trapped signal arrives: keep waiting
 done
+if ((rc > 128)); then # the last wait may have been cut by a signal as torchrun ended: ask for its own status
+    wait "$torchrun_pid" 2>/dev/null
+    again=$?
+    ((again != 127)) && rc=$again
+fi
 status="$(cat "$DTUNE_STATUS_FILE" 2>/dev/null)"
 [[ -n "$own_status" ]] && rm -f "$DTUNE_STATUS_FILE"
 case "$status" in

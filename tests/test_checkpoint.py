@@ -275,3 +275,20 @@ def test_slurm_tasks_become_torch_ranks():
     assert first_host("node1,node2") == "node1"
     assert first_host("a[10-12,20],b3") == "a10"
     assert first_host("gpu[3,5]") == "gpu3"
+
+
+def test_a_lone_process_becomes_rank_0_of_1_unless_a_launcher_placed_it():
+    from dtune.distributed.env import lone_process_env
+
+    lone = lone_process_env({})
+    assert {k: lone[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")} == {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+    }
+    assert 0 < int(lone["MASTER_PORT"]) < 65536
+    assert lone_process_env({"MASTER_PORT": "29123"})["MASTER_PORT"] == "29123"
+    assert lone_process_env({"LOCAL_RANK": "0"}) == {} and lone_process_env({"RANK": "3"}) == {}  # torchrun's
+    assert lone_process_env({"OMPI_COMM_WORLD_SIZE": "4"}) == {}  # mpirun's: Accelerate reads those
+    assert lone_process_env({"PMI_SIZE": "1"})["WORLD_SIZE"] == "1"

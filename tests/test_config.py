@@ -49,6 +49,8 @@ def test_a_field_the_chosen_config_leaves_to_the_user_must_be_set(overrides: lis
     ``train.init_adapter`` would run DPO from a fresh adapter. Both are refused, naming the field."""
     with pytest.raises(ConfigError, match=rf"^{re.escape(field)}: the config chosen needs it set; add {re.escape(field)}="):
         compose_config(overrides)
+    if field == "data.source":  # a mixture replaces it
+        assert compose_config([*overrides, "data.mix=[{path: a.jsonl, weight: 2}]"]).data.mix[0].weight == 2
 
 
 def test_default_job_is_the_sentiment_experiment():

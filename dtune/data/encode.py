@@ -20,7 +20,7 @@ class TextEncoder:
         self.tok = tokenizer
         self.piecewise = self._joins_cleanly()
         self._fast = self._backend_agrees()
-        self._special = set(tokenizer.all_special_ids)
+        self._appended = self._appended_count()
 
     def encode(
         self, full: str, spans: list[tuple[int, int]], prompt_end: int, templated: bool
@@ -57,9 +57,8 @@ class TextEncoder:
         enc = self.tok(full, add_special_tokens=not templated, return_offsets_mapping=True)
         ids: list[int] = enc["input_ids"]
         offsets = enc["offset_mapping"]
-        # A special token the tokenizer appends (an add_eos_token EOS): the text already ends in the eos it trains.
-        while ids and ids[-1] in self._special and offsets[-1][1] == offsets[-1][0]:
-            ids, offsets = ids[:-1], offsets[:-1]
+        if not templated and self._appended:  # an add_eos_token EOS: the text already ends in the eos it trains
+            ids, offsets = ids[: -self._appended], offsets[: -self._appended]
         labels, prompt_len = [], 0
         for tok_id, (start, stop) in zip(ids, offsets, strict=True):
             trained = stop > start and any(stop > a and start < b for a, b in spans)
@@ -69,14 +68,21 @@ class TextEncoder:
         return ids, labels, prompt_len
 
     def _leading_specials(self, text: str, plain: list[int]) -> list[int]:
-        """``plain`` (``text`` without special tokens) behind the special tokens the tokenizer puts before a text (its
-        BOS), not those it puts after: an untemplated row's text ends in the eos it is trained to write, and a
-        tokenizer with ``add_eos_token`` would add one after the first piece (the prompt)."""
+        """``text`` as the tokenizer encodes it with its special tokens, less those it appends after the text (an
+        ``add_eos_token`` EOS: an untemplated row's text ends in the eos it is trained to write, and the first piece
+        is often the prompt): its BOS, as generate gets it. ``plain``: the text's ids without special tokens."""
         full = self.tok(text, add_special_tokens=True)["input_ids"]
+        return full[: len(full) - self._appended] if self._appended and len(full) > len(plain) else full
+
+    def _appended_count(self) -> int:
+        """How many special tokens the tokenizer appends after a text it encodes with special tokens (0 for most;
+        1 for ``add_eos_token`` tokenizers)."""
+        plain = self.tok("a", add_special_tokens=False)["input_ids"]
+        full = self.tok("a", add_special_tokens=True)["input_ids"]
         for start in range(len(full) - len(plain) + 1):
             if full[start : start + len(plain)] == plain:
-                return full[:start] + plain
-        return full  # the tokenizer changed the text's own tokens: as it encodes it
+                return len(full) - start - len(plain)
+        return 0
 
     def pieces(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without special tokens: ``tokenizer(texts, add_special_tokens=False)``, through the

@@ -71,13 +71,19 @@ def slurm_process_env(env: dict[str, str] | None = None) -> dict[str, str]:
     }
 
 
+MPI_WORLD_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")  # what Accelerate reads for MPI launches
+
+
 def lone_process_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """torch.distributed's variables for a job of one process started without a launcher (``dtune train
     engine=zero3`` on one GPU): rank 0 of 1, a free localhost port. ZeRO and FSDP2 shard over a process group, which
     Accelerate forms only from a launcher's variables. Empty when a launcher set them (RANK, WORLD_SIZE or
-    LOCAL_RANK present)."""
+    LOCAL_RANK present) or an MPI launcher did (a world size above 1). The variables stay set: they are true of
+    this process, and DeepSpeed reads LOCAL_RANK later."""
     env = dict(os.environ) if env is None else env
     if any(key in env for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return {}
+    if any(int(env.get(key, "1") or "1") > 1 for key in MPI_WORLD_SIZE):  # an MPI launch: Accelerate reads its own
         return {}
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
