@@ -23,7 +23,8 @@ DORA_NORM_FLOOR = 1e-12  # DoRA's column norm at least this: a zero row of W (Ll
 
 def dora_norms_in_fp32(model: nn.Module) -> int:
     """Every DoRA linear layer of ``model`` computes its column norm ``||W + s BA||`` in fp32, floored at
-    :data:`DORA_NORM_FLOOR`, in training, evaluation and merging alike; returns how many layers.
+    :data:`DORA_NORM_FLOOR` and rounded to the dtype of the magnitude it divides, in training, evaluation and merging
+    alike; returns how many layers.
 
     PEFT (0.21) computes it in the activations' dtype, while the magnitude it divides was initialised in fp32: in bf16
     the rounding of the norm moves every layer's output before any step (the adapter at init, meant to be the base,
@@ -53,8 +54,8 @@ def dora_norms_in_fp32(model: nn.Module) -> int:
 def init_dora_magnitudes(model: nn.Module) -> None:
     """Set every DoRA magnitude to the fp32 column norm of its layer's ``W + s BA`` (:func:`dora_norms_in_fp32`), so
     that the adapter at init computes the base exactly: PEFT initialises it from the norm rounded to the base's
-    dtype (0.4% off in bf16, for a layer whose forward divides by the norm in fp32). Under ZeRO-3 each layer's
-    parameters are gathered to compute it (PEFT's ``gather_params_ctx``, written back from rank 0)."""
+    dtype (0.4% off in bf16, for a layer whose forward divides by the norm in fp32). Under ZeRO-3 each layer's base
+    is gathered to read it (PEFT's ``gather_params_ctx``); the adapters are not partitioned yet."""
     from peft.tuners.lora.dora import DoraLinearLayer
     from peft.utils.integrations import dequantize_module_weight, gather_params_ctx
 
@@ -64,7 +65,6 @@ def init_dora_magnitudes(model: nn.Module) -> None:
                 continue
             a, b = module.lora_A[name].weight, module.lora_B[name].weight
             base = module.get_base_layer()
-            # Read-only gather of the base (the adapters are not partitioned before the engine wraps the model).
             with gather_params_ctx(list(base.parameters()), modifier_rank=None), torch.no_grad():
                 norm = dora.get_weight_norm(dequantize_module_weight(base), b.float() @ a.float(), module.scaling[name])
                 dora.weight.copy_(norm.reshape(dora.weight.shape))
