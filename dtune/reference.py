@@ -33,6 +33,9 @@ from dtune.schema import DtuneConfig
 log = logging.getLogger("dtune")
 
 
+REFERENCE_VERSION = 2  # bump when dtune computes log-probabilities otherwise (2: the model's own logit scaling, DoRA)
+
+
 def reference_key(cfg: DtuneConfig, model_path: Path) -> str:
     """What the reference's log-probabilities depend on beyond the tokenized pairs, hashed (16 hex digits)."""
     files = sorted(
@@ -43,6 +46,7 @@ def reference_key(cfg: DtuneConfig, model_path: Path) -> str:
         adapter = hashlib.sha256((adapter_folder(cfg.train.init_adapter) / "adapter_model.safetensors").read_bytes()).hexdigest()
     added = [cfg.model.add_tokens, cfg.model.add_special_tokens]
     what = {
+        "version": REFERENCE_VERSION,
         "model": str(model_path),
         "files": files,
         "quant": asdict(cfg.quant),

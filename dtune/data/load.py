@@ -39,7 +39,7 @@ from dtune.schema import DataConfig
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 4  # bump when tokenization or the cached layout changes
+CACHE_VERSION = 5  # bump when tokenization or the cached layout changes (5: add_eos_token tokenizers)
 WAIT_LOG_SECONDS = 60.0
 
 
