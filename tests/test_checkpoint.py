@@ -155,7 +155,9 @@ def test_a_resumed_stream_equals_the_uninterrupted_run_bit_for_bit(stream_run, t
     went on from each rank's saved position (and the packed row begun), not from the start."""
     ref, ref_results, shards = stream_run
     assert ref_results["steps_per_epoch"] is None and 1.0 < ref_results["epochs"] < 2.0  # past the end of a pass
-    assert ref_results["data"]["packed_rows"] == 6 * 4 and ref_results["data"]["eval_rows"] == 8
+    data = ref_results["data"]
+    assert data["packed_rows"] == 6 * 4 and data["eval_rows"] == 8 and data["train_rows"] > 6 * 4
+    assert 0 < data["trained_tokens"] < data["tokens"] and 0 < data["pack_fill"] <= 1 and 0 <= data["padding"] < 1
     sampler = load_checkpoint(checkpoints(ref / CHECKPOINTS)[0][1])["trainer_state"]["sampler"]
     assert sampler["stream"] and len(sampler["ranks"]) == 1 and sampler["ranks"][0]["steps"] == 2
     out = stopped_after_step_2(ref, tmp_path / "resumed")

@@ -254,6 +254,8 @@ def test_two_ranks_stream_disjoint_shares_and_resume_exactly(tmp_path: Path):
     ranks = json.loads((checkpoint / "trainer_state.json").read_text())["sampler"]["ranks"]
     assert [r["position"]["record"] % 2 for r in ranks] == [1, 0]  # the position after a record of its own
     assert ranks[0]["stats"]["train_rows"] == ranks[1]["stats"]["train_rows"] == 2 * 2
+    data = json.loads((full / "results.json").read_text())["data"]  # both ranks' shares: 4 steps of 2 samples each
+    assert data["train_rows"] == 2 * 4 * 2 and 0 < data["trained_tokens"] < data["tokens"]
     run([*torchrun(2), "-m", "dtune.train", *args, f"train.resume={checkpoint}", f"hydra.run.dir={resumed}"], tmp_path)
     assert losses(resumed, after=2) == losses(full, after=2)
     ours, ref = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (resumed, full))

@@ -125,6 +125,29 @@ def test_tokenized_data_is_cached_and_rebuilt_when_inputs_change(tmp_path: Path,
     assert not list((tmp_path / "cache" / "data").glob("*.tmp-*"))  # no build folder left behind
 
 
+def test_a_mix_source_keeps_its_share_when_tokenization_drops_some_of_its_rows(tmp_path: Path, tokenizer, caplog, monkeypatch):
+    """Rows of a mixture source lost at tokenization (longer than data.max_seq_len with data.overlong=drop, or bad) are
+    replaced by repeats of that source's good rows: the trained mixture still follows the weights (was: b's share fell
+    from 1/2 to 1/4 when half its rows were too long, silently)."""
+    import dtune.data.load as data
+
+    monkeypatch.setenv("DTUNE_CACHE", str(tmp_path / "cache"))
+    a = write_jsonl(tmp_path / "a.jsonl", records("a", 40))
+    long_rows = [{"prompt": f"b question {i} " + "very long " * 60 * (i % 2), "completion": f"b answer {i}"} for i in range(40)]
+    b = write_jsonl(tmp_path / "b.jsonl", [*long_rows, {"prompt": "no answer"}])
+    mix = [MixSource(str(a), 1.0), MixSource(str(b), 1.0)]
+    cfg = DataConfig(mix=mix, eval_size=4, train_size=80, choices=None, max_seq_len=64, overlong="drop", bad_rows="skip")
+    with caplog.at_level("WARNING", logger="dtune.data.tokenize"):
+        train, _, stats = data.load_data(cfg, tokenizer)
+    share = Counter(tokenizer.decode(e.input_ids).split("question")[0].strip()[-1] for e in train)
+    assert share == {"a": 40, "b": 40} and stats.train_rows == 80 and stats.dropped > 10
+    assert all(len(e.input_ids) <= 64 for e in train)
+    assert f"of the 40 training samples drawn from {b} were bad, blank or longer than data.max_seq_len" in caplog.text
+    assert str(a) not in caplog.text  # a lost nothing
+    with pytest.raises(DataError, match=r"data\.mix\[1\]\.path: no training sample of .*c\.jsonl is left"):
+        data.load_data(replace(cfg, mix=[mix[0], MixSource(str(write_jsonl(tmp_path / "c.jsonl", long_rows[1::2])), 1.0)]), tokenizer)
+
+
 def test_bad_rows_skip_counts_and_warns(tmp_path: Path, tokenizer, caplog, monkeypatch):
     import dtune.data.load as data
 

@@ -155,6 +155,38 @@ def test_a_restored_stream_yields_the_uninterrupted_steps(tokenizer, tmp_path: P
         assert straight[0].stats.packed_rows == 8 * 4 and straight[0].stats.train_rows > 8 * 4
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_streams_counts_are_what_its_steps_took_every_ranks_share_summed(tokenizer, tmp_path: Path, packing: bool):
+    """results.json's data counts of a stream: tokens and trained tokens of the samples taken, the packed rows' fill
+    and the micro-batches' padding, summed over 2 ranks (a bad held-out row, which every rank reads, counted once)."""
+    source = write_shards(tmp_path / "shards", "jsonl")
+    lines = (source / "part-0.jsonl").read_text().splitlines(keepends=True)
+    (source / "part-0.jsonl").write_text("".join([lines[0], '{"prompt": "no answer"}\n', *lines[1:]]))
+    ranks = [sampler(tokenizer, source, 2, 2, rank=r, world=2, packing=packing, bad_rows="skip") for r in range(2)]
+    real = slots = rows = 0
+    trained: list[int] = []
+    for s in ranks:
+        s.held_skipped = s.stats.skipped = 1  # as stream_data counts the held-out rows' bad ones
+        for _ in range(6):
+            for batch in next(s):
+                real, slots = real + int(batch["attention_mask"].sum()), slots + batch["attention_mask"].numel()
+                rows += len(batch["input_ids"])
+                labels = batch["labels"][:, 1:]  # a packed row's samples each begin with IGNORE already
+                trained.append(int((labels != -100).sum()))
+    ranks[0].gather = lambda own: [own, (ranks[1].stats, ranks[1].unknown, ranks[1].positions)]
+    total = ranks[0].run_stats()
+    assert total.padding == pytest.approx(1 - real / slots) and 0 < total.padding < 1
+    assert total.skipped == 1 and total.eval_rows == 0
+    assert total.train_rows == sum(s.stats.train_rows for s in ranks)
+    if packing:  # the samples of the rows begun but not finished are counted as taken
+        pending = sum(len(e.input_ids) for s in ranks for e in s.pending)
+        assert total.packed_rows == rows == 2 * 6 * 4 and total.tokens == real + pending
+        assert total.pack_fill == pytest.approx(real / (rows * 96))
+    else:
+        assert total.train_rows == rows and total.tokens == real and total.trained_tokens == sum(trained)
+        assert total.packed_rows == 0 and total.pack_fill == 0
+
+
 def test_a_stream_refuses_to_resume_with_another_world_size_or_batch(tokenizer, tmp_path: Path):
     source = write_shards(tmp_path / "shards", "jsonl")
     state = sampler(tokenizer, source, 2, 2).state_dict()

@@ -4,7 +4,7 @@ counts gathered while making them."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, overload
 
@@ -60,11 +60,45 @@ class DataStats:
     num_proc: int = 0
     """Processes that tokenized."""
     padding: float = 0.0
-    """The fraction of the positions of the first epoch's micro-batches that are padding (set by the training loop)."""
+    """The fraction of the positions of the first epoch's micro-batches that are padding (set by the training loop; a
+    stream: of the micro-batches trained on)."""
 
     def figures(self) -> dict[str, float]:
         """The counts as ``data/<name>`` figures (for W&B's run summary); text fields left out."""
         return {f"data/{k}": v for k, v in self.__dict__.items() if isinstance(v, int | float)}
+
+    def count(self, example: Example) -> None:
+        """A sample taken from a stream: a training row, its tokens (of both replies of a pair) and trained tokens."""
+        self.train_rows += 1
+        for sample in (example, example.rejected):
+            if sample is not None:
+                self.tokens += len(sample.input_ids)
+                self.trained_tokens += trained_count(sample)
+
+    def count_packed_row(self, tokens: int, room: int) -> None:
+        """A packed row of ``tokens`` tokens out of ``room`` (data.max_seq_len) made from a stream: pack_fill kept as
+        the mean over the rows."""
+        rows = self.packed_rows
+        self.pack_fill = (self.pack_fill * rows + tokens / max(room, 1)) / (rows + 1)
+        self.packed_rows = rows + 1
+
+    @classmethod
+    def of_ranks(cls, ranks: Sequence[DataStats], shared: Sequence[str] = ("eval_rows",)) -> DataStats:
+        """The whole run's counts from each rank's count of its own share (a stream): counts summed, those named in
+        ``shared`` (the same on every rank) taken once, pack_fill weighted by packed rows; the first rank's text."""
+        total = cls()
+        for key, first in asdict(ranks[0]).items():
+            if key in shared or isinstance(first, str):
+                setattr(total, key, next((getattr(r, key) for r in ranks if getattr(r, key)), first))
+            elif isinstance(first, int):
+                setattr(total, key, sum(getattr(r, key) for r in ranks))
+        total.pack_fill = sum(r.pack_fill * r.packed_rows for r in ranks) / max(total.packed_rows, 1)
+        return total
+
+
+def trained_count(example: Example) -> int:
+    """Labelled positions of a sample, the first (never predicted) left out."""
+    return max(len(example.labels) - 1 - example.labels[1:].count(IGNORE), 0)
 
 
 def packed_example(samples: Sequence[Example]) -> Example:

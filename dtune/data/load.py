@@ -10,9 +10,10 @@ decreasing when ``data.packing``. Every rank of the node memory-maps the result:
 current step's samples, not the set. A rank that is not building waits for the finished folder (a file marker, not
 a collective: no process-group timeout however long the build).
 
-A record that is bad (``data.bad_rows=skip``) keeps its place in the shuffle and is left out where it falls. Only the
-records the split uses are read: with ``data.train_size`` (or a mixture that samples a source down) the rest of a file
-is never parsed, and its bad rows and unknown keys are not counted.
+A record that is bad (``data.bad_rows=skip``) keeps its place in the shuffle and is left out where it falls (in a
+mixture, a repeat of a good sample of its source takes its place: the weights hold). Only the records the split uses
+are read: with ``data.train_size`` (or a mixture that samples a source down) the rest of a file is never parsed, and
+its bad rows and unknown keys are not counted.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from dtune.schema import DataConfig
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 5  # bump when tokenization or the cached layout changes (5: add_eos_token tokenizers)
+CACHE_VERSION = 6  # bump when tokenization or the cached layout changes (6: a mixture source's lost samples refilled)
 WAIT_LOG_SECONDS = 60.0
 
 

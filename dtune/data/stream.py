@@ -32,108 +32,23 @@ same shards, world size, batch shape, packing and seed (a DataError names what c
 from __future__ import annotations
 
 import logging
-import os
-import signal
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from dtune.data.batching import collate
 from dtune.data.examples import DataStats, Example, packed_example
 from dtune.data.formats import UnknownKeys
-from dtune.data.render import Renderer
-from dtune.data.shards import Position, Shard, begin, find_shards, held_out, parse, scan, shard_order
-from dtune.distributed.preempt import SIGNALS
+from dtune.data.shards import Position, Shard, begin, find_shards, held_out, shard_order
+from dtune.data.stream_items import Item, RankRecords, deaf, stream_workers
 from dtune.errors import DataError
 from dtune.schema import DataConfig, DtuneConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Item:
-    """What a worker yields for one record of its rank: the Example, or why there is none."""
-
-    after: Position
-    example: Example | None = None
-    truncated: bool = False
-    dropped: bool = False
-    bad: str | None = None
-    """The DataError of a malformed record (raised in the training process under data.bad_rows=error)."""
-    fatal: bool = False
-    """A file that cannot be read at all: stops the run whatever data.bad_rows says."""
-    unknown: dict[str, tuple[int, str]] = field(default_factory=dict)
-    """Record keys the format does not read: name -> (count, where)."""
-
-
-class RankRecords(IterableDataset):
-    """The items of one rank's records from ``start`` on, endless; in a DataLoader worker, every ``workers``-th of them
-    (see the module docstring)."""
-
-    def __init__(
-        self, shards: list[Shard], cfg: DataConfig, tokenizer: Any, seed: int, start: Position, rank: int, world_size: int
-    ) -> None:
-        self.shards, self.cfg, self.tokenizer, self.seed = shards, cfg, tokenizer, seed
-        self.start, self.rank, self.world_size = start, rank, world_size
-
-    def __iter__(self) -> Iterator[Item]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        rank, world = self.rank, self.world_size
-        first = self.start.record + (rank - self.start.record) % world  # this rank's first record from start on
-
-        def mine(record: int) -> bool:
-            return record % world == rank and (record - first) // world % workers == worker
-
-        renderer = Renderer(self.tokenizer, self.cfg)
-        after, owned_in = self.start, self.start.epoch  # the latest epoch in which this rank owned a record
-        try:
-            for after, where, payload in scan(self.shards, self.seed, self.start, mine):
-                if after.record % world == (rank + 1) % world:  # the record just read was this rank's
-                    owned_in = after.epoch
-                elif after.epoch > owned_in + 1:
-                    raise DataError(f"data.source: {self.cfg.source} has fewer records than the {world} ranks")
-                if payload is not None:
-                    yield self.item(after, where, payload, renderer)
-        except (DataError, OSError) as err:  # a file that cannot be read (removed, damaged) while streaming
-            yield Item(after, bad=str(err) if isinstance(err, DataError) else f"data.source: {err}", fatal=True)
-
-    def item(self, after: Position, where: str, payload: Any, renderer: Renderer) -> Item:
-        unknown = UnknownKeys()
-        stats = renderer.stats
-        truncated, dropped = stats.truncated, stats.dropped
-        try:
-            row = parse(payload, where, self.cfg.format, unknown)
-            example = renderer(row) if row is not None else None
-        except DataError as err:
-            return Item(after, bad=str(err), unknown=_unknown(unknown))
-        return Item(after, example, stats.truncated > truncated, stats.dropped > dropped, unknown=_unknown(unknown))
-
-
-def _unknown(unknown: UnknownKeys) -> dict[str, tuple[int, str]]:
-    return {name: (n, unknown.first[name]) for name, n in unknown.counts.items()}
-
-
-def _deaf(worker: int) -> None:
-    """A worker ignores the stop signals (and Ctrl-C) that reach its whole process group: the training process stops
-    at a step boundary and checkpoints (dtune.distributed.preempt), which needs its workers alive until it ends them."""
-    for name in (*SIGNALS, "SIGINT"):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
-
-
-def stream_workers(num_proc: int | None, local_ranks: int | None = None) -> int:
-    """Tokenizing worker processes per rank: ``data.num_proc`` (per node) // the ranks on the node, at least 1; null:
-    the rank's share of the node's cores less one for the training process itself, at most 4 (0: tokenize in the
-    training process)."""
-    local = local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if num_proc is not None:
-        return max(1, num_proc // local)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(4, max(0, cores // local - 1))
 
 
 class StreamSampler:
@@ -166,7 +81,11 @@ class StreamSampler:
         self.pending: list[Example] = []
         """Packing: the samples of the row begun (consumed from the stream, not yet trained on)."""
         self.stats = DataStats()
-        """This rank's counts so far: train_rows (samples taken), packed_rows, truncated, dropped, skipped."""
+        """This rank's counts so far (train_rows: samples taken); :meth:`run_stats` sums the ranks'."""
+        self.held_skipped = 0
+        """Bad rows among the held-out ones (each rank read them all)."""
+        self.positions = [0, 0]
+        """Of the micro-batches so far: [positions, those holding a token] (their padding)."""
         self.unknown = UnknownKeys()
         self.steps = 0
         self._items: Iterator[Item] | None = None
@@ -196,7 +115,25 @@ class StreamSampler:
         samples = [self._next_row() if self.cfg.packing else self._next_example() for _ in range(self.per_rank)]
         samples.sort(key=lambda e: len(e.input_ids))  # stable: similar lengths share a micro-batch, less padding
         self.steps += 1
-        return [collate(samples[j : j + self.micro], self.pad_id) for j in range(0, self.per_rank, self.micro)]
+        batches = [collate(samples[j : j + self.micro], self.pad_id) for j in range(0, self.per_rank, self.micro)]
+        masks = [b["attention_mask"] for b in batches]
+        self.positions = [self.positions[0] + sum(m.numel() for m in masks), self.positions[1] + sum(int(m.sum()) for m in masks)]
+        return batches
+
+    def run_stats(self) -> DataStats:
+        """The run's counts so far, every rank's share summed (collective with ``gather``); padding: the fraction of
+        the positions of the micro-batches so far that are padding."""
+        ranks = self.gather((self.stats, self.unknown, self.positions))
+        total = DataStats.of_ranks([stats for stats, _, _ in ranks])
+        total.skipped -= (len(ranks) - 1) * self.held_skipped  # every rank counted the held-out rows' bad ones
+        unknown = UnknownKeys()
+        for _, part, _ in ranks:
+            unknown.counts.update(part.counts)
+            unknown.first = {**part.first, **unknown.first}  # where the first rank that saw a key saw it
+        total.ignored_keys = unknown.summary()
+        slots, real = (sum(p[i] for *_, p in ranks) for i in (0, 1))
+        total.padding = 1.0 - real / max(slots, 1)
+        return total
 
     def state_dict(self) -> dict[str, Any]:
         """The settings the position depends on and every rank's position (collective with ``gather``)."""
@@ -205,6 +142,7 @@ class StreamSampler:
             "pending": [[e.input_ids, e.labels] for e in self.pending],
             "steps": self.steps,
             "stats": asdict(self.stats),
+            "positions": self.positions,
             "unknown": {"counts": dict(self.unknown.counts), "first": self.unknown.first},
         }
         return {"stream": True, **self._settings(), "ranks": self.gather(own)}
@@ -218,7 +156,7 @@ class StreamSampler:
         own = state["ranks"][self.rank]
         self.position = Position(**own["position"])
         self.pending = [Example(ids, labels, prompt_len=0) for ids, labels in own["pending"]]
-        self.steps = own["steps"]
+        self.steps, self.positions = own["steps"], own.get("positions", [0, 0])
         for key, value in own["stats"].items():  # in place: the run's results hold this object
             setattr(self.stats, key, value)
         self.unknown = UnknownKeys()
@@ -244,7 +182,7 @@ class StreamSampler:
         if self.workers == 0:
             return iter(dataset)
         # batch_size=None: one item per record, in the order the workers are asked (round robin).
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.workers, prefetch_factor=16, worker_init_fn=_deaf)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.workers, prefetch_factor=16, worker_init_fn=deaf)
         return iter(loader)
 
     def _next_item(self) -> Item:
@@ -256,8 +194,9 @@ class StreamSampler:
         if item.bad is not None:
             if self.cfg.bad_rows != "skip":
                 raise DataError(item.bad)
-            if not self.stats.skipped:
+            if not self.stats.first_bad:
                 log.warning("data: skipped a bad row (data.bad_rows=skip; later ones are counted): %s", item.bad)
+                self.stats.first_bad = item.bad
             self.stats.skipped += 1
         for name, (n, where) in item.unknown.items():
             if name not in self.unknown.counts:
@@ -279,7 +218,7 @@ class StreamSampler:
             item = self._next_item()
             if item.example is not None:
                 self._last_example_epoch = item.after.epoch
-                self.stats.train_rows += 1
+                self.stats.count(item.example)
                 return item.example
             if item.after.epoch > self._last_example_epoch + 1:
                 raise DataError(
@@ -294,7 +233,7 @@ class StreamSampler:
             if self.pending and sum(len(e.input_ids) for e in self.pending) + len(example.input_ids) > self.cfg.max_seq_len:
                 row = packed_example(self.pending)
                 self.pending = [example]
-                self.stats.packed_rows += 1
+                self.stats.count_packed_row(len(row.input_ids), self.cfg.max_seq_len)
                 return row
             self.pending.append(example)
 
@@ -321,7 +260,7 @@ def stream_data(
     sampler = StreamSampler(
         shards, cfg, tokenizer, **batch, pad_id=pad_id, rank=rank, world_size=world_size, workers=workers, gather=gather
     )
-    sampler.stats.eval_rows, sampler.stats.skipped = len(evals), skipped
+    sampler.stats.eval_rows, sampler.stats.skipped, sampler.held_skipped = len(evals), skipped, skipped
     log.info(
         "data: streaming %d shard(s) of %s, %d tokenizing worker(s) per rank; %d held-out samples. Counts of truncated, "
         "dropped and bad rows are known only as the stream goes (logged after each pass, in results.json at the end)",

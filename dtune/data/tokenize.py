@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from dtune.data.examples import IGNORE, DataStats, Example, TokenizedSet
+from dtune.data.examples import IGNORE, DataStats, Example, TokenizedSet, trained_count
 from dtune.data.formats import UnknownKeys
 from dtune.data.packing import fill_ratio, pack_bins
 from dtune.data.records import Records
@@ -24,6 +25,8 @@ from dtune.data.render import Renderer
 from dtune.data.sources import split
 from dtune.errors import DataError
 from dtune.schema import DataConfig
+
+log = logging.getLogger(__name__)
 
 OK, TRUNCATED, DROPPED, BAD_RECORD, BAD_RENDER, BLANK = range(6)  # status of a tokenized record
 KEY_BITS = 40  # a record's key: source number << KEY_BITS | record number
@@ -93,7 +96,7 @@ class Tokenize:
             samples["input_ids"].append(example)
             if "rejected_ids" in samples:
                 samples["rejected_ids"].append(example.rejected if example else None)
-            n_trained = sum(_trained(s) for s in (example, example.rejected if example else None) if s is not None)
+            n_trained = sum(trained_count(s) for s in (example, example.rejected if example else None) if s is not None)
             cols["prompt_len"].append(example.prompt_len if example else 0)
             cols["n_trained"].append(n_trained)
             cols["status"].append(status)
@@ -113,11 +116,6 @@ class Tokenize:
         for name, values in cols.items():
             arrays[name] = pa.array(values, type=schema.field(name).type)
         return pa.table([arrays[f.name] for f in schema], schema=schema)
-
-
-def _trained(example: Example) -> int:
-    """Labelled positions of a sample, the first (never predicted) left out."""
-    return max(len(example.labels) - 1 - example.labels[1:].count(IGNORE), 0)
 
 
 def _token_columns(samples: list[Example | None]) -> tuple[Any, Any]:
@@ -240,13 +238,41 @@ def tokenize(
     stats.truncated = int(np.sum(status[used] == TRUNCATED))
     stats.dropped = int(np.sum(status[used] == DROPPED))
     stats.ignored_keys = _unknown_summary(table)
-    train_at = train_at[np.isin(status[train_at], (OK, TRUNCATED))]
+    good = np.isin(status[train_at], (OK, TRUNCATED))
+    train_at = _refill_mix(cfg, train_at, train_keys >> KEY_BITS, good) if cfg.mix else train_at[good]
     eval_at = eval_at[np.isin(status[eval_at], (OK, TRUNCATED))]
     for what, at in (("training", train_at), ("evaluation", eval_at)):
         if not len(at):
             raise DataError(f"data: no {what} sample is left after tokenization (all bad, or longer than data.max_seq_len?)")
     stats.train_rows, stats.eval_rows = len(train_at), len(eval_at)
     return table, train_at, eval_at, stats
+
+
+def _refill_mix(cfg: DataConfig, at: np.ndarray, source: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """data.mix: the training samples a source lost at tokenization (bad, or dropped for length) replaced, where they
+    fall in the set's order, by its own good ones repeated in set order, so that every source keeps its weight's share.
+    ``at``: the training samples' table rows; ``source``: each one's source number; ``good``: which survived."""
+    out = at.copy()
+    for i, src in enumerate(cfg.mix):
+        mine = source == i
+        lost, kept = np.flatnonzero(mine & ~good), at[mine & good]
+        if not len(lost):
+            continue
+        if not len(kept):
+            raise DataError(
+                f"data.mix[{i}].path: no training sample of {src.path} is left after tokenization (all bad, or longer "
+                "than data.max_seq_len?)"
+            )
+        out[lost] = kept[np.arange(len(lost)) % len(kept)]
+        log.warning(
+            "data.mix: %d of the %d training samples drawn from %s were bad, blank or longer than data.max_seq_len; repeats "
+            "of its good samples take their places, keeping its share of %.3g",
+            len(lost),
+            int(mine.sum()),
+            src.path,
+            src.weight / sum(m.weight for m in cfg.mix),
+        )
+    return out
 
 
 def _unknown_summary(table: Any) -> str:

@@ -309,6 +309,8 @@ class Trainer:
         if stopped_early:
             log.info("stopped early at step %d of %d (train.early_stopping)", state.step, self.length.max_steps)
         adapter = self.checkpointer.save(state, self.parts, "end")
+        if isinstance(self.parts.sampler, StreamSampler):  # each rank counted its own share
+            self.data_stats = self.parts.sampler.run_stats()
         results = run_results(self, after, stopped_early, train_time)
         if self.cfg.train.save_adapter and engine.is_main:
             results["adapter"] = str(self.write_adapter("adapter", adapter))
