@@ -145,7 +145,9 @@ def test_a_mix_source_keeps_its_share_when_tokenization_drops_some_of_its_rows(t
     assert f"of the 40 training samples drawn from {b} were bad, blank or longer than data.max_seq_len" in caplog.text
     assert str(a) not in caplog.text  # a lost nothing
     with pytest.raises(DataError, match=r"data\.mix\[1\]\.path: no training sample of .*c\.jsonl is left"):
-        data.load_data(replace(cfg, mix=[mix[0], MixSource(str(write_jsonl(tmp_path / "c.jsonl", long_rows[1::2])), 1.0)]), tokenizer)
+        data.load_data(
+            replace(cfg, mix=[mix[0], MixSource(str(write_jsonl(tmp_path / "c.jsonl", long_rows[1::2])), 1.0)]), tokenizer
+        )
 
 
 def test_bad_rows_skip_counts_and_warns(tmp_path: Path, tokenizer, caplog, monkeypatch):
