@@ -125,7 +125,8 @@ def generate(
     device = next(model.parameters()).device
     for i, prompt in enumerate(prompts, start=1):
         text, templated = render(renderer, prompt, system, f"prompt {i}")
-        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not templated).to(device)
+        ids = torch.tensor([renderer.encoder.prompt(text, templated)], device=device)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         streamer = None
         if stream is not None:
             stream.write(f"\n>>> {shown(prompt)}\n")

@@ -51,6 +51,13 @@ class TextEncoder:
                 prompt_len = len(ids)
         return ids, labels, prompt_len
 
+    def prompt(self, text: str, templated: bool) -> list[int]:
+        """Token ids of a prompt alone, as training tokenized the prompt before an answer (what ``dtune generate``
+        feeds): a templated prompt without special tokens (the template writes its own); an untemplated one with the
+        tokenizer's BOS, but not the EOS an ``add_eos_token`` tokenizer appends (training never puts it there)."""
+        plain = self.tok(text, add_special_tokens=False)["input_ids"]
+        return plain if templated else self._leading_specials(text, plain)
+
     def _encode_whole(
         self, full: str, spans: list[tuple[int, int]], prompt_end: int, templated: bool
     ) -> tuple[list[int], list[int], int]:
