@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dtune.assets import declared_base
-from dtune.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS, checkpoints
+from dtune.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS, PROMPT_FORMAT, checkpoints
 from dtune.config import load_saved
 from dtune.errors import DtuneError
 from dtune.lora import dora_norms_in_fp32
@@ -103,9 +103,14 @@ def locate(path: str | Path, base: str | None = None, allow_pickle: bool = False
 def settings_from_adapter(cfg: DtuneConfig, adapter: Path) -> None:
     """For an adapter folder without its run's config: what the folder itself says about how it was trained. The
     tokens added to the vocabulary (its tokenizer's, beyond the base's: the base is grown to them and prompts keep
-    them whole), and a 16-bit base for an adapter whose init moved part of the base into it (PiSSA, OLoRA)."""
+    them whole), a 16-bit base for an adapter whose init moved part of the base into it (PiSSA, OLoRA), and how
+    prompts were rendered (``prompt_format.json``: chat template or plain text, the system prompt)."""
     if mutates_base(adapter):
         cfg.quant.quant_type = "none"
+    if (adapter / PROMPT_FORMAT).is_file():  # how training rendered prompts: template or plain text, system prompt
+        saved = json.loads((adapter / PROMPT_FORMAT).read_text())
+        cfg.data.chat_template = bool(saved.get("chat_template", True))
+        cfg.data.system_prompt = saved.get("system_prompt")
     if not (adapter / "tokenizer_config.json").is_file():
         return
     from transformers import AutoTokenizer

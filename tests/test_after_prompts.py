@@ -51,3 +51,27 @@ def test_generate_feeds_the_prompt_tokens_training_put_before_the_answer(tokeniz
     generate(model, renderer, [prompt], max_new_tokens=2)
     assert model.fed == [example.input_ids[: example.prompt_len]]
     assert model.fed[0][-1] != tok.eos_token_id
+
+
+@pytest.mark.parametrize("data", [{"system_prompt": "Answer in one word."}, {"chat_template": False}, {"format": "text"}])
+def test_an_adapter_folder_away_from_its_run_renders_prompts_as_its_run_did(tokenizer, tmp_path, data: dict):
+    """An adapter folder copied away from its run (no config beside it) carries prompt_format.json; generate, eval and
+    merge must render prompts as it says (system prompt, chat template or plain text), not with the defaults."""
+    from safetensors.torch import save_file
+
+    from dtune.adapters import locate
+    from dtune.checkpoint import export_prompt_format
+    from dtune.commands.generate import render
+    from dtune.schema import DtuneConfig
+
+    trained = DtuneConfig()
+    for key, value in data.items():
+        setattr(trained.data, key, value)
+    adapter = tmp_path / "shared-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "base_model_name_or_path": "builtin:tiny-llama"}')
+    save_file({}, str(adapter / "adapter_model.safetensors"))
+    export_prompt_format(trained, tokenizer, adapter)
+    cfg = locate(adapter).cfg
+    ran, now = Renderer(tokenizer, trained.data), Renderer(tokenizer, cfg.data)
+    assert render(now, "Hi", cfg.data.system_prompt) == render(ran, "Hi", trained.data.system_prompt)
