@@ -197,6 +197,14 @@ def mutates_base(adapter: Path) -> bool:
     return isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda"))
 
 
+def switched_off_is_not_base(adapter: Path) -> bool:
+    """Whether the adapter switched off (PEFT's ``disable_adapter``) leaves another model than the base: an init that
+    moved part of the base into it (:func:`mutates_base`), or trained biases (``bias`` all or lora_only: PEFT trains
+    and loads the base's own bias tensors, which switching the adapter off keeps)."""
+    bias = json.loads((adapter / ADAPTER_CONFIG).read_text()).get("bias", "none")
+    return mutates_base(adapter) or bias not in (None, "none")
+
+
 def load_frozen_base(trained: Trained, device: torch.device, allow_pickle: bool = False) -> nn.Module:
     """The base alone, frozen as training froze it, in eval mode (its 4-bit layout pinned by :func:`load_base`)."""
     return freeze_as_trained(trained.cfg, load_base(trained, device, allow_pickle=allow_pickle)).eval()

@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from torch import nn
 
-from dtune.adapters import load_frozen_base, load_trained, locate_args, mutates_base, trained_parser
+from dtune.adapters import load_frozen_base, load_trained, locate_args, switched_off_is_not_base, trained_parser
 from dtune.checkpoint import CHECKPOINTS, TRAINER_STATE, checkpoints
 from dtune.data.examples import Example
 from dtune.data.load import check_sources, load_data, source_stats
@@ -38,8 +38,9 @@ def compare(
 ) -> dict[str, dict[str, float]]:
     """The same evaluation with the adapter (``model`` is a PeftModel) and without: with it switched off, or on
     ``base`` when given (an adapter whose init moved part of the base weights into it, PiSSA or OLoRA: switched off,
-    the base left is the residual, not the base). Preference pairs are scored with ``cfg``'s objective (the base's
-    rewards against itself are 0: its preference accuracy is one half)."""
+    the base left is the residual, not the base; or one that trained the base's biases, which it keeps switched off).
+    Preference pairs are scored with ``cfg``'s objective (the base's rewards against itself are 0: its preference
+    accuracy is one half)."""
     pairs = cfg is not None and len(examples) > 0 and (examples[0].rejected is not None or examples[0].desirable is not None)
 
     def loss(m: nn.Module) -> nn.Module:
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         task = streamed_eval_set(cfg.data, tokenizer) if cfg.data.streaming else load_data(cfg.data, tokenizer)[1]
         trained = replace(trained, cfg=cfg)
         model = load_trained(trained, engine.device, args.allow_pickle)
-        base = load_frozen_base(trained, engine.device, args.allow_pickle) if mutates_base(trained.adapter_dir) else None
+        off_is_base = not switched_off_is_not_base(trained.adapter_dir)
+        base = None if off_is_base else load_frozen_base(trained, engine.device, args.allow_pickle)
         results = {"task": compare(model, task, args.batch_size, tokenizer.pad_token_id, engine, base, cfg)}
         if args.general:
             general = DataConfig(
