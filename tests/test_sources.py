@@ -183,3 +183,35 @@ def test_mix_and_fraction_edge_cases_are_clear_errors(tmp_path: Path):
     assert outcomes == {"refused", "split"}
     with pytest.raises(DataError, match=r"data\.eval_fraction: 0\.01 of 5 rows"):
         split_rows(DataConfig(source=str(big), eval_fraction=0.01))
+
+
+def test_parquet_rows_keep_their_own_tool_call_arguments_and_tool_parameters(tmp_path: Path):
+    """Arrow gives a struct every key any row's struct has, the others' null: a tool call's arguments came back with
+    the other rows' argument names as nulls, and were trained so (``{"city": "Oslo", "query": null}``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    from dtune.data.records import Records
+    from dtune.data.shards import parse
+
+    def record(name: str, args: dict) -> dict:
+        props = {k: {"type": "string"} for k in args}
+        call = {"type": "function", "function": {"name": name, "arguments": args}}
+        return {
+            "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [call]}],
+            "tools": [{"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": props}}}],
+        }
+
+    recs = [record("weather", {"city": "Oslo"}), record("search", {"query": "x", "limit": "3"})]
+    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "t.parquet")
+    Dataset.from_list(recs).save_to_disk(str(tmp_path / "saved"))
+    table = pq.read_table(tmp_path / "t.parquet").to_pylist()
+    for name in ("t.parquet", "saved"):
+        source = Records(str(tmp_path / name), "data.source", "chat")
+        read = [read_source(str(tmp_path / name), "data.source", "chat"), [source.row(i, None) for i in range(2)]]
+        read.append([parse(obj, "t.parquet: row 0", "chat", None) for obj in table])  # the stream's reader
+        for rows in read:
+            for row, rec in zip(rows, recs, strict=True):
+                assert row.messages[1]["tool_calls"] == rec["messages"][1]["tool_calls"], name
+                assert row.tools == rec["tools"], name

@@ -40,7 +40,7 @@ from dtune.schema import DataConfig
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 6  # bump when tokenization or the cached layout changes (6: a mixture source's lost samples refilled)
+CACHE_VERSION = 7  # bump when tokenization or the cached layout changes (7: Parquet/Arrow tool calls without null keys)
 WAIT_LOG_SECONDS = 60.0
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from dtune.assets import BUILTIN_PREFIX
 from dtune.data.formats import Row, UnknownKeys, row_from_obj
-from dtune.data.sources import BUILTIN_SOURCES, _jsonl_record, _records, load_saved
+from dtune.data.sources import BUILTIN_SOURCES, _jsonl_record, _records, columnar, load_saved
 from dtune.errors import DataError
 
 CHUNK = 1 << 24  # bytes read at a time while indexing a JSONL file
@@ -172,7 +172,7 @@ class Records:
         if self.kind == "json":
             return self.objects[i]
         if self.kind == "arrow":
-            return self._dataset()[i]
+            return columnar(self._dataset()[i])
         group = int(np.searchsorted(self.group_starts, i, side="right") - 1)
         if self._group is None or self._group[0] != group:  # one row group held, as Arrow (a row made Python on use)
             import pyarrow.parquet as pq
@@ -181,4 +181,4 @@ class Records:
                 self._group = (group, pq.ParquetFile(self.source).read_row_group(group))
             except Exception as err:  # pyarrow raises several types for a damaged page
                 raise DataError(f"{self.source}: row group {group} is not readable ({err})") from None
-        return self._group[1].slice(i - int(self.group_starts[group]), 1).to_pylist()[0]
+        return columnar(self._group[1].slice(i - int(self.group_starts[group]), 1).to_pylist()[0])

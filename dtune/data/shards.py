@@ -19,7 +19,7 @@ from typing import Any
 from dtune.data.examples import Example
 from dtune.data.formats import Row, UnknownKeys, row_from_obj
 from dtune.data.render import Renderer, build_examples
-from dtune.data.sources import BadRows, _jsonl_record, load_rows
+from dtune.data.sources import BadRows, _jsonl_record, columnar, load_rows
 from dtune.errors import DataError
 from dtune.schema import DataConfig
 
@@ -164,7 +164,7 @@ def parse(payload: Any, where: str, fmt: str, unknown: UnknownKeys) -> Row | Non
     """The Row of a record (a raw JSONL line or a Parquet record); None for a blank line. DataError naming ``where``."""
     if isinstance(payload, bytes):
         return _jsonl_record(payload, where, fmt, unknown)
-    return row_from_obj(payload, where, fmt, unknown)
+    return row_from_obj(columnar(payload), where, fmt, unknown)
 
 
 def head_rows(shard: Shard, count: int, fmt: str, bad: BadRows) -> tuple[list[Row], Position]:

@@ -10,7 +10,7 @@ import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from dtune.assets import BUILTIN_PREFIX, package_dir
 from dtune.data.formats import Row, UnknownKeys, row_from_obj
@@ -148,10 +148,30 @@ def load_saved(path: Path, field_name: str):
     return ds
 
 
+def columnar(record: Any) -> Any:
+    """A Parquet or Arrow record as it was written: Arrow gives a struct every key that any row's struct of the column
+    has, null in the others, so a tool call's arguments, or a tool's parameters, would carry the other rows' names as
+    nulls (``{"city": "Oslo", "query": null}``) into the rendering. Under ``tools`` and ``tool_calls``, keys whose
+    value is null are dropped (Arrow cannot tell them from absent ones)."""
+    if isinstance(record, list):
+        return [columnar(x) for x in record]
+    if isinstance(record, dict):
+        return {k: _no_nulls(v) if k in ("tools", "tool_calls") else columnar(v) for k, v in record.items()}
+    return record
+
+
+def _no_nulls(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_no_nulls(x) for x in value]
+    if isinstance(value, dict):
+        return {k: _no_nulls(v) for k, v in value.items() if v is not None}
+    return value
+
+
 def _records(path: Path, field_name: str):
     """(where, object) pairs of a JSON array file, a Parquet file, or a ``datasets`` save_to_disk folder."""
     if path.is_dir():
-        return ((f"{path}: record {i}", rec) for i, rec in enumerate(load_saved(path, field_name)))
+        return ((f"{path}: record {i}", columnar(rec)) for i, rec in enumerate(load_saved(path, field_name)))
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -159,7 +179,7 @@ def _records(path: Path, field_name: str):
             table = pq.read_table(path)
         except Exception as err:  # pyarrow raises several types for a damaged file
             raise DataError(f"{path}: not a readable Parquet file ({err})") from None
-        return ((f"{path}: row {i}", rec) for i, rec in enumerate(table.to_pylist()))
+        return ((f"{path}: row {i}", columnar(rec)) for i, rec in enumerate(table.to_pylist()))
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as err:
