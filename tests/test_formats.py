@@ -80,3 +80,17 @@ def test_bad_records_name_file_line_and_field(tmp_path: Path, fmt, record, needl
     with pytest.raises(DataError) as err:
         read_jsonl(str(path), "data.source", fmt)
     assert f"{path}{needle}" in str(err.value)
+
+
+def test_tool_calls_a_template_cannot_render_are_refused_not_trained_as_an_empty_answer(tokenizer):
+    """No ``tools`` list, and a template without tool-call support (ChatML): the call vanished from the rendering and
+    the turn was trained as an immediate end of turn."""
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
+    messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    messages += [{"role": "tool", "content": "-3"}, {"role": "assistant", "content": "Cold."}]
+    renderer = Renderer(tokenizer, DataConfig(format="chat", choices=None))
+    with pytest.raises(DataError, match=r"c\.jsonl:1: messages\[1\]: the chat template does not render this turn's tool"):
+        renderer(row_from_obj({"messages": messages}, "c.jsonl:1", "chat"))
+    share = [{"from": "human", "value": "q"}, {"from": "function_call", "value": '{"name": "f"}'}, {"from": "gpt", "value": "ok"}]
+    with pytest.raises(DataError, match="tool calls"):
+        renderer(row_from_obj({"conversations": share}, "s.jsonl:1", "sharegpt"))

@@ -40,7 +40,7 @@ from dtune.schema import DataConfig
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 7  # bump when tokenization or the cached layout changes (7: Parquet/Arrow tool calls without null keys)
+CACHE_VERSION = 8  # bump when tokenization or the cached layout changes (8: tool calls a template drops are refused)
 WAIT_LOG_SECONDS = 60.0
 
 

@@ -139,6 +139,7 @@ class Renderer:
             self._turn(full, content, header, f"{row.where}: messages[{i}]")
             for i, content, header in zip(turns, contents_at, headers, strict=True)
         ]
+        _check_tool_calls(messages, dict(zip(turns, spans, strict=True)), full, row.where)
         # The prompt ends where the last trained turn starts -- where the reply starts, for a preference or KTO row.
         return full, spans, spans[0 if row.prompt_turns else -1][0], True
 
@@ -257,6 +258,19 @@ class Renderer:
         alt = Row([*row.messages[:-1], {"role": "assistant", "content": choice}], row.where)
         ids, labels, prompt_len = self._encode(alt)
         return [t for t, lab in zip(ids[prompt_len:], labels[prompt_len:], strict=True) if lab != IGNORE]
+
+
+def _check_tool_calls(messages: list[dict[str, Any]], spans: dict[int, tuple[int, int]], full: str, where: str) -> None:
+    """Refuses a row whose tool calls the template does not write (no tool-call support, and no ``tools`` list that
+    would have said so): each call's name must be in its turn's trained span (in the text, for a context turn). Else
+    a call-only turn would be trained as an immediate end of turn."""
+    for i, m in enumerate(messages):
+        for call in m.get("tool_calls") or ():
+            name = tool_name(call)
+            if name and name not in (full[slice(*spans[i])] if i in spans else full):
+                raise DataError(
+                    f"{where}: messages[{i}]: the chat template does not render this turn's tool calls (no tool support)"
+                )
 
 
 def prompt_format(cfg: DtuneConfig, tokenizer: Any) -> dict[str, Any]:
