@@ -40,6 +40,9 @@ def test_bad_sources_name_the_file_and_record(tmp_path: Path):
     (tmp_path / "bad.json").write_text('[{"prompt": "a", "completion": "b"},\n {"prompt": "a" "completion": "b"}]')
     with pytest.raises(DataError, match=r"bad\.json:2: malformed JSON"):
         read_source(str(tmp_path / "bad.json"), "data.source", "prompt_completion")
+    write_jsonl(tmp_path / "lines.json", records("x", 2))  # JSONL named .json: said so, not only "Extra data"
+    with pytest.raises(DataError, match=r"lines\.json:2: malformed JSON: Extra data .*name the file \.jsonl"):
+        read_source(str(tmp_path / "lines.json"), "data.source", "prompt_completion")
     (tmp_path / "obj.json").write_text('{"prompt": "a"}')
     with pytest.raises(DataError, match="must hold a list of records"):
         read_source(str(tmp_path / "obj.json"), "data.source", "prompt_completion")

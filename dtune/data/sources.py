@@ -185,7 +185,9 @@ def _records(path: Path, field_name: str):
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: malformed JSON: {err.msg} (column {err.colno})") from None
+        lines = err.msg == "Extra data" and err.colno == 1  # a record per line: JSONL, which a .json file is not read as
+        hint = "; a .json file holds one JSON array, one record per line is JSONL: name the file .jsonl" if lines else ""
+        raise DataError(f"{path}:{err.lineno}: malformed JSON: {err.msg} (column {err.colno}){hint}") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: a .json data file must hold a list of records (JSONL: one record per line)")
     return ((f"{path}: record {i}", rec) for i, rec in enumerate(data))
