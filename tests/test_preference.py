@@ -142,6 +142,18 @@ def test_long_replies_are_cut_alike_and_a_prompt_that_fills_the_row_is_dropped(t
         render(tokenizer, long, max_seq_len=48, overlong="error")
 
 
+def test_untemplated_replies_that_end_with_eos_get_no_second_one(tokenizer):
+    """data.chat_template=false: a reply that already ends with EOS (data prepared for TRL, whose trainers add it only
+    where it is missing) is trained with that one EOS, not a second appended after it; others get theirs."""
+    eos = tokenizer.eos_token
+    pair = {"prompt": "2+2=", "chosen": "4" + eos, "rejected": "5"}
+    _, ex = render(tokenizer, pair, chat_template=False)
+    assert trained_text(tokenizer, ex) == "4" + eos and trained_text(tokenizer, ex.rejected) == "5" + eos
+    renderer = Renderer(tokenizer, DataConfig(format="kto", choices=None, chat_template=False))
+    ex = renderer(row_from_obj({"prompt": "2+2=", "completion": "4" + eos, "label": True}, "k.jsonl:1", "kto"))
+    assert trained_text(tokenizer, ex) == "4" + eos and ex.input_ids.count(tokenizer.eos_token_id) == 1
+
+
 def test_collate_puts_every_chosen_reply_before_the_rejected_ones(tokenizer):
     examples = [render(tokenizer, obj)[1] for obj in PAIRS]
     batch = collate(examples, tokenizer.pad_token_id)

@@ -40,7 +40,7 @@ from dtune.schema import DataConfig
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 8  # bump when tokenization or the cached layout changes (8: tool calls a template drops are refused)
+CACHE_VERSION = 9  # bump when tokenization or the cached layout changes (9: an untemplated text ending in eos gets no second)
 WAIT_LOG_SECONDS = 60.0
 
 

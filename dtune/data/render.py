@@ -97,7 +97,7 @@ class Renderer:
     def _texts(self, row: Row) -> tuple[str, list[tuple[int, int]], int, bool]:
         """(full text, trained character spans, end of the last prompt, whether the text is templated)."""
         if row.text is not None:
-            full = row.text + (self.tok.eos_token or "")
+            full = self._with_eos(row.text)
             return full, [(0, len(full))], 0, False
         messages = list(row.messages)
         if self.cfg.system_prompt and messages[0]["role"] != "system":
@@ -106,7 +106,7 @@ class Renderer:
         if not self.cfg.chat_template:
             if [m["role"] for m in messages] != ["user", "assistant"]:
                 raise DataError(f"{row.where}: data.chat_template=false takes single-turn rows (one user, one assistant)")
-            prompt, full = messages[0]["content"], messages[0]["content"] + messages[1]["content"] + (self.tok.eos_token or "")
+            prompt, full = messages[0]["content"], self._with_eos(messages[0]["content"] + messages[1]["content"])
             return full, [(len(prompt), len(full))], len(prompt), False
         turns, seen_user = [], False
         for i, m in enumerate(messages):
@@ -142,6 +142,12 @@ class Renderer:
         _check_tool_calls(messages, dict(zip(turns, spans, strict=True)), full, row.where)
         # The prompt ends where the last trained turn starts -- where the reply starts, for a preference or KTO row.
         return full, spans, spans[0 if row.prompt_turns else -1][0], True
+
+    def _with_eos(self, text: str) -> str:
+        """An untemplated text and the eos it is trained to write: appended unless the text already ends with it (as
+        TRL's trainers add it: data prepared for them often carries it), so it is not trained twice."""
+        eos = self.tok.eos_token or ""
+        return text if eos and text.endswith(eos) else text + eos
 
     def _chat_many(
         self, conversations: list[list[dict[str, Any]]], generation_prompt: bool, tools: list | None
