@@ -100,8 +100,11 @@ def _evaluate_preference(
     model.eval()
     shard, real = _shard(examples, engine)
     sums = torch.zeros(2 + len(keys), dtype=torch.float64, device=engine.device)  # loss, items, figures
-    for start in range(0, len(shard), batch_size):
-        chunk = shard[start : start + batch_size]
+    starts = list(range(0, len(shard), batch_size))
+    if shard[0].desirable is not None and len(starts) > 1 and len(shard) - starts[-1] == 1:
+        starts.pop()  # KTO: a last chunk of one row would pair its prompt with its own completion as its KL row
+    for start, end in zip(starts, [*starts[1:], len(shard)], strict=True):
+        chunk = shard[start:end]
         counted = max(0, min(len(chunk), real - start))  # items past this are padding
         batch = {k: v.to(engine.device) for k, v in collate(chunk, pad_id, max_len).items()}
         with engine.autocast():

@@ -532,6 +532,35 @@ def test_kto_kl_rows_keep_the_other_rows_completion_whole_up_to_max_seq_len(tiny
 
 
 @pytest.mark.integration
+def test_kto_evaluation_leaves_no_row_alone_in_a_chunk_to_be_its_own_kl_row():
+    """Held-out KTO rows are scored in chunks whose KL rows pair each prompt with another row's completion: a ragged
+    last chunk of one row would pair it with its own (a matched row, its own log-ratio taken for the KL estimate)."""
+    import contextlib
+
+    from dtune.evaluate import evaluate
+    from dtune.preference import KTO_STAT_KEYS
+
+    class Scorer(torch.nn.Module):
+        stat_keys, objective = KTO_STAT_KEYS, "kto"
+
+        def __init__(self):
+            super().__init__()
+            self.matched = []
+
+        def forward(self, input_ids, kl_input_ids, **_):
+            self.matched.append(input_ids.shape == kl_input_ids.shape and bool((input_ids == kl_input_ids).all()))
+            return {"loss_sum": torch.zeros(len(input_ids)), "stats": torch.zeros(len(input_ids), len(KTO_STAT_KEYS))}
+
+    class OneRank:
+        rank, world_size, device = 0, 1, "cpu"
+        unwrap, autocast, sum = staticmethod(lambda m: m), staticmethod(contextlib.nullcontext), staticmethod(lambda t: t)
+
+    rows = [Example([1, 2, 3 + i, 9], [IGNORE, IGNORE, 3 + i, 9], 2, desirable=i % 2 == 0) for i in range(5)]
+    scorer = Scorer()
+    evaluate(scorer, rows, 2, 0, OneRank(), 16)
+    assert scorer.matched and not any(scorer.matched)
+
+
 def test_a_kto_run_learns_to_tell_desirable_from_undesirable(tmp_path: Path):
     from dtune.train import run
 
