@@ -83,6 +83,12 @@ def test_every_pair_form_gives_the_prompt_and_two_replies():
                 "function": {"name": "f"}}]}  # fmt: skip
     row = row_from_obj(repeated, "p.jsonl:9", "preference")
     assert row.messages[:2] == [system, convo[0]] and row.prompt_turns == 2 and row.tools[0]["function"]["name"] == "f"
+    # the system message in the prompt, the replies repeating only the user turn: the user turn once (was twice)
+    reply = [{"role": "assistant", "content": "Y"}], [{"role": "assistant", "content": "N"}]
+    tail = {"prompt": [system, convo[0]], "chosen": [convo[0], *reply[0]], "rejected": [convo[0], *reply[1]]}
+    for fmt, obj in (("preference", tail), ("kto", {"prompt": tail["prompt"], "completion": tail["chosen"], "label": True})):
+        row = row_from_obj(obj, "p.jsonl:10", fmt)
+        assert row.messages == [system, convo[0], *reply[0]] and row.prompt_turns == 2
 
 
 @pytest.mark.parametrize(

@@ -289,12 +289,13 @@ def _preference(obj: dict, where: str, fmt: str, unknown: UnknownKeys | None) ->
     """A preference pair (``fmt`` preference) or a labelled completion (kto): the prompt's messages, then the reply."""
     prompt = _turns(obj["prompt"], "prompt", where, "user", unknown) if obj.get("prompt") is not None else []
     keys = ("chosen", "rejected") if fmt == "preference" else ("completion",)
-    for key in keys:
-        if obj.get(key) is None:
-            raise DataError(f"{where}: missing field '{key}'")
+    if missing := next((key for key in keys if obj.get(key) is None), None):
+        raise DataError(f"{where}: missing field '{missing}'")
     replies = [_turns(obj[key], key, where, "assistant", unknown) for key in keys]
-    if prompt and all(r[: len(prompt)] == prompt for r in replies):  # the prompt repeated in the replies
-        replies = [r[len(prompt) :] for r in replies]
+    for repeated in (prompt, prompt[1:] if prompt and prompt[0]["role"] == "system" else []):
+        if repeated and all(r[: len(repeated)] == repeated for r in replies):  # the prompt (or its turns after the system)
+            replies = [r[len(repeated) :] for r in replies]  # repeated in the replies
+            break
     if fmt == "preference":  # what both replies start with is context: the prompt's, or the prompt itself
         shared = 0
         while shared < min(map(len, replies)) - 1 and replies[0][shared] == replies[1][shared]:

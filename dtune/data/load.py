@@ -40,7 +40,7 @@ from dtune.schema import DataConfig
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 9  # bump when tokenization or the cached layout changes (9: an untemplated text ending in eos gets no second)
+CACHE_VERSION = 10  # bump when tokenization or the cached layout changes (10: pairs repeating the prompt after its system)
 WAIT_LOG_SECONDS = 60.0
 
 
