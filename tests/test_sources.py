@@ -153,6 +153,28 @@ def test_a_mix_source_keeps_its_share_when_tokenization_drops_some_of_its_rows(t
         )
 
 
+def test_a_mix_refill_is_warned_on_a_cached_load_too_and_not_counted_as_records(tmp_path: Path, tokenizer, caplog, monkeypatch):
+    """The warning that a mixture source's lost samples were replaced by repeats comes with every load, the cached one
+    too (was: only the build's); the build's log counts the records it tokenized, once each (was: the refills too)."""
+    import dtune.data.load as data
+
+    monkeypatch.setenv("DTUNE_CACHE", str(tmp_path / "cache"))
+    a = write_jsonl(tmp_path / "a.jsonl", records("a", 30))
+    b = write_jsonl(
+        tmp_path / "b.jsonl", [{"prompt": f"b {i} " + "long " * 90 * (i % 3 == 0), "completion": "x"} for i in range(12)]
+    )
+    cfg = DataConfig(mix=[MixSource(str(a), 3.0), MixSource(str(b), 1.0)], train_size=20, eval_size=4, choices=None)
+    cfg = replace(cfg, max_seq_len=64, overlong="drop")
+    refilled = f"of the 5 training samples drawn from {b} were bad, blank or longer than data.max_seq_len"
+    with caplog.at_level("INFO", logger="dtune.data"):
+        data.load_data(cfg, tokenizer)  # builds the cache: 20 training and 4 held-out samples, 24 distinct records
+        assert refilled in caplog.text
+        assert "data: tokenized 24 records" in caplog.text  # (was 26: the 2 refills counted with the 2 dropped)
+        caplog.clear()
+        _, _, stats = data.load_data(cfg, tokenizer)  # the cached set
+    assert refilled in caplog.text and refilled in stats.refilled and "tokenized" not in caplog.text
+
+
 def test_bad_rows_skip_counts_and_warns(tmp_path: Path, tokenizer, caplog, monkeypatch):
     import dtune.data.load as data
 

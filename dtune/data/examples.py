@@ -47,6 +47,9 @@ class DataStats:
     """The first bad row's error (data.bad_rows=skip)."""
     ignored_keys: str = ""
     """Record keys the format does not read, with counts (warned about on every load, cached or not)."""
+    refilled: str = ""
+    """data.mix: for each source that lost training samples at tokenization, a line saying how many, replaced by repeats
+    of its good ones (warned about on every load, cached or not)."""
     tokens: int = 0
     """Tokens of the training samples (before packing; padding not counted)."""
     trained_tokens: int = 0

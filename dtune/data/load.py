@@ -40,7 +40,7 @@ from dtune.schema import DataConfig
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 10  # bump when tokenization or the cached layout changes (10: pairs repeating the prompt after its system)
+CACHE_VERSION = 11  # bump when tokenization or the cached layout changes (11: stats.json says which mix samples were refilled)
 WAIT_LOG_SECONDS = 60.0
 
 
@@ -158,6 +158,7 @@ def _build(cfg: DataConfig, tokenizer: Any, path: Path, num_proc: int) -> DataSt
             np.savez(work / "packs.npz", offsets=packs[0], members=packs[1])
         stats.cache_bytes = sum(f.stat().st_size for f in work.rglob("*") if f.is_file())
         atomic_write_text(work / "stats.json", json.dumps(asdict(stats)))
+        records = table.num_rows  # each record the split uses, once (a mixture's repeats and refills are not records)
         del table
         try:
             work.rename(path)
@@ -166,6 +167,15 @@ def _build(cfg: DataConfig, tokenizer: Any, path: Path, num_proc: int) -> DataSt
                 raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    log.info(
+        "data: tokenized %d records in %.1f s (%.0f rows/s, %d processes); %.1f MB cached in %s",
+        records,
+        stats.tokenize_seconds,
+        records / max(stats.tokenize_seconds, 1e-9),
+        stats.num_proc,
+        stats.cache_bytes / 1e6,
+        path,
+    )
     return stats
 
 
@@ -247,15 +257,6 @@ def load_data(cfg: DataConfig, tokenizer: Any, engine: Any = None) -> tuple[Toke
                     except OSError:  # a full disk may refuse the marker too: the build's own error matters more
                         log.exception("data: could not write %s", failed)
                 raise
-            log.info(
-                "data: tokenized %d records in %.1f s (%.0f rows/s, %d processes); %.1f MB cached in %s",
-                stats.train_rows + stats.eval_rows + stats.skipped + stats.dropped,
-                stats.tokenize_seconds,
-                (stats.train_rows + stats.eval_rows) / max(stats.tokenize_seconds, 1e-9),
-                stats.num_proc,
-                stats.cache_bytes / 1e6,
-                path,
-            )
         elif not builder:
             _wait(path, failed)
         train, evals, stats = _load(path, cfg)
@@ -266,6 +267,8 @@ def load_data(cfg: DataConfig, tokenizer: Any, engine: Any = None) -> tuple[Toke
 def _report(stats: DataStats, cfg: DataConfig) -> None:
     if stats.skipped:
         log.warning("data: skipped %d bad rows (data.bad_rows=skip); the first: %s", stats.skipped, stats.first_bad)
+    for line in stats.refilled.splitlines():
+        log.warning("data.mix: %s", line)
     if stats.ignored_keys:
         fmt = "their source's format" if any(m.format for m in cfg.mix) else f"data.format={cfg.format}"
         log.warning("data: keys that %s does not read were ignored: %s", fmt, stats.ignored_keys)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -25,8 +24,6 @@ from dtune.data.render import Renderer
 from dtune.data.sources import split
 from dtune.errors import DataError
 from dtune.schema import DataConfig
-
-log = logging.getLogger(__name__)
 
 OK, TRUNCATED, DROPPED, BAD_RECORD, BAD_RENDER, BLANK = range(6)  # status of a tokenized record
 KEY_BITS = 40  # a record's key: source number << KEY_BITS | record number
@@ -239,7 +236,7 @@ def tokenize(
     stats.dropped = int(np.sum(status[used] == DROPPED))
     stats.ignored_keys = _unknown_summary(table)
     good = np.isin(status[train_at], (OK, TRUNCATED))
-    train_at = _refill_mix(cfg, train_at, train_keys >> KEY_BITS, good) if cfg.mix else train_at[good]
+    train_at = _refill_mix(cfg, train_at, train_keys >> KEY_BITS, good, stats) if cfg.mix else train_at[good]
     eval_at = eval_at[np.isin(status[eval_at], (OK, TRUNCATED))]
     for what, at in (("training", train_at), ("evaluation", eval_at)):
         if not len(at):
@@ -248,11 +245,12 @@ def tokenize(
     return table, train_at, eval_at, stats
 
 
-def _refill_mix(cfg: DataConfig, at: np.ndarray, source: np.ndarray, good: np.ndarray) -> np.ndarray:
+def _refill_mix(cfg: DataConfig, at: np.ndarray, source: np.ndarray, good: np.ndarray, stats: DataStats) -> np.ndarray:
     """data.mix: the training samples a source lost at tokenization (bad, or dropped for length) replaced, where they
     fall in the set's order, by its own good ones repeated in set order, so that every source keeps its weight's share.
-    ``at``: the training samples' table rows; ``source``: each one's source number; ``good``: which survived."""
-    out = at.copy()
+    ``at``: the training samples' table rows; ``source``: each one's source number; ``good``: which survived. What was
+    replaced goes into ``stats.refilled`` (warned about by every load, a cached one too)."""
+    out, notes = at.copy(), []
     for i, src in enumerate(cfg.mix):
         mine = source == i
         lost, kept = np.flatnonzero(mine & ~good), at[mine & good]
@@ -264,14 +262,12 @@ def _refill_mix(cfg: DataConfig, at: np.ndarray, source: np.ndarray, good: np.nd
                 "than data.max_seq_len?)"
             )
         out[lost] = kept[np.arange(len(lost)) % len(kept)]
-        log.warning(
-            "data.mix: %d of the %d training samples drawn from %s were bad, blank or longer than data.max_seq_len; repeats "
-            "of its good samples take their places, keeping its share of %.3g",
-            len(lost),
-            int(mine.sum()),
-            src.path,
-            src.weight / sum(m.weight for m in cfg.mix),
+        notes.append(
+            f"{len(lost)} of the {int(mine.sum())} training samples drawn from {src.path} were bad, blank or longer than "
+            f"data.max_seq_len; repeats of its good samples take their places, keeping its share of "
+            f"{src.weight / sum(m.weight for m in cfg.mix):.3g}"
         )
+    stats.refilled = "\n".join(notes)
     return out
 
 
