@@ -167,6 +167,7 @@ def test_a_streams_counts_are_what_its_steps_took_every_ranks_share_summed(token
     trained: list[int] = []
     for s in ranks:
         s.held_skipped = s.stats.skipped = 1  # as stream_data counts the held-out rows' bad ones
+        s.stats.eval_rows = 3  # as stream_data sets it on every rank
         for _ in range(6):
             for batch in next(s):
                 real, slots = real + int(batch["attention_mask"].sum()), slots + batch["attention_mask"].numel()
@@ -176,7 +177,7 @@ def test_a_streams_counts_are_what_its_steps_took_every_ranks_share_summed(token
     ranks[0].gather = lambda own: [own, (ranks[1].stats, ranks[1].unknown, ranks[1].positions)]
     total = ranks[0].run_stats()
     assert total.padding == pytest.approx(1 - real / slots) and 0 < total.padding < 1
-    assert total.skipped == 1 and total.eval_rows == 0
+    assert total.skipped == 1 and total.eval_rows == 3  # the held-out rows, which every rank holds, counted once
     assert total.train_rows == sum(s.stats.train_rows for s in ranks)
     if packing:  # the samples of the rows begun but not finished are counted as taken
         pending = sum(len(e.input_ids) for s in ranks for e in s.pending)
