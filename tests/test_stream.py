@@ -188,6 +188,19 @@ def test_a_streams_counts_are_what_its_steps_took_every_ranks_share_summed(token
         assert total.packed_rows == 0 and total.pack_fill == 0
 
 
+def test_a_stream_state_saved_before_its_token_counts_resumes_and_says_what_they_miss(tokenizer, tmp_path: Path, caplog):
+    source = write_shards(tmp_path / "shards", "jsonl")
+    first = sampler(tokenizer, source, 2, 2)
+    samples(first, 2)
+    state = first.state_dict()
+    del state["ranks"][0]["positions"]  # as an older dtune saved it
+    resumed = sampler(tokenizer, source, 2, 2)
+    with caplog.at_level("WARNING", logger="dtune.data.stream"):
+        resumed.load_state_dict(state)
+    assert "will not be the whole run's" in caplog.text and resumed.steps == 2 and resumed.positions == [0, 0]
+    assert samples(resumed, 1) == samples(first, 1)  # the stream goes on where it was
+
+
 def test_a_stream_refuses_to_resume_with_another_world_size_or_batch(tokenizer, tmp_path: Path):
     source = write_shards(tmp_path / "shards", "jsonl")
     state = sampler(tokenizer, source, 2, 2).state_dict()

@@ -157,6 +157,11 @@ class StreamSampler:
         self.position = Position(**own["position"])
         self.pending = [Example(ids, labels, prompt_len=0) for ids, labels in own["pending"]]
         self.steps, self.positions = own["steps"], own.get("positions", [0, 0])
+        if "positions" not in own and self.rank == 0:  # saved before streams counted them
+            log.warning(
+                "resume: the checkpoint (an older dtune's) holds no token, packing or padding counts of its stream: "
+                "results.json's data.tokens, trained_tokens, pack_fill and padding will not be the whole run's"
+            )
         for key, value in own["stats"].items():  # in place: the run's results hold this object
             setattr(self.stats, key, value)
         self.unknown = UnknownKeys()
