@@ -246,3 +246,24 @@ def test_a_world_size_below_one_is_refused(world: str, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--world-size", world])
     assert stop.value.code == 2 and f"--world-size: must be at least 1, got {world}" in capsys.readouterr().err
+
+
+def test_an_engine_proposed_to_fit_is_planned_as_its_config_group_sets_it(tmp_path: Path, monkeypatch):
+    """From fsdp2_offload, 'would fit: engine=zero3' was proposed from a plan that kept the current engine's offload
+    flags (zero3_offload's plan): engine=zero3 itself does not fit. Every engine proposed must fit as composed."""
+    from dtune.plan import memory
+
+    monkeypatch.setattr(memory, "probe_activations", lambda *a: {"saved_per_token": 2e5, "backward_peak_per_token": 4e5})
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_8B))
+    base = [*BIG, f"model.name_or_path={tmp_path}", "data.max_seq_len=512", "train.micro_batch_size=1"]
+    shape = skeleton(compose_config(base))
+    needed = {
+        e: make_plan(compose_config([*base, f"engine={e}"]), 2, shape=shape).needed
+        for e in ("fsdp2", "fsdp2_offload", "zero3", "zero3_offload")
+    }
+    assert needed["zero3_offload"] < min(needed["zero3"], needed["fsdp2_offload"])
+    gpu = (needed["zero3_offload"] + min(needed["zero3"], needed["fsdp2_offload"])) // 2
+    _, _, ideas = fit(compose_config([*base, "engine=fsdp2_offload"]), 2, gpu)
+    assert "engine=zero3_offload" in ideas and "engine=zero3" not in ideas
+    for idea in (i for i in ideas if i.startswith("engine=")):
+        assert needed[idea.removeprefix("engine=")] <= gpu, idea

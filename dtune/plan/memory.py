@@ -178,10 +178,12 @@ def fit(cfg: DtuneConfig, world_size: int, gpu_bytes: int) -> tuple[Plan, int, l
             )
         if not cfg.model.gradient_checkpointing:
             candidates.append(("model.gradient_checkpointing=true", {"model__gradient_checkpointing": True}))
+        # Each engine option as its config group sets it, offload flags included (not the current engine's).
         offload = {"engine__offload_optimizer": True, "engine__offload_params": True}
+        no_offload = {"engine__offload_optimizer": False, "engine__offload_params": False}
         if world_size > 1:
-            candidates.append(("engine=fsdp2", {"engine__strategy": "fsdp2", "engine__zero_stage": 0}))
-            candidates.append(("engine=zero3", {"engine__strategy": "deepspeed", "engine__zero_stage": 3}))
+            candidates.append(("engine=fsdp2", {"engine__strategy": "fsdp2", "engine__zero_stage": 0, **no_offload}))
+            candidates.append(("engine=zero3", {"engine__strategy": "deepspeed", "engine__zero_stage": 3, **no_offload}))
             candidates.append(
                 (
                     "engine=zero3_offload",
