@@ -211,3 +211,23 @@ def test_optuna_sweeper_option_is_seeded_tpe_minimising_and_batches_on_slurm():
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "minimize"
     assert sweeper.sampler._target_ == "optuna.samplers.TPESampler" and sweeper.sampler.seed == 0
     assert sweeper.n_jobs == 8 and cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+
+
+def test_a_sweep_with_one_output_dir_for_all_its_runs_is_refused(capsys):
+    """With one train.output_dir every run after the first resumed the one before from its last checkpoint (0 steps
+    trained, its results reported again, exit 0) and the summary listed every run as failed."""
+    from dtune.commands.train import check_sweep_output_dir
+
+    with pytest.raises(SystemExit) as stop:
+        check_sweep_output_dir(["--multirun", "optim.lr=1e-4,2e-4", "train.output_dir=outputs/x"])
+    assert stop.value.code == 2
+    assert (
+        "dtune: error: train.output_dir: one directory (outputs/x) for every run of a --multirun sweep" in capsys.readouterr().err
+    )
+    for fine in (
+        ["--multirun", "optim.lr=1e-4,2e-4", "train.output_dir=outputs/a,outputs/b"],  # swept: one each
+        ["-m", "optim.lr=1e-4,2e-4", "train.output_dir=outputs/${hydra:job.num}"],  # differs per run
+        ["-m", "optim.lr=1e-4,2e-4", "train.output_dir=null"],
+        ["train.output_dir=outputs/x"],  # one run
+    ):
+        check_sweep_output_dir(fine)

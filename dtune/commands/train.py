@@ -11,12 +11,14 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from dtune.config import compose, conf_dir, to_dataclass, validate
 from dtune.distributed.env import shutdown_distributed
 from dtune.distributed.preempt import INTERRUPT_EXIT, REQUEUE_EXIT, Preempted, under_submitit, write_status
-from dtune.errors import user_errors
+from dtune.errors import ConfigError, user_errors
 from dtune.schema import DtuneConfig
 from dtune.sweep import run_objective
 from dtune.train.loop import run
@@ -44,8 +46,33 @@ def check_overrides(argv: list[str]) -> None:
         compose(argv, check=False)
 
 
+def check_sweep_output_dir(argv: list[str]) -> None:
+    """A ``--multirun`` sweep with one ``train.output_dir`` for all its runs is refused: each run after the first would
+    resume the previous one's last checkpoint there (``train.resume=auto``), train no step and report its results,
+    and the sweep summary would find no run's results. Swept values (``a,b``) and interpolations
+    (``${hydra:job.num}``) may differ per run and are left alone."""
+    if not any(arg in ("-m", "--multirun") for arg in argv):
+        return
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg or "${" in arg:
+            continue
+        try:
+            override = OverridesParser.create().parse_override(arg)
+        except HydraException:
+            continue  # Hydra reports it
+        if override.key_or_group == "train.output_dir" and not override.is_sweep_override() and override.value():
+            with user_errors():
+                raise ConfigError(
+                    f"train.output_dir: one directory ({override.value()}) for every run of a --multirun sweep: each run "
+                    "would resume the one before from its checkpoint there; leave it unset (each run gets its own "
+                    "folder of the sweep dir) or make it differ per run, e.g. 'train.output_dir=outputs/sweep/${hydra:job.num}'"
+                )
+
+
 def main() -> None:
-    """``dtune train``: the overrides checked (:func:`check_overrides`), then the Hydra job."""
+    """``dtune train``: the overrides checked (:func:`check_overrides`, :func:`check_sweep_output_dir`), then the
+    Hydra job."""
+    check_sweep_output_dir(sys.argv[1:])
     check_overrides(sys.argv[1:])
     train_job()
 
