@@ -64,8 +64,8 @@ def check_sweep_output_dir(argv: list[str]) -> None:
             with user_errors():
                 raise ConfigError(
                     f"train.output_dir: one directory ({override.value()}) for every run of a --multirun sweep: each run "
-                    "would resume the one before from its checkpoint there; leave it unset (each run gets its own "
-                    "folder of the sweep dir) or make it differ per run, e.g. 'train.output_dir=outputs/sweep/${hydra:job.num}'"
+                    "would resume the one before from its checkpoint there; leave it unset: each run gets its own "
+                    "folder of the sweep dir (multirun/<date>/<time>/<n>/), which the sweep summary reads"
                 )
 
 
