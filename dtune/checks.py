@@ -99,6 +99,18 @@ def preference_errors(e: list[str], cfg: DtuneConfig) -> None:
     if not 0.0 <= pref.label_smoothing < 0.5:
         e.append(f"pref.label_smoothing: must be in [0, 0.5); got {pref.label_smoothing}")
     formats = {data.format} | {m.format or data.format for m in data.mix}
+    # Settings of one objective that another would ignore (sft included: it reads no pref.* at all).
+    if pref.beta is not None and objective == "sft":
+        e.append("pref.beta: a preference objective's setting; train.objective is sft")
+    if pref.gamma is not None and objective != "simpo":
+        e.append(f"pref.gamma: SimPO's target margin; train.objective is {objective}")
+    if pref.loss_type != "sigmoid" and objective != "dpo":
+        e.append(f"pref.loss_type: {pref.loss_type} is a DPO loss; train.objective is {objective}")
+    if pref.label_smoothing and not (objective == "dpo" and pref.loss_type == "sigmoid"):
+        e.append("pref.label_smoothing: applies to train.objective=dpo with pref.loss_type=sigmoid only")
+    for name in ("desirable_weight", "undesirable_weight"):
+        if getattr(pref, name) != 1.0 and objective != "kto":
+            e.append(f"pref.{name}: KTO's weight of a {name.split('_')[0]} completion; train.objective is {objective}")
     if objective == "sft":
         if cfg.train.precompute_ref:
             e.append("train.precompute_ref: train.objective=sft has no reference")
@@ -142,8 +154,6 @@ def preference_errors(e: list[str], cfg: DtuneConfig) -> None:
             f"lora.bias: {cfg.lora.bias} trains biases that switching the adapter off keeps, so the reference of "
             f"train.objective={objective} would move with training; use lora.bias=none"
         )
-    if pref.gamma is not None and objective != "simpo":
-        e.append(f"pref.gamma: SimPO's target margin; train.objective is {objective}")
     if cfg.train.precompute_ref and objective in REFERENCE_FREE:
         e.append(f"train.precompute_ref: train.objective={objective} has no reference")
     if cfg.train.init_adapter and objective == "dpo" and cfg.train.precompute_ref is False:
@@ -151,10 +161,6 @@ def preference_errors(e: list[str], cfg: DtuneConfig) -> None:
             "train.precompute_ref: is false, but with train.init_adapter the reference is the starting adapter, whose "
             "log-probabilities are taken before the first step: set it true (or null)"
         )
-    if pref.loss_type != "sigmoid" and objective != "dpo":
-        e.append(f"pref.loss_type: {pref.loss_type} is a DPO loss; train.objective is {objective}")
-    if pref.label_smoothing and not (objective == "dpo" and pref.loss_type == "sigmoid"):
-        e.append("pref.label_smoothing: applies to train.objective=dpo with pref.loss_type=sigmoid only")
     for name, on in (
         ("data.packing", data.packing),
         ("data.streaming", data.streaming),

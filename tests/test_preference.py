@@ -181,6 +181,12 @@ def test_collate_puts_every_chosen_reply_before_the_rejected_ones(tokenizer):
         (["train.objective=dpo", "data.format=preference", "pref.label_smoothing=0.5"], "pref.label_smoothing: must be"),
         (["train.objective=dpo", "data.format=preference", "data.packing=true"], "data.packing: not with"),
         (["train.objective=orpo", "data.format=preference", "pref.beta=0"], "pref.beta"),
+        # settings the objective would ignore (sft reads no pref.* at all; they were accepted there)
+        (["pref.gamma=1.0"], "pref.gamma: SimPO's target margin; train.objective is sft"),
+        (["pref.loss_type=ipo"], "pref.loss_type: ipo is a DPO loss; train.objective is sft"),
+        (["pref.label_smoothing=0.1"], "pref.label_smoothing: applies to train.objective=dpo"),
+        (["pref.beta=0.5"], "pref.beta: a preference objective's setting; train.objective is sft"),
+        (["train.objective=dpo", "data.format=preference", "pref.undesirable_weight=1.5"], "pref.undesirable_weight: KTO's"),
     ],
 )
 def test_preference_settings_are_checked_at_start(tmp_path: Path, overrides, message):
