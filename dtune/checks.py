@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from dtune.assets import BUILTIN_PREFIX
-from dtune.data.formats import PREFERENCE_FORMATS
+from dtune.data.formats import FORMATS, PREFERENCE_FORMATS
 from dtune.schema import BEST_METRICS, DPO_LOSSES, LORA_INITS, OBJECTIVES, REFERENCE_FREE, DtuneConfig
 
 
@@ -195,3 +195,14 @@ def streaming_errors(e: list[str], cfg: DtuneConfig) -> None:
         )
     if data.train_size is not None:
         e.append("data.train_size: not with data.streaming (the stream reads every row); set it to null")
+
+
+def mix_errors(e: list[str], cfg: DtuneConfig) -> None:
+    """data.mix: each source's format and weight (otherwise found only when the data loads, a bad format named as
+    data.format)."""
+    for i, source in enumerate(cfg.data.mix):
+        if source.format is not None:
+            one_of(e, f"data.mix[{i}].format", source.format, FORMATS)
+        positive(e, f"data.mix[{i}].weight", source.weight)
+        if not source.path:
+            e.append(f"data.mix[{i}].path: is empty")

@@ -24,6 +24,7 @@ from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseExceptio
 from dtune.checks import (
     adapter_variant_errors,
     early_stopping_errors,
+    mix_errors,
     one_of,
     positive,
     preference_errors,
@@ -180,6 +181,7 @@ def validate(cfg: DtuneConfig) -> None:
         e.append(f"data.choices: needs at least two distinct answers; got {list(cfg.data.choices)}")
     if cfg.data.system_prompt is not None and not cfg.data.chat_template:
         e.append("data.system_prompt: is set but data.chat_template is false (a system prompt needs the template)")
+    mix_errors(e, cfg)
     streaming_errors(e, cfg)
     preference_errors(e, cfg)
 

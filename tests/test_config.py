@@ -107,6 +107,8 @@ def test_unknown_option_lists_the_available_ones():
         ("data.eval_size=0", "data.eval_size"),
         ("data.choices=[yes]", "data.choices"),
         ("optim.betas=[0.9,1.5]", "optim.betas"),
+        ("data.mix=[{path: a.jsonl, format: chats}]", "data.mix[0].format"),  # was found at load, named data.format
+        ("data.mix=[{path: a.jsonl}, {path: b.jsonl, weight: 0}]", "data.mix[1].weight"),
     ],
 )
 def test_impossible_values_are_refused_naming_the_field(override: str, field: str):
