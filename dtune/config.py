@@ -43,6 +43,7 @@ from dtune.schema import (
     WANDB_MODES,
     DtuneConfig,
 )
+from dtune.units import parse_bytes
 
 
 def conf_dir() -> Path:
@@ -162,6 +163,13 @@ def validate(cfg: DtuneConfig) -> None:
     positive(e, "train.checkpoint_every", cfg.train.checkpoint_every, allow_zero=True)
     positive(e, "train.keep_checkpoints", cfg.train.keep_checkpoints)
     positive(e, "train.loss_chunk_tokens", cfg.train.loss_chunk_tokens, allow_zero=True)
+    positive(e, "train.peak_tflops", cfg.train.peak_tflops)
+    if cfg.train.gpu_mem is not None:  # read before loading; else a typo is found after the model is fetched
+        try:
+            if parse_bytes(cfg.train.gpu_mem, "train.gpu_mem", default_unit="G") <= 0:
+                e.append(f"train.gpu_mem: must be > 0; got {cfg.train.gpu_mem!r}")
+        except ConfigError as err:
+            e.append(str(err))
 
     positive(e, "data.max_seq_len", cfg.data.max_seq_len)
     positive(e, "data.num_proc", cfg.data.num_proc)

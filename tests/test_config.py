@@ -109,6 +109,9 @@ def test_unknown_option_lists_the_available_ones():
         ("optim.betas=[0.9,1.5]", "optim.betas"),
         ("data.mix=[{path: a.jsonl, format: chats}]", "data.mix[0].format"),  # was found at load, named data.format
         ("data.mix=[{path: a.jsonl}, {path: b.jsonl, weight: 0}]", "data.mix[1].weight"),
+        ("train.gpu_mem=80GBi", "train.gpu_mem: cannot read '80GBi'"),  # was read after the model was fetched
+        ("train.gpu_mem=0", "train.gpu_mem: must be > 0"),  # was no check at all
+        ("train.peak_tflops=-989", "train.peak_tflops"),  # was a negative MFU
     ],
 )
 def test_impossible_values_are_refused_naming_the_field(override: str, field: str):
