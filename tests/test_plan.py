@@ -267,3 +267,11 @@ def test_an_engine_proposed_to_fit_is_planned_as_its_config_group_sets_it(tmp_pa
     assert "engine=zero3_offload" in ideas and "engine=zero3" not in ideas
     for idea in (i for i in ideas if i.startswith("engine=")):
         assert needed[idea.removeprefix("engine=")] <= gpu, idea
+
+
+def test_dtune_plan_judges_by_train_gpu_mem_as_training_does(capsys):
+    """The same overrides made dtune train refuse the run (train.gpu_mem) and dtune plan print no verdict, exit 0."""
+    from dtune.commands.plan import main
+
+    assert main(["model=tiny_llama", "logger=none", "train.gpu_mem=100MiB"]) == 1
+    assert "verdict: does NOT fit in 0.1 GiB per GPU" in capsys.readouterr().out

@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Predict per-GPU peak memory of a dtune run from its config (no weights are loaded).",
         epilog="Overrides are those of dtune train, e.g.: dtune plan --gpu-mem 80GiB --world-size 8 engine=zero3 model.name_or_path=/models/llama-8b",
     )
-    parser.add_argument("--gpu-mem", help="memory of one GPU (e.g. 80GiB); default: this machine's GPU, if any")
+    parser.add_argument(
+        "--gpu-mem", help="memory of one GPU (e.g. 80GiB); default: train.gpu_mem, else this machine's GPU, if any"
+    )
     parser.add_argument("--world-size", type=int, help="ranks; default: launcher.nproc_per_node x launcher.nnodes")
     parser.add_argument("--measure", action="store_true", help="also run 2 steps here and print the measured peak")
     parser.add_argument(
@@ -63,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--world-size: must be at least 1, got {args.world_size}")
         cfg = compose(args.overrides)
         world = args.world_size or cfg.launcher.nproc_per_node * cfg.launcher.nnodes
-        gpu = parse_bytes(args.gpu_mem, "--gpu-mem", default_unit="G") if args.gpu_mem else gpu_memory()
+        if args.gpu_mem:
+            gpu = parse_bytes(args.gpu_mem, "--gpu-mem", default_unit="G")
+        else:  # what dtune train checks against with the same overrides
+            gpu = parse_bytes(cfg.train.gpu_mem, "train.gpu_mem", default_unit="G") if cfg.train.gpu_mem else gpu_memory()
         if gpu:
             plan, largest, ideas = fit(cfg, world, gpu)
         else:
