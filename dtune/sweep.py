@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -89,12 +90,27 @@ def _overrides(job_dir: Path) -> list[str]:
     return [str(o) for o in OmegaConf.load(path)]
 
 
+OUTPUT_POINTER = "output_dir.txt"
+"""In a job's Hydra folder whose run wrote its outputs elsewhere (``train.output_dir``): that folder's path."""
+
+
+def point_to_outputs(job_dir: Path, output_dir: Path) -> None:
+    """Leave in ``job_dir`` (Hydra's folder of the job) where the run's outputs go when that is elsewhere, for
+    :func:`summarize` (a sweep whose runs each set ``train.output_dir``). The first rank of the job writes it."""
+    if output_dir.resolve() != job_dir.resolve() and os.environ.get("RANK", "0") == "0":
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / OUTPUT_POINTER).write_text(f"{output_dir.resolve()}\n")
+
+
 def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per run directory of the sweep (those holding .hydra/ or results.json), best eval loss first."""
+    """One row per run directory of the sweep (those holding .hydra/), best eval loss first; a run's results and
+    checkpoints are read where it wrote them (its folder, or the ``train.output_dir`` it points to)."""
     rows = []
     for job_dir in sorted(p.parent for p in sweep_dir.glob("*/.hydra")):
         row: dict[str, Any] = {"run": job_dir.name, "overrides": " ".join(_overrides(job_dir))}
-        results = job_dir / "results.json"
+        pointer = job_dir / OUTPUT_POINTER
+        out = Path(pointer.read_text().strip()) if pointer.is_file() else job_dir
+        results = out / "results.json"
         if results.is_file():
             data = json.loads(results.read_text())
             after, before = data.get("after", {}), data.get("before", {})
@@ -109,7 +125,7 @@ def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
                 tokens_per_s=data.get("tokens_per_s"),
             )
         else:
-            newest = sorted((job_dir / "checkpoints").glob("step-*"))
+            newest = sorted((out / "checkpoints").glob("step-*"))
             row["status"] = f"stopped at {newest[-1].name}" if newest else "failed"
         rows.append(row)
 

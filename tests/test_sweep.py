@@ -213,6 +213,32 @@ def test_optuna_sweeper_option_is_seeded_tpe_minimising_and_batches_on_slurm():
     assert sweeper.n_jobs == 8 and cfg.hydra.launcher._target_.endswith("SlurmLauncher")
 
 
+def test_the_summary_reads_runs_that_wrote_to_their_own_output_dir(tmp_path: Path):
+    """A sweep whose runs each set train.output_dir (swept a,b or ${hydra:job.num}): the job folder holds .hydra/ and
+    a pointer, the results and checkpoints are in the output dir (was: every such run listed as failed)."""
+    from dtune.sweep import OUTPUT_POINTER, point_to_outputs
+
+    sweep = tmp_path / "multirun"
+    for name, done in (("0", True), ("1", False)):
+        job, out = sweep / name, tmp_path / "elsewhere" / name
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- train.output_dir={out}\n")
+        point_to_outputs(job, out)
+        if done:
+            (out / "results.json").parent.mkdir(parents=True)
+            (out / "results.json").write_text(json.dumps({"after": {"eval/loss": 1.25}, "steps": 5}))
+        else:
+            (out / "checkpoints" / "step-00000003").mkdir(parents=True)
+    point_to_outputs(sweep / "0", sweep / "0")  # outputs in the job folder itself: no pointer needed, none written
+    assert [(r["run"], r["status"], r.get("eval_loss")) for r in summarize(sweep)] == [
+        ("0", "done", 1.25),
+        ("1", "stopped at step-00000003", None),
+    ]
+    plain = tmp_path / "plain"
+    point_to_outputs(plain, plain)
+    assert not (plain / OUTPUT_POINTER).exists()
+
+
 def test_a_sweep_with_one_output_dir_for_all_its_runs_is_refused(capsys):
     """With one train.output_dir every run after the first resumed the one before from its last checkpoint (0 steps
     trained, its results reported again, exit 0) and the summary listed every run as failed."""

@@ -20,7 +20,7 @@ from dtune.distributed.env import shutdown_distributed
 from dtune.distributed.preempt import INTERRUPT_EXIT, REQUEUE_EXIT, Preempted, under_submitit, write_status
 from dtune.errors import ConfigError, user_errors
 from dtune.schema import DtuneConfig
-from dtune.sweep import run_objective
+from dtune.sweep import point_to_outputs, run_objective
 from dtune.train.loop import run
 
 log = logging.getLogger("dtune")
@@ -64,8 +64,8 @@ def check_sweep_output_dir(argv: list[str]) -> None:
             with user_errors():
                 raise ConfigError(
                     f"train.output_dir: one directory ({override.value()}) for every run of a --multirun sweep: each run "
-                    "would resume the one before from its checkpoint there; leave it unset: each run gets its own "
-                    "folder of the sweep dir (multirun/<date>/<time>/<n>/), which the sweep summary reads"
+                    "would resume the one before from its checkpoint there; leave it unset (each run gets its own "
+                    "folder of the sweep dir, multirun/<date>/<time>/<n>/) or sweep it (a,b or outputs/${hydra:job.num})"
                 )
 
 
@@ -85,6 +85,7 @@ def train_job(dict_cfg: DictConfig) -> float | None:
         cfg = to_dataclass(dict_cfg)
         validate(cfg)
         output_dir = job_output_dir(cfg)
+        point_to_outputs(Path(HydraConfig.get().runtime.output_dir), output_dir)
         try:
             results = run(cfg, output_dir)
             write_status("done", results["steps"], str(output_dir))
