@@ -122,8 +122,8 @@ def make_plan(cfg: DtuneConfig, world_size: int, probe: dict[str, float] | None 
         "gathered shards": gathered,
     }
     notes = {
-        "base (packed 4-bit + constants)": "NF4 "
-        + ("+ double quant" if cfg.quant.double_quant else "")
+        "base (packed 4-bit + constants)": cfg.quant.quant_type.upper()
+        + (" + double quant" if cfg.quant.double_quant else "")
         + (", constants only (shards on the CPU)" if fsdp2_offload else f", / {w} ranks" if shard_params else ""),
         "base (other)": f"embeddings, norms, head; {cfg.train.precision}"
         if quantized
