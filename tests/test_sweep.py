@@ -239,6 +239,25 @@ def test_the_summary_reads_runs_that_wrote_to_their_own_output_dir(tmp_path: Pat
     assert not (plain / OUTPUT_POINTER).exists()
 
 
+def test_every_run_of_a_listed_sweep_is_validated_before_the_first_starts(capsys):
+    """A value dtune refuses in the third run of four stops the sweep before any run (was: after two runs trained, with
+    no summary), naming the run as Hydra numbers it and the field; Optuna's sweeps are left to their trials."""
+    from dtune.commands.train import check_sweep_runs
+
+    with pytest.raises(SystemExit) as stop:
+        check_sweep_runs(["--multirun", "optim.lr=1e-4,-1", "lora.r=8,16", "debug=smoke"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--multirun: run #2 of 4 (optim.lr=-1 lora.r=8) would be refused" in err
+    assert "optim.lr: must be > 0" in err
+    with pytest.raises(SystemExit):  # Hydra's own settings left out of each run's config
+        check_sweep_runs(["-m", "lora.r=8,0", "debug=smoke", "hydra.sweep.dir=/tmp/s", "hydra/launcher=basic"])
+    assert "run #1 of 2 (lora.r=0) would be refused" in capsys.readouterr().err
+    check_sweep_runs(["--multirun", "optim.lr=1e-4,2e-4", "lora.r=8,16", "debug=smoke"])  # every run fine
+    check_sweep_runs(["--multirun", "sweeper=optuna", "optim.lr=interval(1e-5,1e-3)"])  # Optuna's: per trial
+    check_sweep_runs(["--multirun", "lora.r=8,0"], limit=1)  # more runs than the limit: checked as they go
+    check_sweep_runs(["lora.r=0"])  # not a sweep: the run itself refuses it
+
+
 def test_a_sweep_with_one_output_dir_for_all_its_runs_is_refused(capsys):
     """With one train.output_dir every run after the first resumed the one before from its last checkpoint (0 steps
     trained, its results reported again, exit 0) and the summary listed every run as failed."""

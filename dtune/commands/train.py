@@ -5,6 +5,7 @@ value an Optuna sweep (``sweeper=optuna``) minimises."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 from pathlib import Path
@@ -69,11 +70,46 @@ def check_sweep_output_dir(argv: list[str]) -> None:
                 )
 
 
+SWEEP_CHECK_LIMIT = 64  # runs of a listed sweep composed and validated before it starts
+
+
+def check_sweep_runs(argv: list[str], limit: int = SWEEP_CHECK_LIMIT) -> None:
+    """A listed ``--multirun`` sweep (Hydra's basic sweeper, ``a,b`` values): every run's config is composed and
+    validated before the first run starts, so that a value dtune refuses stops the sweep at once, naming the run and
+    the field, rather than after the runs before it trained (and with no summary). Sweeps of more than ``limit`` runs,
+    Optuna's, and sweeps with interpolations are checked run by run as they go."""
+    if not any(arg in ("-m", "--multirun") for arg in argv):
+        return
+    # Hydra's own settings (hydra.sweep.dir=..., hydra/launcher=...) configure the sweep, not a run.
+    args = [arg for arg in argv if not arg.startswith("-") and not arg.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    if any("${" in a or a.lstrip("+~").startswith("sweeper") for a in args):
+        return
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+        values = [
+            [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [arg]
+            for arg, o in zip(args, overrides, strict=True)
+        ]
+    except (HydraException, ValueError, TypeError):  # Hydra reports a bad override; an interval sweep is Optuna's
+        return
+    runs = list(itertools.islice(itertools.product(*values), limit + 1))
+    if len(runs) > limit:
+        return
+    with user_errors():
+        for n, run in enumerate(runs):
+            try:
+                compose(list(run))
+            except ConfigError as err:
+                swept = " ".join(v for v, choices in zip(run, values, strict=True) if len(choices) > 1)
+                raise ConfigError(f"--multirun: run #{n} of {len(runs)} ({swept}) would be refused: {err}") from None
+
+
 def main() -> None:
-    """``dtune train``: the overrides checked (:func:`check_overrides`, :func:`check_sweep_output_dir`), then the
-    Hydra job."""
+    """``dtune train``: the overrides checked (:func:`check_overrides`, :func:`check_sweep_output_dir`,
+    :func:`check_sweep_runs`), then the Hydra job."""
     check_sweep_output_dir(sys.argv[1:])
     check_overrides(sys.argv[1:])
+    check_sweep_runs(sys.argv[1:])
     train_job()
 
 
