@@ -15,6 +15,14 @@ from dtune.schema import DataConfig
 from tests.helpers import trained_runs, write_jsonl
 
 
+def tool_turn(calls):
+    return {"role": "assistant", "content": None, "tool_calls": calls}
+
+
+def call_with(arguments):
+    return tool_turn([{"type": "function", "function": {"name": "f", "arguments": arguments}}])
+
+
 def test_chat_trains_on_every_assistant_turn_and_nothing_else(tokenizer):
     row = row_from_obj(
         {
@@ -68,10 +76,37 @@ def test_builtin_chatml_when_the_tokenizer_has_no_template(tokenizer):
         ("chat", {"messages": [{"role": "bot", "content": "x"}]}, ":3: messages[0]: role 'bot' is not one of"),
         ("chat", {"messages": [{"role": "user", "content": "x"}]}, ":3: no assistant message"),
         ("text", {"body": "x"}, ":3: missing field 'text'"),
+        (
+            "chat",
+            {"messages": [{"role": "user", "content": "q"}, call_with("{oops")]},
+            ":3: messages[1]: tool_calls[0]: tool call 'f'",
+        ),
+        (
+            "chat",
+            {"messages": [{"role": "user", "content": "q"}, call_with("[1]")]},
+            ":3: messages[1]: tool_calls[0]: tool call 'f'",
+        ),
+        (
+            "chat",
+            {"messages": [{"role": "user", "content": "q"}, tool_turn([{"arguments": {}}])]},
+            ":3: messages[1]: tool_calls[0]",
+        ),
+        (
+            "prompt_completion",
+            {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "a"}]},
+            ":3: field 'completion': a reply is assistant",
+        ),
+        (
+            "prompt_completion",
+            {"prompt": [{"role": "assistant", "content": "x"}], "completion": "y"},
+            ":3: the prompt must end with a user",
+        ),
+        ("prompt_completion", {"prompt": [{"role": "user", "content": "q"}]}, ":3: missing field 'completion'"),
     ],
 )
 def test_bad_records_name_file_line_and_field(tmp_path: Path, fmt, record, needle):
     good = {
+        "prompt_completion": {"prompt": "a", "completion": "b"},
         "alpaca": {"instruction": "a", "output": "b"},
         "chat": {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
         "text": {"text": "a"},
@@ -94,3 +129,30 @@ def test_tool_calls_a_template_cannot_render_are_refused_not_trained_as_an_empty
     share = [{"from": "human", "value": "q"}, {"from": "function_call", "value": '{"name": "f"}'}, {"from": "gpt", "value": "ok"}]
     with pytest.raises(DataError, match="tool calls"):
         renderer(row_from_obj({"conversations": share}, "s.jsonl:1", "sharegpt"))
+
+
+def test_conversational_prompt_completion_trains_the_completion_only(tokenizer):
+    """TRL's conversational prompt-completion rows: the prompt's messages (system, earlier turns) are context, what the
+    completion holds is trained -- as a chat row whose earlier answer is opted out."""
+    renderer = Renderer(tokenizer, DataConfig(choices=None))
+    prompt = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "2+2?"},
+    ]
+    row = {"prompt": prompt, "completion": [{"role": "assistant", "content": "4"}]}
+    ex = renderer(row_from_obj(row, "p.jsonl:1", "prompt_completion"))
+    assert trained_runs(tokenizer, ex) == ["4<|im_end|>"]
+    chat = [*copy.deepcopy(prompt), {"role": "assistant", "content": "4"}]
+    chat[2]["train"] = False
+    same = renderer(row_from_obj({"messages": chat}, "c.jsonl:1", "chat"))
+    assert (ex.input_ids, ex.labels) == (same.input_ids, same.labels)
+    # Either side a string or one message: the same single turn as the plain form.
+    plain = renderer(row_from_obj({"prompt": "Q", "completion": "A"}, "p.jsonl:2", "prompt_completion"))
+    for mixed in (
+        {"prompt": [{"role": "user", "content": "Q"}], "completion": "A"},
+        {"prompt": "Q", "completion": {"role": "assistant", "content": "A"}},
+    ):
+        ex = renderer(row_from_obj(mixed, "p.jsonl:3", "prompt_completion"))
+        assert (ex.input_ids, ex.labels) == (plain.input_ids, plain.labels)

@@ -3,6 +3,7 @@ it appears in the final rendering, and every failure names the row."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -332,3 +333,40 @@ def test_a_tokenizer_that_appends_eos_gives_untemplated_rows_one_eos(tokenizer, 
         assert ex.labels[-1] == ids[eos]
         if prompt:
             assert ex.prompt_len == 1 + len(tok(prompt, add_special_tokens=False)["input_ids"])
+
+
+def test_openai_string_arguments_render_as_the_object_they_hold(family_tokenizer):
+    """OpenAI's API gives tool-call arguments as a JSON string; a template writing them with ``tojson`` wrote that
+    string escaped (``"{\\"city\\": ...}"``), and the model learned to emit escaped JSON."""
+    tok = family_tokenizer("qwen2")
+    as_text = copy.deepcopy(TOOL_ROW)
+    as_text["messages"][1]["tool_calls"][0]["function"]["arguments"] = '{"city": "Oslo"}'
+    a, b = render(tok, as_text), render(tok, TOOL_ROW)
+    assert (a.input_ids, a.labels) == (b.input_ids, b.labels)
+    assert '"arguments": {"city": "Oslo"}' in tok.decode(a.input_ids)
+
+
+# DeepSeek-V3's template concatenates the arguments into the turn (an object fails there); a template may also print
+# them as they are (an object would be written in its Python form).
+CONCATENATING = (
+    "{{- '<tool_call>' + tc['function']['name'] + '\n```json\n' + tc['function']['arguments'] + '\n```</tool_call>' }}"
+)
+PRINTING = (
+    "{{- '<tool_call>' + tc['function']['name'] + '\n```json\n' }}{{ tc['function']['arguments'] }}{{- '\n```</tool_call>' }}"
+)
+
+
+@pytest.mark.parametrize("call", [CONCATENATING, PRINTING], ids=["concatenating", "printing"])
+def test_a_template_that_takes_arguments_as_text_gets_json_text(family_tokenizer, call):
+    tok = copy.deepcopy(family_tokenizer("qwen2"))
+    tok.chat_template = (
+        "{%- for m in messages %}{%- if m['role'] == 'assistant' and m.get('tool_calls') %}{{- '<|im_start|>assistant\n' }}"
+        "{%- for tc in m['tool_calls'] %}" + call + "{%- endfor %}{{- '<|im_end|>\n' }}"
+        "{%- else %}{{- '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+    )
+    row = {"messages": copy.deepcopy(TOOL_ROW["messages"])}
+    for arguments in ({"city": "Oslo"}, '{"city": "Oslo"}'):
+        row["messages"][1]["tool_calls"][0]["function"]["arguments"] = arguments
+        runs = trained_runs(tok, render(tok, row))
+        assert runs[0] == '<tool_call>get_weather\n```json\n{"city": "Oslo"}\n```</tool_call><|im_end|>'

@@ -86,12 +86,12 @@ class DataStats:
         self.packed_rows = rows + 1
 
     @classmethod
-    def of_ranks(cls, ranks: Sequence[DataStats], shared: Sequence[str] = ("eval_rows",)) -> DataStats:
-        """The whole run's counts from each rank's count of its own share (a stream): counts summed, those named in
-        ``shared`` (the same on every rank) taken once, pack_fill weighted by packed rows; the first rank's text."""
+    def of_ranks(cls, ranks: Sequence[DataStats]) -> DataStats:
+        """The whole run's counts from each rank's count of its own share (a stream): counts summed, the held-out
+        rows' (the same on every rank) taken once, pack_fill weighted by packed rows; the first rank's text."""
         total = cls()
         for key, first in asdict(ranks[0]).items():
-            if key in shared or isinstance(first, str):
+            if key == "eval_rows" or isinstance(first, str):
                 setattr(total, key, next((getattr(r, key) for r in ranks if getattr(r, key)), first))
             elif isinstance(first, int):
                 setattr(total, key, sum(getattr(r, key) for r in ranks))

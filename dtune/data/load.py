@@ -40,7 +40,7 @@ from dtune.schema import DataConfig
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 11  # bump when tokenization or the cached layout changes (11: stats.json says which mix samples were refilled)
+CACHE_VERSION = 12  # bump when tokenization or the cached layout changes (12: tool-call arguments given as JSON text parsed)
 WAIT_LOG_SECONDS = 60.0
 
 

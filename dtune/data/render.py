@@ -22,6 +22,8 @@ nor is a turn marked ``"train": false``. Tool calls are trained as the template 
 
 from __future__ import annotations
 
+import json
+from functools import cached_property
 from typing import Any
 
 from jinja2 import TemplateError
@@ -72,10 +74,39 @@ class Renderer:
         the assistant's turn opened). Raises DataError naming ``where`` when the template refuses them."""
         try:
             return self.tok.apply_chat_template(
-                messages, chat_template=self.template, add_generation_prompt=generation_prompt, tokenize=False, tools=tools
+                self._for_template(messages),
+                chat_template=self.template,
+                add_generation_prompt=generation_prompt,
+                tokenize=False,
+                tools=tools,
             )
         except (TemplateError, ValueError, TypeError, KeyError, IndexError) as err:  # e.g. roles that do not alternate
             raise DataError(f"{where}: the chat template refuses this conversation: {err}") from None
+
+    @cached_property
+    def _arguments_as_text(self) -> bool:
+        """Whether the chat template wants tool-call arguments as JSON text rather than the object transformers
+        documents (and rows hold, see :mod:`dtune.data.messages`): it fails on an object (DeepSeek-V3's concatenates
+        them) or writes its Python form, and writes the text."""
+
+        def rendered(arguments: Any) -> str:
+            call = {"type": "function", "function": {"name": "probe", "arguments": arguments}}
+            probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+            try:
+                return self.tok.apply_chat_template(probe, chat_template=self.template, tokenize=False)
+            except Exception:  # the template's own failure is the answer
+                return ""
+
+        json_key = '"dtune_probe"'
+        return json_key not in rendered({"dtune_probe": 1}) and json_key in rendered('{"dtune_probe": 1}')
+
+    def _for_template(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``messages`` with their tool calls' arguments in the form the template takes (see :attr:`_arguments_as_text`)."""
+        if not any(m.get("tool_calls") for m in messages) or not self._arguments_as_text:
+            return messages
+        return [
+            {**m, "tool_calls": [_arguments_text(c) for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages
+        ]
 
     def _end_of_turn(self) -> str | None:
         """What the template writes right after an answer (``<|im_end|>``), up to the first whitespace; None if
@@ -163,7 +194,7 @@ class Renderer:
         try:
             return list(
                 self.tok.apply_chat_template(
-                    conversations,
+                    [self._for_template(c) for c in conversations],
                     chat_template=self.template,
                     add_generation_prompt=generation_prompt,
                     tokenize=False,
@@ -264,6 +295,15 @@ class Renderer:
         alt = Row([*row.messages[:-1], {"role": "assistant", "content": choice}], row.where)
         ids, labels, prompt_len = self._encode(alt)
         return [t for t, lab in zip(ids[prompt_len:], labels[prompt_len:], strict=True) if lab != IGNORE]
+
+
+def _arguments_text(call: dict[str, Any]) -> dict[str, Any]:
+    """A tool call with its arguments object written as JSON text."""
+    fn = call.get("function", call)
+    if not isinstance(fn.get("arguments"), dict):
+        return call
+    fn = {**fn, "arguments": json.dumps(fn["arguments"], ensure_ascii=False)}
+    return {**call, "function": fn} if "function" in call else fn
 
 
 def _check_tool_calls(messages: list[dict[str, Any]], spans: dict[int, tuple[int, int]], full: str, where: str) -> None:

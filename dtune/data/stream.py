@@ -128,8 +128,7 @@ class StreamSampler:
         total.skipped -= (len(ranks) - 1) * self.held_skipped  # every rank counted the held-out rows' bad ones
         unknown = UnknownKeys()
         for _, part, _ in ranks:
-            unknown.counts.update(part.counts)
-            unknown.first = {**part.first, **unknown.first}  # where the first rank that saw a key saw it
+            unknown.merge(part)  # where first: where the first rank that saw a key saw it
         total.ignored_keys = unknown.summary()
         slots, real = (sum(p[i] for *_, p in ranks) for i in (0, 1))
         total.padding = 1.0 - real / max(slots, 1)
@@ -206,8 +205,7 @@ class StreamSampler:
         for name, (n, where) in item.unknown.items():
             if name not in self.unknown.counts:
                 log.warning("data: key '%s' (first at %s) is not read by data.format=%s: ignored", name, where, self.cfg.format)
-            self.unknown.counts[name] += n
-            self.unknown.first.setdefault(name, where)
+            self.unknown.add(name, n, where)
         if item.unknown:
             self.stats.ignored_keys = self.unknown.summary()
         self.stats.truncated += item.truncated

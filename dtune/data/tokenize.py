@@ -279,8 +279,7 @@ def _unknown_summary(table: Any) -> str:
     unknown = UnknownKeys()
     for cell in pc.filter(column, pc.not_equal(column, "")).to_pylist():
         for name, (count, where) in json.loads(cell).items():
-            unknown.counts[name] += count
-            unknown.first.setdefault(name, where)
+            unknown.add(name, count, where)
     return unknown.summary()
 
 
