@@ -209,6 +209,19 @@ def test_train_help_and_cfg_print_without_importing_the_training_stack(tmp_path:
     assert "name_or_path: builtin:tiny-llama" in proc.stdout and proc.stdout.strip().endswith("[]")
 
 
+def test_cfg_resolve_of_a_config_missing_a_required_field_says_so_in_one_line(tmp_path: Path):
+    """`dtune train data=jsonl --cfg job --resolve` without data.source printed OmegaConf's 40-line traceback."""
+    argv = [sys.executable, "-m", "dtune", "train", "data=jsonl", "--cfg", "job", "--resolve"]
+    proc = subprocess.run(argv, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip() == (
+        "dtune train: error: data.source: the config chosen needs it set; add data.source=... to the command line"
+    )
+    argv[5:5] = ["data.source=rows.jsonl", "-p", "data"]  # set: printed, resolved
+    proc = subprocess.run(argv, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "source: rows.jsonl" in proc.stdout, proc.stderr[-3000:]
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
 def test_a_sharding_engine_without_a_launcher_runs_as_one_process(tmp_path: Path, engine: str):
