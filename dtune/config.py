@@ -183,6 +183,8 @@ def validate(cfg: DtuneConfig) -> None:
         e.append("data.choices: the text format has no answers to score")
     if cfg.data.eval_fraction is not None and not 0.0 < cfg.data.eval_fraction < 1.0:
         e.append(f"data.eval_fraction: must be in (0, 1); got {cfg.data.eval_fraction}")
+    if cfg.data.eval_fraction is not None and cfg.data.eval_source is not None:
+        e.append("data.eval_fraction: not with data.eval_source (held-out rows come from that file, none from the training data)")
     if cfg.data.eval_source is None and cfg.data.eval_size == 0 and cfg.data.eval_fraction is None:
         e.append("data.eval_size: is 0 and data.eval_source is null, so there is nothing to evaluate on")
     if cfg.data.choices is not None and len(set(cfg.data.choices)) < 2:

@@ -137,6 +137,13 @@ def test_offload_combinations_an_engine_lacks_are_refused(overrides: list[str], 
         validate(compose_config(overrides))
 
 
+def test_a_held_out_fraction_beside_a_held_out_file_is_refused():
+    """data.eval_fraction with data.eval_source was accepted and went unused: every row of data.source was trained on."""
+    cfg = compose_config(["data=jsonl", "data.source=a.jsonl", "data.eval_source=b.jsonl", "data.eval_fraction=0.1"])
+    with pytest.raises(ConfigError, match=r"data\.eval_fraction: not with data\.eval_source"):
+        validate(cfg)
+
+
 def test_all_problems_are_reported_at_once():
     cfg = compose_config(["optim.lr=-1", "lora.r=0"])
     with pytest.raises(ConfigError) as err:
