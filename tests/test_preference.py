@@ -91,6 +91,27 @@ def test_every_pair_form_gives_the_prompt_and_two_replies():
         assert row.messages == [system, convo[0], *reply[0]] and row.prompt_turns == 2
 
 
+def test_anthropic_hh_transcripts_are_read_as_conversations():
+    """Anthropic HH-RLHF ships each reply as the whole conversation in one string and no prompt: the turns they share
+    are the prompt (TRL splits them at the common characters instead, and trains on raw text). Was refused."""
+    head = "\n\nHuman: Name a colour.\n\nAssistant: Teal.\n\nHuman: Another?"
+    row = row_from_obj({"chosen": head + "\n\nAssistant: Plum.", "rejected": head + "\n\nAssistant: No."}, "hh:1", "preference")
+    assert row.messages == [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Teal."},
+        {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "Plum."},
+    ]
+    assert row.rejected == [{"role": "assistant", "content": "No."}] and row.prompt_turns == 3 and row.untrained == {1}
+    with pytest.raises(DataError, match=r"hh:2: rejected\[3\]: the assistant turn is empty"):  # HH has some: refused
+        row_from_obj({"chosen": head + "\n\nAssistant: Plum.", "rejected": head + "\n\nAssistant:"}, "hh:2", "preference")
+    kto = row_from_obj({"completion": head + "\n\nAssistant: Plum.", "label": False}, "hh:3", "kto")
+    assert kto.messages == row.messages and kto.prompt_turns == 3 and kto.desirable is False
+    plain = {"chosen": "Human: hi Assistant: yes", "rejected": "Human: hi Assistant: no"}  # not a transcript
+    with pytest.raises(DataError, match="missing field 'prompt'"):
+        row_from_obj(plain, "hh:4", "preference")
+
+
 @pytest.mark.parametrize(
     ("obj", "message"),
     [

@@ -17,7 +17,8 @@
 * ``preference`` -- ``{"prompt": str | [messages], "chosen": reply, "rejected": reply, "system": str?, "tools": ...?}`` for the
   preference objectives (DPO, ORPO, SimPO, KTO). A reply is a string, an assistant message, or a list of messages.
   Conversations that repeat the prompt in both replies (``chosen: [user, assistant]``, as UltraFeedback ships them),
-  or carry it only there (no ``prompt``), are split where chosen and rejected first differ.
+  or carry it only there (no ``prompt``), are split where chosen and rejected first differ; so are Anthropic HH-RLHF's
+  transcripts (``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` strings, no ``prompt``), read as conversations.
 * ``kto`` -- ``{"prompt": ..., "completion": reply, "label": true | false, "system": str?}``: one completion marked
   desirable or not (KTO's unpaired data).
 
@@ -158,7 +159,10 @@ def _preference(obj: dict, where: str, fmt: str, unknown: UnknownKeys | None) ->
     keys = ("chosen", "rejected") if fmt == "preference" else ("completion",)
     if missing := next((key for key in keys if obj.get(key) is None), None):
         raise DataError(f"{where}: missing field '{missing}'")
-    replies = [msgs.turns(obj[key], key, where, "assistant", unknown) for key in keys]
+    values = [obj[key] for key in keys]
+    if not prompt and all(isinstance(v, str) for v in values):  # Anthropic HH-RLHF: each reply the whole transcript
+        values = [msgs.transcript(value) or value for value in values]
+    replies = [msgs.turns(value, key, where, "assistant", unknown) for key, value in zip(keys, values, strict=True)]
     for repeated in (prompt, prompt[1:] if prompt and prompt[0]["role"] == "system" else []):
         if repeated and all(r[: len(repeated)] == repeated for r in replies):  # the prompt (or its turns after the system)
             replies = [r[len(repeated) :] for r in replies]  # repeated in the replies

@@ -11,6 +11,7 @@ learn to emit). A string is parsed here; a template that wants the text back get
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from typing import Any
 
@@ -18,6 +19,8 @@ from dtune.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
 MESSAGE_KEYS = {"role", "content", "tool_calls", "tool_call_id", "name", "reasoning_content", "train", "weight"}
+TRANSCRIPT_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+"""A turn's start in Anthropic HH-RLHF's transcripts: ``"\n\nHuman: ...\n\nAssistant: ..."``."""
 
 
 class UnknownKeys:
@@ -188,3 +191,16 @@ def reply(messages: list[dict[str, Any]], key: str, where: str) -> list[dict[str
         roles = [m["role"] for m in messages]
         raise DataError(f"{where}: field '{key}': a reply is assistant (and tool) messages after the prompt; got {roles}")
     return messages
+
+
+def transcript(text: str) -> list[dict[str, Any]] | None:
+    """Anthropic HH-RLHF's transcript (``"\\n\\nHuman: Q\\n\\nAssistant: A..."``, the whole conversation in one string)
+    as messages, each content stripped; None for text that does not start with a turn marker. An empty last turn
+    stays empty (an empty reply is refused where replies are checked)."""
+    parts = TRANSCRIPT_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    return [
+        {"role": "user" if who == "Human" else "assistant", "content": said.strip()}
+        for who, said in zip(parts[1::2], parts[2::2], strict=True)
+    ]
