@@ -201,6 +201,26 @@ def layer_projections(model: nn.Module) -> set[str]:
     }
 
 
+def check_patterns(model: nn.Module, lora: Any) -> None:
+    """Raise ConfigError naming each ``lora.rank_pattern`` / ``lora.alpha_pattern`` key that matches no adapted module
+    (PEFT's rule: a regular expression matched at the end of the module name, or of an MoE expert parameter's:
+    ``experts.gate_up_proj``): PEFT ignores such a key, and the modules it was meant for train at ``lora.r`` /
+    ``lora.alpha``."""
+    import re
+
+    tuner = model.base_model
+    params = list(getattr(tuner, "targeted_parameter_names", []))  # MoE experts, routers: experts.down_proj, gate.weight
+    names = [*tuner.targeted_module_names, *params]
+    shown = {n.rsplit(".", 1)[-1] for n in tuner.targeted_module_names} | {".".join(n.split(".")[-2:]) for n in params}
+    for field, pattern in (("rank_pattern", lora.rank_pattern), ("alpha_pattern", lora.alpha_pattern)):
+        if unmatched := [key for key in pattern if not any(re.match(rf"(.*\.)?({key})$", n) for n in names)]:
+            raise ConfigError(
+                f"lora.{field}: {', '.join(unmatched)} match{'es' if len(unmatched) == 1 else ''} no adapted module "
+                f"(adapted: {', '.join(sorted(shown)) or 'none'}); keys are "
+                "matched at the end of module names, e.g. down_proj or layers.0.self_attn.q_proj"
+            )
+
+
 def warn_partial_targets(targets: list[str], projections: set[str], targeted: list[str], arch: str) -> None:
     """Warn when some of ``targets`` match no layer while some projections get no adapter: a target list written for
     another family (Phi-3's fused qkv_proj and gate_up_proj with Llama's names leave only o_proj and down_proj

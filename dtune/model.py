@@ -20,6 +20,7 @@ from dtune.data.formats import CHATML
 from dtune.errors import ConfigError, DtuneError
 from dtune.lora import (
     check_modules_to_save,
+    check_patterns,
     dora_norms_in_fp32,
     gather_dora_layers_whole,
     init_dora_magnitudes,
@@ -242,6 +243,7 @@ def add_lora(cfg: DtuneConfig, base: nn.Module) -> nn.Module:
     adopt_expert_adapters(model)
     dora_norms_in_fp32(model)
     check_modules_to_save(model, cfg.lora.modules_to_save)
+    check_patterns(model, cfg.lora)
     if cfg.lora.init == "loftq":
         init_loftq(model, model_dir(cfg))
     for param in model.parameters():  # adapters, DoRA magnitudes and modules_to_save copies: fp32 masters

@@ -160,6 +160,22 @@ def test_module_names_that_match_more_or_layers_beyond_the_model_are_named_error
         build_model(compose_config([*BASE, "lora.layers_to_transform=[1,7]"]), torch.device("cpu"))
 
 
+def test_a_rank_or_alpha_pattern_key_that_matches_no_adapted_module_is_named():
+    """PEFT ignores such a key: a misspelt one (down_prj) trained those modules at lora.r, silently."""
+    from dtune.model import build_model
+
+    with pytest.raises(ConfigError, match=r"lora.rank_pattern: down_prj matches no adapted module \(adapted: down_proj, "):
+        build_model(compose_config([*BASE, "+lora.rank_pattern={down_prj:4}"]), torch.device("cpu"))
+    # layer 0 carries no adapter with layers_to_transform=[1]
+    with pytest.raises(ConfigError, match=r"lora.alpha_pattern: layers.0.self_attn.q_proj matches no adapted module"):
+        build_model(
+            compose_config([*BASE, "lora.layers_to_transform=[1]", "+lora.alpha_pattern={layers.0.self_attn.q_proj:8}"]),
+            torch.device("cpu"),
+        )
+    model = build_model(compose_config([*BASE, "+lora.rank_pattern={layers.1.mlp.down_proj:4}"]), torch.device("cpu"))
+    assert model.base_model.model.model.layers[1].mlp.down_proj.lora_A["default"].weight.shape[0] == 4
+
+
 def test_a_checkpoint_of_an_older_dtune_resumes_but_not_under_another_loraplus_ratio():
     """A checkpoint's config lacks the fields added since it was written: their defaults held, so it resumes. LoRA+
     changes the optimizer's parameter groups: its ratio must match."""
