@@ -207,7 +207,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 # Settings a checkpoint's training state depends on: resuming under other values would silently train another model.
-MUST_MATCH = ("model", "lora", "quant.quant_type", "quant.double_quant", "data", "train.seed", "optim.loraplus_lr_ratio")
+MUST_MATCH = (
+    "model",
+    "lora",
+    "quant.quant_type",
+    "quant.double_quant",
+    "quant.experts",
+    "data",
+    "train.seed",
+    "optim.loraplus_lr_ratio",
+)
 IGNORED = ("data.cache", "data.num_proc")  # how the data is made, not what it is
 
 

@@ -185,6 +185,19 @@ def test_changed_settings_refuse_to_resume(full_run, tmp_path: Path):
     assert "train.max_steps" in changed and "engine.zero_stage" in changed
 
 
+def test_a_resume_with_the_moe_experts_quantized_otherwise_is_refused(tmp_path: Path):
+    """quant.experts decides the frozen experts the adapter trains against (NF4 or 16-bit), as quant_type does for
+    the linear layers: a resume that flipped it went on against another base with a warning only (and the
+    before/after table compared two bases)."""
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.to_yaml(OmegaConf.structured(compose_config(tiny_overrides(tmp_path))))
+    cfg = compose_config(tiny_overrides(tmp_path, "quant.experts=false"))
+    with pytest.raises(DtuneError, match=r"quant\.experts: True in the checkpoint, False now"):
+        check_resumable(saved, cfg, tmp_path / "ckpt")
+    assert check_resumable(saved, compose_config(tiny_overrides(tmp_path, "quant.kernel=triton")), tmp_path) == ["quant.kernel"]
+
+
 def _fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
     path = root / CHECKPOINTS / f"step-{step:08d}"
     path.mkdir(parents=True)
