@@ -314,6 +314,18 @@ def test_added_tokens_grow_the_vocabulary_and_train_only_their_rows(family_dir):
     assert all(p.grad is not None and p.grad.abs().sum(dim=1).gt(0).all() for p in rows.values())
 
 
+def test_an_ordinary_token_the_vocabulary_has_trains_its_row_without_changing_how_text_tokenizes():
+    """model.add_tokens=[hello] re-added SmolLM2's own 'hello' as an added token: matched inside any text, it split
+    'shello hello' into s + hello + ' ' + hello (base: shell + o + ' hello'), so the data tokenized unlike the base's."""
+    from dtune.model import load_tokenizer, trained_token_ids
+
+    base = load_tokenizer(compose_config(BASE))
+    cfg = compose_config([*BASE, "model.add_tokens=[hello]"])
+    tokenizer = load_tokenizer(cfg)
+    assert tokenizer.tokenize("shello hello world") == base.tokenize("shello hello world") == ["shell", "o", "Ġhello", "Ġworld"]
+    assert len(tokenizer) == len(base) and trained_token_ids(cfg, tokenizer) == [base.convert_tokens_to_ids("hello")]
+
+
 def test_added_tokens_are_refused_under_zero3():
     with pytest.raises(ConfigError, match=r"model\.add_tokens: not under ZeRO-3"):
         validate(compose_config([*BASE, *NEW_TOKENS, "engine=zero3"]))
