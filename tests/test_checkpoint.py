@@ -307,3 +307,26 @@ def test_a_lone_process_becomes_rank_0_of_1_unless_a_launcher_placed_it():
     assert lone_process_env({"LOCAL_RANK": "0"}) == {} and lone_process_env({"RANK": "3"}) == {}  # torchrun's
     assert lone_process_env({"OMPI_COMM_WORLD_SIZE": "4"}) == {}  # mpirun's: Accelerate reads those
     assert lone_process_env({"PMI_SIZE": "1"})["WORLD_SIZE"] == "1"
+
+
+def test_deepspeed_on_cpu_counts_the_node_s_ranks_without_a_subprocess(monkeypatch):
+    """DeepSpeed's CPU accelerator ran `numactl --hardware` at every ZeRO-3 gradient reduction when LOCAL_SIZE was
+    unset (torchrun does not set it): a fork per step, and torch's deprecation warnings printed again at each one."""
+    import subprocess
+
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    from dtune.distributed.env import deepspeed_cpu_env
+
+    assert deepspeed_cpu_env({"LOCAL_WORLD_SIZE": "2"}) == {"LOCAL_SIZE": "2"}
+    assert deepspeed_cpu_env({}) == {"LOCAL_SIZE": "1"}  # one process without a launcher
+    assert deepspeed_cpu_env({"LOCAL_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}) == {}  # DeepSpeed's launcher set it
+
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError(f"DeepSpeed ran {args}")
+
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    monkeypatch.setattr(subprocess, "check_output", no_subprocess)
+    for key, value in deepspeed_cpu_env({"LOCAL_WORLD_SIZE": "2"}).items():
+        monkeypatch.setenv(key, value)
+    assert CPU_Accelerator().device_count() == 2

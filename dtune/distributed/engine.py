@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dtune.distributed.env import lone_process_env, slurm_process_env
+from dtune.distributed.env import deepspeed_cpu_env, lone_process_env, slurm_process_env
 from dtune.errors import ConfigError
 from dtune.schema import DtuneConfig
 from dtune.units import DTYPES, MIXED_PRECISION
@@ -82,6 +82,7 @@ class Engine:
         kwargs: dict[str, Any] = {"gradient_accumulation_steps": cfg.train.grad_accum_steps}
         if not cuda:  # what DeepSpeed probes for, and warns about, when anything imports it (PEFT's save does)
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            os.environ.update(deepspeed_cpu_env())
         if self.strategy == "deepspeed":
             if not cuda:
                 kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]

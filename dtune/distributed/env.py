@@ -98,6 +98,17 @@ def lone_process_env(env: dict[str, str] | None = None) -> dict[str, str]:
     }
 
 
+def deepspeed_cpu_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """DeepSpeed's CPU accelerator counts a node's devices from LOCAL_SIZE (its own launcher sets it), else by running
+    ``numactl --hardware`` -- at every ZeRO-3 gradient reduction. That subprocess costs a fork per step, and Python
+    re-arms its once-only warnings at each one, so torch's deprecation notices were printed at every step by every
+    rank, over the progress bar. LOCAL_SIZE from the launcher's LOCAL_WORLD_SIZE; empty when LOCAL_SIZE is set."""
+    env = dict(os.environ) if env is None else env
+    if env.get("LOCAL_SIZE"):
+        return {}
+    return {"LOCAL_SIZE": env.get("LOCAL_WORLD_SIZE") or "1"}
+
+
 def first_host(nodelist: str) -> str:
     """The first host of a Slurm node list: 'gpu[003-006,010],cpu1' -> 'gpu003' (what `scontrol show hostnames` lists
     first)."""
