@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from dtune.schema import EarlyStoppingConfig
 from dtune.train import run
 from dtune.train.best import Best
 from dtune.train.length import RunLength
-from tests.helpers import SMOKE, compose_config, metrics, run_ok, tiny_overrides, torchrun, train_records
+from tests.helpers import ENV, SMOKE, compose_config, metrics, tiny_overrides, torchrun, train_records
 
 # --------------------------------------------------------------------------------------------- train.epochs
 
@@ -234,9 +235,14 @@ def test_two_sharded_ranks_stop_together_and_gather_the_best_adapter(stopped_run
     ref, ref_results = stopped_run
     out = tmp_path / engine
     overrides = [*SMOKE, *STOP, "train.micro_batch_size=2", f"engine={engine}", f"hydra.run.dir={out}"]
-    run_ok([*torchrun(2), "-m", "dtune.train", *overrides], tmp_path)
+    cmd = [*torchrun(2), "-m", "dtune.train", *overrides]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     assert results["stopped_early"] and results["steps"] == ref_results["steps"]
+    # Each mid-run evaluation and the early stop are told once, by rank 0 (every rank printed them).
+    said = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert len(said) == len(set(said)) == results["steps"] // 2 + 1, said
     assert results["best"]["step"] == ref_results["best"]["step"]
     assert results["best"]["value"] == pytest.approx(ref_results["best"]["value"], abs=1e-5)
     ours, theirs = tensors(out / BEST_ADAPTER), tensors(ref / BEST_ADAPTER)

@@ -219,14 +219,20 @@ class Trainer:
         if every and state.step % every == 0 and state.step < self.length.max_steps:
             mid = self.evaluate()
             self.tracker.log(mid, step=state.step)
-            self.bar.write(f"step {state.step}: {format_metrics(mid)}")
+            self.say(f"step {state.step}: {format_metrics(mid)}")
             self.judge(mid)
             if self.stopped_early():
                 es = self.cfg.train.early_stopping
-                self.bar.write(
+                self.say(
                     f"step {state.step}: early stop: {METRIC_KEYS[es.metric]} has not improved by more than "
                     f"{es.min_delta:g} for {es.patience} evaluations (best {state.best.value:.4f} at step {state.best.step})"
                 )
+
+    def say(self, text: str) -> None:
+        """A line above the progress bar, from rank 0 only: tqdm's write prints even where the bar is disabled, so every
+        rank printed each mid-run evaluation."""
+        if self.engine.is_main:
+            self.bar.write(text)
 
     def judge(self, metrics: dict[str, float]) -> None:
         """Take the evaluation of the adapter at this step into account: the best so far and the patience count, and
