@@ -219,3 +219,17 @@ def test_a_handler_installed_before_dtune_is_called_after_the_checkpoint():
         assert calls == [signal.SIGUSR2]
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+@pytest.mark.parametrize(("status", "expected"), [("done", 0), ("preempted", 75), ("interrupted", 130), (None, 1)])
+def test_the_launch_script_exits_as_dtune_ended_whatever_torchrun_says(tmp_path: Path, status: str | None, expected: int):
+    """torchrun exits 1 when it was signalled, also when dtune had finished anyway (a stop signal during the final
+    evaluation and save): the script exits 0 for a finished run, as its header says (it exited torchrun's 1)."""
+    fake = tmp_path / "python"  # stands in for the shim and torchrun: dtune's report, then torchrun's exit 1
+    record = f'{{"status": "{status}", "step": 3}}' if status else ""
+    fake.write_text(f"#!/usr/bin/env bash\n{f'echo {json.dumps(record)} > $DTUNE_STATUS_FILE' if record else ''}\nexit 1\n")
+    fake.chmod(0o755)
+    env = {**ENV, "PYTHON": str(fake), "NPROC_PER_NODE": "1", "TMPDIR": str(tmp_path)}
+    env.pop("DTUNE_STATUS_FILE", None)
+    proc = subprocess.run(["bash", str(REPO / "launch" / "torchrun.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == expected, proc.stderr
