@@ -10,6 +10,7 @@ import sys
 from importlib import import_module
 from importlib.metadata import version
 
+from dtune.distributed.preempt import record_early_signals
 from dtune.runtime import offline_defaults
 
 USAGE = """usage: dtune <command> [args]
@@ -65,6 +66,8 @@ def dispatch(command: str, rest: list[str]) -> None:
         # and `dtune version` should not wait for.
         # `dtune train --help` / `--cfg job` print the config without the training code's imports.
         info = command == "train" and wants_info(rest)
+        if command == "train" and not info:
+            record_early_signals()  # a preemption while the imports and config run still ends as one (exit 75)
         module = import_module("dtune.commands.config_info" if info else COMMANDS[command])
         if command == "train":
             sys.argv = ["dtune train", *rest]  # Hydra reads its overrides from sys.argv

@@ -86,6 +86,58 @@ def test_a_signal_while_setting_up_stops_at_once_without_a_checkpoint(tmp_path: 
     assert not (out / "checkpoints").exists() and not (out / "results.json").exists()
 
 
+def catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (Linux: the SigCgt mask of /proc/<pid>/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return bool(int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16) >> (sig - 1) & 1)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+def test_a_signal_while_starting_ends_as_a_preemption_not_a_kill(tmp_path: Path):
+    """SIGTERM while ``python -m dtune.train`` imports torch and transformers (seconds, before the loop took the signals
+    over) killed it: no status file, no requeue. It is recorded from the package's first line, and the run stops as
+    preempted before it loads anything."""
+    out, status = tmp_path / "run", tmp_path / "status.json"
+    cmd = [sys.executable, "-m", "dtune.train", *SMOKE, f"hydra.run.dir={out}"]
+    env = {**ENV, "DTUNE_STATUS_FILE": str(status)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not catches(proc.pid, signal.SIGTERM):  # the recorder is in place: the imports are under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    assert json.loads(status.read_text())["status"] == "preempted"
+    log = (out / "dtune.log").read_text()
+    assert "received SIGTERM while starting" in log and "stopped at step 0 on SIGTERM: nothing new to save" in log
+    assert not (out / "checkpoints").exists()
+
+
+def test_a_stop_signal_while_starting_is_kept_for_the_loop():
+    from dtune.distributed import preempt
+
+    names = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    before = {sig: signal.getsignal(sig) for sig in (*names, signal.SIGINT)}
+    try:
+        for sig in names:
+            signal.signal(sig, signal.SIG_DFL)
+        preempt.record_early_signals()
+        assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]  # Ctrl-C before training still stops at once
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # the first one counts
+            os.kill(os.getpid(), sig)
+            time.sleep(0.01)
+        with preempt.Preemption() as preemption:
+            assert preemption.received == signal.SIGTERM and preemption.previous_handler() is None
+        with preempt.Preemption() as preemption:
+            assert not preemption.requested  # taken over once
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        preempt._early.clear()
+
+
 def test_ctrl_c_before_training_or_a_second_one_stops_at_once():
     from dtune.distributed.preempt import Preemption
 

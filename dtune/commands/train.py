@@ -127,13 +127,15 @@ def train_job(dict_cfg: DictConfig) -> float | None:
             write_status("done", results["steps"], str(output_dir))
             value = run_objective(output_dir, results)
         except Preempted as err:
+            saved = "checkpoint written" if err.saved else "nothing new to save"
             if err.interrupted:
-                log.warning("stopped at step %d on Ctrl-C: checkpoint written; the same command resumes it", err.step)
+                log.warning("stopped at step %d on Ctrl-C: %s; the same command resumes it", err.step, saved)
             else:
                 log.warning(
-                    "stopped at step %d on %s: checkpoint written; exit %d asks the launcher to requeue",
+                    "stopped at step %d on %s: %s; exit %d asks the launcher to requeue",
                     err.step,
                     err.signal_name,
+                    saved,
                     REQUEUE_EXIT,
                 )
             write_status("interrupted" if err.interrupted else "preempted", err.step, str(output_dir), err.signal_name)

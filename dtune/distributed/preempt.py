@@ -6,6 +6,10 @@ of them dtune sets a flag; the training loop asks all ranks after each step (a s
 writes a checkpoint and leaves with :data:`REQUEUE_EXIT`. A handler that was installed before ours (submitit's,
 which requeues the job itself) is called after the checkpoint is written.
 
+A stop signal that comes while dtune starts (imports, config, the process group: before the loop takes the signals
+over) is recorded from the process's first line on (:func:`record_early_signals`, ``dtune train`` and ``python -m
+dtune.train``), and the run stops before it loads anything, as a preempted one: exit 75, requeued.
+
 Ctrl-C (SIGINT) in an interactive run stops the same way once training has begun (:meth:`Preemption.arm`) -- at
 the step boundary, with a checkpoint -- but exits :data:`INTERRUPT_EXIT`, which no launch script requeues; before
 that (downloading, tokenizing, loading: nothing to save), and at a second Ctrl-C, it stops at once
@@ -14,10 +18,12 @@ that (downloading, tokenizing, loading: nothing to save), and at a second Ctrl-C
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
@@ -34,6 +40,32 @@ INTERRUPT_EXIT = 130
 """Exit status of a run stopped by Ctrl-C after writing its checkpoint (the shell's 128 + SIGINT): not requeued."""
 
 SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
+
+
+_early: list[signal.Signals] = []
+
+
+def _record(signum: int, frame: FrameType | None) -> None:
+    if not _early:
+        _early.append(signal.Signals(signum))
+
+
+def record_early_signals() -> None:
+    """From here until :class:`Preemption` takes over, the stop signals (SIGINT aside: Ctrl-C before training stops at
+    once) are recorded instead of ending the process -- where nothing else handles them (the default action). A run
+    that receives one stops as preempted as soon as the loop starts, before it loads anything."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name in SIGNALS:
+        sig = getattr(signal, name)
+        if sig != signal.SIGINT and signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, _record)
+
+
+def started_as_module(module: str) -> bool:
+    """Whether this process is ``python [options] -m <module> ...`` (its package imports run before ``__main__``)."""
+    argv = getattr(sys, "orig_argv", [])
+    return any(a == "-m" and b == module for a, b in itertools.pairwise(argv)) or f"-m{module}" in argv
 
 
 class Preemption:
@@ -70,6 +102,9 @@ class Preemption:
         if threading.current_thread() is threading.main_thread():  # handlers can only be set from the main thread
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
+        if _early and self.received is None:  # received while starting (record_early_signals)
+            self.received = _early.pop()
+            log.warning("received %s while starting: stopping before training", self.received.name)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -82,11 +117,12 @@ class Preemption:
         if self.received is None or self.received == signal.SIGINT:  # Python's own raises KeyboardInterrupt: not wanted
             return None
         previous = self._previous.get(self.received)
-        return previous if callable(previous) else None
+        return previous if callable(previous) and previous is not _record else None
 
 
 class Preempted(Exception):
-    """Raised by the training loop after it wrote the checkpoint of ``step`` on a preemption signal."""
+    """Raised by the training loop on a preemption signal, at ``step``: after writing its checkpoint (``saved``), or
+    with nothing new to save (the signal came while the run was starting or setting up)."""
 
     def __init__(
         self,
@@ -94,9 +130,10 @@ class Preempted(Exception):
         received: signal.Signals | None,
         previous: Callable[[int, FrameType | None], Any] | None,
         interrupted: bool | None = None,
+        saved: bool = True,
     ) -> None:
         super().__init__(f"preempted after step {step}")
-        self.step, self.received, self.previous = step, received, previous
+        self.step, self.received, self.previous, self.saved = step, received, previous, saved
         self._interrupted = received == signal.SIGINT if interrupted is None else interrupted
 
     @property

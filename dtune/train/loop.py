@@ -73,6 +73,9 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
     engine.on_main(take_lock)
     try:
         with Preemption() as preemption:  # from here on a stop signal is honoured at the next step boundary
+            if engine.any(preemption.requested):  # received while starting: nothing loaded, nothing to save
+                interrupted = engine.any(preemption.interrupted)
+                raise Preempted(0, preemption.received, preemption.previous_handler(), interrupted, saved=False)
             # Every rank resolves the base first: a Hub model is downloaded once per node, by the first rank there, while
             # the others wait on its file lock (dtune.hub) -- not in a collective, which a long download would outlast.
             model_dir(cfg)
@@ -286,13 +289,14 @@ class Trainer:
         if not self.engine.any(self.preemption.requested):
             return
         self.bar.close()
-        if self.state.step > self.start_step:
+        saved = self.state.step > self.start_step
+        if saved:
             why = self.preemption.received.name if self.preemption.received else "signal on another rank"
             self.checkpointer.save(self.state, self.parts, f"preempted: {why}")
         self.tracker.preempted()
         self.tracker.finish()
         interrupted = self.engine.any(self.preemption.interrupted)  # Ctrl-C on any rank: no rank asks for a requeue
-        raise Preempted(self.state.step, self.preemption.received, self.preemption.previous_handler(), interrupted)
+        raise Preempted(self.state.step, self.preemption.received, self.preemption.previous_handler(), interrupted, saved)
 
     def write_adapter(self, name: str, tensors: dict[str, torch.Tensor] | None) -> Path:
         """``<output_dir>/<name>``: a PEFT adapter folder of the full adapter ``tensors``, with the tokenizer and how
