@@ -203,7 +203,7 @@ def test_sampler_resumes_with_the_next_step_on_another_world_size(tokenizer):
     resumed.load_state_dict(ranks[0].state_dict())
     assert [ids(next(resumed)) for _ in range(4)] == expected[3:]
     other = StepSampler(examples, 4, 1, seed=5, pad_id=0)  # another global batch: refused, not silently shifted
-    with pytest.raises(DataError, match="samples_per_step"):
+    with pytest.raises(DataError, match=r"samples_per_step=8, this run has 4 \(.*: train\.grad_accum_steps=2 with micro_batch"):
         other.load_state_dict(resumed.state_dict())
 
 

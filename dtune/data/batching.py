@@ -159,8 +159,20 @@ class StepSampler:
     def load_state_dict(self, state: dict[str, int]) -> None:
         for key, mine in (("seed", self.seed), ("samples_per_step", self.per_step), ("num_samples", len(self.examples))):
             if state[key] != mine:
-                raise DataError(f"resume: the data sampler was saved with {key}={state[key]}, this run has {mine}")
+                raise DataError(
+                    f"resume: the data sampler was saved with {key}={state[key]}, this run has {mine}{self._hint(key, state[key])}"
+                )
         self.epoch, self.index = state["epoch"], state["index"]
+
+    def _hint(self, key: str, saved: int) -> str:
+        """How to give the global batch the checkpoint was trained with, where accumulation can (another world size)."""
+        if key != "samples_per_step":
+            return ""
+        accum, left = divmod(saved, self.micro * self.world_size)
+        batch = f"micro_batch_size x grad_accum_steps x ranks = {saved} as saved"
+        if accum and not left:
+            return f" ({batch}: train.grad_accum_steps={accum} with micro_batch_size {self.micro} on {self.world_size} rank(s))"
+        return f" ({batch})"
 
 
 def train_batches(examples: list[Example], batch_size: int, seed: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
