@@ -24,6 +24,15 @@ def quiet_libraries() -> None:
     # (bitsandbytes' optional-kernel notice is silenced in dtune/__init__.py, before bitsandbytes is first imported.)
 
 
+def to_log_files(logger: logging.Logger, text: str) -> None:
+    """``text`` at INFO into the log files only (``dtune.log``, ``dtune_rank<N>.log``): for a line the console already
+    shows above the progress bar."""
+    record = logger.makeRecord(logger.name, logging.INFO, "(dtune)", 0, text, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and logger.isEnabledFor(logging.INFO):
+            handler.handle(record)
+
+
 def console_warnings_only() -> None:
     """On ranks other than 0: the console shows warnings only (one voice per job; each rank's full log is in its
     file)."""

@@ -243,6 +243,9 @@ def test_two_sharded_ranks_stop_together_and_gather_the_best_adapter(stopped_run
     # Each mid-run evaluation and the early stop are told once, by rank 0 (every rank printed them).
     said = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
     assert len(said) == len(set(said)) == results["steps"] // 2 + 1, said
+    for name in ("dtune.log", "dtune_rank1.log"):  # and written into every rank's log file (they were not)
+        logged = (out / name).read_text()
+        assert all(f"] - {line}\n" in logged for line in said), name
     assert results["best"]["step"] == ref_results["best"]["step"]
     assert results["best"]["value"] == pytest.approx(ref_results["best"]["value"], abs=1e-5)
     ours, theirs = tensors(out / BEST_ADAPTER), tensors(ref / BEST_ADAPTER)

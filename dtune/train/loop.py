@@ -37,7 +37,7 @@ from dtune.plan.memory import check_fits
 from dtune.preference import PreferenceLoss, precomputes_reference
 from dtune.reference import attach as attach_reference
 from dtune.report import comparison_table, format_metrics
-from dtune.runtime import console_warnings_only, quiet_libraries
+from dtune.runtime import console_warnings_only, quiet_libraries, to_log_files
 from dtune.schema import DtuneConfig
 from dtune.tracking import NullTracker, Tracker
 from dtune.train.best import METRIC_KEYS
@@ -232,10 +232,11 @@ class Trainer:
                 )
 
     def say(self, text: str) -> None:
-        """A line above the progress bar, from rank 0 only: tqdm's write prints even where the bar is disabled, so every
-        rank printed each mid-run evaluation."""
+        """A line above the progress bar, from rank 0 only (tqdm's write prints even where the bar is disabled, so every
+        rank printed each mid-run evaluation), and in every rank's log file."""
         if self.engine.is_main:
             self.bar.write(text)
+        to_log_files(log, text)  # every rank's log file holds it
 
     def judge(self, metrics: dict[str, float]) -> None:
         """Take the evaluation of the adapter at this step into account: the best so far and the patience count, and
