@@ -67,7 +67,7 @@ def dispatch(command: str, rest: list[str]) -> None:
         # `dtune train --help` / `--cfg job` print the config without the training code's imports.
         info = command == "train" and wants_info(rest)
         if command == "train" and not info:
-            record_early_signals()  # a preemption while the imports and config run still ends as one (exit 75)
+            record_early_signals(rest)  # a preemption while the imports and config run still ends as one (exit 75)
         module = import_module("dtune.commands.config_info" if info else COMMANDS[command])
         if command == "train":
             sys.argv = ["dtune train", *rest]  # Hydra reads its overrides from sys.argv

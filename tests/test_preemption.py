@@ -123,7 +123,7 @@ def test_a_stop_signal_while_starting_is_kept_for_the_loop():
     try:
         for sig in names:
             signal.signal(sig, signal.SIG_DFL)
-        preempt.record_early_signals()
+        preempt.record_early_signals(["optim.lr=1e-4"])
         assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]  # Ctrl-C before training still stops at once
         for sig in (signal.SIGTERM, signal.SIGUSR1):  # the first one counts
             os.kill(os.getpid(), sig)
@@ -136,6 +136,21 @@ def test_a_stop_signal_while_starting_is_kept_for_the_loop():
         for sig, handler in before.items():
             signal.signal(sig, handler)
         preempt._early.clear()
+
+
+def test_a_sweep_driver_still_stops_on_a_signal():
+    """``dtune train --multirun launcher=slurm`` only submits the jobs and waits for them: a recorder set there was
+    never taken over by a loop, so SIGTERM (``kill``, ``timeout``) no longer ended the waiting process."""
+    from dtune.distributed import preempt
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for argv in (["--multirun", "launcher=slurm", "optim.lr=1e-4,2e-4"], ["-m", "optim.lr=1e-4,2e-4"]):
+            preempt.record_early_signals(argv)
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_ctrl_c_before_training_or_a_second_one_stops_at_once():

@@ -50,11 +50,13 @@ def _record(signum: int, frame: FrameType | None) -> None:
         _early.append(signal.Signals(signum))
 
 
-def record_early_signals() -> None:
+def record_early_signals(argv: list[str]) -> None:
     """From here until :class:`Preemption` takes over, the stop signals (SIGINT aside: Ctrl-C before training stops at
     once) are recorded instead of ending the process -- where nothing else handles them (the default action). A run
-    that receives one stops as preempted as soon as the loop starts, before it loads anything."""
-    if threading.current_thread() is not threading.main_thread():
+    that receives one stops as preempted as soon as the loop starts, before it loads anything. Not for a sweep
+    (``argv``, the command's arguments, holds ``-m``/``--multirun``): its jobs may run in other processes
+    (``launcher=slurm``), and a driver that only waits for them would never take the signal over, nor stop on it."""
+    if {"-m", "--multirun"} & set(argv) or threading.current_thread() is not threading.main_thread():
         return
     for name in SIGNALS:
         sig = getattr(signal, name)
