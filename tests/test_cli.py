@@ -231,3 +231,25 @@ def test_a_sharding_engine_without_a_launcher_runs_as_one_process(tmp_path: Path
     proc = dtune(*SMOKE, f"engine={engine}", "train.max_steps=2", f"train.output_dir={tmp_path / 'out'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "out" / "results.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--config-dir", "{conf}", "experiment=mine"],
+        ["--config-dir={conf}", "experiment=mine"],
+        ["hydra.searchpath=[file://{conf}]", "experiment=mine"],
+        ["train.output_dir=out/${{hydra:job.name}}"],
+    ],
+    ids=["config-dir", "config-dir=", "searchpath (composed here too)", "hydra-interpolation"],
+)
+def test_cfg_resolve_leaves_what_only_hydra_composes_to_hydra(tmp_path: Path, capsys, argv: list[str]):
+    """The one-line check before `--cfg job --resolve` composed dtune's own config from the overrides alone: an
+    experiment from the user's --config-dir was 'not found', a ${hydra:...} interpolation 'not
+    set', and the command exited 2 where Hydra prints the config."""
+    from dtune.commands.config_info import check_resolvable
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\ntrain:\n  max_steps: 7\n")
+    check_resolvable([a.format(conf=tmp_path) for a in argv] + ["--cfg", "job", "--resolve"])  # no SystemExit
+    assert capsys.readouterr().err == ""
