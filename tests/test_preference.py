@@ -107,6 +107,13 @@ def test_anthropic_hh_transcripts_are_read_as_conversations():
         row_from_obj({"chosen": head + "\n\nAssistant: Plum.", "rejected": head + "\n\nAssistant:"}, "hh:2", "preference")
     kto = row_from_obj({"completion": head + "\n\nAssistant: Plum.", "label": False}, "hh:3", "kto")
     assert kto.messages == row.messages and kto.prompt_turns == 3 and kto.desirable is False
+    # An empty prompt (a table's prompt column, blank for HH's rows) is no prompt: was an empty user turn, and the raw
+    # transcript, markers and all, trained as the reply.
+    blank = row_from_obj(
+        {"prompt": " ", "chosen": head + "\n\nAssistant: Plum.", "rejected": head + "\n\nAssistant: No."}, "hh:5", "preference"
+    )
+    assert (blank.messages, blank.rejected) == (row.messages, row.rejected)
+    assert row_from_obj({"prompt": "", "chosen": "A", "rejected": "B"}, "hh:6", "preference").messages[0]["content"] == ""
     plain = {"chosen": "Human: hi Assistant: yes", "rejected": "Human: hi Assistant: no"}  # not a transcript
     with pytest.raises(DataError, match="missing field 'prompt'"):
         row_from_obj(plain, "hh:4", "preference")

@@ -160,8 +160,11 @@ def _preference(obj: dict, where: str, fmt: str, unknown: UnknownKeys | None) ->
     if missing := next((key for key in keys if obj.get(key) is None), None):
         raise DataError(f"{where}: missing field '{missing}'")
     values = [obj[key] for key in keys]
-    if not prompt and all(isinstance(v, str) for v in values):  # Anthropic HH-RLHF: each reply the whole transcript
-        values = [msgs.transcript(value) or value for value in values]
+    # Anthropic HH-RLHF: each reply the whole transcript, no prompt (or an empty one: a table's blank prompt column).
+    unprompted = not prompt or (isinstance(obj["prompt"], str) and not obj["prompt"].strip())
+    read = [msgs.transcript(v) or v for v in values] if unprompted and all(isinstance(v, str) for v in values) else values
+    if read != values:
+        prompt, values = [], read
     replies = [msgs.turns(value, key, where, "assistant", unknown) for key, value in zip(keys, values, strict=True)]
     for repeated in (prompt, prompt[1:] if prompt and prompt[0]["role"] == "system" else []):
         if repeated and all(r[: len(repeated)] == repeated for r in replies):  # the prompt (or its turns after the system)
