@@ -7,6 +7,7 @@ themselves are PEFT's (DoRA, rsLoRA, inits, LoRA+, trained token rows), never re
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +207,6 @@ def check_patterns(model: nn.Module, lora: Any) -> None:
     (PEFT's rule: a regular expression matched at the end of the module name, or of an MoE expert parameter's:
     ``experts.gate_up_proj``): PEFT ignores such a key, and the modules it was meant for train at ``lora.r`` /
     ``lora.alpha``."""
-    import re
 
     tuner = model.base_model
     params = list(getattr(tuner, "targeted_parameter_names", []))  # MoE experts, routers: experts.down_proj, gate.weight

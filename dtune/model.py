@@ -66,7 +66,8 @@ def load_tokenizer(cfg: DtuneConfig) -> Any:
     if cfg.model.add_tokens:
         # One the vocabulary has keeps its place: re-added, it would match inside any text ('shello' -> s + hello,
         # ' hello' -> ' ' + hello), tokenizing the data unlike the base. Its row trains all the same.
-        tok.add_tokens([t for t in cfg.model.add_tokens if t not in tok.get_vocab()])
+        vocab = tok.get_vocab()
+        tok.add_tokens([t for t in cfg.model.add_tokens if t not in vocab])
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padded positions are masked out of attention and loss anyway
     return tok

@@ -109,9 +109,9 @@ def test_a_signal_while_starting_ends_as_a_preemption_not_a_kill(tmp_path: Path)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-3000:]
-    assert json.loads(status.read_text())["status"] == "preempted"
+    assert json.loads(status.read_text())["status"] == "preempted" and json.loads(status.read_text())["step"] is None
     log = (out / "dtune.log").read_text()
-    assert "received SIGTERM while starting" in log and "stopped at step 0 on SIGTERM: nothing new to save" in log
+    assert "received SIGTERM while starting" in log and "stopped while starting on SIGTERM: nothing new to save" in log
     assert not (out / "checkpoints").exists()
 
 

@@ -127,16 +127,13 @@ def train_job(dict_cfg: DictConfig) -> float | None:
             write_status("done", results["steps"], str(output_dir))
             value = run_objective(output_dir, results)
         except Preempted as err:
+            where = "while starting" if err.step is None else f"at step {err.step}"
             saved = "checkpoint written" if err.saved else "nothing new to save"
             if err.interrupted:
-                log.warning("stopped at step %d on Ctrl-C: %s; the same command resumes it", err.step, saved)
+                log.warning("stopped %s on Ctrl-C: %s; the same command resumes it", where, saved)
             else:
                 log.warning(
-                    "stopped at step %d on %s: %s; exit %d asks the launcher to requeue",
-                    err.step,
-                    err.signal_name,
-                    saved,
-                    REQUEUE_EXIT,
+                    "stopped %s on %s: %s; exit %d asks the launcher to requeue", where, err.signal_name, saved, REQUEUE_EXIT
                 )
             write_status("interrupted" if err.interrupted else "preempted", err.step, str(output_dir), err.signal_name)
             stopped = err

@@ -124,17 +124,18 @@ class Preemption:
 
 class Preempted(Exception):
     """Raised by the training loop on a preemption signal, at ``step``: after writing its checkpoint (``saved``), or
-    with nothing new to save (the signal came while the run was starting or setting up)."""
+    with nothing new to save (the signal came while the run was setting up; ``step`` None: while it was starting,
+    before the checkpoint it resumes from was read)."""
 
     def __init__(
         self,
-        step: int,
+        step: int | None,
         received: signal.Signals | None,
         previous: Callable[[int, FrameType | None], Any] | None,
         interrupted: bool | None = None,
         saved: bool = True,
     ) -> None:
-        super().__init__(f"preempted after step {step}")
+        super().__init__("preempted while starting" if step is None else f"preempted after step {step}")
         self.step, self.received, self.previous, self.saved = step, received, previous, saved
         self._interrupted = received == signal.SIGINT if interrupted is None else interrupted
 

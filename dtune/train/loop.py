@@ -75,7 +75,7 @@ def run(cfg: DtuneConfig, output_dir: Path) -> dict[str, Any]:
         with Preemption() as preemption:  # from here on a stop signal is honoured at the next step boundary
             if engine.any(preemption.requested):  # received while starting: nothing loaded, nothing to save
                 interrupted = engine.any(preemption.interrupted)
-                raise Preempted(0, preemption.received, preemption.previous_handler(), interrupted, saved=False)
+                raise Preempted(None, preemption.received, preemption.previous_handler(), interrupted, saved=False)
             # Every rank resolves the base first: a Hub model is downloaded once per node, by the first rank there, while
             # the others wait on its file lock (dtune.hub) -- not in a collective, which a long download would outlast.
             model_dir(cfg)
