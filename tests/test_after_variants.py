@@ -28,13 +28,14 @@ def test_eval_compares_with_the_base_when_the_adapter_trained_its_biases(family_
     for bias in ("none", "all"):
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         adapted = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], bias=bias))
-        with torch.no_grad():  # what training does to the trainable biases
+        torch.manual_seed(0)  # unseeded unit noise once moved the tiny model's near-uniform loss by 5e-5, under the check
+        with torch.no_grad():  # what training does to the trainable biases, large enough to show (the loss moves ~1%)
             for name, param in adapted.named_parameters():
                 if name.endswith(".bias") and param.requires_grad:
-                    param.add_(torch.randn_like(param))
+                    param.add_(10 * torch.randn_like(param))
         adapted.save_pretrained(tmp_path / bias)
         figures = tmp_path / f"{bias}.json"
         main([str(tmp_path / bias), *data, "--base", str(base_dir), "--general", "", "--json", str(figures)])
         losses[bias] = json.loads(figures.read_text())["task"]
     assert losses["all"]["base"]["eval/loss"] == pytest.approx(losses["none"]["base"]["eval/loss"], rel=1e-6)
-    assert losses["all"]["adapter"]["eval/loss"] != pytest.approx(losses["all"]["base"]["eval/loss"], rel=1e-4)
+    assert losses["all"]["adapter"]["eval/loss"] != pytest.approx(losses["all"]["base"]["eval/loss"], rel=1e-3), losses
