@@ -18,7 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ENV, REPO, SMOKE, checkpoint_state, free_port, real_slurm_unavailable, signal_after_step, train_records
+from tests.helpers import (
+    ENV,
+    REPO,
+    SMOKE,
+    checkpoint_state,
+    free_port,
+    real_slurm_unavailable,
+    signal_after_step,
+    torchrun,
+    train_records,
+)
 
 # Slow enough to be signalled mid-run; no interval checkpoints (the one found is the preemption's).
 SMOKE = [*SMOKE, "optim.lr=1e-3", "train.micro_batch_size=2", "train.checkpoint_every=0"]
@@ -113,6 +123,27 @@ def test_a_signal_while_starting_ends_as_a_preemption_not_a_kill(tmp_path: Path)
     log = (out / "dtune.log").read_text()
     assert "received SIGTERM while starting" in log and "stopped while starting on SIGTERM: nothing new to save" in log
     assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG)")
+def test_workers_whose_torchrun_is_killed_checkpoint_and_stop(tmp_path: Path):
+    """SIGKILL to torchrun (the OOM killer, kill -9) left its workers -- in sessions of their own -- training on,
+    orphaned, holding the output lock. Each now gets SIGTERM when torchrun dies and stops as preempted."""
+    out = tmp_path / "run"
+    cmd = [*torchrun(2), "-m", "dtune.train", *SMOKE, "train.max_steps=400", f"hydra.run.dir={out}"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    signal_after_step(proc, out, 2, signal.SIGCONT)  # (a no-op signal: waits for step 2)
+    workers = [int(p) for task in Path(f"/proc/{proc.pid}/task").iterdir() for p in (task / "children").read_text().split()]
+    assert len(workers) == 2
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 120
+    while any(Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text() for pid in workers):
+        assert time.monotonic() < deadline, "the orphaned workers trained on"
+        time.sleep(0.1)
+    state = checkpoint_state(out)
+    assert state["reason"] == "preempted: SIGTERM" and 2 <= state["step"] < 400
 
 
 def test_a_stop_signal_while_starting_is_kept_for_the_loop():

@@ -62,6 +62,30 @@ def record_early_signals(argv: list[str]) -> None:
         sig = getattr(signal, name)
         if sig != signal.SIGINT and signal.getsignal(sig) is signal.SIG_DFL:
             signal.signal(sig, _record)
+    stop_with_launcher()
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def stop_with_launcher(env: dict[str, str] | None = None) -> bool:
+    """A worker of torchrun (``TORCHELASTIC_RUN_ID`` set) is sent SIGTERM when its torchrun dies without stopping it
+    (SIGKILL, the out-of-memory killer): torchrun starts its workers in sessions of their own, so they trained on,
+    orphaned, holding their GPUs and the output lock; now they stop as preempted (checkpoint, exit 75). One already
+    orphaned (parent pid 1) signals itself. Linux (``prctl(PR_SET_PDEATHSIG)``); returns whether it is set."""
+    env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" not in env or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
 
 
 def started_as_module(module: str) -> bool:
