@@ -198,6 +198,20 @@ def test_a_resume_with_the_moe_experts_quantized_otherwise_is_refused(tmp_path: 
     assert check_resumable(saved, compose_config(tiny_overrides(tmp_path, "quant.kernel=triton")), tmp_path) == ["quant.kernel"]
 
 
+def test_a_run_with_an_unused_held_out_fraction_resumes_without_it(tmp_path: Path):
+    """data.eval_fraction beside data.eval_source went unused and is refused now; a run of an older dtune that had
+    both must resume without the fraction (was refused as changed data, and validation refused keeping it)."""
+    from omegaconf import OmegaConf
+
+    data = ["data.source=a.jsonl", "data.eval_source=b.jsonl"]
+    saved = OmegaConf.to_yaml(OmegaConf.structured(compose_config(tiny_overrides(tmp_path, *data, "data.eval_fraction=0.1"))))
+    assert check_resumable(saved, compose_config(tiny_overrides(tmp_path, *data)), tmp_path / "ckpt") == []
+    with pytest.raises(DtuneError, match=r"data\.eval_fraction"):  # without a held-out file, the fraction is the split
+        check_resumable(
+            saved.replace("eval_source: b.jsonl", "eval_source: null"), compose_config(tiny_overrides(tmp_path)), tmp_path
+        )
+
+
 def _fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
     path = root / CHECKPOINTS / f"step-{step:08d}"
     path.mkdir(parents=True)
