@@ -3,6 +3,7 @@ forgetting), and clear errors for adapters that do not fit, missing files and pi
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -335,3 +336,38 @@ def test_generate_reads_prompts_in_every_record_format_without_their_answers(tok
         read_prompts(
             write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "ok"}, {"messages": [{"role": "robot", "content": "x"}]}])
         )
+
+
+def test_generate_reads_the_prompt_of_every_training_row_as_training_renders_it(tokenizer, tmp_path: Path):
+    """Prompts read from a training file get what training rendered before the answer: a string prompt's tools (they
+    were dropped: the model saw no tool list), a prompt given as one message (it was read as an alpaca record and
+    refused), and the prompt of a preference or KTO row, its system field and an HH-RLHF transcript's turns too (refused
+    or stripped of them)."""
+    from dtune.commands.generate import read_prompts, render
+    from dtune.data import Renderer
+    from dtune.data.formats import row_from_obj
+    from dtune.schema import DataConfig
+    from tests.families import QWEN2
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    hh = "\n\nHuman: 2+2?\n\nAssistant: 4\n\nHuman: and 3+3?\n\nAssistant: "
+    rows = [
+        {"prompt": "Weather in Oslo?", "completion": "Cold.", "tools": tools},
+        {"prompt": {"role": "user", "content": "Hi"}, "completion": {"role": "assistant", "content": "Hello"}},
+        {"prompt": "Capital of Peru?", "system": "Be brief.", "chosen": "Lima.", "rejected": "Cusco."},
+        {"chosen": hh + "6", "rejected": hh + "7"},
+        {"prompt": "Capital of Peru?", "system": "Be brief.", "completion": "Lima.", "label": True},
+    ]
+    prompts = read_prompts(write_jsonl(tmp_path / "train.jsonl", rows))
+    assert prompts[0] == {"messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": tools}
+    assert prompts[1] == {"messages": [{"role": "user", "content": "Hi"}]}
+    peru = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Peru?"}]}
+    assert prompts[2] == prompts[4] == peru
+    assert [m["content"] for m in prompts[3]["messages"]] == ["2+2?", "4", "and 3+3?"]
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = QWEN2  # with tool support
+    renderer = Renderer(tokenizer, DataConfig(choices=None))
+    for i, (row, prompt) in enumerate(zip(rows, prompts, strict=True)):
+        fmt = "preference" if "chosen" in row else "kto" if "label" in row else "prompt_completion"
+        ex = renderer(row_from_obj(row, f"train.jsonl:{i + 1}", fmt))
+        assert render(renderer, prompt, None)[0] == tokenizer.decode(ex.input_ids[: ex.prompt_len])

@@ -35,7 +35,9 @@ PLACEHOLDER = "(the answer to generate)"
 def read_prompts(path: Path) -> list[Prompt]:
     """Prompts of a JSONL file, one a line: ``{"prompt": TEXT or [messages]}``, a chat/ShareGPT record (its
     system turn, tools and earlier turns kept; a final assistant reply, the reference answer, dropped), an alpaca
-    record (``output`` optional), or ``{"text": ...}`` (plain text). Raises DataError naming file and line."""
+    record (``output`` optional), a preference or KTO row (its prompt as training splits it, an Anthropic HH-RLHF
+    transcript's too; the record's ``tools`` and ``system`` kept), or ``{"text": ...}`` (plain text). A prompt that is
+    one message, or a string with ``tools``, is a conversation as training reads it. Raises DataError naming file and line."""
     prompts: list[Prompt] = []
     for i, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -47,6 +49,16 @@ def read_prompts(path: Path) -> list[Prompt]:
             raise DataError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        if {"chosen", "rejected"} <= set(obj) or isinstance(obj.get("label"), bool):  # a preference or KTO row
+            row = row_from_obj(obj, where, "preference" if "chosen" in obj else "kto")
+            prompts.append({"messages": row.messages[: row.prompt_turns], **({"tools": row.tools} if row.tools else {})})
+            continue
+        if isinstance(obj.get("prompt"), dict) or (isinstance(obj.get("prompt"), str) and obj.get("tools")):
+            # one message, or a question with tools: a conversation as training reads it (the tools rendered)
+            obj = {
+                **obj,
+                "prompt": [obj["prompt"] if isinstance(obj["prompt"], dict) else {"role": "user", "content": obj["prompt"]}],
+            }
         if isinstance(obj.get("prompt"), list):  # a conversational prompt (TRL's and dtune's preference rows)
             obj = {"messages": obj["prompt"], **({"tools": obj["tools"]} if "tools" in obj else {})}
         if isinstance(obj.get("prompt"), str):
