@@ -114,6 +114,10 @@ def test_anthropic_hh_transcripts_are_read_as_conversations():
     )
     assert (blank.messages, blank.rejected) == (row.messages, row.rejected)
     assert row_from_obj({"prompt": "", "chosen": "A", "rejected": "B"}, "hh:6", "preference").messages[0]["content"] == ""
+    # Stripped of the leading blank line (as many copies of HH are): the same conversation; was "missing field 'prompt'"
+    stripped = {"chosen": (head + "\n\nAssistant: Plum.").lstrip(), "rejected": (head + "\n\nAssistant: No.").lstrip()}
+    same = row_from_obj(stripped, "hh:7", "preference")
+    assert (same.messages, same.rejected) == (row.messages, row.rejected)
     plain = {"chosen": "Human: hi Assistant: yes", "rejected": "Human: hi Assistant: no"}  # not a transcript
     with pytest.raises(DataError, match="missing field 'prompt'"):
         row_from_obj(plain, "hh:4", "preference")
