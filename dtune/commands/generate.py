@@ -49,7 +49,7 @@ def read_prompts(path: Path) -> list[Prompt]:
             raise DataError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        if {"chosen", "rejected"} <= set(obj) or isinstance(obj.get("label"), bool):  # a preference or KTO row
+        if {"chosen", "rejected"} <= set(obj) or ("completion" in obj and isinstance(obj.get("label"), bool)):  # pairs, KTO
             row = row_from_obj(obj, where, "preference" if "chosen" in obj else "kto")
             prompts.append({"messages": row.messages[: row.prompt_turns], **({"tools": row.tools} if row.tools else {})})
             continue

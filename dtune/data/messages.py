@@ -197,7 +197,7 @@ def transcript(text: str) -> list[dict[str, Any]] | None:
     """Anthropic HH-RLHF's transcript (``"\\n\\nHuman: Q\\n\\nAssistant: A..."``, the whole conversation in one string)
     as messages, each content stripped; None for text that does not start with a turn marker. An empty last turn
     stays empty (an empty reply is refused where replies are checked). A transcript stripped of its leading blank
-    line (``"Human: Q\n\nAssistant: A"``, as many copies of the set are) is one too."""
+    line (``"Human: Q\\n\\nAssistant: A"``, as many copies of the set are) is one too."""
     if not text.startswith("\n\n") and text.lstrip().startswith("Human:") and "\n\nAssistant:" in text:
         text = "\n\n" + text.lstrip()
     parts = TRANSCRIPT_TURN.split(text)
