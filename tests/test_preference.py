@@ -118,6 +118,9 @@ def test_anthropic_hh_transcripts_are_read_as_conversations():
     stripped = {"chosen": (head + "\n\nAssistant: Plum.").lstrip(), "rejected": (head + "\n\nAssistant: No.").lstrip()}
     same = row_from_obj(stripped, "hh:7", "preference")
     assert (same.messages, same.rejected) == (row.messages, row.rejected)
+    # The prompt as the transcript up to the reply, the replies plain (Dahoas' rm-static and full-hh-rlhf): its turns.
+    cut = row_from_obj({"prompt": head + "\n\nAssistant:", "chosen": " Plum.", "rejected": " No."}, "hh:5", "preference")
+    assert (cut.messages, cut.rejected, cut.prompt_turns) == (row.messages, row.rejected, 3)
     plain = {"chosen": "Human: hi Assistant: yes", "rejected": "Human: hi Assistant: no"}  # not a transcript
     with pytest.raises(DataError, match="missing field 'prompt'"):
         row_from_obj(plain, "hh:4", "preference")
