@@ -121,6 +121,8 @@ def test_anthropic_hh_transcripts_are_read_as_conversations():
     # The prompt as the transcript up to the reply, the replies plain (Dahoas' rm-static and full-hh-rlhf): its turns.
     cut = row_from_obj({"prompt": head + "\n\nAssistant:", "chosen": " Plum.", "rejected": " No."}, "hh:5", "preference")
     assert (cut.messages, cut.rejected, cut.prompt_turns) == (row.messages, row.rejected, 3)
+    open_ended = row_from_obj({"prompt": head, "chosen": "Plum.", "rejected": "No."}, "hh:6", "preference")
+    assert (open_ended.messages, open_ended.rejected) == (row.messages, row.rejected)
     plain = {"chosen": "Human: hi Assistant: yes", "rejected": "Human: hi Assistant: no"}  # not a transcript
     with pytest.raises(DataError, match="missing field 'prompt'"):
         row_from_obj(plain, "hh:4", "preference")

@@ -156,16 +156,15 @@ def _alpaca(obj: dict, where: str) -> Row:
 def _preference(obj: dict, where: str, fmt: str, unknown: UnknownKeys | None) -> Row:
     """A preference pair (``fmt`` preference) or a labelled completion (kto): the prompt's messages, then the reply."""
     head = msgs.transcript(obj["prompt"]) if isinstance(obj.get("prompt"), str) else None
-    cut = bool(head) and head[-1] == {"role": "assistant", "content": ""}  # an HH transcript up to the reply (Dahoas')
-    if cut:
-        prompt = head[:-1]
+    if head:  # an HH transcript up to the reply (Dahoas' sets end it with the reply's empty "\n\nAssistant:")
+        prompt = head[:-1] if head[-1] == {"role": "assistant", "content": ""} else head
     else:
         prompt = msgs.turns(obj["prompt"], "prompt", where, "user", unknown) if obj.get("prompt") is not None else []
     keys = ("chosen", "rejected") if fmt == "preference" else ("completion",)
     if missing := next((key for key in keys if obj.get(key) is None), None):
         raise DataError(f"{where}: missing field '{missing}'")
     values = [obj[key] for key in keys]
-    if cut:  # the transcript's replies: their raw text's leading space goes, as it does in a whole transcript
+    if head:  # the transcript's replies: their raw text's leading space goes, as it does in a whole transcript
         values = [v.strip() if isinstance(v, str) else v for v in values]
     # Anthropic HH-RLHF: each reply the whole transcript, no prompt (or an empty one: a table's blank prompt column).
     unprompted = not prompt or (isinstance(obj["prompt"], str) and not obj["prompt"].strip())
