@@ -27,9 +27,11 @@ def quiet_libraries() -> None:
 def to_log_files(logger: logging.Logger, text: str) -> None:
     """``text`` at INFO into the log files only (``dtune.log``, ``dtune_rank<N>.log``): for a line the console already
     shows above the progress bar."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
     record = logger.makeRecord(logger.name, logging.INFO, "(dtune)", 0, text, None, None)
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler) and logger.isEnabledFor(logging.INFO):
+        if isinstance(handler, logging.FileHandler):
             handler.handle(record)
 
 
